@@ -1,0 +1,108 @@
+//! kura (蔵, "storehouse"): cache strategies for services that keep their
+//! data in a SQL database and cache it in Redis.
+//!
+//! kura implements the cache-aside read, write-through update and
+//! invalidation, TTL policy, invalidation API, warming and hit-rate metrics
+//! of a typical Redis caching design, without its races: one load per cold
+//! key across a fleet, no stale value put back after a write, no older
+//! version replacing a newer one, and no request failed by a Redis outage.
+//!
+//! # Layout
+//!
+//! Imports point downwards only:
+//!
+//! ```text
+//! strategy/{cache_aside, write_through}   invalidation   warming
+//!        │                                    │             │
+//!        └──────────────── cache (Cache: breaker, timeouts, pending invalidations, counters)
+//!                              │
+//!     key   codec   ttl   metrics   source        store/{redis, memory} (+ scripts/*.lua)
+//! ```
+//!
+//! - [`key`]: key naming (`cache:<type>:<id>[:<sub>]`), id validation, glob escaping.
+//! - [`codec`]: the JSON envelope (`_v` version and `cached_at`), size limit.
+//! - [`ttl`]: the per-type TTL table, jitter, adaptive TTL, TTL from an expiry.
+//! - [`source`]: the system of record ([`Source`]) and row versions ([`Versioned`]).
+//! - [`store`]: the seam to the cache server ([`Store`]) and its Redis and
+//!   in-process implementations, which pass one conformance suite.
+//! - [`Cache`]: the shared core every strategy handle works through.
+//! - [`strategy`]: [`CacheAside`] and [`WriteThrough`].
+//! - [`invalidation`]: by key, by entity, by pattern.
+//! - [`warming`]: background, batched, once per fleet.
+//! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
+//!
+//! # Guarantees
+//!
+//! | strategy | guarantee |
+//! |---|---|
+//! | cache-aside read | a hit is one round trip; a cold key is loaded once per fleet (lease + in-process single-flight); a fill that an invalidation or update overtook is rejected |
+//! | write-through `invalidate` | after it returns, no reader gets the pre-commit value from the cache (or, with Redis down, from this process once it is back) |
+//! | write-through `update` | the cache holds the committed version, a newer one, or nothing; never an older one |
+//! | invalidation | deletes value, lease and stale copy; patterns by `SCAN COUNT 100`, never `KEYS` |
+//! | warming | never overwrites a cached value, never caches a row older than a concurrent write; one instance per fleet at a time |
+//!
+//! # Failure modes
+//!
+//! | failure | behaviour |
+//! |---|---|
+//! | Redis down, slow or partitioned | every store call is bounded by the operation timeout; after a few failures the circuit opens and reads go straight to the source ([`Status::Bypass`]); a probe closes it again |
+//! | invalidation while Redis is unreachable | kept in-process and applied before this process uses the cache again |
+//! | source fails | a stale copy (if the type keeps one) is served as [`Status::Stale`]; otherwise [`Error::Source`] |
+//! | bad bytes at a key (garbage, wrong type, truncated JSON) | treated as a miss, removed and reloaded |
+//! | value over the size limit | served, not cached |
+//!
+//! # Examples
+//!
+//! ```
+//! use kura::{Cache, Kind, Source, Status, Versioned, store::MemoryStore};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Profile { user_id: String, name: String, version: u64 }
+//! impl Versioned for Profile { fn version(&self) -> u64 { self.version } }
+//!
+//! struct Db;
+//! impl Source for Db {
+//!     type Value = Profile;
+//!     type Error = std::io::Error;
+//!     async fn load(&self, id: &str) -> Result<Option<Profile>, std::io::Error> {
+//!         Ok(Some(Profile { user_id: id.into(), name: "山田".into(), version: 1 }))
+//!     }
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), kura::Error> {
+//! let cache = Cache::builder(MemoryStore::new()).build()?;
+//! let profiles = cache.aside(Kind::PROFILE, Db);
+//! assert_eq!(profiles.get("u1").await?.status(), Status::Miss);
+//! assert_eq!(profiles.get("u1").await?.status(), Status::Hit);
+//! cache.write_through(Kind::PROFILE).invalidate("u1").await?;
+//! assert_eq!(profiles.get("u1").await?.status(), Status::Miss);
+//! # Ok(()) }
+//! ```
+//!
+//! More in `examples/`: one runnable program per strategy.
+
+pub mod breaker;
+mod cache;
+pub mod codec;
+pub mod error;
+pub mod invalidation;
+pub mod key;
+pub mod metrics;
+pub mod source;
+pub mod store;
+pub mod strategy;
+pub mod ttl;
+pub mod warming;
+
+pub use breaker::{BreakerConfig, BreakerState};
+pub use cache::{Cache, CacheBuilder};
+pub use error::{BoxError, Error, StoreError};
+pub use invalidation::Invalidated;
+pub use key::{KeyError, Kind};
+pub use metrics::Stats;
+pub use source::{CacheValue, Source, Versioned};
+pub use store::Store;
+pub use strategy::{Batch, CacheAside, Fetched, Status, WriteOutcome, WriteThrough};
+pub use ttl::{Adaptive, TtlPolicy, TypePolicy};
+pub use warming::{WarmItem, WarmProgress, WarmReport, Warmer};

@@ -1,0 +1,528 @@
+//! The in-process store: the same entry protocol as the Redis scripts,
+//! bounded in bytes.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use indexmap::IndexMap;
+use rand::Rng;
+
+use super::{
+    AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue, Store, StoreResult,
+    UpdateOutcome, UpdateRequest, version_newer,
+};
+use crate::codec::peek_version;
+use crate::key::{EntryKeys, KeyPattern};
+
+/// Bookkeeping bytes charged per entry on top of its keys and values.
+const ENTRY_OVERHEAD: usize = 96;
+/// Entries sampled per eviction, as Redis samples for its LRU.
+const EVICTION_SAMPLES: usize = 5;
+
+#[derive(Debug, Clone)]
+struct Timed<T> {
+    v: T,
+    until: Instant,
+}
+
+impl<T> Timed<T> {
+    fn live(&self, now: Instant) -> bool {
+        self.until > now
+    }
+}
+
+/// One entry: the value key and its companions, kept together so that each
+/// step is atomic under one shard lock.
+#[derive(Debug, Default)]
+struct Slot {
+    value: Option<Timed<Bytes>>,
+    lease: Option<Timed<Box<str>>>,
+    stale: Option<Timed<Bytes>>,
+    absent: Option<Instant>,
+    /// Coarse last-access time (seconds since the store started), for LRU.
+    touched: u32,
+}
+
+impl Slot {
+    fn expire(&mut self, now: Instant) {
+        if self.value.as_ref().is_some_and(|t| !t.live(now)) {
+            self.value = None;
+        }
+        if self.lease.as_ref().is_some_and(|t| !t.live(now)) {
+            self.lease = None;
+        }
+        if self.stale.as_ref().is_some_and(|t| !t.live(now)) {
+            self.stale = None;
+        }
+        if self.absent.is_some_and(|t| t <= now) {
+            self.absent = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.value.is_none()
+            && self.lease.is_none()
+            && self.stale.is_none()
+            && self.absent.is_none()
+    }
+
+    fn size(&self, key: &str) -> usize {
+        ENTRY_OVERHEAD
+            + key.len()
+            + self.value.as_ref().map_or(0, |t| t.v.len())
+            + self.stale.as_ref().map_or(0, |t| t.v.len())
+            + self.lease.as_ref().map_or(0, |t| t.v.len())
+    }
+}
+
+/// Keys outside the entry protocol: counters, locks, plain values.
+#[derive(Debug)]
+enum Plain {
+    Value(Timed<Bytes>),
+    Counter(i64),
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    slots: IndexMap<Box<str>, Slot>,
+    plain: HashMap<Box<str>, Plain>,
+    bytes: usize,
+    ops: u32,
+}
+
+impl Shard {
+    /// Applies `f` to the live slot of `key` (created if missing), keeping
+    /// the byte count and dropping the slot if it ends up empty.
+    fn with_slot<R>(
+        &mut self,
+        key: &str,
+        now: Instant,
+        tick: u32,
+        f: impl FnOnce(&mut Slot) -> R,
+    ) -> R {
+        let idx = match self.slots.get_index_of(key) {
+            Some(i) => i,
+            None => {
+                let slot = Slot {
+                    touched: tick,
+                    ..Slot::default()
+                };
+                self.bytes += slot.size(key);
+                self.slots.insert_full(key.into(), slot).0
+            }
+        };
+        let (k, slot) = self.slots.get_index_mut(idx).expect("index just found");
+        let before = slot.size(k);
+        slot.expire(now);
+        slot.touched = tick;
+        let r = f(slot);
+        let after = slot.size(k);
+        let empty = slot.is_empty();
+        self.bytes = self.bytes + after - before;
+        if empty {
+            self.slots.swap_remove_index(idx);
+            self.bytes -= after;
+        }
+        r
+    }
+
+    /// Reads a slot without creating one.
+    fn peek(&mut self, key: &str, now: Instant, tick: u32) -> Option<&mut Slot> {
+        let slot = self.slots.get_mut(key)?;
+        slot.expire(now);
+        slot.touched = tick;
+        Some(slot)
+    }
+
+    /// Drops expired entries from a random sample (Redis's active expiry,
+    /// amortised over operations instead of a background task).
+    fn sweep(&mut self, now: Instant) {
+        self.ops = self.ops.wrapping_add(1);
+        if self.ops % 32 != 0 || self.slots.is_empty() {
+            return;
+        }
+        let mut rng = rand::rng();
+        for _ in 0..16.min(self.slots.len()) {
+            let i = rng.random_range(0..self.slots.len());
+            let (key, slot) = self.slots.get_index_mut(i).expect("index in range");
+            let before = slot.size(key);
+            slot.expire(now);
+            if slot.is_empty() {
+                self.bytes = self.bytes.saturating_sub(before);
+                self.slots.swap_remove_index(i);
+                if self.slots.is_empty() {
+                    break;
+                }
+            }
+        }
+        self.plain.retain(|_, p| match p {
+            Plain::Value(t) => t.live(now),
+            Plain::Counter(_) => true,
+        });
+    }
+
+    /// Evicts approximately least recently used entries until under `cap`.
+    fn evict(&mut self, cap: usize) {
+        let mut rng = rand::rng();
+        while self.bytes > cap && !self.slots.is_empty() {
+            let mut victim = rng.random_range(0..self.slots.len());
+            for _ in 1..EVICTION_SAMPLES.min(self.slots.len()) {
+                let i = rng.random_range(0..self.slots.len());
+                if self.slots[i].touched < self.slots[victim].touched {
+                    victim = i;
+                }
+            }
+            if let Some((k, slot)) = self.slots.swap_remove_index(victim) {
+                self.bytes = self.bytes.saturating_sub(slot.size(&k));
+            }
+        }
+    }
+}
+
+/// An in-process [`Store`] with the semantics of the Redis store.
+///
+/// Entries are spread over shards by key hash; each step locks one shard
+/// (never across an `.await`). Memory is bounded: past
+/// [`MemoryStore::with_max_bytes`] the least recently used entries are
+/// evicted (sampled, as Redis does), and expired entries are dropped lazily
+/// and by sampling.
+///
+/// The memory store is the embedded default for one process. Several
+/// processes do not share it: use Redis for a fleet.
+///
+/// # Examples
+///
+/// ```
+/// use kura::store::MemoryStore;
+///
+/// let store = MemoryStore::new().with_max_bytes(64 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    cap_per_shard: usize,
+    started: Instant,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// The default bound: 256 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
+
+    /// A store bounded to [`Self::DEFAULT_MAX_BYTES`].
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_shards(64, Self::DEFAULT_MAX_BYTES)
+    }
+
+    /// The same store with another memory bound.
+    #[must_use]
+    pub fn with_max_bytes(self, max_bytes: usize) -> Self {
+        Self::with_shards(self.inner.shards.len(), max_bytes)
+    }
+
+    fn with_shards(n: usize, max_bytes: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
+                cap_per_shard: (max_bytes / n).max(1),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// Bytes held, as charged against the bound.
+    #[must_use]
+    pub fn used_bytes(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(s).bytes).sum()
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        lock(&self.inner.shards[(h as usize) % self.inner.shards.len()])
+    }
+
+    fn tick(&self, now: Instant) -> u32 {
+        now.duration_since(self.inner.started).as_secs() as u32
+    }
+
+    /// Runs one entry step under its shard lock.
+    fn step<R>(&self, keys: &EntryKeys, f: impl FnOnce(&mut Slot, Instant) -> R) -> R {
+        let now = Instant::now();
+        let tick = self.tick(now);
+        let mut shard = self.shard(&keys.value);
+        shard.sweep(now);
+        let r = shard.with_slot(&keys.value, now, tick, |slot| f(slot, now));
+        let cap = self.inner.cap_per_shard;
+        shard.evict(cap);
+        r
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding the lock cannot leave a slot half-written (each
+    // step assigns whole fields), so a poisoned shard is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn timed<T>(v: T, now: Instant, ttl: Duration) -> Timed<T> {
+    Timed {
+        v,
+        until: now + ttl.max(Duration::from_millis(1)),
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
+        let now = Instant::now();
+        let tick = self.tick(now);
+        let mut shard = self.shard(key);
+        if let Some(slot) = shard.peek(key, now, tick) {
+            if let Some(v) = slot.value.as_mut() {
+                if let Some(ttl) = refresh {
+                    v.until = now + ttl;
+                }
+                return Ok(Some(v.v.clone()));
+            }
+            return Ok(None);
+        }
+        Ok(match shard.plain.get(key) {
+            Some(Plain::Value(t)) if t.live(now) => Some(t.v.clone()),
+            Some(Plain::Counter(c)) => Some(Bytes::from(c.to_string())),
+            _ => None,
+        })
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> StoreResult<Vec<Option<Bytes>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.get(k, None).await?);
+        }
+        Ok(out)
+    }
+
+    async fn acquire(&self, reqs: &[AcquireRequest<'_>]) -> StoreResult<Vec<Acquired>> {
+        Ok(reqs
+            .iter()
+            .map(|r| {
+                self.step(r.keys, |slot, now| {
+                    if let Some(v) = &slot.value {
+                        return Acquired::Value(v.v.clone());
+                    }
+                    if slot.absent.is_some() {
+                        return Acquired::Absent;
+                    }
+                    let stale = slot.stale.as_ref().map(|t| t.v.clone());
+                    match &slot.lease {
+                        Some(l) if &*l.v != r.token => Acquired::Busy { stale },
+                        _ => {
+                            slot.lease = Some(timed(r.token.into(), now, r.lease_ttl));
+                            Acquired::Leased { stale }
+                        }
+                    }
+                })
+            })
+            .collect())
+    }
+
+    async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
+        Ok(reqs
+            .iter()
+            .map(|r| {
+                self.step(r.keys, |slot, now| {
+                    if slot.lease.as_ref().is_none_or(|l| &*l.v != r.token) {
+                        return FillOutcome::LeaseLost;
+                    }
+                    slot.lease = None;
+                    match &r.value {
+                        FillValue::Absent => {
+                            if !r.lifetimes.ttl.is_zero() {
+                                slot.absent = Some(now + r.lifetimes.ttl);
+                            }
+                            FillOutcome::Stored
+                        }
+                        FillValue::Value { bytes, version } => {
+                            let cached = slot.value.as_ref().and_then(|t| peek_version(&t.v));
+                            if slot.value.is_some() && !version_newer(*version, cached) {
+                                return FillOutcome::NotNewer;
+                            }
+                            slot.value = Some(timed(bytes.clone(), now, r.lifetimes.ttl));
+                            if !r.lifetimes.stale_ttl.is_zero() {
+                                slot.stale = Some(timed(bytes.clone(), now, r.lifetimes.stale_ttl));
+                            }
+                            slot.absent = None;
+                            FillOutcome::Stored
+                        }
+                    }
+                })
+            })
+            .collect())
+    }
+
+    async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {
+        for (keys, token) in entries {
+            self.step(keys, |slot, _| {
+                if slot.lease.as_ref().is_some_and(|l| &*l.v == *token) {
+                    slot.lease = None;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn update(&self, reqs: &[UpdateRequest<'_>]) -> StoreResult<Vec<UpdateOutcome>> {
+        Ok(reqs
+            .iter()
+            .map(|r| {
+                self.step(r.keys, |slot, now| {
+                    slot.lease = None;
+                    slot.absent = None;
+                    let Some(cur) = &slot.value else {
+                        slot.stale = None;
+                        return UpdateOutcome::NotCached;
+                    };
+                    if !version_newer(r.version, peek_version(&cur.v)) {
+                        return UpdateOutcome::NotNewer;
+                    }
+                    slot.value = Some(timed(r.bytes.clone(), now, r.lifetimes.ttl));
+                    slot.stale = (!r.lifetimes.stale_ttl.is_zero())
+                        .then(|| timed(r.bytes.clone(), now, r.lifetimes.stale_ttl));
+                    UpdateOutcome::Stored
+                })
+            })
+            .collect())
+    }
+
+    async fn invalidate(&self, entries: &[&EntryKeys]) -> StoreResult<u64> {
+        let mut n = 0;
+        for keys in entries {
+            n += self.step(keys, |slot, _| {
+                let had = u64::from(slot.value.is_some());
+                *slot = Slot::default();
+                had
+            });
+        }
+        Ok(n)
+    }
+
+    async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
+        let now = Instant::now();
+        let mut n = 0;
+        for shard in self.inner.shards.iter() {
+            let mut shard = lock(shard);
+            let mut freed = 0;
+            shard.slots.retain(|k, slot| {
+                if !pattern.matches_value_key(k) {
+                    return true;
+                }
+                freed += slot.size(k);
+                slot.expire(now);
+                n += u64::from(slot.value.is_some());
+                false
+            });
+            shard.bytes = shard.bytes.saturating_sub(freed);
+        }
+        Ok(n)
+    }
+
+    async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
+        let now = Instant::now();
+        let tick = self.tick(now);
+        let mut shard = self.shard(key);
+        shard.with_slot(key, now, tick, |slot| {
+            if slot.value.as_ref().is_some_and(|t| t.v == *seen) {
+                slot.value = None;
+            }
+        });
+        Ok(())
+    }
+
+    async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        shard.sweep(now);
+        shard
+            .plain
+            .insert(key.into(), Plain::Value(timed(bytes, now, ttl)));
+        Ok(())
+    }
+
+    async fn incr(&self, counters: &[(&str, i64)]) -> StoreResult<()> {
+        for (k, by) in counters {
+            let mut shard = self.shard(k);
+            let e = shard.plain.entry((*k).into()).or_insert(Plain::Counter(0));
+            match e {
+                Plain::Counter(c) => *c += by,
+                other => *other = Plain::Counter(*by),
+            }
+        }
+        Ok(())
+    }
+
+    async fn counters(&self, keys: &[&str]) -> StoreResult<Vec<i64>> {
+        Ok(keys
+            .iter()
+            .map(|k| match self.shard(k).plain.get(*k) {
+                Some(Plain::Counter(c)) => *c,
+                _ => 0,
+            })
+            .collect())
+    }
+
+    async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let held = matches!(shard.plain.get(key), Some(Plain::Value(t)) if t.live(now));
+        if held {
+            return Ok(false);
+        }
+        shard.plain.insert(
+            key.into(),
+            Plain::Value(timed(Bytes::copy_from_slice(token.as_bytes()), now, ttl)),
+        );
+        Ok(true)
+    }
+
+    async fn extend_lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match shard.plain.get_mut(key) {
+            Some(Plain::Value(t)) if t.live(now) && t.v == token.as_bytes() => {
+                t.until = now + ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn unlock(&self, key: &str, token: &str) -> StoreResult<()> {
+        let mut shard = self.shard(key);
+        if matches!(shard.plain.get(key), Some(Plain::Value(t)) if t.v == token.as_bytes()) {
+            shard.plain.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> &'static str {
+        "memory"
+    }
+}

@@ -1,0 +1,229 @@
+//! The seam to the cache server.
+//!
+//! A [`Store`] offers the atomic steps the strategies are made of, not raw
+//! commands. Two implementations pass one conformance suite
+//! (`tests/store_conformance.rs`):
+//!
+//! - [`RedisStore`]: Redis 7 (standalone, Sentinel or Cluster) over one
+//!   multiplexed, auto-reconnecting connection; each step is one Lua script
+//!   run by `EVALSHA`, and batches are pipelined.
+//! - [`MemoryStore`]: the same semantics in-process, bounded in bytes; the
+//!   embedded default when no Redis is configured.
+//!
+//! # The entry protocol
+//!
+//! An entry is a value key plus companions (see [`crate::key`]): a lease, a
+//! stale copy and a "not found" marker. The steps keep four invariants:
+//!
+//! 1. Only the holder of the lease can fill an absent value
+//!    ([`Store::fill`] compares the owner token).
+//! 2. Every invalidation and update deletes the lease, so a load that began
+//!    before a write can never put its older row back.
+//! 3. A present value is replaced only by a strictly newer version
+//!    ([`Store::update`], and fills check too).
+//! 4. Every key written has a TTL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::StoreError;
+use crate::key::{EntryKeys, KeyPattern};
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisStore, RedisStoreBuilder};
+
+/// The result of a store step.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What [`Store::acquire`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Acquired {
+    /// The value is cached.
+    Value(Bytes),
+    /// "Not found" is cached.
+    Absent,
+    /// The caller now holds the lease and should load; the stale copy, if
+    /// any, is returned to fall back on.
+    Leased {
+        /// The stale copy.
+        stale: Option<Bytes>,
+    },
+    /// Another caller holds the lease.
+    Busy {
+        /// The stale copy.
+        stale: Option<Bytes>,
+    },
+}
+
+/// A request to take the load lease of an entry.
+#[derive(Debug, Clone, Copy)]
+pub struct AcquireRequest<'a> {
+    /// The entry.
+    pub keys: &'a EntryKeys,
+    /// The caller's owner token.
+    pub token: &'a str,
+    /// How long the lease lives if its holder never fills.
+    pub lease_ttl: Duration,
+}
+
+/// What a lease holder puts in the cache.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum FillValue {
+    /// The loaded value (an envelope from [`crate::codec::encode`]).
+    Value {
+        /// The envelope bytes.
+        bytes: Bytes,
+        /// The row version.
+        version: u64,
+    },
+    /// The source has no such row.
+    Absent,
+}
+
+/// Lifetimes of what a fill or update writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// TTL of the value (or of the "not found" marker for an absent fill).
+    pub ttl: Duration,
+    /// Lifetime of the stale copy (zero: none is written).
+    pub stale_ttl: Duration,
+}
+
+/// A request to fill an entry under a lease.
+#[derive(Debug, Clone)]
+pub struct FillRequest<'a> {
+    /// The entry.
+    pub keys: &'a EntryKeys,
+    /// The owner token the lease was taken with.
+    pub token: &'a str,
+    /// What to store.
+    pub value: FillValue,
+    /// Its lifetimes.
+    pub lifetimes: Lifetimes,
+}
+
+/// What a fill did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FillOutcome {
+    /// Stored.
+    Stored,
+    /// The lease was no longer the caller's (an invalidation or update
+    /// overtook the load): nothing was written.
+    LeaseLost,
+    /// A value of the same or a newer version was already cached.
+    NotNewer,
+}
+
+/// A request to update a cached value after a commit.
+#[derive(Debug, Clone)]
+pub struct UpdateRequest<'a> {
+    /// The entry.
+    pub keys: &'a EntryKeys,
+    /// The new envelope.
+    pub bytes: Bytes,
+    /// Its version.
+    pub version: u64,
+    /// Its lifetimes.
+    pub lifetimes: Lifetimes,
+}
+
+/// What an update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpdateOutcome {
+    /// The cached value was older and has been replaced.
+    Stored,
+    /// Nothing was cached; the next read loads the committed row.
+    NotCached,
+    /// The cached value was already this version or newer.
+    NotNewer,
+}
+
+/// The cache server, as the strategies use it.
+///
+/// Every method is one round trip whatever the number of entries it is given
+/// (a pipeline on Redis), and each entry's step is atomic.
+///
+/// # Concurrent calls
+///
+/// Implementations are shared (`Arc<dyn Store>`) and called from many tasks
+/// and processes at once; atomicity is per entry, not across entries.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads a value key; with `refresh`, also resets its TTL (`GETEX`).
+    async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>>;
+
+    /// Reads many value keys (`MGET`).
+    async fn get_many(&self, keys: &[&str]) -> StoreResult<Vec<Option<Bytes>>>;
+
+    /// For each entry: the value, or "not found", or the lease (granted to
+    /// this caller or held by another), with the stale copy if one is kept.
+    async fn acquire(&self, reqs: &[AcquireRequest<'_>]) -> StoreResult<Vec<Acquired>>;
+
+    /// For each entry: stores the loaded value if the caller's lease is still
+    /// held, then releases the lease.
+    async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>>;
+
+    /// Gives back leases whose loads failed, if still held by `token`.
+    async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()>;
+
+    /// For each entry: voids any lease; replaces the cached value only if it
+    /// is present and older; drops the stale copy of an absent value.
+    async fn update(&self, reqs: &[UpdateRequest<'_>]) -> StoreResult<Vec<UpdateOutcome>>;
+
+    /// Deletes the value and companions of each entry (voiding leases);
+    /// returns how many values were cached.
+    async fn invalidate(&self, entries: &[&EntryKeys]) -> StoreResult<u64>;
+
+    /// Invalidates every entry matching `pattern` by `SCAN` (`COUNT 100`)
+    /// and batched deletes; returns how many values were cached.
+    async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64>;
+
+    /// Removes a value that failed to decode, unless it has been replaced.
+    async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()>;
+
+    /// Stores a value with a TTL unconditionally (data the cache owns, such
+    /// as a token blacklist entry; never data loaded from a source).
+    async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()>;
+
+    /// Adds to counters (`INCRBY`), pipelined.
+    async fn incr(&self, counters: &[(&str, i64)]) -> StoreResult<()>;
+
+    /// Reads counters (missing as 0).
+    async fn counters(&self, keys: &[&str]) -> StoreResult<Vec<i64>>;
+
+    /// Takes a named lock for `ttl` if free; `true` when taken.
+    async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Extends a lock still held by `token`; `false` when it was lost.
+    async fn extend_lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Releases a lock held by `token`.
+    async fn unlock(&self, key: &str, token: &str) -> StoreResult<()>;
+
+    /// Checks the server answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Whether keys must carry Redis Cluster hash tags.
+    fn needs_hash_tags(&self) -> bool {
+        false
+    }
+
+    /// A short name for logs and health output (`redis`, `redis-cluster`,
+    /// `memory`, …).
+    fn describe(&self) -> &'static str;
+}
+
+/// Compares two non-negative decimal numbers written without leading zeros,
+/// as the Lua scripts do (no float rounding past 2^53).
+pub(crate) fn version_newer(new: u64, cached: Option<u64>) -> bool {
+    cached.is_none_or(|c| new > c)
+}

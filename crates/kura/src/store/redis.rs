@@ -1,0 +1,526 @@
+//! The Redis store: Lua scripts over one multiplexed connection.
+
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
+use redis::{IntoConnectionInfo, Pipeline, Script, Value};
+
+use super::{
+    AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue, Store, StoreResult,
+    UpdateOutcome, UpdateRequest,
+};
+use crate::error::StoreError;
+use crate::key::{EntryKeys, KeyPattern};
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("scripts/prelude.lua"),
+                include_str!(concat!("scripts/", $file))
+            ))
+        })
+    };
+}
+
+static ACQUIRE: LazyLock<Script> = script!("acquire.lua");
+static FILL: LazyLock<Script> = script!("fill.lua");
+static RELEASE: LazyLock<Script> = script!("release.lua");
+static UPDATE: LazyLock<Script> = script!("update.lua");
+static INVALIDATE: LazyLock<Script> = script!("invalidate.lua");
+static DISCARD: LazyLock<Script> = script!("discard.lua");
+static EXTEND_LOCK: LazyLock<Script> = script!("extend_lock.lua");
+
+fn all_scripts() -> [&'static Script; 7] {
+    [
+        &ACQUIRE,
+        &FILL,
+        &RELEASE,
+        &UPDATE,
+        &INVALIDATE,
+        &DISCARD,
+        &EXTEND_LOCK,
+    ]
+}
+
+/// `SCAN` batch size, as in the seed.
+const SCAN_COUNT: usize = 100;
+
+/// Builds a [`RedisStore`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use kura::store::RedisStore;
+///
+/// # fn main() -> Result<(), kura::StoreError> {
+/// let store = RedisStore::builder("redis://127.0.0.1:6379")
+///     .response_timeout(Duration::from_millis(200))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisStoreBuilder {
+    url: String,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// How long one command may take before it fails (default 250 ms).
+    /// Keep it short: a slow Redis must fall back to the database quickly.
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.response_timeout = d;
+        self
+    }
+
+    /// How long one connection attempt may take (default 500 ms).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Creates the store. The connection is made in the background and
+    /// re-made after any failure, so this succeeds while Redis is down.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Server`] when the URL cannot be parsed.
+    pub fn build(self) -> StoreResult<RedisStore> {
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| StoreError::Server(format!("bad redis url: {e}").into()))?
+            // Small requests and replies: Nagle's algorithm would add up to
+            // 40 ms to each round trip.
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                url: redact(&self.url),
+            }),
+        })
+    }
+}
+
+/// Hides the password of a Redis URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// A [`Store`] over Redis 7.
+///
+/// One multiplexed connection carries every request (clones share it); it
+/// reconnects on its own after a failure. Each entry step is a Lua script
+/// run by `EVALSHA` (loaded again after a Redis restart), and a batch is one
+/// pipeline.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    conn: ConnectionManager,
+    url: String,
+}
+
+impl RedisStore {
+    /// A builder for the server at `url` (`redis://[:password@]host:port[/db]`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            response_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// A store with default timeouts.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Server`] when the URL cannot be parsed.
+    pub fn open(url: &str) -> StoreResult<Self> {
+        Self::builder(url).build()
+    }
+
+    /// The server URL, password hidden.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// A clone of the shared connection, for commands kura has no step for.
+    #[must_use]
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// Runs a pipeline, loading the scripts once if the server lost them
+    /// (`NOSCRIPT` after a restart or `SCRIPT FLUSH`).
+    async fn run(&self, pipe: &Pipeline) -> StoreResult<Vec<Value>> {
+        let mut conn = self.inner.conn.clone();
+        let mut loaded = false;
+        loop {
+            let results: Vec<redis::RedisResult<Value>> =
+                pipe.clone().ignore_errors().query_async(&mut conn).await?;
+            let noscript = results.iter().any(|r| {
+                r.as_ref().is_err_and(|e| {
+                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                })
+            });
+            if noscript && !loaded {
+                load_scripts(&mut conn).await?;
+                loaded = true;
+                continue;
+            }
+            return results
+                .into_iter()
+                .map(|r| r.map_err(StoreError::from))
+                .collect();
+        }
+    }
+}
+
+async fn load_scripts(conn: &mut (impl ConnectionLike + Send)) -> StoreResult<()> {
+    for s in all_scripts() {
+        s.load_async(conn).await?;
+    }
+    Ok(())
+}
+
+fn entry_invocation<'a>(
+    pipe: &mut Pipeline,
+    script: &'a Script,
+    keys: &EntryKeys,
+    args: impl FnOnce(&mut redis::ScriptInvocation<'a>),
+) {
+    let mut inv = script.prepare_invoke();
+    for k in keys.as_array() {
+        inv.key(k);
+    }
+    args(&mut inv);
+    pipe.invoke_script(&inv);
+}
+
+fn millis(d: Duration) -> u64 {
+    // PX 0 is an error in Redis; a TTL rounds up to at least 1 ms.
+    (d.as_millis() as u64).max(1)
+}
+
+fn as_bytes(v: Value) -> Option<Bytes> {
+    match v {
+        Value::BulkString(b) => Some(Bytes::from(b)),
+        Value::SimpleString(s) => Some(Bytes::from(s)),
+        _ => None,
+    }
+}
+
+fn as_int(v: &Value) -> StoreResult<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(v: &Value) -> StoreError {
+    StoreError::Server(format!("unexpected reply from script: {v:?}").into())
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
+        let mut conn = self.inner.conn.clone();
+        let cmd = match refresh {
+            Some(ttl) => {
+                let mut c = redis::cmd("GETEX");
+                c.arg(key).arg("PX").arg(millis(ttl));
+                c
+            }
+            None => {
+                let mut c = redis::cmd("GET");
+                c.arg(key);
+                c
+            }
+        };
+        let v: Option<Vec<u8>> =
+            cmd.query_async(&mut conn)
+                .await
+                .map_err(|e| match StoreError::from(e) {
+                    StoreError::WrongType(_) => StoreError::WrongType(key.to_owned()),
+                    other => other,
+                })?;
+        Ok(v.map(Bytes::from))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> StoreResult<Vec<Option<Bytes>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.inner.conn.clone();
+        let vals: Vec<Option<Vec<u8>>> =
+            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(vals.into_iter().map(|v| v.map(Bytes::from)).collect())
+    }
+
+    async fn acquire(&self, reqs: &[AcquireRequest<'_>]) -> StoreResult<Vec<Acquired>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in reqs {
+            entry_invocation(&mut pipe, &ACQUIRE, r.keys, |inv| {
+                inv.arg(r.token).arg(millis(r.lease_ttl));
+            });
+        }
+        self.run(&pipe)
+            .await?
+            .into_iter()
+            .map(|v| {
+                let Value::Array(mut parts) = v else {
+                    return Err(unexpected(&v));
+                };
+                let code = parts.first().map(as_int).transpose()?.unwrap_or(0);
+                let second = if parts.len() > 1 {
+                    as_bytes(parts.swap_remove(1))
+                } else {
+                    None
+                };
+                match code {
+                    1 => second
+                        .map(Acquired::Value)
+                        .ok_or_else(|| unexpected(&Value::Int(1))),
+                    2 => Ok(Acquired::Absent),
+                    3 => Ok(Acquired::Leased { stale: second }),
+                    4 => Ok(Acquired::Busy { stale: second }),
+                    _ => Err(unexpected(&Value::Int(code))),
+                }
+            })
+            .collect()
+    }
+
+    async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in reqs {
+            entry_invocation(&mut pipe, &FILL, r.keys, |inv| {
+                inv.arg(r.token);
+                match &r.value {
+                    FillValue::Value { bytes, version } => {
+                        inv.arg("v").arg(&bytes[..]).arg(version.to_string())
+                    }
+                    FillValue::Absent => inv.arg("n").arg("").arg("0"),
+                };
+                inv.arg(millis(r.lifetimes.ttl))
+                    .arg(r.lifetimes.stale_ttl.as_millis() as u64);
+            });
+        }
+        self.run(&pipe)
+            .await?
+            .iter()
+            .map(|v| match as_int(v)? {
+                1 => Ok(FillOutcome::Stored),
+                0 => Ok(FillOutcome::LeaseLost),
+                2 => Ok(FillOutcome::NotNewer),
+                _ => Err(unexpected(v)),
+            })
+            .collect()
+    }
+
+    async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (keys, token) in entries {
+            pipe.invoke_script(RELEASE.key(&keys.lease).arg(*token));
+        }
+        self.run(&pipe).await.map(drop)
+    }
+
+    async fn update(&self, reqs: &[UpdateRequest<'_>]) -> StoreResult<Vec<UpdateOutcome>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in reqs {
+            entry_invocation(&mut pipe, &UPDATE, r.keys, |inv| {
+                inv.arg(&r.bytes[..])
+                    .arg(r.version.to_string())
+                    .arg(millis(r.lifetimes.ttl))
+                    .arg(r.lifetimes.stale_ttl.as_millis() as u64);
+            });
+        }
+        self.run(&pipe)
+            .await?
+            .iter()
+            .map(|v| match as_int(v)? {
+                1 => Ok(UpdateOutcome::Stored),
+                0 => Ok(UpdateOutcome::NotCached),
+                2 => Ok(UpdateOutcome::NotNewer),
+                _ => Err(unexpected(v)),
+            })
+            .collect()
+    }
+
+    async fn invalidate(&self, entries: &[&EntryKeys]) -> StoreResult<u64> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for keys in entries {
+            entry_invocation(&mut pipe, &INVALIDATE, keys, |_| {});
+        }
+        let mut n = 0;
+        for v in self.run(&pipe).await? {
+            n += as_int(&v)? as u64;
+        }
+        Ok(n)
+    }
+
+    async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
+        let mut conn = self.inner.conn.clone();
+        let matcher = pattern.scan_match();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&matcher)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await?;
+            let mut seen = HashSet::new();
+            let entries: Vec<EntryKeys> = keys
+                .iter()
+                .filter_map(|k| std::str::from_utf8(k).ok())
+                .filter_map(|k| pattern.entry_of(k))
+                .filter(|e| seen.insert(e.value.clone()))
+                .collect();
+            let refs: Vec<&EntryKeys> = entries.iter().collect();
+            deleted += self.invalidate(&refs).await?;
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(DISCARD.key(key).arg(&seen[..]));
+        self.run(&pipe).await.map(drop)
+    }
+
+    async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
+        let mut conn = self.inner.conn.clone();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(&bytes[..])
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn incr(&self, counters: &[(&str, i64)]) -> StoreResult<()> {
+        if counters.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (k, by) in counters {
+            pipe.cmd("INCRBY").arg(*k).arg(*by).ignore();
+        }
+        let mut conn = self.inner.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn counters(&self, keys: &[&str]) -> StoreResult<Vec<i64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.inner.conn.clone();
+        let vals: Vec<Option<i64>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(vals.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut conn = self.inner.conn.clone();
+        let r: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async(&mut conn)
+            .await?;
+        Ok(r.is_some())
+    }
+
+    async fn extend_lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(EXTEND_LOCK.key(key).arg(token).arg(millis(ttl)));
+        let v = self.run(&pipe).await?;
+        Ok(v.first().map(as_int).transpose()?.unwrap_or(0) == 1)
+    }
+
+    async fn unlock(&self, key: &str, token: &str) -> StoreResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(RELEASE.key(key).arg(token));
+        self.run(&pipe).await.map(drop)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.inner.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    fn describe(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("redis://:secret@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[test]
+    fn bad_url_is_an_error() {
+        assert!(RedisStore::open("not a url").is_err());
+    }
+}

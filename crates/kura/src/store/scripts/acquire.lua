@@ -1,0 +1,12 @@
+-- KEYS: value, lease, stale, absent
+-- ARGV: token, lease_ms
+-- Returns {1, value} | {2} (absent) | {3, stale} (lease granted) | {4, stale} (busy)
+local v = read(KEYS[1])
+if v then return {1, v} end
+if redis.call('EXISTS', KEYS[4]) == 1 then return {2} end
+local stale = read(KEYS[3])
+local holder = read(KEYS[2])
+-- Re-entrant: a retried pipeline must not make the holder wait for itself.
+if holder and holder ~= ARGV[1] then return {4, stale} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {3, stale}

@@ -1,0 +1,7 @@
+-- KEYS: lease
+-- ARGV: token
+if read(KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0

@@ -1,0 +1,780 @@
+//! Cache-aside reads: one round trip on a hit, one load per key per fleet on
+//! a miss.
+//!
+//! # Guarantee
+//!
+//! A fill lands only while its lease is held, and every invalidation or
+//! update after a commit deletes the lease. So a value read from the source
+//! before a write can never be cached after that write's invalidation: the
+//! seed's stale-set race is closed. Within one process, concurrent callers
+//! for one key share one load (single-flight); across processes, the lease
+//! makes the others wait for the fill (or take the stale copy).
+//!
+//! # Failure modes
+//!
+//! - Store down, slow or circuit open: the source answers (`Status::Bypass`),
+//!   still one load per key per process.
+//! - Source fails with a stale copy on hand: the stale copy is served,
+//!   flagged `Status::Stale`; without one, [`Error::Source`].
+//! - Bad bytes at the key: counted as a miss, removed, reloaded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+
+use crate::cache::{Cache, CacheInner};
+use crate::codec::{self, CodecError};
+use crate::error::{Error, StoreError};
+use crate::key::{EntryKeys, Kind};
+use crate::metrics::KindMetrics;
+use crate::source::{Source, Versioned};
+use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
+use crate::ttl::TypePolicy;
+
+/// Where a read was answered from (the service's `X-Cache` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Status {
+    /// From the cache.
+    Hit,
+    /// From the source, after a miss (and cached, unless a write overtook
+    /// the load).
+    Miss,
+    /// A stale copy, because the source failed or another caller is
+    /// reloading it.
+    Stale,
+    /// From the source without using the cache (store unavailable, or the
+    /// type's TTL is 0).
+    Bypass,
+}
+
+impl Status {
+    /// `hit`, `miss`, `stale` or `bypass`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Hit => "hit",
+            Status::Miss => "miss",
+            Status::Stale => "stale",
+            Status::Bypass => "bypass",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of a read.
+#[derive(Debug, Clone)]
+pub struct Fetched<T> {
+    value: Option<T>,
+    json: Option<Bytes>,
+    status: Status,
+}
+
+impl<T> Fetched<T> {
+    /// The value, `None` when the source has no such row.
+    #[must_use]
+    pub fn value(&self) -> Option<&T> {
+        self.value.as_ref()
+    }
+
+    /// Takes the value.
+    #[must_use]
+    pub fn into_value(self) -> Option<T> {
+        self.value
+    }
+
+    /// The value's JSON (without the cache envelope): what a handler can
+    /// send as is, without serializing again.
+    #[must_use]
+    pub fn json(&self) -> Option<&Bytes> {
+        self.json.as_ref()
+    }
+
+    /// Where the read was answered from.
+    #[must_use]
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// Whether a value was found.
+    #[must_use]
+    pub fn is_found(&self) -> bool {
+        self.value.is_some()
+    }
+
+    fn absent(status: Status) -> Self {
+        Self {
+            value: None,
+            json: None,
+            status,
+        }
+    }
+
+    fn decoded(d: codec::Decoded<T>, status: Status) -> Self {
+        Self {
+            value: Some(d.value),
+            json: Some(d.json),
+            status,
+        }
+    }
+}
+
+/// The result of [`CacheAside::get_many`].
+#[derive(Debug, Clone)]
+pub struct Batch<T> {
+    /// One result per distinct requested id, in request order.
+    pub entries: Vec<(String, Fetched<T>)>,
+    /// How many ids were answered from the cache.
+    pub hits: usize,
+    /// How many ids were loaded from the source.
+    pub misses: usize,
+}
+
+type Flight<T> = Shared<BoxFuture<'static, Result<Fetched<T>, Error>>>;
+
+/// A cache-aside reader of one data type through a [`Source`].
+///
+/// # Examples
+///
+/// ```
+/// # use kura::{Cache, Kind, Source, Versioned, store::MemoryStore};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Clone, Serialize, Deserialize)]
+/// # struct Row { id: String, version: u64 }
+/// # impl Versioned for Row { fn version(&self) -> u64 { self.version } }
+/// # struct Db;
+/// # impl Source for Db {
+/// #     type Value = Row;
+/// #     type Error = std::io::Error;
+/// #     async fn load(&self, id: &str) -> Result<Option<Row>, std::io::Error> {
+/// #         Ok(Some(Row { id: id.into(), version: 1 }))
+/// #     }
+/// # }
+/// # #[tokio::main] async fn main() -> Result<(), kura::Error> {
+/// let cache = Cache::builder(MemoryStore::new()).build()?;
+/// let profiles = cache.aside(Kind::PROFILE, Db);
+/// let first = profiles.get("u1").await?;
+/// assert_eq!(first.status(), kura::Status::Miss);
+/// let again = profiles.get("u1").await?;
+/// assert_eq!(again.status(), kura::Status::Hit);
+/// # Ok(()) }
+/// ```
+///
+/// # Concurrent calls
+///
+/// Concurrent [`get`](Self::get)s of one cold key in one process share one
+/// load; across processes sharing a Redis, one process loads while the
+/// others wait for its fill (up to the cache's `lease_wait`). A caller that
+/// is cancelled does not cancel the shared load while others await it.
+pub struct CacheAside<S: Source> {
+    inner: Arc<Aside<S>>,
+}
+
+impl<S: Source> Clone for CacheAside<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Source> std::fmt::Debug for CacheAside<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheAside")
+            .field("kind", &self.inner.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Aside<S: Source> {
+    pub(crate) cache: Cache,
+    pub(crate) kind: Kind,
+    pub(crate) source: S,
+    pub(crate) metrics: KindMetrics,
+    flights: Mutex<HashMap<String, Flight<S::Value>>>,
+}
+
+impl<S: Source> CacheAside<S> {
+    pub(crate) fn new(cache: Cache, kind: Kind, source: S) -> Self {
+        if let Err(e) = kind.validate() {
+            panic!("invalid cache kind {kind:?}: {e}");
+        }
+        let metrics = cache.inner.kind_metrics(&kind);
+        Self {
+            inner: Arc::new(Aside {
+                cache,
+                kind,
+                source,
+                metrics,
+                flights: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The data type.
+    #[must_use]
+    pub fn kind(&self) -> Kind {
+        self.inner.kind
+    }
+
+    /// The cache this reader uses.
+    #[must_use]
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// The source.
+    #[must_use]
+    pub fn source(&self) -> &S {
+        &self.inner.source
+    }
+
+    pub(crate) fn parts(&self) -> &Arc<Aside<S>> {
+        &self.inner
+    }
+
+    /// Reads `id` through the cache.
+    ///
+    /// A hit costs one round trip (`GET`). A miss takes the key's lease,
+    /// loads from the source, fills the cache if the lease is still held and
+    /// returns the loaded value. "Not found" is cached for the type's
+    /// `absent_ttl`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for an id that cannot be a key; [`Error::Source`] when
+    /// the source fails and no stale copy is on hand. Store errors never
+    /// surface: the source answers instead.
+    pub async fn get(&self, id: &str) -> Result<Fetched<S::Value>, Error> {
+        let started = Instant::now();
+        let r = self.get_inner(id).await;
+        let m = &self.inner.metrics;
+        m.get_seconds.record(started.elapsed());
+        if let Ok(f) = &r {
+            self.inner.count(f.status);
+        }
+        r
+    }
+
+    async fn get_inner(&self, id: &str) -> Result<Fetched<S::Value>, Error> {
+        let a = &self.inner;
+        let c = &a.cache.inner;
+        let key = c.keys.value_key(&a.kind, id)?;
+        let policy = c.policy.get(a.kind.name());
+        if !policy.enabled() {
+            return self.flight(id, key, false).await;
+        }
+        let refresh = c.adaptive_refresh(&key, &policy);
+        match c.call(Some(&a.metrics), c.store.get(&key, refresh)).await {
+            Ok(Some(bytes)) => match codec::decode(&bytes) {
+                Ok(d) => return Ok(Fetched::decoded(d, Status::Hit)),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "undecodable cached value: removed");
+                    c.discard(&key, &bytes).await;
+                }
+            },
+            Ok(None) => {}
+            Err(StoreError::WrongType(_)) => {
+                tracing::warn!(key, "cached key of the wrong type: removed");
+                c.discard(&key, &Bytes::new()).await;
+            }
+            Err(_) => return self.flight(id, key, false).await,
+        }
+        self.flight(id, key, true).await
+    }
+
+    /// Joins or starts the one load of `key` in this process.
+    async fn flight(
+        &self,
+        id: &str,
+        key: String,
+        use_cache: bool,
+    ) -> Result<Fetched<S::Value>, Error> {
+        let fut = {
+            let mut flights = self
+                .inner
+                .flights
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(f) = flights.get(&key) {
+                f.clone()
+            } else {
+                let a = self.inner.clone();
+                let id = id.to_owned();
+                let k = key.clone();
+                let f = async move {
+                    let r = if use_cache {
+                        a.resolve(&id).await
+                    } else {
+                        a.load_only(&id, Status::Bypass).await
+                    };
+                    a.flights
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&k);
+                    r
+                }
+                .boxed()
+                .shared();
+                flights.insert(key, f.clone());
+                f
+            }
+        };
+        fut.await
+    }
+
+    /// Reads many ids: one `MGET` for all, then for the misses one pipelined
+    /// lease request, one [`Source::load_many`] and one pipelined fill.
+    ///
+    /// Duplicate ids are answered once. Ids whose lease another caller holds
+    /// are loaded without caching rather than waited for.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for the first id that cannot be a key;
+    /// [`Error::Source`] when the source fails and some missing id has no
+    /// stale copy.
+    pub async fn get_many<I: AsRef<str>>(&self, ids: &[I]) -> Result<Batch<S::Value>, Error> {
+        let started = Instant::now();
+        let r = self.inner.get_many(ids).await;
+        self.inner.metrics.get_seconds.record(started.elapsed());
+        if let Ok(b) = &r {
+            for (_, f) in &b.entries {
+                self.inner.count(f.status);
+            }
+        }
+        r
+    }
+}
+
+impl<S: Source> Aside<S> {
+    fn count(&self, status: Status) {
+        let c = &self.cache.inner.counters;
+        match status {
+            Status::Hit => {
+                self.metrics.hits.increment(1);
+                c.hit();
+            }
+            Status::Stale => {
+                // Served from the cache, so a hit for the hit rate.
+                self.metrics.stale.increment(1);
+                c.hit();
+            }
+            Status::Miss => {
+                self.metrics.misses.increment(1);
+                c.miss();
+            }
+            Status::Bypass => {
+                self.metrics.bypass.increment(1);
+                c.miss();
+            }
+        }
+    }
+
+    fn policy(&self) -> TypePolicy {
+        self.cache.inner.policy.get(self.kind.name())
+    }
+
+    /// The cross-process part of a miss: lease, load, fill; or wait for the
+    /// lease holder's fill.
+    async fn resolve(&self, id: &str) -> Result<Fetched<S::Value>, Error> {
+        let c = &self.cache.inner;
+        let entry = c.keys.entry_unchecked(&self.kind, id);
+        let token = CacheInner::token();
+        let deadline = Instant::now() + c.lease_wait;
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            let req = AcquireRequest {
+                keys: &entry,
+                token: &token,
+                lease_ttl: c.lease_ttl,
+            };
+            let acquired = match c.call(Some(&self.metrics), c.store.acquire(&[req])).await {
+                Ok(mut v) if v.len() == 1 => v.pop().expect("one result"),
+                _ => return self.load_only(id, Status::Bypass).await,
+            };
+            let stale = match acquired {
+                Acquired::Value(bytes) => match codec::decode(&bytes) {
+                    Ok(d) => return Ok(Fetched::decoded(d, Status::Hit)),
+                    Err(_) => {
+                        c.discard(&entry.value, &bytes).await;
+                        return self.load_only(id, Status::Bypass).await;
+                    }
+                },
+                Acquired::Absent => return Ok(Fetched::absent(Status::Hit)),
+                Acquired::Leased { stale } => {
+                    return self.load_and_fill(id, &entry, &token, stale).await;
+                }
+                Acquired::Busy { stale } => stale,
+            };
+            if c.stale_while_loading {
+                if let Some(d) = stale.as_ref().and_then(|s| codec::decode(s).ok()) {
+                    return Ok(Fetched::decoded(d, Status::Stale));
+                }
+            }
+            if Instant::now() >= deadline {
+                // The holder is stuck or gone and its lease not yet expired:
+                // answer from the source rather than wait longer.
+                return self.load_only(id, Status::Miss).await;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+            if let Ok(Some(bytes)) = c.call(None, c.store.get(&entry.value, None)).await {
+                if let Ok(d) = codec::decode(&bytes) {
+                    return Ok(Fetched::decoded(d, Status::Hit));
+                }
+            }
+        }
+    }
+
+    async fn timed_load(&self, id: &str) -> Result<Option<S::Value>, S::Error> {
+        self.metrics.loads.increment(1);
+        let t = Instant::now();
+        let r = self.source.load(id).await;
+        self.metrics.load_seconds.record(t.elapsed());
+        if r.is_err() {
+            self.metrics.load_errors.increment(1);
+        }
+        r
+    }
+
+    /// Loads under the lease and fills.
+    async fn load_and_fill(
+        &self,
+        id: &str,
+        entry: &EntryKeys,
+        token: &str,
+        stale: Option<Bytes>,
+    ) -> Result<Fetched<S::Value>, Error> {
+        let c = &self.cache.inner;
+        let policy = self.policy();
+        let loaded = self.timed_load(id).await;
+        let (fill, result) = match loaded {
+            Ok(Some(v)) => match codec::encode(&v, v.version(), c.max_value_bytes) {
+                Ok(enc) => (
+                    Some(FillValue::Value {
+                        bytes: enc.envelope,
+                        version: v.version(),
+                    }),
+                    Fetched {
+                        value: Some(v),
+                        json: Some(enc.json),
+                        status: Status::Miss,
+                    },
+                ),
+                Err(e @ CodecError::TooLarge { .. }) => {
+                    tracing::warn!(key = entry.value, error = %e, "value not cached");
+                    (None, self.plain(v, Status::Miss)?)
+                }
+                Err(e) => {
+                    self.release(entry, token).await;
+                    return Err(e.into());
+                }
+            },
+            Ok(None) if !policy.absent_ttl.is_zero() => {
+                (Some(FillValue::Absent), Fetched::absent(Status::Miss))
+            }
+            Ok(None) => (None, Fetched::absent(Status::Miss)),
+            Err(e) => {
+                self.release(entry, token).await;
+                if let Some(d) = stale.as_ref().and_then(|s| codec::decode(s).ok()) {
+                    tracing::warn!(key = entry.value, error = %e, "source failed: serving stale");
+                    return Ok(Fetched::decoded(d, Status::Stale));
+                }
+                return Err(Error::source_error(e));
+            }
+        };
+        match fill {
+            Some(value) => {
+                let lifetimes = match value {
+                    FillValue::Absent => crate::store::Lifetimes {
+                        ttl: policy.absent_ttl,
+                        stale_ttl: Duration::ZERO,
+                    },
+                    _ => c.lifetimes(&entry.value, &policy),
+                };
+                let req = FillRequest {
+                    keys: entry,
+                    token,
+                    value,
+                    lifetimes,
+                };
+                match c.call(Some(&self.metrics), c.store.fill(&[req])).await {
+                    Ok(v) if v.first() == Some(&FillOutcome::Stored) => {}
+                    Ok(_) => self.metrics.fills_rejected.increment(1),
+                    // The lease expires by itself.
+                    Err(_) => {}
+                }
+            }
+            None => self.release(entry, token).await,
+        }
+        Ok(result)
+    }
+
+    async fn release(&self, entry: &EntryKeys, token: &str) {
+        let c = &self.cache.inner;
+        let _ = c.call(None, c.store.release(&[(entry, token)])).await;
+    }
+
+    fn plain(&self, v: S::Value, status: Status) -> Result<Fetched<S::Value>, Error> {
+        let json =
+            serde_json::to_vec(&v).map_err(|e| Error::from(CodecError::Encode(e.to_string())))?;
+        Ok(Fetched {
+            value: Some(v),
+            json: Some(Bytes::from(json)),
+            status,
+        })
+    }
+
+    /// Loads from the source without touching the cache.
+    pub(crate) async fn load_only(
+        &self,
+        id: &str,
+        status: Status,
+    ) -> Result<Fetched<S::Value>, Error> {
+        match self.timed_load(id).await {
+            Ok(Some(v)) => self.plain(v, status),
+            Ok(None) => Ok(Fetched::absent(status)),
+            Err(e) => Err(Error::source_error(e)),
+        }
+    }
+
+    async fn get_many<I: AsRef<str>>(&self, ids: &[I]) -> Result<Batch<S::Value>, Error> {
+        let c = &self.cache.inner;
+        let mut seen = std::collections::HashSet::new();
+        let mut order: Vec<&str> = Vec::with_capacity(ids.len());
+        let mut keys = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = id.as_ref();
+            let key = c.keys.value_key(&self.kind, id)?;
+            if seen.insert(id) {
+                order.push(id);
+                keys.push(key);
+            }
+        }
+        let mut results: Vec<Option<Fetched<S::Value>>> = vec![None; order.len()];
+        let policy = self.policy();
+        let mut cached = vec![None; order.len()];
+        let mut use_cache = policy.enabled();
+        if use_cache {
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            match c.call(Some(&self.metrics), c.store.get_many(&refs)).await {
+                Ok(v) if v.len() == order.len() => cached = v,
+                _ => use_cache = false,
+            }
+        }
+        let mut missing = Vec::new();
+        for (i, slot) in cached.into_iter().enumerate() {
+            match slot.map(|b| (codec::decode(&b), b)) {
+                Some((Ok(d), _)) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
+                Some((Err(_), b)) => {
+                    c.discard(&keys[i], &b).await;
+                    missing.push(i);
+                }
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            self.load_missing(&order, &missing, use_cache, &mut results)
+                .await?;
+        }
+        let entries: Vec<(String, Fetched<S::Value>)> = order
+            .into_iter()
+            .zip(results)
+            .map(|(id, f)| {
+                (
+                    id.to_owned(),
+                    f.unwrap_or_else(|| Fetched::absent(Status::Miss)),
+                )
+            })
+            .collect();
+        let hits = entries
+            .iter()
+            .filter(|(_, f)| matches!(f.status, Status::Hit | Status::Stale))
+            .count();
+        Ok(Batch {
+            misses: entries.len() - hits,
+            hits,
+            entries,
+        })
+    }
+
+    async fn load_missing(
+        &self,
+        order: &[&str],
+        missing: &[usize],
+        use_cache: bool,
+        results: &mut [Option<Fetched<S::Value>>],
+    ) -> Result<(), Error> {
+        let c = &self.cache.inner;
+        let policy = self.policy();
+        let token = CacheInner::token();
+        let entries: Vec<EntryKeys> = missing
+            .iter()
+            .map(|&i| c.keys.entry_unchecked(&self.kind, order[i]))
+            .collect();
+        // Which of the missing ids this caller leased (and will fill).
+        let mut leased = vec![false; missing.len()];
+        let mut stale: Vec<Option<Bytes>> = vec![None; missing.len()];
+        let mut to_load = Vec::new();
+        let status = if use_cache {
+            Status::Miss
+        } else {
+            Status::Bypass
+        };
+        let acquired = if use_cache {
+            let reqs: Vec<AcquireRequest<'_>> = entries
+                .iter()
+                .map(|keys| AcquireRequest {
+                    keys,
+                    token: &token,
+                    lease_ttl: c.lease_ttl,
+                })
+                .collect();
+            c.call(Some(&self.metrics), c.store.acquire(&reqs))
+                .await
+                .ok()
+                .filter(|v| v.len() == entries.len())
+        } else {
+            None
+        };
+        let status = if use_cache && acquired.is_none() {
+            Status::Bypass
+        } else {
+            status
+        };
+        match acquired {
+            Some(acq) => {
+                for (j, a) in acq.into_iter().enumerate() {
+                    let i = missing[j];
+                    match a {
+                        Acquired::Value(b) => match codec::decode(&b) {
+                            Ok(d) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
+                            Err(_) => to_load.push(j),
+                        },
+                        Acquired::Absent => results[i] = Some(Fetched::absent(Status::Hit)),
+                        Acquired::Leased { stale: s } => {
+                            leased[j] = true;
+                            stale[j] = s;
+                            to_load.push(j);
+                        }
+                        Acquired::Busy { stale: s } => {
+                            stale[j] = s;
+                            to_load.push(j);
+                        }
+                    }
+                }
+            }
+            None => to_load.extend(0..missing.len()),
+        }
+        if to_load.is_empty() {
+            return Ok(());
+        }
+        let load_ids: Vec<String> = to_load
+            .iter()
+            .map(|&j| order[missing[j]].to_owned())
+            .collect();
+        self.metrics.loads.increment(load_ids.len() as u64);
+        let t = Instant::now();
+        let loaded = self.source.load_many(&load_ids).await;
+        self.metrics.load_seconds.record(t.elapsed());
+        let mut found: HashMap<String, S::Value> = match loaded {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => {
+                self.metrics.load_errors.increment(1);
+                let give_back: Vec<(&EntryKeys, &str)> = to_load
+                    .iter()
+                    .filter(|&&j| leased[j])
+                    .map(|&j| (&entries[j], token.as_str()))
+                    .collect();
+                let _ = c.call(None, c.store.release(&give_back)).await;
+                let err = Error::source_error(e);
+                for &j in &to_load {
+                    let d = stale[j].as_ref().and_then(|s| codec::decode(s).ok());
+                    match d {
+                        Some(d) => results[missing[j]] = Some(Fetched::decoded(d, Status::Stale)),
+                        None => return Err(err),
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let mut fills = Vec::new();
+        let mut give_back = Vec::new();
+        for &j in &to_load {
+            let i = missing[j];
+            let id = order[i];
+            match found.remove(id) {
+                Some(v) => {
+                    let version = v.version();
+                    match codec::encode(&v, version, c.max_value_bytes) {
+                        Ok(enc) => {
+                            if leased[j] {
+                                fills.push(FillRequest {
+                                    keys: &entries[j],
+                                    token: &token,
+                                    value: FillValue::Value {
+                                        bytes: enc.envelope,
+                                        version,
+                                    },
+                                    lifetimes: c.lifetimes(&entries[j].value, &policy),
+                                });
+                            }
+                            results[i] = Some(Fetched {
+                                value: Some(v),
+                                json: Some(enc.json),
+                                status,
+                            });
+                        }
+                        Err(_) => {
+                            if leased[j] {
+                                give_back.push((&entries[j], token.as_str()));
+                            }
+                            results[i] = Some(self.plain(v, status)?);
+                        }
+                    }
+                }
+                None => {
+                    if leased[j] {
+                        if policy.absent_ttl.is_zero() {
+                            give_back.push((&entries[j], token.as_str()));
+                        } else {
+                            fills.push(FillRequest {
+                                keys: &entries[j],
+                                token: &token,
+                                value: FillValue::Absent,
+                                lifetimes: crate::store::Lifetimes {
+                                    ttl: policy.absent_ttl,
+                                    stale_ttl: Duration::ZERO,
+                                },
+                            });
+                        }
+                    }
+                    results[i] = Some(Fetched::absent(status));
+                }
+            }
+        }
+        if !fills.is_empty() {
+            if let Ok(outcomes) = c.call(Some(&self.metrics), c.store.fill(&fills)).await {
+                let rejected = outcomes
+                    .iter()
+                    .filter(|o| **o != FillOutcome::Stored)
+                    .count();
+                self.metrics.fills_rejected.increment(rejected as u64);
+            }
+        }
+        if !give_back.is_empty() {
+            let _ = c.call(None, c.store.release(&give_back)).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,312 @@
+//! TTL policy: the seed's table per data type, jitter, adaptive extension and
+//! TTLs from an absolute expiry.
+//!
+//! | type | TTL |
+//! |---|---|
+//! | `profile` | 300 s (600 s once read more than 10 times in an hour) |
+//! | `session` | 3600 s |
+//! | `blacklist` | the token's remaining lifetime ([`TtlPolicy::ttl_until`]) |
+//! | `rate_limit` | 3600 s |
+//! | `document_meta` | 600 s |
+//! | `settings`, `preferences` | 1800 s |
+//! | anything else | 300 s |
+//!
+//! A TTL of zero disables caching for a type. Every TTL kura writes is
+//! spread by ±10 % (configurable) so a warmed batch does not expire in one
+//! instant and stampede the database together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+
+/// The seed's adaptive rule: more than `reads` reads within `window` extend
+/// the TTL to `ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Adaptive {
+    /// Reads needed within the window (strictly more than this many).
+    pub reads: u32,
+    /// The counting window.
+    pub window: Duration,
+    /// The TTL a hot key gets.
+    pub ttl: Duration,
+}
+
+impl Adaptive {
+    /// The seed's rule: more than 10 reads in an hour → 600 s.
+    pub const SEED: Adaptive = Adaptive {
+        reads: 10,
+        window: Duration::from_secs(3600),
+        ttl: Duration::from_secs(600),
+    };
+
+    /// A custom rule.
+    #[must_use]
+    pub const fn new(reads: u32, window: Duration, ttl: Duration) -> Self {
+        Self { reads, window, ttl }
+    }
+}
+
+/// The caching policy of one data type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TypePolicy {
+    /// The TTL of a cached value; zero disables caching for the type.
+    pub ttl: Duration,
+    /// Optional adaptive extension for frequently read keys.
+    pub adaptive: Option<Adaptive>,
+    /// How long "not found" is remembered (zero: not at all).
+    pub absent_ttl: Duration,
+    /// How long after its TTL a copy is still kept to be served, flagged
+    /// stale, when the source fails or while another caller reloads it.
+    /// Zero keeps no stale copy (and halves the memory per entry).
+    pub max_stale: Duration,
+}
+
+impl TypePolicy {
+    /// A policy with `ttl`, no adaptive rule, 30 s "not found" memory and no
+    /// stale copy.
+    #[must_use]
+    pub const fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            adaptive: None,
+            absent_ttl: Duration::from_secs(30),
+            max_stale: Duration::ZERO,
+        }
+    }
+
+    /// Sets the adaptive rule.
+    #[must_use]
+    pub const fn adaptive(mut self, rule: Adaptive) -> Self {
+        self.adaptive = Some(rule);
+        self
+    }
+
+    /// Sets how long "not found" is cached.
+    #[must_use]
+    pub const fn absent_ttl(mut self, ttl: Duration) -> Self {
+        self.absent_ttl = ttl;
+        self
+    }
+
+    /// Sets how long a stale copy is kept past the TTL.
+    #[must_use]
+    pub const fn max_stale(mut self, d: Duration) -> Self {
+        self.max_stale = d;
+        self
+    }
+
+    /// Whether caching is enabled.
+    #[must_use]
+    pub const fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+}
+
+/// TTLs per data type.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use kura::{TtlPolicy, TypePolicy};
+///
+/// let policy = TtlPolicy::seed()
+///     .with_type("avatar", TypePolicy::new(Duration::from_secs(120)))
+///     .with_jitter(0.0);
+/// assert_eq!(policy.get("avatar").ttl, Duration::from_secs(120));
+/// assert_eq!(policy.get("settings").ttl, Duration::from_secs(1800));
+/// assert_eq!(policy.get("unknown").ttl, Duration::from_secs(300));
+/// ```
+#[derive(Debug, Clone)]
+pub struct TtlPolicy {
+    default: TypePolicy,
+    types: HashMap<String, TypePolicy>,
+    jitter: f64,
+}
+
+impl Default for TtlPolicy {
+    fn default() -> Self {
+        Self::seed()
+    }
+}
+
+impl TtlPolicy {
+    /// The seed's table, with ±10 % jitter.
+    #[must_use]
+    pub fn seed() -> Self {
+        let secs = |s| TypePolicy::new(Duration::from_secs(s));
+        let mut types = HashMap::new();
+        types.insert("profile".to_owned(), secs(300).adaptive(Adaptive::SEED));
+        types.insert("session".to_owned(), secs(3600));
+        types.insert("rate_limit".to_owned(), secs(3600));
+        types.insert("document_meta".to_owned(), secs(600));
+        types.insert("settings".to_owned(), secs(1800));
+        types.insert("preferences".to_owned(), secs(1800));
+        // The blacklist's TTL comes from each token's expiry; this is only
+        // the bound used if a caller gives none.
+        types.insert("blacklist".to_owned(), secs(3600));
+        Self {
+            default: secs(300),
+            types,
+            jitter: 0.1,
+        }
+    }
+
+    /// Sets the policy of one type.
+    #[must_use]
+    pub fn with_type(mut self, name: &str, policy: TypePolicy) -> Self {
+        self.types.insert(name.to_owned(), policy);
+        self
+    }
+
+    /// Sets the policy of types not listed.
+    #[must_use]
+    pub fn with_default(mut self, policy: TypePolicy) -> Self {
+        self.default = policy;
+        self
+    }
+
+    /// Sets the jitter fraction (0.1 = ±10 %), clamped to `0.0..=0.5`.
+    #[must_use]
+    pub fn with_jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction.clamp(0.0, 0.5);
+        self
+    }
+
+    /// Changes one type's policy in place (for configuration loaders).
+    pub fn set(&mut self, name: &str, policy: TypePolicy) {
+        self.types.insert(name.to_owned(), policy);
+    }
+
+    /// The policy of `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> TypePolicy {
+        self.types.get(name).copied().unwrap_or(self.default)
+    }
+
+    /// The jitter fraction.
+    #[must_use]
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
+    /// `ttl` spread by the jitter fraction, never below one second.
+    #[must_use]
+    pub fn jittered(&self, ttl: Duration) -> Duration {
+        if self.jitter == 0.0 || ttl.is_zero() {
+            return ttl;
+        }
+        let f = rand::rng().random_range(-self.jitter..=self.jitter);
+        let ms = (ttl.as_millis() as f64 * (1.0 + f)).round() as u64;
+        Duration::from_millis(ms.max(1000))
+    }
+
+    /// The TTL that ends at `expires_at` (a token's `exp`), or `None` when
+    /// that moment has passed. Not jittered: an expiry is exact.
+    #[must_use]
+    pub fn ttl_until(expires_at: SystemTime) -> Option<Duration> {
+        expires_at
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|d| *d >= Duration::from_millis(1))
+    }
+}
+
+/// Counts reads per key in-process to apply the adaptive rule without an
+/// extra round trip (the seed paid an `INCR` and an `EXPIRE` on every read).
+///
+/// Each instance counts its own reads, so in a fleet of N instances a key is
+/// "hot" once one instance sees more than the threshold; the rule's effect
+/// (a longer TTL for popular keys) is the same.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadCounter {
+    counts: moka::sync::Cache<String, Arc<AtomicU32>>,
+}
+
+impl ReadCounter {
+    pub(crate) fn new(window: Duration, capacity: u64) -> Self {
+        Self {
+            counts: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(window)
+                .build(),
+        }
+    }
+
+    /// Counts one read of `key` and returns the count including it.
+    pub(crate) fn record(&self, key: &str) -> u32 {
+        if let Some(c) = self.counts.get(key) {
+            return c.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        self.counts
+            .get_with(key.to_owned(), || Arc::new(AtomicU32::new(0)))
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
+    }
+
+    /// The current count of `key` (0 when unseen).
+    pub(crate) fn count(&self, key: &str) -> u32 {
+        self.counts
+            .get(key)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_table() {
+        let p = TtlPolicy::seed();
+        for (t, s) in [
+            ("profile", 300),
+            ("session", 3600),
+            ("rate_limit", 3600),
+            ("document_meta", 600),
+            ("settings", 1800),
+            ("other", 300),
+        ] {
+            assert_eq!(p.get(t).ttl, Duration::from_secs(s), "{t}");
+        }
+        assert_eq!(p.get("profile").adaptive, Some(Adaptive::SEED));
+        assert!(p.get("session").adaptive.is_none());
+    }
+
+    #[test]
+    fn jitter_stays_in_band_and_spreads() {
+        let p = TtlPolicy::seed();
+        let base = Duration::from_secs(300);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let t = p.jittered(base);
+            assert!(t >= Duration::from_secs(270) && t <= Duration::from_secs(330));
+            seen.insert(t.as_secs());
+        }
+        assert!(seen.len() > 20, "jitter should spread: {}", seen.len());
+        assert_eq!(p.clone().with_jitter(0.0).jittered(base), base);
+    }
+
+    #[test]
+    fn ttl_until_expiry() {
+        let later = SystemTime::now() + Duration::from_secs(100);
+        let t = TtlPolicy::ttl_until(later).unwrap();
+        assert!(t <= Duration::from_secs(100) && t > Duration::from_secs(98));
+        assert!(TtlPolicy::ttl_until(SystemTime::now() - Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
+    fn read_counter_counts() {
+        let c = ReadCounter::new(Duration::from_secs(60), 100);
+        assert_eq!(c.count("k"), 0);
+        for i in 1..=11 {
+            assert_eq!(c.record("k"), i);
+        }
+        assert_eq!(c.count("k"), 11);
+    }
+}

@@ -1,0 +1,356 @@
+//! Cache warming: fill the cache with the rows most likely to be read, in the
+//! background, once per fleet.
+//!
+//! # Guarantee
+//!
+//! Warming never overwrites a cached value and never caches a row older than
+//! a concurrent write: it takes each key's lease like a cache-aside miss,
+//! loads the rows of the leased keys with one [`Source::load_many`] per
+//! batch, and fills under the lease. The stream given to
+//! [`Warmer::run`] only says *which* ids to warm (for example the users
+//! active in the last 7 days); a row read before its lease could predate an
+//! invalidation, so values are always read after.
+//!
+//! A fleet-wide lock (`<namespace>:~lock:warm:<type>`) lets one instance warm
+//! a type at a time; the others return at once with
+//! [`WarmReport::locked_out`].
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+
+use crate::cache::CacheInner;
+use crate::error::Error;
+use crate::key::EntryKeys;
+use crate::source::{Source, Versioned};
+use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
+use crate::strategy::CacheAside;
+
+/// Something that names an id to warm: an id string, or a row type that
+/// implements it.
+pub trait WarmItem {
+    /// The id.
+    fn warm_id(&self) -> Cow<'_, str>;
+}
+
+impl WarmItem for String {
+    fn warm_id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self)
+    }
+}
+
+impl WarmItem for &str {
+    fn warm_id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self)
+    }
+}
+
+/// Progress so far, passed to the callback after each batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WarmProgress {
+    /// Ids taken from the stream.
+    pub seen: u64,
+    /// Values put in the cache.
+    pub cached: u64,
+    /// Ids skipped: already cached, being loaded by someone else, invalid,
+    /// or gone from the source.
+    pub skipped: u64,
+    /// Ids whose batch failed (source or store error).
+    pub failed: u64,
+}
+
+/// The outcome of a warming run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WarmReport {
+    /// The final counts.
+    pub progress: WarmProgress,
+    /// Another instance held the warming lock: nothing was done.
+    pub locked_out: bool,
+}
+
+type ProgressFn = Arc<dyn Fn(WarmProgress) + Send + Sync>;
+
+/// Warms one data type; made by [`CacheAside::warmer`].
+///
+/// # Examples
+///
+/// ```
+/// # use kura::{Cache, Kind, Source, Versioned, store::MemoryStore};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Clone, Serialize, Deserialize)]
+/// # struct Row { id: String, version: u64 }
+/// # impl Versioned for Row { fn version(&self) -> u64 { self.version } }
+/// # struct Db;
+/// # impl Source for Db {
+/// #     type Value = Row;
+/// #     type Error = std::io::Error;
+/// #     async fn load(&self, id: &str) -> Result<Option<Row>, std::io::Error> {
+/// #         Ok(Some(Row { id: id.into(), version: 1 }))
+/// #     }
+/// # }
+/// # #[tokio::main] async fn main() -> Result<(), kura::Error> {
+/// let cache = Cache::builder(MemoryStore::new()).build()?;
+/// let profiles = cache.aside(Kind::PROFILE, Db);
+/// let ids = futures::stream::iter(vec!["a".to_string(), "b".to_string()]);
+/// let report = profiles
+///     .warmer()
+///     .batch_size(500)
+///     .on_progress(|p| println!("{} cached", p.cached))
+///     .run(ids)
+///     .await?;
+/// assert_eq!(report.progress.cached, 2);
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct Warmer<S: Source> {
+    aside: CacheAside<S>,
+    batch_size: usize,
+    concurrency: usize,
+    lock_ttl: Duration,
+    progress: Option<ProgressFn>,
+}
+
+impl<S: Source> std::fmt::Debug for Warmer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warmer")
+            .field("kind", &self.aside.kind())
+            .field("batch_size", &self.batch_size)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Source> CacheAside<S> {
+    /// A warmer for this reader's type and source.
+    pub fn warmer(&self) -> Warmer<S> {
+        Warmer {
+            aside: self.clone(),
+            batch_size: 200,
+            concurrency: 4,
+            lock_ttl: Duration::from_secs(30),
+            progress: None,
+        }
+    }
+}
+
+impl<S: Source> Warmer<S> {
+    /// Ids per pipelined batch (default 200).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Batches in flight at once (default 4).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Lifetime of the fleet lock, renewed after each batch (default 30 s).
+    pub fn lock_ttl(mut self, d: Duration) -> Self {
+        self.lock_ttl = d;
+        self
+    }
+
+    /// Called after each batch with the counts so far.
+    pub fn on_progress(mut self, f: impl Fn(WarmProgress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Warms the ids of `items`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the store cannot be reached to take the
+    /// lock. Failures of single batches are counted in
+    /// [`WarmProgress::failed`], not returned.
+    pub async fn run<I, St>(self, items: St) -> Result<WarmReport, Error>
+    where
+        I: WarmItem,
+        St: Stream<Item = I>,
+    {
+        let a = self.aside.parts().clone();
+        let c = &a.cache.inner;
+        let lock_key = c.keys.internal(&format!("lock:warm:{}", a.kind.name()));
+        let token = CacheInner::token();
+        let took = c
+            .call(None, c.store.lock(&lock_key, &token, self.lock_ttl))
+            .await
+            .map_err(Error::Unavailable)?;
+        if !took {
+            tracing::info!(kind = a.kind.name(), "another instance is warming: skipped");
+            return Ok(WarmReport {
+                progress: WarmProgress::default(),
+                locked_out: true,
+            });
+        }
+        let counts = Counts::default();
+        let lost = AtomicBool::new(false);
+        let this = &self;
+        items
+            .chunks(self.batch_size)
+            .take_while(|_| std::future::ready(!lost.load(Ordering::Relaxed)))
+            .for_each_concurrent(self.concurrency, |batch| {
+                let ids: Vec<String> = batch.iter().map(|i| i.warm_id().into_owned()).collect();
+                let (counts, lost, lock_key, token) = (&counts, &lost, &lock_key, &token);
+                async move {
+                    this.warm_batch(ids, counts).await;
+                    match c
+                        .call(None, c.store.extend_lock(lock_key, token, this.lock_ttl))
+                        .await
+                    {
+                        Ok(true) => {}
+                        // Another instance may take over from here; stop
+                        // rather than warm twice.
+                        Ok(false) | Err(_) => lost.store(true, Ordering::Relaxed),
+                    }
+                    if let Some(f) = &this.progress {
+                        f(counts.snapshot());
+                    }
+                }
+            })
+            .await;
+        let _ = c.call(None, c.store.unlock(&lock_key, &token)).await;
+        let progress = counts.snapshot();
+        tracing::info!(kind = a.kind.name(), ?progress, "cache warming done");
+        Ok(WarmReport {
+            progress,
+            locked_out: false,
+        })
+    }
+
+    async fn warm_batch(&self, ids: Vec<String>, counts: &Counts) {
+        let n = ids.len() as u64;
+        counts.seen.fetch_add(n, Ordering::Relaxed);
+        match self.try_batch(ids).await {
+            Ok((cached, skipped)) => {
+                counts.cached.fetch_add(cached, Ordering::Relaxed);
+                counts.skipped.fetch_add(skipped, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, n, "warming batch failed");
+                counts.failed.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Returns (cached, skipped).
+    async fn try_batch(&self, ids: Vec<String>) -> Result<(u64, u64), Error> {
+        let a = self.aside.parts();
+        let c = &a.cache.inner;
+        let policy = c.policy.get(a.kind.name());
+        if !policy.enabled() {
+            return Ok((0, ids.len() as u64));
+        }
+        let mut skipped = 0;
+        let entries: Vec<(String, EntryKeys)> = ids
+            .into_iter()
+            .filter_map(|id| match c.keys.entry(&a.kind, &id) {
+                Ok(e) => Some((id, e)),
+                Err(_) => {
+                    skipped += 1;
+                    None
+                }
+            })
+            .collect();
+        let token = CacheInner::token();
+        let reqs: Vec<AcquireRequest<'_>> = entries
+            .iter()
+            .map(|(_, keys)| AcquireRequest {
+                keys,
+                token: &token,
+                lease_ttl: c.lease_ttl,
+            })
+            .collect();
+        let acquired = c
+            .call(Some(&a.metrics), c.store.acquire(&reqs))
+            .await
+            .map_err(Error::Unavailable)?;
+        let leased: Vec<&(String, EntryKeys)> = entries
+            .iter()
+            .zip(&acquired)
+            .filter(|(_, got)| matches!(got, Acquired::Leased { .. }))
+            .map(|(e, _)| e)
+            .collect();
+        skipped += (entries.len() - leased.len()) as u64;
+        if leased.is_empty() {
+            return Ok((0, skipped));
+        }
+        let load_ids: Vec<String> = leased.iter().map(|(id, _)| id.clone()).collect();
+        a.metrics.loads.increment(load_ids.len() as u64);
+        let rows = match a.source.load_many(&load_ids).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                a.metrics.load_errors.increment(1);
+                let give_back: Vec<(&EntryKeys, &str)> =
+                    leased.iter().map(|(_, k)| (k, token.as_str())).collect();
+                let _ = c.call(None, c.store.release(&give_back)).await;
+                return Err(Error::source_error(e));
+            }
+        };
+        let mut by_id: std::collections::HashMap<String, S::Value> = rows.into_iter().collect();
+        let mut fills = Vec::with_capacity(leased.len());
+        let mut give_back = Vec::new();
+        for (id, keys) in &leased {
+            let encoded = by_id.remove(id).and_then(|v| {
+                crate::codec::encode(&v, v.version(), c.max_value_bytes)
+                    .ok()
+                    .map(|e| (e, v.version()))
+            });
+            match encoded {
+                Some((enc, version)) => fills.push(FillRequest {
+                    keys,
+                    token: &token,
+                    value: FillValue::Value {
+                        bytes: enc.envelope,
+                        version,
+                    },
+                    lifetimes: c.lifetimes(&keys.value, &policy),
+                }),
+                // Gone since the id list was read, or not cacheable.
+                None => give_back.push((keys, token.as_str())),
+            }
+        }
+        skipped += give_back.len() as u64;
+        if !give_back.is_empty() {
+            let _ = c.call(None, c.store.release(&give_back)).await;
+        }
+        let outcomes = c
+            .call(Some(&a.metrics), c.store.fill(&fills))
+            .await
+            .map_err(Error::Unavailable)?;
+        let stored = outcomes
+            .iter()
+            .filter(|o| **o == FillOutcome::Stored)
+            .count() as u64;
+        a.metrics
+            .fills_rejected
+            .increment(outcomes.len() as u64 - stored);
+        Ok((stored, skipped + (outcomes.len() as u64 - stored)))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    seen: AtomicU64,
+    cached: AtomicU64,
+    skipped: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counts {
+    fn snapshot(&self) -> WarmProgress {
+        WarmProgress {
+            seen: self.seen.load(Ordering::Relaxed),
+            cached: self.cached.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
