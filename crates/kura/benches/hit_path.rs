@@ -1,2 +1,160 @@
-//! Placeholder.
-fn main() {}
+//! The cost of kura's hit path against a bare redis-rs `GET` on the same
+//! connection, with a profile-sized value.
+//!
+//! Run with Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`):
+//! `cargo bench -p kura --bench hit_path`. Results are recorded in
+//! `docs/bench/`.
+//!
+//! - `bare_get`: `GET` through the shared `ConnectionManager`, bytes only.
+//! - `store_get`: the same through the `Store` seam (plus the `Bytes` copy).
+//! - `cache_aside_get`: a full `CacheAside::get` hit: key validation and
+//!   building, breaker and timeout, `GET`, envelope strip, typed decode,
+//!   metrics.
+//!
+//! Each is measured one request at a time (latency) and 64 in flight
+//! (throughput over the multiplexed connection).
+
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::future::join_all;
+use kura::store::RedisStore;
+use kura::{Cache, Kind, Source, Store, Versioned};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Profile {
+    id: String,
+    user_id: String,
+    first_name: String,
+    last_name: String,
+    name: String,
+    email: String,
+    phone: Option<String>,
+    address: Option<String>,
+    created_at: String,
+    updated_at: String,
+    version: u64,
+}
+
+impl Versioned for Profile {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+fn profile(id: &str) -> Profile {
+    Profile {
+        id: "0b6a1a8e-39a4-4c4e-9f63-2f5b8a0d2c11".into(),
+        user_id: id.into(),
+        first_name: "太郎0".into(),
+        last_name: "山田".into(),
+        name: "山田 太郎0".into(),
+        email: "user0@example.jp".into(),
+        phone: Some("090-1234-5678".into()),
+        address: Some("東京都千代田区1-1".into()),
+        created_at: "2026-11-01T00:00:00Z".into(),
+        updated_at: "2026-11-01T00:00:00Z".into(),
+        version: 1,
+    }
+}
+
+struct Db;
+
+impl Source for Db {
+    type Value = Profile;
+    type Error = std::io::Error;
+    async fn load(&self, id: &str) -> Result<Option<Profile>, std::io::Error> {
+        Ok(Some(profile(id)))
+    }
+}
+
+const ID: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let ns = format!("bench_{:08x}", rand::random::<u32>());
+    let (store, cache, reader) = rt.block_on(async {
+        let store = RedisStore::open(&url).unwrap();
+        let cache = Cache::builder(store.clone())
+            .namespace(&ns)
+            .build()
+            .unwrap();
+        let reader = cache.aside(Kind::PROFILE, Db);
+        reader.get(ID).await.unwrap();
+        assert_eq!(reader.get(ID).await.unwrap().status(), kura::Status::Hit);
+        (store, cache, reader)
+    });
+    let key = cache.keys().value_key(&Kind::PROFILE, ID).unwrap();
+    let conn = store.connection();
+
+    let mut g = c.benchmark_group("hit_path");
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("bare_get", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move {
+                let v: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(v.is_some());
+            }
+        })
+    });
+    g.bench_function("store_get", |b| {
+        b.to_async(&rt)
+            .iter(|| async { assert!(store.get(&key, None).await.unwrap().is_some()) })
+    });
+    g.bench_function("cache_aside_get", |b| {
+        b.to_async(&rt)
+            .iter(|| async { assert!(reader.get(ID).await.unwrap().is_found()) })
+    });
+    g.finish();
+
+    const IN_FLIGHT: usize = 64;
+    let mut g = c.benchmark_group("hit_path_64_in_flight");
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(IN_FLIGHT as u64));
+    g.bench_function("bare_get", |b| {
+        b.to_async(&rt).iter(|| {
+            join_all((0..IN_FLIGHT).map(|_| {
+                let mut conn = conn.clone();
+                let key = key.clone();
+                async move {
+                    let v: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    assert!(v.is_some());
+                }
+            }))
+        })
+    });
+    g.bench_function("cache_aside_get", |b| {
+        b.to_async(&rt).iter(|| {
+            join_all((0..IN_FLIGHT).map(|_| async {
+                assert!(reader.get(ID).await.unwrap().is_found());
+            }))
+        })
+    });
+    g.finish();
+
+    rt.block_on(async {
+        cache.invalidate_all(Kind::PROFILE).await.unwrap();
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -453,12 +453,17 @@ impl Store for MemoryStore {
     }
 
     async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
+        // A plain value lives in a slot like a cached one, so `get` and
+        // `discard` see it the same way.
         let now = Instant::now();
+        let tick = self.tick(now);
         let mut shard = self.shard(key);
         shard.sweep(now);
-        shard
-            .plain
-            .insert(key.into(), Plain::Value(timed(bytes, now, ttl)));
+        shard.with_slot(key, now, tick, |slot| {
+            slot.value = Some(timed(bytes, now, ttl));
+        });
+        let cap = self.inner.cap_per_shard;
+        shard.evict(cap);
         Ok(())
     }
 

@@ -1,0 +1,526 @@
+//! The store conformance suite: every atomic step, run against the Redis
+//! store (the real server) and the memory store, with the same expectations.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use kura::Kind;
+use kura::codec;
+use kura::key::{EntryKeys, KeyBuilder};
+use kura::store::{
+    AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue, Lifetimes, UpdateOutcome,
+    UpdateRequest,
+};
+use support::{Backend, Row, cleanup, ns};
+
+fn keys(ns: &str) -> KeyBuilder {
+    KeyBuilder::new(ns, false).unwrap()
+}
+
+fn entry(ns: &str, id: &str) -> EntryKeys {
+    keys(ns).entry(&Kind::PROFILE, id).unwrap()
+}
+
+fn envelope(name: &str, version: u64) -> Bytes {
+    let row = Row {
+        id: "x".into(),
+        name: name.into(),
+        version,
+    };
+    codec::encode(&row, version, codec::DEFAULT_MAX_VALUE_BYTES)
+        .unwrap()
+        .envelope
+}
+
+fn life(ttl_ms: u64, stale_ms: u64) -> Lifetimes {
+    Lifetimes {
+        ttl: Duration::from_millis(ttl_ms),
+        stale_ttl: Duration::from_millis(stale_ms),
+    }
+}
+
+fn acq<'a>(e: &'a EntryKeys, token: &'a str) -> AcquireRequest<'a> {
+    AcquireRequest {
+        keys: e,
+        token,
+        lease_ttl: Duration::from_secs(5),
+    }
+}
+
+fn fill_req<'a>(e: &'a EntryKeys, token: &'a str, bytes: Bytes, version: u64) -> FillRequest<'a> {
+    FillRequest {
+        keys: e,
+        token,
+        value: FillValue::Value { bytes, version },
+        lifetimes: life(60_000, 0),
+    }
+}
+
+fn name_of(b: &Bytes) -> String {
+    codec::decode::<Row>(b).unwrap().value.name
+}
+
+async fn lease_is_exclusive_and_reentrant(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let got = s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Leased { stale: None }]);
+    let got = s.acquire(&[acq(&e, "B")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Busy { stale: None }]);
+    // A retried request by the holder is not told to wait for itself.
+    let got = s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Leased { stale: None }]);
+    cleanup(&ns).await;
+}
+
+async fn fill_lands_only_under_the_lease(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let out = s
+        .fill(&[fill_req(&e, "B", envelope("b", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost], "a stranger cannot fill");
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("a", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    let v = s.get(&e.value, None).await.unwrap().unwrap();
+    assert_eq!(name_of(&v), "a");
+    match &s.acquire(&[acq(&e, "C")]).await.unwrap()[0] {
+        Acquired::Value(b) => assert_eq!(name_of(b), "a"),
+        other => panic!("expected the value, got {other:?}"),
+    }
+    // The lease is released by the fill: a second fill is rejected.
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("a2", 2), 2)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    cleanup(&ns).await;
+}
+
+async fn invalidation_voids_the_lease(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(s.invalidate(&[&e]).await.unwrap(), 0, "nothing was cached");
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("old", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    // A new reader after the invalidation gets a fresh lease.
+    let got = s.acquire(&[acq(&e, "B")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Leased { stale: None }]);
+    cleanup(&ns).await;
+}
+
+async fn update_voids_the_lease_and_only_replaces_older(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let up = |v: u64| UpdateRequest {
+        keys: &e,
+        bytes: envelope(&format!("v{v}"), v),
+        version: v,
+        lifetimes: life(60_000, 0),
+    };
+    // Absent: nothing is created, and a load in flight is voided.
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(
+        s.update(&[up(2)]).await.unwrap(),
+        vec![UpdateOutcome::NotCached]
+    );
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("v1", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    // Present and older: replaced. Same or newer: kept.
+    s.acquire(&[acq(&e, "B")]).await.unwrap();
+    s.fill(&[fill_req(&e, "B", envelope("v2", 2), 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.update(&[up(3)]).await.unwrap(),
+        vec![UpdateOutcome::Stored]
+    );
+    assert_eq!(
+        s.update(&[up(2)]).await.unwrap(),
+        vec![UpdateOutcome::NotNewer]
+    );
+    assert_eq!(
+        s.update(&[up(3)]).await.unwrap(),
+        vec![UpdateOutcome::NotNewer]
+    );
+    let v = s.get(&e.value, None).await.unwrap().unwrap();
+    assert_eq!(name_of(&v), "v3");
+    // Versions compare as numbers, not text ("10" > "9").
+    assert_eq!(
+        s.update(&[up(10)]).await.unwrap(),
+        vec![UpdateOutcome::Stored]
+    );
+    assert_eq!(
+        s.update(&[up(9)]).await.unwrap(),
+        vec![UpdateOutcome::NotNewer]
+    );
+    cleanup(&ns).await;
+}
+
+async fn not_found_is_remembered_and_cleared(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "ghost");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let out = s
+        .fill(&[FillRequest {
+            keys: &e,
+            token: "A",
+            value: FillValue::Absent,
+            lifetimes: life(60_000, 0),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    assert_eq!(
+        s.acquire(&[acq(&e, "B")]).await.unwrap(),
+        vec![Acquired::Absent]
+    );
+    // Other services reading the value key see nothing.
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    s.invalidate(&[&e]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "B")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+async fn stale_copy_outlives_the_value(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let req = FillRequest {
+        keys: &e,
+        token: "A",
+        value: FillValue::Value {
+            bytes: envelope("old", 1),
+            version: 1,
+        },
+        lifetimes: life(100, 60_000),
+    };
+    s.fill(&[req]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None, "value expired");
+    match &s.acquire(&[acq(&e, "B")]).await.unwrap()[0] {
+        Acquired::Leased { stale: Some(st) } => assert_eq!(name_of(st), "old"),
+        other => panic!("expected a lease with the stale copy, got {other:?}"),
+    }
+    match &s.acquire(&[acq(&e, "C")]).await.unwrap()[0] {
+        Acquired::Busy { stale: Some(st) } => assert_eq!(name_of(st), "old"),
+        other => panic!("expected busy with the stale copy, got {other:?}"),
+    }
+    // An invalidation takes the stale copy too: nothing invalidated is served.
+    s.invalidate(&[&e]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "D")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+async fn release_only_by_the_holder(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    s.release(&[(&e, "B")]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "C")]).await.unwrap(),
+        vec![Acquired::Busy { stale: None }]
+    );
+    s.release(&[(&e, "A")]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "C")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+async fn lease_expires(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let short = AcquireRequest {
+        keys: &e,
+        token: "A",
+        lease_ttl: Duration::from_millis(100),
+    };
+    s.acquire(&[short]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        s.acquire(&[acq(&e, "B")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }],
+        "a dead holder's lease runs out"
+    );
+    cleanup(&ns).await;
+}
+
+async fn batches_are_per_entry(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let es: Vec<EntryKeys> = (0..5).map(|i| entry(&ns, &format!("u{i}"))).collect();
+    s.acquire(&[acq(&es[0], "X")]).await.unwrap();
+    let reqs: Vec<_> = es.iter().map(|e| acq(e, "T")).collect();
+    let got = s.acquire(&reqs).await.unwrap();
+    assert_eq!(got[0], Acquired::Busy { stale: None });
+    assert!(
+        got[1..]
+            .iter()
+            .all(|a| *a == Acquired::Leased { stale: None })
+    );
+    let fills: Vec<_> = es
+        .iter()
+        .enumerate()
+        .map(|(i, e)| fill_req(e, "T", envelope(&format!("n{i}"), 1), 1))
+        .collect();
+    let out = s.fill(&fills).await.unwrap();
+    assert_eq!(out[0], FillOutcome::LeaseLost);
+    assert!(out[1..].iter().all(|o| *o == FillOutcome::Stored));
+    let ks: Vec<&str> = es.iter().map(|e| e.value.as_str()).collect();
+    let vals = s.get_many(&ks).await.unwrap();
+    assert!(vals[0].is_none());
+    for (i, v) in vals.iter().enumerate().skip(1) {
+        assert_eq!(name_of(v.as_ref().unwrap()), format!("n{i}"));
+    }
+    let refs: Vec<&EntryKeys> = es.iter().collect();
+    assert_eq!(s.invalidate(&refs).await.unwrap(), 4);
+    cleanup(&ns).await;
+}
+
+async fn pattern_invalidation_counts_matches_only(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let kb = keys(&ns);
+    let mut cached = 0;
+    for id in ["a1", "a2", "a3", "b1", "b2"] {
+        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        s.acquire(&[acq(&e, "T")]).await.unwrap();
+        s.fill(&[fill_req(&e, "T", envelope(id, 1), 1)])
+            .await
+            .unwrap();
+        cached += 1;
+    }
+    assert_eq!(cached, 5);
+    // A settings entry whose id also starts with "a" is another type.
+    let other = kb.entry(&Kind::SETTINGS, "a9").unwrap();
+    s.acquire(&[acq(&other, "T")]).await.unwrap();
+    s.fill(&[fill_req(&other, "T", envelope("s", 1), 1)])
+        .await
+        .unwrap();
+    // A lease in flight on a matching key is voided too.
+    let leased = kb.entry(&Kind::PROFILE, "a7").unwrap();
+    s.acquire(&[acq(&leased, "L")]).await.unwrap();
+
+    let pat = kb.pattern(&Kind::PROFILE, "a*").unwrap();
+    assert_eq!(s.invalidate_matching(&pat).await.unwrap(), 3);
+    for id in ["a1", "a2", "a3"] {
+        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        assert_eq!(s.get(&e.value, None).await.unwrap(), None, "{id}");
+    }
+    for id in ["b1", "b2"] {
+        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        assert!(s.get(&e.value, None).await.unwrap().is_some(), "{id} kept");
+    }
+    assert!(
+        s.get(&other.value, None).await.unwrap().is_some(),
+        "other type kept"
+    );
+    let out = s
+        .fill(&[fill_req(&leased, "L", envelope("late", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    let all = kb.pattern(&Kind::PROFILE, "*").unwrap();
+    assert_eq!(s.invalidate_matching(&all).await.unwrap(), 2);
+    assert_eq!(s.invalidate_matching(&all).await.unwrap(), 0);
+    cleanup(&ns).await;
+}
+
+async fn values_expire_and_refresh(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let k1 = format!("{ns}:plain:one");
+    let k2 = format!("{ns}:plain:two");
+    s.set(&k1, Bytes::from_static(b"{}"), Duration::from_millis(150))
+        .await
+        .unwrap();
+    s.set(&k2, Bytes::from_static(b"{}"), Duration::from_millis(150))
+        .await
+        .unwrap();
+    // A read with a refresh resets the TTL (the adaptive rule's GETEX).
+    let got = s.get(&k2, Some(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got.as_deref(), Some(&b"{}"[..]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.get(&k1, None).await.unwrap(), None);
+    assert!(s.get(&k2, None).await.unwrap().is_some());
+    cleanup(&ns).await;
+}
+
+async fn discard_removes_only_what_was_seen(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let k = format!("{ns}:profile:bad");
+    s.set(&k, Bytes::from_static(b"garbage"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.discard(&k, &Bytes::from_static(b"other")).await.unwrap();
+    assert!(
+        s.get(&k, None).await.unwrap().is_some(),
+        "changed since: kept"
+    );
+    s.discard(&k, &Bytes::from_static(b"garbage"))
+        .await
+        .unwrap();
+    assert_eq!(s.get(&k, None).await.unwrap(), None);
+    cleanup(&ns).await;
+}
+
+async fn counters_add_up(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let h = format!("metrics:{ns}:hits");
+    let m = format!("metrics:{ns}:misses");
+    assert_eq!(s.counters(&[&h, &m]).await.unwrap(), vec![0, 0]);
+    s.incr(&[(&h, 5), (&m, 2)]).await.unwrap();
+    s.incr(&[(&h, 1)]).await.unwrap();
+    assert_eq!(s.counters(&[&h, &m]).await.unwrap(), vec![6, 2]);
+    cleanup(&ns).await;
+}
+
+async fn locks_are_owned(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let k = format!("{ns}:~lock:warm:profile");
+    let ttl = Duration::from_secs(5);
+    assert!(s.lock(&k, "A", ttl).await.unwrap());
+    assert!(!s.lock(&k, "B", ttl).await.unwrap());
+    assert!(s.extend_lock(&k, "A", ttl).await.unwrap());
+    assert!(!s.extend_lock(&k, "B", ttl).await.unwrap());
+    s.unlock(&k, "B").await.unwrap();
+    assert!(
+        !s.lock(&k, "B", ttl).await.unwrap(),
+        "a stranger cannot unlock"
+    );
+    s.unlock(&k, "A").await.unwrap();
+    assert!(s.lock(&k, "B", Duration::from_millis(100)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        s.lock(&k, "C", ttl).await.unwrap(),
+        "an expired lock is free"
+    );
+    cleanup(&ns).await;
+}
+
+async fn foreign_values_without_version_are_replaceable(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    // As the seed's Python service writes it: no "_v" header.
+    s.set(
+        &e.value,
+        Bytes::from("{\"id\":\"x\",\"name\":\"seed\",\"version\":7}"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let up = UpdateRequest {
+        keys: &e,
+        bytes: envelope("kura", 1),
+        version: 1,
+        lifetimes: life(60_000, 0),
+    };
+    assert_eq!(s.update(&[up]).await.unwrap(), vec![UpdateOutcome::Stored]);
+    cleanup(&ns).await;
+}
+
+both_stores!(
+    lease_is_exclusive_and_reentrant,
+    fill_lands_only_under_the_lease,
+    invalidation_voids_the_lease,
+    update_voids_the_lease_and_only_replaces_older,
+    not_found_is_remembered_and_cleared,
+    stale_copy_outlives_the_value,
+    release_only_by_the_holder,
+    lease_expires,
+    batches_are_per_entry,
+    pattern_invalidation_counts_matches_only,
+    values_expire_and_refresh,
+    discard_removes_only_what_was_seen,
+    counters_add_up,
+    locks_are_owned,
+    foreign_values_without_version_are_replaceable,
+);
+
+/// Redis only: a key of the wrong type left by someone else is repaired by
+/// the scripts, and a plain read reports it as bad data, not an outage.
+#[tokio::test]
+async fn redis_wrong_type_is_repaired() {
+    use redis::AsyncCommands;
+    let s = Backend::Redis.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let mut c = support::redis_conn().await;
+    let _: () = c.hset(&e.value, "f", "v").await.unwrap();
+    let err = s.get(&e.value, None).await.unwrap_err();
+    assert!(matches!(err, kura::StoreError::WrongType(_)), "{err:?}");
+    assert!(!err.is_outage());
+    assert_eq!(
+        s.acquire(&[acq(&e, "A")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    let t: String = redis::cmd("TYPE")
+        .arg(&e.value)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(t, "none", "the script removed the foreign key");
+    cleanup(&ns).await;
+}
+
+/// Redis only: the scripts are loaded again after the server forgets them.
+#[tokio::test]
+async fn redis_reloads_scripts_after_flush() {
+    let srv = kura_testkit::RedisServer::start().await;
+    let s = kura::store::RedisStore::open(&srv.url()).unwrap();
+    let e = entry("t", "u1");
+    use kura::Store;
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let mut c = redis::Client::open(srv.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("a", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+}

@@ -1,0 +1,258 @@
+//! Shared test support: stores for both backends, a namespace per test and
+//! an in-memory "database" whose loads can be counted, delayed, failed and
+//! held at a gate to force interleavings.
+
+#![allow(dead_code, missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kura::store::{MemoryStore, RedisStore};
+use kura::{Cache, Source, Store, TtlPolicy, Versioned};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// The Redis the tests share (never flushed: each test has a namespace).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A namespace of this test's own.
+pub fn ns() -> String {
+    format!("t_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Redis,
+    Memory,
+}
+
+impl Backend {
+    /// `n` stores sharing one cache server: separate Redis connections (as
+    /// separate processes would have), or clones of one memory store.
+    pub fn fleet(self, n: usize) -> Vec<Arc<dyn Store>> {
+        match self {
+            Backend::Redis => (0..n)
+                .map(|_| {
+                    Arc::new(RedisStore::open(&redis_url()).expect("redis url")) as Arc<dyn Store>
+                })
+                .collect(),
+            Backend::Memory => {
+                let m = MemoryStore::new();
+                (0..n)
+                    .map(|_| Arc::new(m.clone()) as Arc<dyn Store>)
+                    .collect()
+            }
+        }
+    }
+
+    pub fn store(self) -> Arc<dyn Store> {
+        self.fleet(1).pop().expect("one store")
+    }
+
+    /// A cache with its own namespace and no TTL jitter.
+    pub fn cache(self) -> (Cache, String) {
+        let ns = ns();
+        (cache_on(self.store(), &ns), ns)
+    }
+}
+
+pub fn cache_on(store: Arc<dyn Store>, ns: &str) -> Cache {
+    Cache::builder_shared(store)
+        .namespace(ns)
+        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .build()
+        .expect("cache")
+}
+
+/// A raw Redis connection for looking at keys from the outside.
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis is running")
+}
+
+/// Deletes every key of a test namespace (values expire anyway; the
+/// counters do not).
+pub async fn cleanup(ns: &str) {
+    let mut c = redis_conn().await;
+    for pat in [format!("{ns}:*"), format!("metrics:{ns}:*")] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pat)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: () = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    pub id: String,
+    pub name: String,
+    pub version: u64,
+}
+
+impl Versioned for Row {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("database unavailable")]
+pub struct DbDown;
+
+/// A gate that holds one load after it read its row, until released.
+#[derive(Debug, Default)]
+pub struct Gate {
+    pub loaded: Notify,
+    pub release: Notify,
+}
+
+/// The system of record of the tests.
+#[derive(Debug, Default)]
+pub struct TestDb {
+    rows: Mutex<HashMap<String, Row>>,
+    loads: AtomicUsize,
+    batch_loads: AtomicUsize,
+    fail: AtomicBool,
+    delay: Mutex<Duration>,
+    gate: Mutex<Option<Arc<Gate>>>,
+}
+
+impl TestDb {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Inserts or updates a row, bumping its version like a committed UPDATE.
+    pub fn put(&self, id: &str, name: &str) -> Row {
+        let mut rows = self.rows.lock().unwrap();
+        let version = rows.get(id).map_or(1, |r| r.version + 1);
+        let row = Row {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            version,
+        };
+        rows.insert(id.to_owned(), row.clone());
+        row
+    }
+
+    pub fn get(&self, id: &str) -> Option<Row> {
+        self.rows.lock().unwrap().get(id).cloned()
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.rows.lock().unwrap().remove(id);
+    }
+
+    pub fn loads(&self) -> usize {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    pub fn batch_loads(&self) -> usize {
+        self.batch_loads.load(Ordering::SeqCst)
+    }
+
+    pub fn set_fail(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
+    }
+
+    /// The next load will stop at the returned gate after reading its row.
+    pub fn arm_gate(&self) -> Arc<Gate> {
+        let g = Arc::new(Gate::default());
+        *self.gate.lock().unwrap() = Some(g.clone());
+        g
+    }
+}
+
+/// The `Source` over a shared [`TestDb`].
+#[derive(Debug, Clone)]
+pub struct Db(pub Arc<TestDb>);
+
+impl Source for Db {
+    type Value = Row;
+    type Error = DbDown;
+
+    async fn load(&self, id: &str) -> Result<Option<Row>, DbDown> {
+        self.0.loads.fetch_add(1, Ordering::SeqCst);
+        if self.0.fail.load(Ordering::SeqCst) {
+            return Err(DbDown);
+        }
+        // The row is read first and the delay comes after, so a write can
+        // commit between the read and the fill (the window of the race).
+        let row = self.0.get(id);
+        let delay = *self.0.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let gate = self.0.gate.lock().unwrap().take();
+        if let Some(g) = gate {
+            g.loaded.notify_one();
+            g.release.notified().await;
+        }
+        Ok(row)
+    }
+
+    async fn load_many(&self, ids: &[String]) -> Result<Vec<(String, Row)>, DbDown> {
+        self.0.batch_loads.fetch_add(1, Ordering::SeqCst);
+        if self.0.fail.load(Ordering::SeqCst) {
+            return Err(DbDown);
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.get(id).map(|r| (id.clone(), r)))
+            .collect())
+    }
+}
+
+/// Runs each named async test function once per backend.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod redis_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Redis).await
+                }
+            )*
+        }
+        mod memory_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Memory).await
+                }
+            )*
+        }
+    };
+}
