@@ -1,0 +1,99 @@
+//! Opening the service's parts: the database (migrated), the cache store,
+//! the TTL policy and the service layer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kura::store::{MemoryStore, RedisStore};
+use kura::{Adaptive, Cache, Store, TtlPolicy};
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::profiles::ProfileService;
+
+/// The opened parts of the service.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The service layer (database + cache).
+    pub service: ProfileService,
+    /// Whether the cache is the embedded in-process store.
+    pub memory_store: bool,
+}
+
+/// The TTL table: the seed's, with the profile's stale window and the
+/// configured overrides.
+#[must_use]
+pub fn ttl_policy(config: &Config) -> TtlPolicy {
+    let mut policy = TtlPolicy::seed();
+    let mut profile = policy.get("profile");
+    profile.max_stale = config.max_stale;
+    policy.set("profile", profile);
+    for o in &config.ttl {
+        let mut p = policy.get(&o.kind);
+        p.ttl = o.ttl;
+        if let Some(rule) = p.adaptive {
+            // Keep the seed's proportion: a hot key lives twice as long.
+            p.adaptive = Some(Adaptive::new(rule.reads, rule.window, o.ttl * 2));
+        }
+        policy.set(&o.kind, p);
+    }
+    policy
+}
+
+/// The cache over Redis (`redis_url`) or the memory store. Builds inside a
+/// Tokio runtime (it starts the library's maintenance task).
+///
+/// # Errors
+///
+/// A malformed Redis URL or namespace. An unreachable Redis is not an
+/// error: the store connects lazily and the database answers meanwhile.
+pub fn open_cache(config: &Config) -> anyhow::Result<(Cache, bool)> {
+    let (store, memory): (Arc<dyn Store>, bool) = match &config.redis_url {
+        Some(url) => (
+            Arc::new(
+                RedisStore::builder(url.as_str())
+                    .response_timeout(config.redis_timeout)
+                    .connect_timeout(config.redis_timeout.max(Duration::from_millis(500)))
+                    .build()
+                    .context("redis url")?,
+            ),
+            false,
+        ),
+        None => (
+            Arc::new(MemoryStore::new().with_max_bytes(config.memory_max_bytes)),
+            true,
+        ),
+    };
+    let cache = Cache::builder_shared(store)
+        .namespace(config.namespace.as_str())
+        .ttl_policy(ttl_policy(config))
+        .op_timeout(config.redis_timeout)
+        .build()
+        .context("cache configuration")?;
+    Ok((cache, memory))
+}
+
+impl App {
+    /// Connects to and migrates the database, opens the cache and builds
+    /// the service. Installs the Prometheus recorder first, so the
+    /// library's metric handles land in it.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be reached or migrated, or the cache
+    /// configuration is invalid.
+    pub async fn open(config: &Config) -> anyhow::Result<App> {
+        crate::telemetry::prometheus();
+        let db = Db::connect(config.database_url.as_deref(), config.pool)
+            .await
+            .context("connecting to the database")?;
+        db.migrate().await.context("migrating the database")?;
+        let (cache, memory_store) = open_cache(config)?;
+        let service = ProfileService::new(db, cache, config.write_strategy);
+        Ok(App {
+            service,
+            memory_store,
+        })
+    }
+}

@@ -1,0 +1,133 @@
+//! The `kura` command line: every flag is also an environment variable.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+
+use crate::config::{CacheArgs, DbArgs, LogFormat, ServeArgs};
+
+/// kura: a user profile service over a Redis cache, and its admin tools.
+#[derive(Debug, Parser)]
+#[command(name = "kura", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "KURA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Apply the database migrations.
+    Migrate(MigrateArgs),
+    /// Insert deterministic demo profiles.
+    Seed(SeedArgs),
+    /// Load recently active users' profiles into the cache.
+    Warm(WarmArgs),
+    /// Remove entries from the cache.
+    Invalidate(InvalidateArgs),
+    /// Show the cache hit rate and counters.
+    Stats(StatsArgs),
+    /// Print an HS256 token signed with `KURA_JWT_SECRET`.
+    Token(TokenArgs),
+    // `kura bench` belongs here once the `kura-bench` crate is in the
+    // workspace: `Bench(kura_bench::BenchArgs)`, run by `kura_bench::run`.
+}
+
+/// `kura migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+}
+
+/// `kura seed`.
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// How many profiles to generate.
+    #[arg(long, env = "KURA_SEED_PROFILES", default_value_t = 1000)]
+    pub profiles: u64,
+    /// Random seed: the same seed gives the same users.
+    #[arg(long, env = "KURA_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Write the generated user ids here, one per line.
+    #[arg(long)]
+    pub ids_out: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+}
+
+/// `kura warm`.
+#[derive(Debug, Args)]
+pub struct WarmArgs {
+    /// Most profiles to load.
+    #[arg(long, env = "KURA_WARM_LIMIT", default_value_t = 1000)]
+    pub limit: u64,
+    /// Users who logged in within this many days.
+    #[arg(long, env = "KURA_WARM_SINCE_DAYS", default_value_t = 7)]
+    pub since_days: u32,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
+}
+
+/// `kura invalidate`: exactly one of `--user`, `--pattern`, `--all-profiles`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["user", "pattern", "all_profiles"])))]
+pub struct InvalidateArgs {
+    /// Every cached entry of one user (profile, settings, preferences).
+    #[arg(long)]
+    pub user: Option<uuid::Uuid>,
+    /// Every key matching a glob such as `cache:profile:*` (namespace and
+    /// type literal; SCAN + UNLINK, never KEYS).
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// Every cached profile.
+    #[arg(long)]
+    pub all_profiles: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
+}
+
+/// `kura stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print `{"hits","misses","total","hit_rate"}`.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
+}
+
+/// `kura token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub sub: uuid::Uuid,
+    /// Add the `admin` role.
+    #[arg(long)]
+    pub admin: bool,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+    /// The HS256 secret.
+    #[arg(long, env = "KURA_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+}

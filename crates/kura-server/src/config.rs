@@ -1,0 +1,392 @@
+//! Configuration: the flag groups shared by the commands (each flag also an
+//! environment variable) and the [`Config`] the service is started with.
+//!
+//! Tests build a [`Config`] directly; the binary builds it from
+//! [`ServeArgs`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::db::PoolOptions;
+
+/// Which write strategy `PUT` uses when the request names none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum WriteStrategy {
+    /// Commit, then invalidate the cached profile (the default).
+    #[default]
+    Invalidate,
+    /// Commit, then put the new version in the cache if an older one is
+    /// cached.
+    Through,
+    /// Write to the cache first and flush to the database later (not
+    /// available yet: answers 501).
+    Behind,
+}
+
+impl WriteStrategy {
+    /// `invalidate`, `through` or `behind`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteStrategy::Invalidate => "invalidate",
+            WriteStrategy::Through => "through",
+            WriteStrategy::Behind => "behind",
+        }
+    }
+
+    /// Parses a query-string value.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "invalidate" => Some(WriteStrategy::Invalidate),
+            "through" => Some(WriteStrategy::Through),
+            "behind" => Some(WriteStrategy::Behind),
+            _ => None,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses `250ms`, `2s`, `5m`, `1h`; a bare number is seconds.
+///
+/// # Errors
+///
+/// A message for anything else.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 250ms, 2s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// One `--ttl type=seconds` override.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtlOverride {
+    /// The data type (`profile`, `settings`, …).
+    pub kind: String,
+    /// Its TTL; zero disables caching for the type.
+    pub ttl: Duration,
+}
+
+impl std::str::FromStr for TtlOverride {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, ttl) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected TYPE=DURATION, e.g. profile=300"))?;
+        let kind = kind.trim();
+        if kind.is_empty()
+            || !kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!("{kind:?}: a type name is [a-z0-9_]+"));
+        }
+        Ok(TtlOverride {
+            kind: kind.to_owned(),
+            ttl: parse_duration(ttl)?,
+        })
+    }
+}
+
+/// Database flags.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL (`postgres://…`) or SQLite (`sqlite:path`) URL; without
+    /// it, SQLite at `./kura.db`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Most database connections open at once.
+    #[arg(long, env = "KURA_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Database connections kept open when idle.
+    #[arg(long, env = "KURA_DB_MIN_CONNECTIONS", default_value_t = 0)]
+    pub db_min_connections: u32,
+    /// How long a query waits for a free connection.
+    #[arg(long, env = "KURA_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_acquire_timeout: Duration,
+}
+
+impl DbArgs {
+    /// The pool settings.
+    #[must_use]
+    pub fn pool(&self) -> PoolOptions {
+        PoolOptions {
+            max_connections: self.db_max_connections,
+            min_connections: self.db_min_connections,
+            acquire_timeout: self.db_acquire_timeout,
+        }
+    }
+}
+
+/// Cache flags.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for
+    /// TLS); without it, the embedded in-process memory store.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Key namespace: keys are `<namespace>:profile:<user_id>`.
+    #[arg(long, env = "KURA_NAMESPACE", default_value = "cache")]
+    pub namespace: String,
+    /// Upper bound on one Redis operation; past it the database answers.
+    #[arg(long, env = "KURA_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+    /// Per-type TTL override, `TYPE=DURATION` (repeatable, or
+    /// comma-separated in the variable); `profile=0` disables caching.
+    #[arg(long = "ttl", env = "KURA_TTL", value_delimiter = ',')]
+    pub ttl: Vec<TtlOverride>,
+    /// How long past its TTL a profile is kept to be served flagged
+    /// `stale` when the database fails (0: no stale copies).
+    #[arg(long, env = "KURA_MAX_STALE", default_value = "0s", value_parser = parse_duration)]
+    pub max_stale: Duration,
+    /// Memory budget of the embedded store, in MiB (without Redis).
+    #[arg(long, env = "KURA_MEMORY_MAX_MB", default_value_t = 256)]
+    pub memory_max_mb: usize,
+}
+
+/// Authentication flags.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// HS256 secret the bearer tokens are signed with.
+    #[arg(long, env = "KURA_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// JWKS URL to verify RS256 tokens against.
+    #[arg(long, env = "KURA_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Required `iss` claim.
+    #[arg(long, env = "KURA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "KURA_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+/// `kura serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KURA_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Write strategy of `PUT` requests that name none.
+    #[arg(long, env = "KURA_WRITE_STRATEGY", value_enum, default_value_t = WriteStrategy::Invalidate)]
+    pub write_strategy: WriteStrategy,
+    /// Warm the cache with recently active users after start-up (in the
+    /// background; readiness is not delayed).
+    #[arg(long, env = "KURA_WARM_ON_START")]
+    pub warm_on_start: bool,
+    /// How many profiles start-up warming loads.
+    #[arg(long, env = "KURA_WARM_LIMIT", default_value_t = 1000)]
+    pub warm_limit: u64,
+    /// Start-up warming takes users who logged in within this many days.
+    #[arg(long, env = "KURA_WARM_SINCE_DAYS", default_value_t = 7)]
+    pub warm_since_days: u32,
+    /// Requests that take longer answer 504.
+    #[arg(long, env = "KURA_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    #[arg(long, env = "KURA_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Demo mode: embedded SQLite and memory store, demo profiles, a fresh
+    /// HS256 secret and a ready-to-paste `curl` line.
+    #[arg(long)]
+    pub demo: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub auth: AuthArgs,
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// HS256 secret.
+    pub jwt_secret: Option<String>,
+    /// JWKS URL for RS256.
+    pub jwks_url: Option<String>,
+    /// Required issuer.
+    pub issuer: Option<String>,
+    /// Required audience.
+    pub audience: Option<String>,
+    /// Least time between two JWKS fetches triggered by unknown key ids.
+    pub jwks_min_refresh: Duration,
+}
+
+impl AuthConfig {
+    /// HS256 with `secret`.
+    #[must_use]
+    pub fn hs256(secret: impl Into<String>) -> Self {
+        Self {
+            jwt_secret: Some(secret.into()),
+            jwks_min_refresh: Duration::from_secs(30),
+            ..Self::default()
+        }
+    }
+}
+
+/// Everything the service is started with.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Address to listen on (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Database URL; `None`: SQLite at `./kura.db`.
+    pub database_url: Option<String>,
+    /// Database pool settings.
+    pub pool: PoolOptions,
+    /// Redis URL; `None`: the embedded memory store.
+    pub redis_url: Option<String>,
+    /// Redis operation timeout.
+    pub redis_timeout: Duration,
+    /// Memory store budget in bytes.
+    pub memory_max_bytes: usize,
+    /// Key namespace.
+    pub namespace: String,
+    /// Per-type TTL overrides.
+    pub ttl: Vec<TtlOverride>,
+    /// Stale-copy lifetime of profiles past their TTL.
+    pub max_stale: Duration,
+    /// Default write strategy.
+    pub write_strategy: WriteStrategy,
+    /// Warm the cache in the background after start-up.
+    pub warm_on_start: bool,
+    /// Start-up warming size.
+    pub warm_limit: u64,
+    /// Start-up warming window in days.
+    pub warm_since_days: u32,
+    /// Request timeout (504 past it).
+    pub request_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+    /// Largest accepted request body in bytes (413 past it).
+    pub body_limit: usize,
+    /// Token verification.
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            database_url: None,
+            pool: PoolOptions::default(),
+            redis_url: None,
+            redis_timeout: Duration::from_millis(250),
+            memory_max_bytes: 256 << 20,
+            namespace: "cache".to_owned(),
+            ttl: Vec::new(),
+            max_stale: Duration::ZERO,
+            write_strategy: WriteStrategy::Invalidate,
+            warm_on_start: false,
+            warm_limit: 1000,
+            warm_since_days: 7,
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            body_limit: 64 * 1024,
+            auth: AuthConfig {
+                jwks_min_refresh: Duration::from_secs(30),
+                ..AuthConfig::default()
+            },
+        }
+    }
+}
+
+impl Config {
+    /// A configuration from flags and environment.
+    #[must_use]
+    pub fn from_args(a: &ServeArgs) -> Self {
+        let mut c = Config {
+            listen: a.listen,
+            write_strategy: a.write_strategy,
+            warm_on_start: a.warm_on_start,
+            warm_limit: a.warm_limit,
+            warm_since_days: a.warm_since_days,
+            request_timeout: a.request_timeout,
+            shutdown_grace: a.shutdown_grace,
+            ..Config::default()
+        };
+        c.apply_db(&a.db);
+        c.apply_cache(&a.cache);
+        c.auth.jwt_secret = a.auth.jwt_secret.clone().filter(|s| !s.is_empty());
+        c.auth.jwks_url = a.auth.jwks_url.clone().filter(|s| !s.is_empty());
+        c.auth.issuer = a.auth.jwt_issuer.clone().filter(|s| !s.is_empty());
+        c.auth.audience = a.auth.jwt_audience.clone().filter(|s| !s.is_empty());
+        c
+    }
+
+    /// Takes the database flags.
+    pub fn apply_db(&mut self, a: &DbArgs) {
+        self.database_url = a.database_url.clone().filter(|s| !s.is_empty());
+        self.pool = a.pool();
+    }
+
+    /// Takes the cache flags.
+    pub fn apply_cache(&mut self, a: &CacheArgs) {
+        self.redis_url = a.redis_url.clone().filter(|s| !s.is_empty());
+        self.namespace = a.namespace.clone();
+        self.redis_timeout = a.redis_timeout;
+        self.ttl = a.ttl.clone();
+        self.max_stale = a.max_stale;
+        self.memory_max_bytes = a.memory_max_mb << 20;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn ttl_overrides() {
+        let t: TtlOverride = "profile=300".parse().unwrap();
+        assert_eq!(t.kind, "profile");
+        assert_eq!(t.ttl, Duration::from_secs(300));
+        assert!("profile".parse::<TtlOverride>().is_err());
+        assert!("Pro=1".parse::<TtlOverride>().is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! Admin routes: warming, invalidation and hit-rate metrics. All need the
+//! `admin` role.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::{AppState, QueryParams, UserIdPath};
+
+/// Largest `limit` one warming request may ask for.
+pub const MAX_WARM_LIMIT: u64 = 1_000_000;
+
+/// `POST /api/v1/admin/cache/warm` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WarmQuery {
+    /// Most profiles to load (default 1000).
+    pub limit: Option<u64>,
+    /// Users who logged in within this many days (default 7).
+    pub since_days: Option<u32>,
+}
+
+/// The outcome of a warming request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WarmResponse {
+    /// Profiles put in the cache.
+    pub cached: u64,
+    /// Another instance was warming at the same time: nothing was done.
+    pub locked_out: bool,
+}
+
+/// The outcome of an invalidation request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeletedResponse {
+    /// Cached values deleted.
+    pub deleted: u64,
+    /// The cache server was unreachable: the invalidation is pending and is
+    /// applied before this instance uses the cache again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deferred: bool,
+}
+
+/// Hit and miss counts of the whole fleet.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CacheMetrics {
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Reads that went to the database.
+    pub misses: u64,
+    /// `hits + misses`.
+    pub total: u64,
+    /// `hits / total` in percent, two decimals.
+    pub hit_rate: f64,
+}
+
+/// Warms the cache with recently active users.
+#[utoipa::path(
+    post, path = "/api/v1/admin/cache/warm", tag = "admin",
+    params(WarmQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Warming done", body = WarmResponse),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Admin role required", body = ErrorBody),
+        (status = 422, description = "Bad parameter", body = ErrorBody),
+        (status = 503, description = "Cache or database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn warm(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    QueryParams(q): QueryParams<WarmQuery>,
+) -> Result<Json<WarmResponse>, ApiError> {
+    caller.require_admin()?;
+    let limit = q.limit.unwrap_or(1000);
+    if limit > MAX_WARM_LIMIT {
+        return Err(ApiError::Unprocessable(format!(
+            "limit: at most {MAX_WARM_LIMIT}"
+        )));
+    }
+    let since_days = q.since_days.unwrap_or(7);
+    let service = s.service.clone();
+    // A run of its own: a client that disconnects or times out does not
+    // cancel warming halfway (and leave the fleet lock to expire).
+    let w = tokio::spawn(async move { service.warm(limit, since_days, None).await })
+        .await
+        .map_err(|_| ApiError::Internal)??;
+    Ok(Json(WarmResponse {
+        cached: w.cached,
+        locked_out: w.locked_out,
+    }))
+}
+
+/// Removes every cached profile.
+#[utoipa::path(
+    delete, path = "/api/v1/admin/cache/profiles", tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Profiles removed from the cache", body = DeletedResponse),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Admin role required", body = ErrorBody),
+        (status = 503, description = "Cache unavailable (the deletion is pending)", body = ErrorBody),
+    )
+)]
+pub async fn clear_profiles(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<DeletedResponse>, ApiError> {
+    caller.require_admin()?;
+    let deleted = s.service.invalidate_all_profiles().await?;
+    Ok(Json(DeletedResponse {
+        deleted,
+        deferred: false,
+    }))
+}
+
+/// Removes every cached entry of one user (profile, settings,
+/// preferences).
+#[utoipa::path(
+    delete, path = "/api/v1/admin/cache/users/{user_id}", tag = "admin",
+    params(("user_id" = uuid::Uuid, Path, description = "The user id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Entries removed from the cache", body = DeletedResponse),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Admin role required", body = ErrorBody),
+        (status = 422, description = "Malformed user id", body = ErrorBody),
+    )
+)]
+pub async fn clear_user(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    UserIdPath(id): UserIdPath,
+) -> Result<Json<DeletedResponse>, ApiError> {
+    caller.require_admin()?;
+    let r = s.service.invalidate_user(id).await?;
+    Ok(Json(DeletedResponse {
+        deleted: r.deleted,
+        deferred: r.deferred,
+    }))
+}
+
+/// Hit and miss counts of the whole fleet (the shared Redis counters).
+#[utoipa::path(
+    get, path = "/api/v1/admin/cache/metrics", tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Counters", body = CacheMetrics),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Admin role required", body = ErrorBody),
+    )
+)]
+pub async fn cache_metrics(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<CacheMetrics>, ApiError> {
+    caller.require_admin()?;
+    let st = s.service.stats().await;
+    Ok(Json(CacheMetrics {
+        hits: st.hits,
+        misses: st.misses,
+        total: st.total,
+        hit_rate: st.hit_rate,
+    }))
+}

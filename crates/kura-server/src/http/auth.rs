@@ -1,0 +1,383 @@
+//! Bearer tokens: HS256 with a shared secret, or RS256 against a JWKS.
+//!
+//! `exp` is required; `iss` and `aud` are checked when configured; roles
+//! come from a `roles` array claim. The algorithm is pinned per key kind, so
+//! `alg: none` and algorithm swaps (an RS256 public key used as an HS256
+//! secret) are rejected.
+//!
+//! JWKS keys are cached by `kid`; a token with an unknown `kid` triggers a
+//! refetch, at most once per minimum interval, so a flood of made-up key ids
+//! cannot turn into a flood of fetches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::config::AuthConfig;
+
+/// The role that may act on any user and use the admin routes.
+pub const ADMIN_ROLE: &str = "admin";
+
+/// The claims kura reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Roles (`admin`).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
+}
+
+/// Why a token was refused (all answered 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing bearer token")]
+    Missing,
+    /// Bad signature, algorithm, format or claims.
+    #[error("invalid token")]
+    Invalid,
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::Unauthorized(match e {
+            AuthError::Missing => "missing bearer token",
+            AuthError::Invalid => "invalid token",
+            AuthError::Expired => "token expired",
+        })
+    }
+}
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The `sub` claim.
+    pub sub: String,
+    /// `sub` as a user id, when it is a UUID.
+    pub user_id: Option<Uuid>,
+    /// Whether the caller has the `admin` role.
+    pub admin: bool,
+}
+
+impl Caller {
+    /// Allows the owner of `user_id` and admins.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::Forbidden`].
+    pub fn may_access(&self, user_id: &Uuid) -> Result<(), ApiError> {
+        if self.admin || self.user_id.as_ref() == Some(user_id) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("not allowed to access this profile"))
+        }
+    }
+
+    /// Allows admins only.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::Forbidden`].
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("admin role required"))
+        }
+    }
+
+    /// The caller's own user id.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::Unprocessable`] when `sub` is not a UUID.
+    pub fn own_id(&self) -> Result<Uuid, ApiError> {
+        self.user_id.ok_or_else(|| {
+            ApiError::Unprocessable("the token subject is not a user id (UUID)".into())
+        })
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or(AuthError::Missing)?;
+        Ok(state.auth.verify(token).await?)
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Token verification for the service.
+pub struct Auth {
+    hs: Option<(DecodingKey, Validation)>,
+    jwks: Option<Jwks>,
+    rs_validation: Validation,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("hs256", &self.hs.is_some())
+            .field("jwks", &self.jwks.as_ref().map(|j| &j.url))
+            .finish()
+    }
+}
+
+fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
+    let mut v = Validation::new(alg);
+    v.set_required_spec_claims(&["exp"]);
+    v.leeway = 30;
+    if let Some(iss) = &cfg.issuer {
+        v.set_issuer(&[iss]);
+        v.required_spec_claims.insert("iss".into());
+    }
+    match &cfg.audience {
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            v.required_spec_claims.insert("aud".into());
+        }
+        None => v.validate_aud = false,
+    }
+    v
+}
+
+impl Auth {
+    /// Verification as configured.
+    ///
+    /// # Errors
+    ///
+    /// When neither an HS256 secret nor a JWKS URL is configured.
+    pub fn new(cfg: &AuthConfig) -> anyhow::Result<Self> {
+        if cfg.jwt_secret.is_none() && cfg.jwks_url.is_none() {
+            anyhow::bail!(
+                "no token verification configured: set KURA_JWT_SECRET (HS256) or KURA_JWKS_URL (RS256), or run `kura serve --demo`"
+            );
+        }
+        let hs = cfg.jwt_secret.as_ref().map(|s| {
+            (
+                DecodingKey::from_secret(s.as_bytes()),
+                validation(Algorithm::HS256, cfg),
+            )
+        });
+        let jwks = match &cfg.jwks_url {
+            Some(url) => Some(Jwks::new(url.clone(), cfg.jwks_min_refresh)?),
+            None => None,
+        };
+        Ok(Self {
+            hs,
+            jwks,
+            rs_validation: validation(Algorithm::RS256, cfg),
+        })
+    }
+
+    /// Fetches the JWKS now (start-up), so the first request does not wait.
+    pub async fn prefetch(&self) {
+        if let Some(j) = &self.jwks {
+            j.refresh().await;
+        }
+    }
+
+    /// Verifies a token.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::Invalid`] or [`AuthError::Expired`].
+    pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let claims = match (&self.hs, &self.jwks) {
+            // HS256 only: one pass, the header's alg must be HS256.
+            (Some((key, v)), None) => decode(token, key, v)?,
+            (hs, Some(jwks)) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+                match (header.alg, hs) {
+                    (Algorithm::HS256, Some((key, v))) => decode(token, key, v)?,
+                    (Algorithm::RS256, _) => {
+                        let key = jwks
+                            .key(header.kid.as_deref())
+                            .await
+                            .ok_or(AuthError::Invalid)?;
+                        decode(token, &key, &self.rs_validation)?
+                    }
+                    _ => return Err(AuthError::Invalid),
+                }
+            }
+            (None, None) => return Err(AuthError::Invalid),
+        };
+        Ok(Caller {
+            user_id: Uuid::parse_str(&claims.sub).ok(),
+            admin: claims.roles.iter().any(|r| r == ADMIN_ROLE),
+            sub: claims.sub,
+        })
+    }
+}
+
+fn decode(token: &str, key: &DecodingKey, v: &Validation) -> Result<Claims, AuthError> {
+    match jsonwebtoken::decode::<Claims>(token, key, v) {
+        Ok(t) => Ok(t.claims),
+        Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthError::Expired),
+        Err(e) => {
+            tracing::debug!(error = %e, "token rejected");
+            Err(AuthError::Invalid)
+        }
+    }
+}
+
+/// Keys of a JWKS, by `kid`.
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, Arc<DecodingKey>>,
+    /// The key to use for tokens without `kid` when the set has exactly one.
+    only: Option<Arc<DecodingKey>>,
+}
+
+struct Jwks {
+    url: String,
+    client: reqwest::Client,
+    keys: RwLock<Arc<KeySet>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    min_interval: Duration,
+}
+
+impl Jwks {
+    fn new(url: String, min_interval: Duration) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            url,
+            client,
+            keys: RwLock::new(Arc::default()),
+            last_fetch: tokio::sync::Mutex::new(None),
+            min_interval,
+        })
+    }
+
+    fn lookup(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
+        let set = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match kid {
+            Some(k) => set.by_kid.get(k).cloned(),
+            None => set.only.clone(),
+        }
+    }
+
+    async fn key(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
+        if let Some(k) = self.lookup(kid) {
+            return Some(k);
+        }
+        self.refresh().await;
+        self.lookup(kid)
+    }
+
+    /// Refetches the set unless it was fetched within the minimum interval.
+    async fn refresh(&self) {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match self.fetch().await {
+            Ok(set) => {
+                tracing::info!(keys = set.by_kid.len(), url = %self.url, "JWKS loaded");
+                *self
+                    .keys
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+            }
+            Err(e) => tracing::warn!(error = %e, url = %self.url, "JWKS fetch failed"),
+        }
+    }
+
+    async fn fetch(&self) -> anyhow::Result<KeySet> {
+        let set: JwkSet = self
+            .client
+            .get(&self.url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let mut out = KeySet::default();
+        let mut usable = Vec::new();
+        for jwk in &set.keys {
+            match DecodingKey::from_jwk(jwk) {
+                Ok(k) => {
+                    let k = Arc::new(k);
+                    if let Some(kid) = &jwk.common.key_id {
+                        out.by_kid.insert(kid.clone(), k.clone());
+                    }
+                    usable.push(k);
+                }
+                Err(e) => tracing::debug!(error = %e, "JWKS key skipped"),
+            }
+        }
+        if usable.len() == 1 {
+            out.only = usable.pop();
+        }
+        Ok(out)
+    }
+}
+
+/// Signs an HS256 token for `sub` valid for `ttl` (what `kura token` and
+/// `kura serve --demo` print).
+///
+/// # Errors
+///
+/// When signing fails.
+pub fn sign_hs256(secret: &str, sub: &str, admin: bool, ttl: Duration) -> anyhow::Result<String> {
+    let exp = jsonwebtoken::get_current_timestamp() + ttl.as_secs();
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp,
+        roles: if admin {
+            vec![ADMIN_ROLE.to_owned()]
+        } else {
+            Vec::new()
+        },
+        iss: None,
+        aud: None,
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}

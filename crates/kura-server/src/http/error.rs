@@ -1,0 +1,165 @@
+//! HTTP errors: one variant per status, answered as `{"detail": "<message>"}`.
+//!
+//! Database and Redis details are logged here and never sent to clients.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::db::DbError;
+use crate::profiles::ServiceError;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub detail: String,
+}
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// 400 Bad Request: the request cannot be read.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401 Unauthorized: the bearer token is missing, invalid or expired.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403 Forbidden: the caller may not act on this resource.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 404 Not Found.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// 405 Method Not Allowed.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 409 Conflict: the profile already exists.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// 413 Payload Too Large: the body is over the limit (64 KiB).
+    #[error("request body is too large")]
+    PayloadTooLarge,
+    /// 422 Unprocessable Entity: unknown field, wrong type, invalid value or
+    /// malformed id.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 500 Internal Server Error (details logged).
+    #[error("internal error")]
+    Internal,
+    /// 501 Not Implemented.
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    /// 503 Service Unavailable: the database (or, for admin cache
+    /// operations, the cache server) cannot be reached.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// 504 Gateway Timeout: the request took longer than the request
+    /// timeout.
+    #[error("request timed out")]
+    Timeout,
+}
+
+impl ApiError {
+    /// The status answered.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// A JSON error body, built without a serializer round trip for the
+/// fixed messages.
+pub(crate) fn detail_response(status: StatusCode, detail: &str) -> Response {
+    let body = serde_json::to_vec(&ErrorBody {
+        detail: detail.to_owned(),
+    })
+    .unwrap_or_else(|_| b"{\"detail\":\"error\"}".to_vec());
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = detail_response(self.status(), &self.to_string());
+        if matches!(self, ApiError::Unauthorized(_)) {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+fn from_db(e: &DbError) -> ApiError {
+    let outage = matches!(
+        e,
+        DbError::Sqlx(
+            sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed
+        )
+    );
+    if outage {
+        tracing::error!(error = %e, "database unavailable");
+        ApiError::Unavailable("database unavailable")
+    } else {
+        tracing::error!(error = %e, "database error");
+        ApiError::Internal
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::NotFound => ApiError::NotFound("profile not found"),
+            ServiceError::AlreadyExists => ApiError::Conflict("profile already exists"),
+            ServiceError::Invalid(m) => ApiError::Unprocessable(m),
+            ServiceError::NotImplemented(m) => ApiError::NotImplemented(m),
+            ServiceError::Database(e) => from_db(&e),
+            ServiceError::Cache(kura::Error::Key(k)) => ApiError::Unprocessable(k.to_string()),
+            ServiceError::Cache(kura::Error::Source(s)) => {
+                // The library wraps the database error; report it by kind.
+                match s.downcast_ref::<DbError>() {
+                    Some(db) => from_db(db),
+                    None => {
+                        tracing::error!(error = %s, "source failed");
+                        ApiError::Unavailable("database unavailable")
+                    }
+                }
+            }
+            ServiceError::Cache(kura::Error::Unavailable(e)) => {
+                tracing::warn!(error = %e, "cache unavailable");
+                ApiError::Unavailable("cache unavailable")
+            }
+            ServiceError::Cache(e) => {
+                tracing::error!(error = %e, "cache error");
+                ApiError::Internal
+            }
+        }
+    }
+}

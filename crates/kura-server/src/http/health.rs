@@ -1,0 +1,119 @@
+//! Health, Prometheus metrics and the OpenAPI document. No token needed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+
+/// How long a health check waits for each dependency.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health report.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `healthy`; `degraded` when Redis is down (reads and writes go to the
+    /// database); `unhealthy` when the database is down.
+    pub status: &'static str,
+    /// `ok` or `down`.
+    pub database: &'static str,
+    /// `ok`, `down`, or `memory` when the embedded in-process store is used
+    /// instead of Redis.
+    pub redis: &'static str,
+}
+
+/// Checks the database and the cache server.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, description = "Healthy or degraded (Redis down)", body = Health),
+        (status = 503, description = "The database is down", body = Health),
+    )
+)]
+pub async fn health(State(s): State<Arc<AppState>>) -> Response {
+    let db = async {
+        match tokio::time::timeout(PROBE_TIMEOUT, s.service.db().ping()).await {
+            Ok(Ok(())) => "ok",
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "health: database down");
+                "down"
+            }
+            Err(_) => {
+                tracing::warn!("health: database did not answer");
+                "down"
+            }
+        }
+    };
+    let redis = async {
+        if s.memory_store {
+            return "memory";
+        }
+        match s.service.cache().ping().await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::warn!(error = %e, "health: redis down");
+                "down"
+            }
+        }
+    };
+    let (database, redis) = tokio::join!(db, redis);
+    let (code, status) = match (database, redis) {
+        ("ok", "down") => (StatusCode::OK, "degraded"),
+        ("ok", _) => (StatusCode::OK, "healthy"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
+    };
+    (
+        code,
+        Json(Health {
+            status,
+            database,
+            redis,
+        }),
+    )
+        .into_response()
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text", body = String, content_type = "text/plain"),
+        (status = 503, description = "No recorder installed in this process", body = ErrorBody),
+    )
+)]
+pub async fn metrics() -> Response {
+    match crate::telemetry::prometheus() {
+        Some(h) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::Unavailable("metrics recorder not installed").into_response(),
+    }
+}
+
+/// This document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
+)]
+pub async fn openapi(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        s.openapi.clone(),
+    )
+        .into_response()
+}

@@ -1,0 +1,419 @@
+//! The HTTP API (axum): routes, extractors, the request timeout, the
+//! OpenAPI document and the server handle.
+//!
+//! | route | who |
+//! |---|---|
+//! | `GET/PUT/DELETE /api/v1/profiles/{user_id}` | owner or `admin` |
+//! | `POST /api/v1/profiles` | the user named in the body, or `admin` |
+//! | `POST /api/v1/profiles/batch` | `admin` |
+//! | `GET/PUT /api/v1/profile` | the caller (JWT `sub`) |
+//! | `/api/v1/admin/cache/…` | `admin` |
+//! | `GET /healthz`, `GET /metrics`, `GET /openapi.json` | anyone |
+//!
+//! The hot path (`GET /api/v1/profiles/{id}` on a hit) is: one HS256
+//! verification, one Redis `GET`, and the cached JSON bytes sent as they
+//! are. The only middleware is the body limit and the request timeout.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod profiles;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use utoipa::OpenApi;
+use uuid::Uuid;
+
+use self::auth::Auth;
+use self::error::ApiError;
+use crate::app::App;
+use crate::config::Config;
+use crate::profiles::ProfileService;
+
+/// The response header that says where a read was answered from.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// The service layer.
+    pub service: ProfileService,
+    /// Token verification.
+    pub auth: Auth,
+    /// Whether the cache is the embedded memory store (health says
+    /// `"redis": "memory"`).
+    pub memory_store: bool,
+    /// The OpenAPI document, rendered once.
+    pub openapi: Bytes,
+}
+
+/// A JSON response from a value.
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            b,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "response does not serialize");
+            ApiError::Internal.into_response()
+        }
+    }
+}
+
+/// A JSON request body: over the limit → 413; anything that does not parse
+/// as `T` (syntax, unknown field, wrong type) → 422. The content type is not
+/// required.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(r.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::Unprocessable(format!("invalid request body: {e}")))
+    }
+}
+
+/// Query parameters; a bad value → 422.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| QueryParams(q))
+            .map_err(|r| ApiError::Unprocessable(r.body_text()))
+    }
+}
+
+/// The `{user_id}` path segment as a UUID; malformed → 422.
+#[derive(Debug, Clone, Copy)]
+pub struct UserIdPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError::Unprocessable(r.body_text()))?;
+        Uuid::parse_str(&raw)
+            .map(UserIdPath)
+            .map_err(|_| ApiError::Unprocessable(format!("user_id: {raw:?} is not a valid UUID")))
+    }
+}
+
+/// The OpenAPI document of the service.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "kura", description = "User profile service over a Redis cache (kura)."),
+    paths(
+        profiles::get_profile,
+        profiles::put_profile,
+        profiles::delete_profile,
+        profiles::create_profile,
+        profiles::batch,
+        profiles::get_own,
+        profiles::put_own,
+        admin::warm,
+        admin::clear_profiles,
+        admin::clear_user,
+        admin::cache_metrics,
+        health::health,
+        health::metrics,
+        health::openapi,
+    ),
+    components(schemas(error::ErrorBody)),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "profiles", description = "Profiles, read through the cache"),
+        (name = "admin", description = "Cache administration (admin role)"),
+        (name = "operations", description = "Health, metrics, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The router over `state`.
+pub fn router(state: Arc<AppState>, config: &Config) -> Router {
+    Router::new()
+        .route("/api/v1/profiles", post(profiles::create_profile))
+        .route("/api/v1/profiles/batch", post(profiles::batch))
+        .route(
+            "/api/v1/profiles/{user_id}",
+            get(profiles::get_profile)
+                .put(profiles::put_profile)
+                .delete(profiles::delete_profile),
+        )
+        .route(
+            "/api/v1/profile",
+            get(profiles::get_own).put(profiles::put_own),
+        )
+        .route("/api/v1/admin/cache/warm", post(admin::warm))
+        .route(
+            "/api/v1/admin/cache/profiles",
+            delete(admin::clear_profiles),
+        )
+        .route(
+            "/api/v1/admin/cache/users/{user_id}",
+            delete(admin::clear_user),
+        )
+        .route("/api/v1/admin/cache/metrics", get(admin::cache_metrics))
+        .route("/healthz", get(health::health))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(health::openapi))
+        .fallback(|| async { ApiError::NotFound("not found") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(RequestTimeoutLayer(config.request_timeout))
+        .with_state(state)
+}
+
+/// Answers 504 `{"detail": "request timed out"}` when the inner service
+/// takes longer than the limit. A plain future wrapper: no boxing, no extra
+/// task.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimeoutLayer(pub Duration);
+
+impl<S> tower::Layer<S> for RequestTimeoutLayer {
+    type Service = RequestTimeout<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestTimeout {
+            inner,
+            limit: self.0,
+        }
+    }
+}
+
+/// The service made by [`RequestTimeoutLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestTimeout<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for RequestTimeout<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        TimeoutFuture {
+            inner: self.inner.call(req),
+            sleep: tokio::time::sleep(self.limit),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`RequestTimeout`].
+    #[derive(Debug)]
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for TimeoutFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.inner.poll(cx) {
+            return Poll::Ready(r);
+        }
+        match this.sleep.poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!("request timed out");
+                Poll::Ready(Ok(ApiError::Timeout.into_response()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A running server: its address and a handle to stop it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+    grace: Duration,
+}
+
+impl Server {
+    /// The bound address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, with an unspecified listen address shown as
+    /// loopback.
+    #[must_use]
+    pub fn url(&self) -> String {
+        let mut a = self.addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{a}")
+    }
+
+    /// The service layer (for tests and embedding).
+    #[must_use]
+    pub fn service(&self) -> &ProfileService {
+        &self.state.service
+    }
+
+    /// Stops accepting connections, lets requests in flight finish (up to
+    /// the configured grace period), flushes the cache counters and closes
+    /// the database pool.
+    ///
+    /// # Errors
+    ///
+    /// When the server task failed.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(self.grace, &mut self.task).await {
+            Ok(r) => r??,
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "requests still running after the grace period: stopped");
+                self.task.abort();
+            }
+        }
+        let _ = self.state.service.cache().flush_metrics().await;
+        self.state.service.db().close().await;
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Opens the database and cache for `config` and starts serving.
+///
+/// # Errors
+///
+/// When the database cannot be opened or migrated, the token verification
+/// is not configured, or the address cannot be bound.
+pub async fn serve(config: Config) -> anyhow::Result<Server> {
+    let app = App::open(&config).await?;
+    serve_app(app, &config).await
+}
+
+/// Starts serving an opened [`App`]. Start-up warming, when configured,
+/// runs in the background after the listener is bound.
+///
+/// # Errors
+///
+/// When the token verification is not configured or the address cannot be
+/// bound.
+pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
+    let auth = Auth::new(&config.auth)?;
+    auth.prefetch().await;
+    let openapi = Bytes::from(ApiDoc::openapi().to_json()?);
+    let state = Arc::new(AppState {
+        service: app.service,
+        auth,
+        memory_store: app.memory_store,
+        openapi,
+    });
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let router = router(state.clone(), config);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, database = state.service.db().backend(), cache = if state.memory_store { "memory" } else { "redis" }, "listening");
+    if config.warm_on_start {
+        let service = state.service.clone();
+        let (limit, days) = (config.warm_limit, config.warm_since_days);
+        tokio::spawn(async move {
+            match service.warm(limit, days, None).await {
+                Ok(w) => tracing::info!(
+                    cached = w.cached,
+                    locked_out = w.locked_out,
+                    "start-up warming done"
+                ),
+                Err(e) => tracing::warn!(error = %e, "start-up warming failed"),
+            }
+        });
+    }
+    Ok(Server {
+        addr,
+        state,
+        stop: Some(stop),
+        task,
+        grace: config.shutdown_grace,
+    })
+}

@@ -1,0 +1,316 @@
+//! Profile routes.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use kura::Fetched;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::{AppState, JsonBody, QueryParams, UserIdPath, X_CACHE, json_response};
+use crate::config::WriteStrategy;
+use crate::model::{NewProfile, Profile, ProfilePatch};
+
+/// Most ids one batch request may name.
+pub const MAX_BATCH: usize = 1000;
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The answer to a read: the JSON bytes as the cache holds them (no second
+/// serialization), with `X-Cache`.
+fn fetched_response(f: &Fetched<Profile>) -> Response {
+    let cache = HeaderValue::from_static(f.status().as_str());
+    let body = match (f.json(), f.value()) {
+        (Some(json), _) => Body::from(json.clone()),
+        (None, Some(v)) => match serde_json::to_vec(v) {
+            Ok(b) => Body::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "profile does not serialize");
+                return ApiError::Internal.into_response();
+            }
+        },
+        (None, None) => {
+            let mut r = ApiError::NotFound("profile not found").into_response();
+            r.headers_mut().insert(X_CACHE, cache);
+            return r;
+        }
+    };
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON);
+    h.insert(X_CACHE, cache);
+    r
+}
+
+/// `?strategy=` of a profile update.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UpdateQuery {
+    /// `invalidate` (default unless configured otherwise), `through` or
+    /// `behind` (501 until write-behind exists).
+    pub strategy: Option<String>,
+}
+
+impl UpdateQuery {
+    fn strategy(&self) -> Result<Option<WriteStrategy>, ApiError> {
+        self.strategy
+            .as_deref()
+            .map(|s| {
+                WriteStrategy::parse(s).ok_or_else(|| {
+                    ApiError::Unprocessable(format!(
+                        "strategy: {s:?} is not one of invalidate, through, behind"
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Reads a profile through the cache.
+#[utoipa::path(
+    get, path = "/api/v1/profiles/{user_id}", tag = "profiles",
+    params(("user_id" = Uuid, Path, description = "The user id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile", body = Profile,
+         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"))),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
+        (status = 404, description = "No such profile", body = ErrorBody),
+        (status = 422, description = "Malformed user id", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn get_profile(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    UserIdPath(id): UserIdPath,
+) -> Result<Response, ApiError> {
+    caller.may_access(&id)?;
+    Ok(fetched_response(&s.service.get(&id).await?))
+}
+
+/// Reads the caller's own profile.
+#[utoipa::path(
+    get, path = "/api/v1/profile", tag = "profiles",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's profile", body = Profile,
+         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"))),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 404, description = "No profile", body = ErrorBody),
+        (status = 422, description = "The token subject is not a UUID", body = ErrorBody),
+    )
+)]
+pub async fn get_own(State(s): State<Arc<AppState>>, caller: Caller) -> Result<Response, ApiError> {
+    let id = caller.own_id()?;
+    Ok(fetched_response(&s.service.get(&id).await?))
+}
+
+async fn update(
+    s: &AppState,
+    id: Uuid,
+    q: &UpdateQuery,
+    patch: &ProfilePatch,
+) -> Result<Response, ApiError> {
+    let strategy = q.strategy()?;
+    let p = s.service.update(id, patch, strategy).await?;
+    Ok(json_response(StatusCode::OK, &p))
+}
+
+/// Updates a profile with any subset of its editable fields.
+#[utoipa::path(
+    put, path = "/api/v1/profiles/{user_id}", tag = "profiles",
+    params(("user_id" = Uuid, Path, description = "The user id"), UpdateQuery),
+    request_body = ProfilePatch,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile as it now stands", body = Profile),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
+        (status = 404, description = "No such profile", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Unknown field, wrong type or invalid value", body = ErrorBody),
+        (status = 501, description = "strategy=behind (not available yet)", body = ErrorBody),
+    )
+)]
+pub async fn put_profile(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    UserIdPath(id): UserIdPath,
+    QueryParams(q): QueryParams<UpdateQuery>,
+    JsonBody(patch): JsonBody<ProfilePatch>,
+) -> Result<Response, ApiError> {
+    caller.may_access(&id)?;
+    update(&s, id, &q, &patch).await
+}
+
+/// Updates the caller's own profile.
+#[utoipa::path(
+    put, path = "/api/v1/profile", tag = "profiles",
+    params(UpdateQuery),
+    request_body = ProfilePatch,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile as it now stands", body = Profile),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 404, description = "No profile", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Unknown field, wrong type or invalid value", body = ErrorBody),
+        (status = 501, description = "strategy=behind (not available yet)", body = ErrorBody),
+    )
+)]
+pub async fn put_own(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    QueryParams(q): QueryParams<UpdateQuery>,
+    JsonBody(patch): JsonBody<ProfilePatch>,
+) -> Result<Response, ApiError> {
+    let id = caller.own_id()?;
+    update(&s, id, &q, &patch).await
+}
+
+/// Creates a profile.
+#[utoipa::path(
+    post, path = "/api/v1/profiles", tag = "profiles",
+    request_body = NewProfile,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = Profile),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Neither the user nor an admin", body = ErrorBody),
+        (status = 409, description = "The user already has a profile", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Unknown field, wrong type or invalid value", body = ErrorBody),
+    )
+)]
+pub async fn create_profile(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    JsonBody(new): JsonBody<NewProfile>,
+) -> Result<Response, ApiError> {
+    caller.may_access(&new.user_id)?;
+    let p = s.service.create(&new).await?;
+    let mut r = json_response(StatusCode::CREATED, &p);
+    if let Ok(loc) = HeaderValue::from_str(&format!("/api/v1/profiles/{}", p.user_id)) {
+        r.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(r)
+}
+
+/// Deletes a profile and every cached entry of the user.
+#[utoipa::path(
+    delete, path = "/api/v1/profiles/{user_id}", tag = "profiles",
+    params(("user_id" = Uuid, Path, description = "The user id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
+        (status = 404, description = "No such profile", body = ErrorBody),
+        (status = 422, description = "Malformed user id", body = ErrorBody),
+    )
+)]
+pub async fn delete_profile(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    UserIdPath(id): UserIdPath,
+) -> Result<StatusCode, ApiError> {
+    caller.may_access(&id)?;
+    s.service.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/profiles/batch` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Up to 1000 user ids.
+    pub user_ids: Vec<String>,
+}
+
+/// `POST /api/v1/profiles/batch` answer (documentation shape; the body is
+/// assembled from the cached JSON without re-serializing it).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResponse {
+    /// The profiles found, in request order (duplicates answered once).
+    pub profiles: Vec<Profile>,
+    /// How many profiles were found.
+    pub count: usize,
+    /// Ids answered from the cache.
+    pub cache_hits: usize,
+    /// Ids loaded from the database.
+    pub cache_misses: usize,
+}
+
+/// Reads many profiles: one multi-get, one query for the misses, one
+/// pipelined fill.
+#[utoipa::path(
+    post, path = "/api/v1/profiles/batch", tag = "profiles",
+    request_body = BatchRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profiles found", body = BatchResponse),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Admin role required", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Malformed id or more than 1000 ids", body = ErrorBody),
+    )
+)]
+pub async fn batch(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    JsonBody(req): JsonBody<BatchRequest>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    if req.user_ids.len() > MAX_BATCH {
+        return Err(ApiError::Unprocessable(format!(
+            "user_ids: at most {MAX_BATCH} ids, got {}",
+            req.user_ids.len()
+        )));
+    }
+    let ids = req
+        .user_ids
+        .iter()
+        .map(|raw| {
+            Uuid::parse_str(raw).map_err(|_| {
+                ApiError::Unprocessable(format!("user_ids: {raw:?} is not a valid UUID"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let b = s.service.get_many(&ids).await?;
+    let mut out = BytesMut::with_capacity(64 + b.entries.len() * 400);
+    out.put_slice(b"{\"profiles\":[");
+    let mut count = 0usize;
+    for (_, f) in &b.entries {
+        let json: Bytes = match (f.json(), f.value()) {
+            (Some(j), _) => j.clone(),
+            (None, Some(v)) => serde_json::to_vec(v)
+                .map_err(|_| ApiError::Internal)?
+                .into(),
+            (None, None) => continue,
+        };
+        if count > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(&json);
+        count += 1;
+    }
+    out.put_slice(
+        format!(
+            "],\"count\":{count},\"cache_hits\":{},\"cache_misses\":{}}}",
+            b.hits, b.misses
+        )
+        .as_bytes(),
+    );
+    let mut r = Response::new(Body::from(out.freeze()));
+    r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    Ok(r)
+}

@@ -1,0 +1,64 @@
+//! The kura profile service and CLI: the seed's User API profile service,
+//! built on the `kura` cache library, over PostgreSQL or SQLite and Redis or
+//! an embedded memory store.
+//!
+//! # Layout
+//!
+//! Calls point downwards only:
+//!
+//! ```text
+//! main.rs (the `kura` binary: parse, then `run`)
+//!   cli.rs  commands.rs            the commands
+//!   http/{mod, auth, error, profiles, admin, health}.rs
+//!        │                         routes, JWT, errors, OpenAPI, server handle
+//!   profiles.rs                    service layer: every cache decision via `kura`
+//!   app.rs                         opens the database, the store, the TTL policy
+//!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
+//!   config.rs  telemetry.rs        flags and env, logs and Prometheus
+//! migrations/{postgres,sqlite}/    embedded with `sqlx::migrate!`
+//! ```
+//!
+//! The service holds no caching logic of its own: reads go through
+//! [`kura::CacheAside`], writes commit first and then call
+//! [`kura::WriteThrough`], deletes call [`kura::Cache::invalidate_entity`],
+//! and warming runs [`kura::Warmer`].
+//!
+//! # Embedding and tests
+//!
+//! [`serve`] starts the service for a [`Config`] and returns a [`Server`]
+//! with the bound address (listen on port 0 for any free port) and a
+//! graceful [`Server::shutdown`].
+
+pub mod app;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod model;
+pub mod profiles;
+pub mod seed;
+pub mod telemetry;
+
+pub use app::App;
+pub use cli::{Cli, Command};
+pub use config::{AuthConfig, Config, WriteStrategy};
+pub use http::{Server, serve, serve_app};
+
+/// Runs a parsed command line.
+///
+/// # Errors
+///
+/// Whatever the command fails with.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve(a) => commands::serve(a).await,
+        Command::Migrate(a) => commands::migrate(a).await,
+        Command::Seed(a) => commands::seed(a).await,
+        Command::Warm(a) => commands::warm(a).await,
+        Command::Invalidate(a) => commands::invalidate(a).await,
+        Command::Stats(a) => commands::stats(a).await,
+        Command::Token(a) => commands::token(&a),
+    }
+}

@@ -1,0 +1,311 @@
+//! The service layer: profile reads and writes, each cache decision made by
+//! the `kura` library.
+//!
+//! | operation | database | cache (library call) |
+//! |---|---|---|
+//! | read | `SELECT` on a miss | [`CacheAside::get`] |
+//! | batch read | one `WHERE user_id = ANY($1)` for the misses | [`CacheAside::get_many`] |
+//! | create | `INSERT … ON CONFLICT DO NOTHING` | [`WriteThrough::invalidate`] (drops a cached "not found") |
+//! | update, `invalidate` | `UPDATE … version = version + 1 … RETURNING` | [`WriteThrough::invalidate`] after commit |
+//! | update, `through` | same | [`WriteThrough::update`] after commit |
+//! | delete | `DELETE` | [`Cache::invalidate_entity`] (profile, settings, preferences) |
+//! | warm | users active in the last days | [`kura::Warmer`] |
+//!
+//! Cache failures never fail a read or a write: the library answers from the
+//! database and keeps failed invalidations until Redis is back.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use kura::{Batch, Cache, CacheAside, Fetched, Kind, Stats, WarmProgress, WriteThrough};
+use uuid::Uuid;
+
+use crate::config::WriteStrategy;
+use crate::db::{Db, DbError};
+use crate::model::{NewProfile, Profile, ProfilePatch};
+
+/// The types cached per user, all removed when the user is deleted.
+pub const USER_KINDS: [Kind; 3] = [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES];
+
+/// A service failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// No such profile.
+    #[error("profile not found")]
+    NotFound,
+    /// The user already has a profile.
+    #[error("profile already exists")]
+    AlreadyExists,
+    /// The request is well-formed but a value is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The operation is not implemented yet.
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The cache layer failed where the database cannot stand in (admin
+    /// operations that need the cache server).
+    #[error(transparent)]
+    Cache(kura::Error),
+}
+
+impl From<kura::Error> for ServiceError {
+    fn from(e: kura::Error) -> Self {
+        ServiceError::Cache(e)
+    }
+}
+
+/// The outcome of a warming run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Warmed {
+    /// Profiles put in the cache.
+    pub cached: u64,
+    /// The full counts.
+    pub progress: WarmProgress,
+    /// Another instance was warming: nothing was done.
+    pub locked_out: bool,
+}
+
+/// What an entity invalidation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Removed {
+    /// Cached values deleted.
+    pub deleted: u64,
+    /// Redis was unreachable: the invalidation is pending in this process.
+    pub deferred: bool,
+}
+
+/// Profile reads and writes through the cache.
+#[derive(Debug, Clone)]
+pub struct ProfileService {
+    db: Db,
+    cache: Cache,
+    profiles: CacheAside<Db>,
+    writes: WriteThrough,
+    strategy: WriteStrategy,
+}
+
+/// The cache key id of a user: the lowercase hyphenated UUID, written into
+/// a stack buffer (no allocation on the read path).
+#[must_use]
+pub fn key_id<'b>(id: &Uuid, buf: &'b mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &'b str {
+    id.hyphenated().encode_lower(buf)
+}
+
+impl ProfileService {
+    /// A service over `db` and `cache`. Build it after the metrics recorder
+    /// is installed: the library registers its metric handles here.
+    #[must_use]
+    pub fn new(db: Db, cache: Cache, strategy: WriteStrategy) -> Self {
+        let profiles = cache.aside(Kind::PROFILE, db.clone());
+        let writes = cache.write_through(Kind::PROFILE);
+        Self {
+            db,
+            cache,
+            profiles,
+            writes,
+            strategy,
+        }
+    }
+
+    /// The database.
+    #[must_use]
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The cache.
+    #[must_use]
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The default write strategy.
+    #[must_use]
+    pub fn strategy(&self) -> WriteStrategy {
+        self.strategy
+    }
+
+    /// Reads a profile through the cache.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Cache`] with [`kura::Error::Source`] when the database
+    /// fails and nothing usable is cached.
+    pub async fn get(&self, user_id: &Uuid) -> Result<Fetched<Profile>, ServiceError> {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        Ok(self.profiles.get(key_id(user_id, &mut buf)).await?)
+    }
+
+    /// Reads many profiles: one multi-get, one query for the misses, one
+    /// pipelined fill.
+    ///
+    /// # Errors
+    ///
+    /// As [`ProfileService::get`].
+    pub async fn get_many(&self, user_ids: &[Uuid]) -> Result<Batch<Profile>, ServiceError> {
+        let ids: Vec<String> = user_ids
+            .iter()
+            .map(|u| u.hyphenated().to_string())
+            .collect();
+        Ok(self.profiles.get_many(&ids).await?)
+    }
+
+    /// Creates a profile, then invalidates its key so that a cached "not
+    /// found" goes.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Invalid`], [`ServiceError::AlreadyExists`],
+    /// [`ServiceError::Database`].
+    pub async fn create(&self, new: &NewProfile) -> Result<Profile, ServiceError> {
+        new.validate().map_err(ServiceError::Invalid)?;
+        let profile = self
+            .db
+            .insert(new)
+            .await?
+            .ok_or(ServiceError::AlreadyExists)?;
+        self.after_commit(WriteStrategy::Invalidate, &profile).await;
+        Ok(profile)
+    }
+
+    /// Updates a profile with `strategy` (or the configured one) and returns
+    /// the committed row.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::NotImplemented`] for `behind`,
+    /// [`ServiceError::Invalid`], [`ServiceError::NotFound`],
+    /// [`ServiceError::Database`].
+    pub async fn update(
+        &self,
+        user_id: Uuid,
+        patch: &ProfilePatch,
+        strategy: Option<WriteStrategy>,
+    ) -> Result<Profile, ServiceError> {
+        let strategy = strategy.unwrap_or(self.strategy);
+        if strategy == WriteStrategy::Behind {
+            return Err(ServiceError::NotImplemented(
+                "the write-behind strategy is not available yet",
+            ));
+        }
+        patch.validate().map_err(ServiceError::Invalid)?;
+        if patch.is_empty() {
+            // Nothing to write: answer with the row as it stands.
+            return self.db.fetch(user_id).await?.ok_or(ServiceError::NotFound);
+        }
+        let profile = self
+            .db
+            .update(user_id, patch)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        self.after_commit(strategy, &profile).await;
+        Ok(profile)
+    }
+
+    /// The cache step after a commit. The library never fails it for a
+    /// cache outage (it defers the invalidation), so only a key error could
+    /// surface, and a parsed UUID is always a valid key.
+    async fn after_commit(&self, strategy: WriteStrategy, profile: &Profile) {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = key_id(&profile.user_id, &mut buf);
+        let r = match strategy {
+            WriteStrategy::Through => self.writes.update(id, profile).await,
+            _ => self.writes.invalidate(id).await,
+        };
+        match r {
+            Ok(outcome) => tracing::debug!(user_id = id, ?outcome, "cache after commit"),
+            Err(e) => tracing::error!(user_id = id, error = %e, "cache step after commit failed"),
+        }
+    }
+
+    /// Deletes a profile and every cached entry of the user.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::NotFound`], [`ServiceError::Database`].
+    pub async fn delete(&self, user_id: Uuid) -> Result<(), ServiceError> {
+        if !self.db.delete(user_id).await? {
+            return Err(ServiceError::NotFound);
+        }
+        self.invalidate_user(user_id).await?;
+        Ok(())
+    }
+
+    /// Removes every cached entry of a user (profile, settings,
+    /// preferences).
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Cache`] only for an id that cannot be a key.
+    pub async fn invalidate_user(&self, user_id: Uuid) -> Result<Removed, ServiceError> {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let r = self
+            .cache
+            .invalidate_entity(key_id(&user_id, &mut buf), &USER_KINDS)
+            .await?;
+        Ok(Removed {
+            deleted: r.deleted,
+            deferred: r.deferred,
+        })
+    }
+
+    /// Removes every cached profile (`SCAN` + `UNLINK`).
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Cache`] when the cache server cannot be reached.
+    pub async fn invalidate_all_profiles(&self) -> Result<u64, ServiceError> {
+        Ok(self.cache.invalidate_all(Kind::PROFILE).await?)
+    }
+
+    /// Removes the cached entries matching a key glob such as
+    /// `cache:profile:*` (profile, settings or preferences keys).
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Cache`] for a glob naming no user type, or when the
+    /// cache server cannot be reached.
+    pub async fn invalidate_glob(&self, glob: &str) -> Result<u64, ServiceError> {
+        Ok(self.cache.invalidate_glob(glob, &USER_KINDS).await?)
+    }
+
+    /// Warms the cache with the profiles of users who logged in within
+    /// `since_days`, at most `limit`, most recent first.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Database`] when the users cannot be listed;
+    /// [`ServiceError::Cache`] when the cache server cannot be reached.
+    pub async fn warm(
+        &self,
+        limit: u64,
+        since_days: u32,
+        on_progress: Option<Box<dyn Fn(WarmProgress, u64) + Send + Sync>>,
+    ) -> Result<Warmed, ServiceError> {
+        let since = Utc::now() - Duration::from_secs(u64::from(since_days) * 86_400);
+        let ids = self.db.active_user_ids(since, limit).await?;
+        let total = ids.len() as u64;
+        let mut warmer = self.profiles.warmer().batch_size(200).concurrency(4);
+        if let Some(f) = on_progress {
+            warmer = warmer.on_progress(move |p| f(p, total));
+        }
+        let ids = futures::stream::iter(ids.into_iter().map(|u| u.hyphenated().to_string()));
+        let report = warmer.run(ids).await?;
+        Ok(Warmed {
+            cached: report.progress.cached,
+            progress: report.progress,
+            locked_out: report.locked_out,
+        })
+    }
+
+    /// Fleet-wide hit and miss counts.
+    pub async fn stats(&self) -> Stats {
+        self.cache.stats().await
+    }
+}

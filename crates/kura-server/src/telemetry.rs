@@ -1,0 +1,64 @@
+//! Logs (`tracing`, text or JSON) and the Prometheus recorder.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`), lines
+/// go to stderr. A second call (tests) is ignored.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Latency buckets in seconds, from 50 µs (a hit) to 5 s.
+const BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
+
+/// The process's Prometheus handle, installing the recorder on first use.
+///
+/// The library registers its metric handles when strategy handles are made,
+/// so this must run before them. It installs at most once per process;
+/// `None` when another recorder was installed first (then `/metrics` says
+/// so).
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = match PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .map(|b| b.install_recorder())
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!(error = %e, "prometheus recorder not installed");
+                    return None;
+                }
+            };
+            let upkeep = builder.clone();
+            // Histograms are drained by upkeep; a plain thread keeps it off
+            // the request runtime and independent of which runtime runs.
+            let _ = std::thread::Builder::new()
+                .name("kura-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
+            Some(builder)
+        })
+        .as_ref()
+}
