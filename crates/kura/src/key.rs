@@ -16,6 +16,7 @@
 //! | `cache:~l:profile:<id>` | the load lease (owner token) |
 //! | `cache:~s:profile:<id>` | the stale copy served when the source fails |
 //! | `cache:~n:profile:<id>` | the "not found" marker (penetration guard) |
+//! | `cache:~p:profile:<id>` | a write-behind write not yet in the database (no TTL) |
 //!
 //! With Redis Cluster the id is wrapped in a hash tag (`cache:profile:{<id>}`)
 //! so that an entry's keys share one slot; that is the one difference in the
@@ -213,6 +214,7 @@ pub(crate) enum Companion {
     Lease,
     Stale,
     Absent,
+    Pending,
 }
 
 impl Companion {
@@ -221,6 +223,7 @@ impl Companion {
             Companion::Lease => "~l:",
             Companion::Stale => "~s:",
             Companion::Absent => "~n:",
+            Companion::Pending => "~p:",
         }
     }
 }
@@ -293,6 +296,7 @@ impl KeyBuilder {
             lease: build(Some(Companion::Lease)),
             stale: build(Some(Companion::Stale)),
             absent: build(Some(Companion::Absent)),
+            pending: build(Some(Companion::Pending)),
         }
     }
 
@@ -409,13 +413,21 @@ pub struct EntryKeys {
     pub stale: String,
     /// The "not found" marker.
     pub absent: String,
+    /// A write-behind write not yet in the database.
+    pub pending: String,
 }
 
 impl EntryKeys {
-    /// The four keys in the order the store scripts take them.
+    /// The five keys in the order the store scripts take them.
     #[must_use]
-    pub fn as_array(&self) -> [&str; 4] {
-        [&self.value, &self.lease, &self.stale, &self.absent]
+    pub fn as_array(&self) -> [&str; 5] {
+        [
+            &self.value,
+            &self.lease,
+            &self.stale,
+            &self.absent,
+            &self.pending,
+        ]
     }
 }
 
@@ -466,7 +478,7 @@ impl KeyPattern {
         let rest = key
             .strip_prefix(self.builder.namespace.as_str())?
             .strip_prefix(':')?;
-        let rest = ["~l:", "~s:", "~n:"]
+        let rest = ["~l:", "~s:", "~n:", "~p:"]
             .iter()
             .find_map(|t| rest.strip_prefix(t))
             .unwrap_or(rest);

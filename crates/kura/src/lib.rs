@@ -12,7 +12,7 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside, write_through}   invalidation   warming
+//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
 //!        │                                    │             │
 //!        └──────────────── cache (Cache: breaker, timeouts, pending invalidations, counters)
 //!                              │
@@ -26,7 +26,7 @@
 //! - [`store`]: the seam to the cache server ([`Store`]) and its Redis and
 //!   in-process implementations, which pass one conformance suite.
 //! - [`Cache`]: the shared core every strategy handle works through.
-//! - [`strategy`]: [`CacheAside`] and [`WriteThrough`].
+//! - [`strategy`]: [`CacheAside`], [`WriteThrough`] and [`WriteBehind`] (with its [`Flusher`]).
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
@@ -39,6 +39,7 @@
 //! | write-through `invalidate` | after it returns, no reader gets the pre-commit value from the cache (or, with Redis down, from this process once it is back) |
 //! | write-through `update` | the cache holds the committed version, a newer one, or nothing; never an older one |
 //! | invalidation | deletes value, lease and stale copy; patterns by `SCAN COUNT 100`, never `KEYS` |
+//! | write-behind | every acknowledged write reaches the database (version-guarded, coalesced, batched) or the dead-letter stream; until then every read sees it |
 //! | warming | never overwrites a cached value, never caches a row older than a concurrent write; one instance per fleet at a time |
 //!
 //! # Failure modes
@@ -103,6 +104,9 @@ pub use key::{KeyError, Kind};
 pub use metrics::Stats;
 pub use source::{CacheValue, Source, Versioned};
 pub use store::Store;
-pub use strategy::{Batch, CacheAside, Fetched, Status, WriteOutcome, WriteThrough};
+pub use strategy::{
+    Applied, Batch, BehindError, BehindLimits, CacheAside, Fetched, Flusher, Sink, Status,
+    WriteBehind, WriteOutcome, WriteThrough,
+};
 pub use ttl::{Adaptive, TtlPolicy, TypePolicy};
 pub use warming::{WarmItem, WarmProgress, WarmReport, Warmer};

@@ -266,6 +266,7 @@ impl<S: Source> Warmer<S> {
                 keys,
                 token: &token,
                 lease_ttl: c.lease_ttl,
+                value_ttl: policy.ttl,
             })
             .collect();
         let acquired = c

@@ -10,8 +10,8 @@ use kura::Kind;
 use kura::codec;
 use kura::key::{EntryKeys, KeyBuilder};
 use kura::store::{
-    AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue, Lifetimes, UpdateOutcome,
-    UpdateRequest,
+    AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue,
+    Lifetimes, QueueKeys, Settled, UpdateOutcome, UpdateRequest,
 };
 use support::{Backend, Row, cleanup, ns};
 
@@ -46,6 +46,7 @@ fn acq<'a>(e: &'a EntryKeys, token: &'a str) -> AcquireRequest<'a> {
         keys: e,
         token,
         lease_ttl: Duration::from_secs(5),
+        value_ttl: Duration::from_secs(60),
     }
 }
 
@@ -267,6 +268,7 @@ async fn lease_expires(b: Backend) {
         keys: &e,
         token: "A",
         lease_ttl: Duration::from_millis(100),
+        value_ttl: Duration::from_secs(60),
     };
     s.acquire(&[short]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -456,7 +458,174 @@ async fn foreign_values_without_version_are_replaceable(b: Backend) {
     cleanup(&ns).await;
 }
 
+fn queue(ns: &str) -> QueueKeys {
+    QueueKeys {
+        stream: format!("{ns}:~wb:profile"),
+        dead: format!("{ns}:~wb:profile:dead"),
+        group: "kura".into(),
+    }
+}
+
+fn accept_req<'a>(
+    e: &'a EntryKeys,
+    q: &'a QueueKeys,
+    expected: u64,
+    name: &str,
+    version: u64,
+) -> AcceptRequest<'a> {
+    AcceptRequest {
+        keys: e,
+        queue: q,
+        id: "u1",
+        expected_version: expected,
+        bytes: envelope(name, version),
+        version,
+        lifetimes: life(100, 0),
+        max_depth: 0,
+        max_age: Duration::ZERO,
+    }
+}
+
+async fn accept_is_compare_and_set_and_durable(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let q = queue(&ns);
+    // A load in flight is voided by the accept.
+    s.acquire(&[acq(&e, "L")]).await.unwrap();
+    let out = s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    let out = s
+        .fill(&[fill_req(&e, "L", envelope("v1", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    // Based on a stale version: refused with the current one.
+    let out = s.accept(&accept_req(&e, &q, 1, "other", 2)).await.unwrap();
+    assert_eq!(out, AcceptOutcome::Conflict { current: 2 });
+    let out = s.accept(&accept_req(&e, &q, 2, "v3", 3)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }));
+    // The value expires (100 ms) and is invalidated; the pending copy is
+    // still read, and put back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.invalidate(&[&e]).await.unwrap();
+    match &s.acquire(&[acq(&e, "R")]).await.unwrap()[0] {
+        Acquired::Value(v) => assert_eq!(name_of(v), "v3"),
+        other => panic!("expected the pending value, got {other:?}"),
+    }
+    assert_eq!(
+        name_of(&s.get(&e.value, None).await.unwrap().unwrap()),
+        "v3"
+    );
+    let copies = s.pending_copies(&[&e]).await.unwrap();
+    assert_eq!(name_of(copies[0].as_ref().unwrap()), "v3");
+    let stats = s.queue_stats(&q).await.unwrap();
+    assert_eq!(stats.depth, 2);
+    cleanup(&ns).await;
+}
+
+async fn queue_delivers_reclaims_and_acknowledges(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let q = queue(&ns);
+    s.accept(&accept_req(&e, &q, 0, "v1", 1)).await.unwrap();
+    s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
+    let got = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].id.as_str(), got[0].version), ("u1", 1));
+    assert_eq!(got[1].version, 2);
+    assert!(got[0].added_ms() > 0);
+    // Delivered once: a second read finds nothing new.
+    let none = s
+        .queue_read(&q, "c2", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(s.queue_stats(&q).await.unwrap().in_flight, 2);
+    // Not idle long enough yet, then reclaimed by another consumer.
+    assert!(
+        s.queue_claim(&q, "c2", Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let claimed = s
+        .queue_claim(&q, "c2", Duration::from_millis(100), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    // Settling an older version keeps the newer pending copy.
+    let ids: Vec<String> = claimed.iter().map(|c| c.entry_id.clone()).collect();
+    s.queue_ack(
+        &q,
+        &[Settled {
+            keys: &e,
+            version: 1,
+            entry_ids: &ids[..1],
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_some());
+    s.queue_ack(
+        &q,
+        &[Settled {
+            keys: &e,
+            version: 2,
+            entry_ids: &ids[1..],
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_none());
+    let st = s.queue_stats(&q).await.unwrap();
+    assert_eq!((st.depth, st.in_flight), (0, 0));
+    cleanup(&ns).await;
+}
+
+async fn dead_letters_drop_the_write(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&ns, "u1");
+    let q = queue(&ns);
+    s.accept(&accept_req(&e, &q, 0, "bad", 1)).await.unwrap();
+    let got = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    let ids = vec![got[0].entry_id.clone()];
+    let settled = Settled {
+        keys: &e,
+        version: 1,
+        entry_ids: &ids,
+    };
+    s.queue_dead_letter(&q, &[(settled, "constraint failed", envelope("bad", 1))])
+        .await
+        .unwrap();
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_none());
+    assert_eq!(
+        s.get(&e.value, None).await.unwrap(),
+        None,
+        "no longer served"
+    );
+    let st = s.queue_stats(&q).await.unwrap();
+    assert_eq!((st.depth, st.dead_letters), (0, 1));
+    let dead = s.dead_letters(&q, 5).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id.as_str(), dead[0].version), ("u1", 1));
+    assert_eq!(dead[0].error, "constraint failed");
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    accept_is_compare_and_set_and_durable,
+    queue_delivers_reclaims_and_acknowledges,
+    dead_letters_drop_the_write,
     lease_is_exclusive_and_reentrant,
     fill_lands_only_under_the_lease,
     invalidation_voids_the_lease,

@@ -1,7 +1,7 @@
 //! The in-process store: the same entry protocol as the Redis scripts,
 //! bounded in bytes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -12,8 +12,9 @@ use indexmap::IndexMap;
 use rand::Rng;
 
 use super::{
-    AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue, Store, StoreResult,
-    UpdateOutcome, UpdateRequest, version_newer,
+    AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, FillOutcome, FillRequest,
+    FillValue, QueueEntry, QueueKeys, QueueStats, Settled, Store, StoreResult, UpdateOutcome,
+    UpdateRequest, version_newer,
 };
 use crate::codec::peek_version;
 use crate::key::{EntryKeys, KeyPattern};
@@ -43,6 +44,8 @@ struct Slot {
     lease: Option<Timed<Box<str>>>,
     stale: Option<Timed<Bytes>>,
     absent: Option<Instant>,
+    /// A write-behind write not yet in the database: no TTL, never evicted.
+    pending: Option<Bytes>,
     /// Coarse last-access time (seconds since the store started), for LRU.
     touched: u32,
 }
@@ -68,6 +71,19 @@ impl Slot {
             && self.lease.is_none()
             && self.stale.is_none()
             && self.absent.is_none()
+            && self.pending.is_none()
+    }
+
+    /// Drops everything an invalidation drops: all but the pending copy.
+    fn invalidate(&mut self) -> bool {
+        let had = self.value.is_some();
+        let pending = self.pending.take();
+        *self = Slot {
+            pending,
+            touched: self.touched,
+            ..Slot::default()
+        };
+        had
     }
 
     fn size(&self, key: &str) -> usize {
@@ -76,6 +92,7 @@ impl Slot {
             + self.value.as_ref().map_or(0, |t| t.v.len())
             + self.stale.as_ref().map_or(0, |t| t.v.len())
             + self.lease.as_ref().map_or(0, |t| t.v.len())
+            + self.pending.as_ref().map_or(0, Bytes::len)
     }
 }
 
@@ -166,18 +183,25 @@ impl Shard {
     }
 
     /// Evicts approximately least recently used entries until under `cap`.
+    /// Entries holding a pending write-behind copy are never evicted.
     fn evict(&mut self, cap: usize) {
         let mut rng = rand::rng();
-        while self.bytes > cap && !self.slots.is_empty() {
-            let mut victim = rng.random_range(0..self.slots.len());
-            for _ in 1..EVICTION_SAMPLES.min(self.slots.len()) {
+        let mut attempts = 0;
+        while self.bytes > cap && !self.slots.is_empty() && attempts < 64 {
+            attempts += 1;
+            let mut victim: Option<usize> = None;
+            for _ in 0..EVICTION_SAMPLES.min(self.slots.len()) {
                 let i = rng.random_range(0..self.slots.len());
-                if self.slots[i].touched < self.slots[victim].touched {
-                    victim = i;
+                if self.slots[i].pending.is_some() {
+                    continue;
+                }
+                if victim.is_none_or(|v| self.slots[i].touched < self.slots[v].touched) {
+                    victim = Some(i);
                 }
             }
-            if let Some((k, slot)) = self.slots.swap_remove_index(victim) {
+            if let Some((k, slot)) = victim.and_then(|v| self.slots.swap_remove_index(v)) {
                 self.bytes = self.bytes.saturating_sub(slot.size(&k));
+                attempts = 0;
             }
         }
     }
@@ -211,6 +235,65 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     cap_per_shard: usize,
     started: Instant,
+    queues: Mutex<HashMap<String, MemQueue>>,
+    queued: tokio::sync::Notify,
+}
+
+type EntryId = (u64, u64);
+
+fn id_string((ms, seq): EntryId) -> String {
+    format!("{ms}-{seq}")
+}
+
+fn parse_id(s: &str) -> Option<EntryId> {
+    let (ms, seq) = s.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A stream with one consumer group, as the write-behind queue uses it.
+#[derive(Debug, Default)]
+struct MemQueue {
+    last: EntryId,
+    entries: BTreeMap<EntryId, (String, u64)>,
+    /// The group's last delivered id.
+    delivered: EntryId,
+    /// Delivered, not acknowledged: consumer and delivery time.
+    in_flight: BTreeMap<EntryId, (String, Instant)>,
+    dead: Vec<DeadLetter>,
+}
+
+impl MemQueue {
+    fn push(&mut self, id: &str, version: u64) -> String {
+        let ms = epoch_ms();
+        let next = if ms > self.last.0 {
+            (ms, 0)
+        } else {
+            (self.last.0, self.last.1 + 1)
+        };
+        self.last = next;
+        self.entries.insert(next, (id.to_owned(), version));
+        id_string(next)
+    }
+
+    fn oldest_age_ms(&self) -> u64 {
+        self.entries
+            .keys()
+            .next()
+            .map_or(0, |(ms, _)| epoch_ms().saturating_sub(*ms))
+    }
+
+    fn remove(&mut self, ids: &[String]) {
+        for id in ids.iter().filter_map(|s| parse_id(s)) {
+            self.entries.remove(&id);
+            self.in_flight.remove(&id);
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -241,6 +324,8 @@ impl MemoryStore {
                 shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
                 cap_per_shard: (max_bytes / n).max(1),
                 started: Instant::now(),
+                queues: Mutex::new(HashMap::new()),
+                queued: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -273,7 +358,7 @@ impl MemoryStore {
     }
 }
 
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave a slot half-written (each
     // step assigns whole fields), so a poisoned shard is still consistent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -323,6 +408,10 @@ impl Store for MemoryStore {
                 self.step(r.keys, |slot, now| {
                     if let Some(v) = &slot.value {
                         return Acquired::Value(v.v.clone());
+                    }
+                    if let Some(p) = slot.pending.clone() {
+                        slot.value = Some(timed(p.clone(), now, r.value_ttl));
+                        return Acquired::Value(p);
                     }
                     if slot.absent.is_some() {
                         return Acquired::Absent;
@@ -411,11 +500,7 @@ impl Store for MemoryStore {
     async fn invalidate(&self, entries: &[&EntryKeys]) -> StoreResult<u64> {
         let mut n = 0;
         for keys in entries {
-            n += self.step(keys, |slot, _| {
-                let had = u64::from(slot.value.is_some());
-                *slot = Slot::default();
-                had
-            });
+            n += self.step(keys, |slot, _| u64::from(slot.invalidate()));
         }
         Ok(n)
     }
@@ -430,10 +515,11 @@ impl Store for MemoryStore {
                 if !pattern.matches_value_key(k) {
                     return true;
                 }
-                freed += slot.size(k);
+                let before = slot.size(k);
                 slot.expire(now);
-                n += u64::from(slot.value.is_some());
-                false
+                n += u64::from(slot.invalidate());
+                freed += before - slot.size(k);
+                !slot.is_empty()
             });
             shard.bytes = shard.bytes.saturating_sub(freed);
         }
@@ -525,6 +611,216 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
+    }
+
+    async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
+        let queues = &self.inner.queues;
+        let out = self.step(req.keys, |slot, now| {
+            let cur = slot.pending.as_ref().or(slot.value.as_ref().map(|t| &t.v));
+            if let Some(cur) = cur {
+                let cv = peek_version(cur).unwrap_or(0);
+                if cv != req.expected_version {
+                    return AcceptOutcome::Conflict { current: cv };
+                }
+            }
+            let mut qs = lock(queues);
+            let q = qs.entry(req.queue.stream.clone()).or_default();
+            let depth = q.entries.len() as u64;
+            let age = q.oldest_age_ms();
+            if (req.max_depth > 0 && depth >= req.max_depth)
+                || (!req.max_age.is_zero() && depth > 0 && age >= req.max_age.as_millis() as u64)
+            {
+                return AcceptOutcome::Full {
+                    depth,
+                    oldest_age: Duration::from_millis(age),
+                };
+            }
+            slot.lease = None;
+            slot.absent = None;
+            slot.value = Some(timed(req.bytes.clone(), now, req.lifetimes.ttl));
+            slot.stale = (!req.lifetimes.stale_ttl.is_zero())
+                .then(|| timed(req.bytes.clone(), now, req.lifetimes.stale_ttl));
+            slot.pending = Some(req.bytes.clone());
+            AcceptOutcome::Accepted {
+                entry_id: q.push(req.id, req.version),
+            }
+        });
+        if matches!(out, AcceptOutcome::Accepted { .. }) {
+            self.inner.queued.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn pending_copies(&self, entries: &[&EntryKeys]) -> StoreResult<Vec<Option<Bytes>>> {
+        let now = Instant::now();
+        let tick = self.tick(now);
+        Ok(entries
+            .iter()
+            .map(|e| {
+                let mut shard = self.shard(&e.value);
+                shard
+                    .peek(&e.value, now, tick)
+                    .and_then(|slot| slot.pending.clone())
+            })
+            .collect())
+    }
+
+    async fn queue_read(
+        &self,
+        queue: &QueueKeys,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        let deadline = Instant::now() + block;
+        loop {
+            // Register interest before looking, so an accept between the
+            // look and the wait is not missed.
+            let notified = self.inner.queued.notified();
+            {
+                let mut qs = lock(&self.inner.queues);
+                let q = qs.entry(queue.stream.clone()).or_default();
+                let from = q.delivered;
+                let got: Vec<(EntryId, (String, u64))> = q
+                    .entries
+                    .range((std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded))
+                    .take(count)
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect();
+                if let Some((last, _)) = got.last() {
+                    q.delivered = *last;
+                    let now = Instant::now();
+                    for (k, _) in &got {
+                        q.in_flight.insert(*k, (consumer.to_owned(), now));
+                    }
+                    return Ok(got
+                        .into_iter()
+                        .map(|(k, (id, version))| QueueEntry {
+                            entry_id: id_string(k),
+                            id,
+                            version,
+                        })
+                        .collect());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    async fn queue_claim(
+        &self,
+        queue: &QueueKeys,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        let mut qs = lock(&self.inner.queues);
+        let q = qs.entry(queue.stream.clone()).or_default();
+        let now = Instant::now();
+        let idle: Vec<EntryId> = q
+            .in_flight
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) >= min_idle)
+            .map(|(k, _)| *k)
+            .take(count)
+            .collect();
+        let mut out = Vec::new();
+        for k in idle {
+            match q.entries.get(&k) {
+                Some((id, version)) => {
+                    out.push(QueueEntry {
+                        entry_id: id_string(k),
+                        id: id.clone(),
+                        version: *version,
+                    });
+                    q.in_flight.insert(k, (consumer.to_owned(), now));
+                }
+                None => {
+                    q.in_flight.remove(&k);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn queue_ack(&self, queue: &QueueKeys, done: &[Settled<'_>]) -> StoreResult<()> {
+        for d in done {
+            self.step(d.keys, |slot, _| {
+                if slot.pending.as_ref().and_then(|p| peek_version(p)) == Some(d.version) {
+                    slot.pending = None;
+                }
+            });
+        }
+        let mut qs = lock(&self.inner.queues);
+        let q = qs.entry(queue.stream.clone()).or_default();
+        for d in done {
+            q.remove(d.entry_ids);
+        }
+        Ok(())
+    }
+
+    async fn queue_dead_letter(
+        &self,
+        queue: &QueueKeys,
+        letters: &[(Settled<'_>, &str, Bytes)],
+    ) -> StoreResult<()> {
+        for (d, ..) in letters {
+            self.step(d.keys, |slot, _| {
+                if slot.pending.as_ref().and_then(|p| peek_version(p)) == Some(d.version) {
+                    slot.pending = None;
+                    slot.value = None;
+                    slot.stale = None;
+                    slot.lease = None;
+                }
+            });
+        }
+        let mut qs = lock(&self.inner.queues);
+        let q = qs.entry(queue.stream.clone()).or_default();
+        for (d, error, value) in letters {
+            let id = d
+                .keys
+                .value
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let entry_id = q.push(&id, d.version);
+            // Dead letters live apart from the queue itself.
+            q.entries.remove(&parse_id(&entry_id).unwrap_or_default());
+            q.dead.push(DeadLetter {
+                entry_id,
+                id,
+                version: d.version,
+                error: (*error).to_owned(),
+                value: String::from_utf8_lossy(value).into_owned(),
+            });
+            q.remove(d.entry_ids);
+        }
+        Ok(())
+    }
+
+    async fn queue_stats(&self, queue: &QueueKeys) -> StoreResult<QueueStats> {
+        let qs = lock(&self.inner.queues);
+        Ok(qs
+            .get(&queue.stream)
+            .map_or_else(QueueStats::default, |q| QueueStats {
+                depth: q.entries.len() as u64,
+                oldest_age_ms: q.oldest_age_ms(),
+                in_flight: q.in_flight.len() as u64,
+                dead_letters: q.dead.len() as u64,
+            }))
+    }
+
+    async fn dead_letters(&self, queue: &QueueKeys, count: usize) -> StoreResult<Vec<DeadLetter>> {
+        let qs = lock(&self.inner.queues);
+        Ok(qs
+            .get(&queue.stream)
+            .map(|q| q.dead.iter().rev().take(count).cloned().collect())
+            .unwrap_or_default())
     }
 
     fn describe(&self) -> &'static str {

@@ -70,6 +70,9 @@ pub struct AcquireRequest<'a> {
     pub token: &'a str,
     /// How long the lease lives if its holder never fills.
     pub lease_ttl: Duration,
+    /// TTL to give the value key when a pending write-behind value is put
+    /// back in place.
+    pub value_ttl: Duration,
 }
 
 /// What a lease holder puts in the cache.
@@ -135,6 +138,17 @@ pub struct UpdateRequest<'a> {
     pub lifetimes: Lifetimes,
 }
 
+/// Queue entries of one entity that a flusher is done with.
+#[derive(Debug, Clone)]
+pub struct Settled<'a> {
+    /// The entry.
+    pub keys: &'a EntryKeys,
+    /// The version the database now has (or that was given up).
+    pub version: u64,
+    /// The queue entries to acknowledge.
+    pub entry_ids: &'a [String],
+}
+
 /// What an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -145,6 +159,132 @@ pub enum UpdateOutcome {
     NotCached,
     /// The cached value was already this version or newer.
     NotNewer,
+}
+
+/// The keys of one write-behind queue (one per data type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueKeys {
+    /// The stream of accepted writes not yet acknowledged.
+    pub stream: String,
+    /// The dead-letter stream.
+    pub dead: String,
+    /// The consumer group the flushers share.
+    pub group: String,
+}
+
+/// A request to accept a write-behind write.
+#[derive(Debug, Clone)]
+pub struct AcceptRequest<'a> {
+    /// The entry.
+    pub keys: &'a EntryKeys,
+    /// The queue.
+    pub queue: &'a QueueKeys,
+    /// The entity id (recorded in the queue entry).
+    pub id: &'a str,
+    /// The version the write was based on (compare-and-set).
+    pub expected_version: u64,
+    /// The new envelope.
+    pub bytes: Bytes,
+    /// Its version.
+    pub version: u64,
+    /// Lifetimes of the cached value and stale copy.
+    pub lifetimes: Lifetimes,
+    /// Refuse when the queue holds this many entries (0: no limit).
+    pub max_depth: u64,
+    /// Refuse when the oldest entry is this old (zero: no limit).
+    pub max_age: Duration,
+}
+
+/// What [`Store::accept`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AcceptOutcome {
+    /// Stored and queued.
+    Accepted {
+        /// The queue entry id.
+        entry_id: String,
+    },
+    /// The current version is not the expected one: read again and retry.
+    Conflict {
+        /// The version found.
+        current: u64,
+    },
+    /// The queue is past its depth or age limit: nothing was written.
+    Full {
+        /// Entries in the queue.
+        depth: u64,
+        /// Age of the oldest entry.
+        oldest_age: Duration,
+    },
+}
+
+/// One queued write-behind notification. The value itself is the entry's
+/// pending copy, which always holds the newest accepted write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    /// The stream entry id (`<ms>-<seq>`).
+    pub entry_id: String,
+    /// The entity id.
+    pub id: String,
+    /// The version accepted.
+    pub version: u64,
+}
+
+impl QueueEntry {
+    /// When the entry was added (milliseconds since the Unix epoch), from its
+    /// id.
+    #[must_use]
+    pub fn added_ms(&self) -> u64 {
+        self.entry_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A write that will never reach the database, with why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    /// The dead-letter stream entry id.
+    pub entry_id: String,
+    /// The entity id.
+    pub id: String,
+    /// The version that failed.
+    pub version: u64,
+    /// The last error.
+    pub error: String,
+    /// The value that was not applied.
+    pub value: String,
+}
+
+/// The state of a write-behind queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Entries not yet acknowledged (waiting or being applied).
+    pub depth: u64,
+    /// Age of the oldest entry (the flush lag).
+    pub oldest_age_ms: u64,
+    /// Entries delivered to a flusher and not yet acknowledged.
+    pub in_flight: u64,
+    /// Entries in the dead-letter stream.
+    pub dead_letters: u64,
+}
+
+/// How durable the store's data is across a restart of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Every write is logged (Redis AOF with `appendfsync always` or
+    /// `everysec`: up to one second lost on a power failure).
+    Logged {
+        /// The `appendfsync` policy.
+        fsync: String,
+    },
+    /// Data lives in memory only (Redis without AOF, or the memory store):
+    /// a restart loses queued write-behind writes.
+    Volatile,
 }
 
 /// The cache server, as the strategies use it.
@@ -211,6 +351,85 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Checks the server answers.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Write-behind: if the entry's current version (pending copy, else
+    /// value) is the expected one and the queue has room, stores the new
+    /// value as value, stale copy and pending copy (no TTL), voids any
+    /// lease, and appends a queue entry, in one atomic step.
+    async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
+        let _ = req;
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Reads the pending copies (write-behind writes not yet in the
+    /// database) of some entries.
+    async fn pending_copies(&self, entries: &[&EntryKeys]) -> StoreResult<Vec<Option<Bytes>>> {
+        let _ = entries;
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Delivers up to `count` new queue entries to `consumer`, waiting up
+    /// to `block` for some. Creates the consumer group if needed.
+    async fn queue_read(
+        &self,
+        queue: &QueueKeys,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        let _ = (queue, consumer, count, block);
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Moves up to `count` entries delivered to other consumers and not
+    /// acknowledged for `min_idle` to `consumer` (a flusher that died).
+    async fn queue_claim(
+        &self,
+        queue: &QueueKeys,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        let _ = (queue, consumer, min_idle, count);
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// After the database committed: for each entry, drops the pending copy
+    /// if it still holds the applied version, then acknowledges and deletes
+    /// the queue entries.
+    async fn queue_ack(&self, queue: &QueueKeys, done: &[Settled<'_>]) -> StoreResult<()> {
+        let _ = (queue, done);
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Moves writes that will never be applied to the dead-letter stream
+    /// with their error; their pending copies and cached values are dropped
+    /// so reads return to the database's version.
+    async fn queue_dead_letter(
+        &self,
+        queue: &QueueKeys,
+        letters: &[(Settled<'_>, &str, Bytes)],
+    ) -> StoreResult<()> {
+        let _ = (queue, letters);
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Depth, lag, in-flight and dead-letter counts of a queue.
+    async fn queue_stats(&self, queue: &QueueKeys) -> StoreResult<QueueStats> {
+        let _ = queue;
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// The newest dead letters, up to `count`.
+    async fn dead_letters(&self, queue: &QueueKeys, count: usize) -> StoreResult<Vec<DeadLetter>> {
+        let _ = (queue, count);
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// How durable queued writes are across a restart of the store.
+    async fn durability(&self) -> StoreResult<Durability> {
+        Ok(Durability::Volatile)
+    }
 
     /// Whether keys must carry Redis Cluster hash tags.
     fn needs_hash_tags(&self) -> bool {

@@ -8,10 +8,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use redis::{IntoConnectionInfo, Pipeline, Script, Value};
 
 use super::{
-    AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue, Store, StoreResult,
+    AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
+    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, Settled, Store, StoreResult,
     UpdateOutcome, UpdateRequest,
 };
 use crate::error::StoreError;
@@ -35,8 +37,10 @@ static UPDATE: LazyLock<Script> = script!("update.lua");
 static INVALIDATE: LazyLock<Script> = script!("invalidate.lua");
 static DISCARD: LazyLock<Script> = script!("discard.lua");
 static EXTEND_LOCK: LazyLock<Script> = script!("extend_lock.lua");
+static ACCEPT: LazyLock<Script> = script!("accept.lua");
+static SETTLE: LazyLock<Script> = script!("settle.lua");
 
-fn all_scripts() -> [&'static Script; 7] {
+fn all_scripts() -> [&'static Script; 9] {
     [
         &ACQUIRE,
         &FILL,
@@ -45,6 +49,8 @@ fn all_scripts() -> [&'static Script; 7] {
         &INVALIDATE,
         &DISCARD,
         &EXTEND_LOCK,
+        &ACCEPT,
+        &SETTLE,
     ]
 }
 
@@ -109,10 +115,17 @@ impl RedisStoreBuilder {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        // Blocking queue reads get a connection of their own: on the shared
+        // one they would hold up every command queued behind them.
+        let blocking = ConnectionManager::new_lazy_with_config(
+            client,
+            config.set_response_timeout(Some(self.response_timeout + MAX_BLOCK)),
+        )?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                blocking,
                 url: redact(&self.url),
             }),
         })
@@ -141,8 +154,12 @@ pub struct RedisStore {
 #[derive(Debug)]
 struct Inner {
     conn: ConnectionManager,
+    blocking: ConnectionManager,
     url: String,
 }
+
+/// The longest a queue read blocks on the server.
+const MAX_BLOCK: Duration = Duration::from_secs(2);
 
 impl RedisStore {
     /// A builder for the server at `url` (`redis://[:password@]host:port[/db]`).
@@ -222,6 +239,57 @@ fn entry_invocation<'a>(
     pipe.invoke_script(&inv);
 }
 
+async fn ensure_group(conn: &mut ConnectionManager, queue: &QueueKeys) -> StoreResult<()> {
+    // From id 0: entries accepted before the first flusher started are
+    // delivered too (acknowledged ones were deleted).
+    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&queue.stream)
+        .arg(&queue.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match r {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn push_ack<'a>(
+    pipe: &mut Pipeline,
+    queue: &QueueKeys,
+    ids: impl Iterator<Item = &'a String> + Clone,
+) {
+    if ids.clone().next().is_none() {
+        return;
+    }
+    pipe.cmd("XACK").arg(&queue.stream).arg(&queue.group);
+    for id in ids.clone() {
+        pipe.arg(id);
+    }
+    pipe.ignore();
+    pipe.cmd("XDEL").arg(&queue.stream);
+    for id in ids {
+        pipe.arg(id);
+    }
+    pipe.ignore();
+}
+
+fn entry_of(e: StreamId) -> Option<QueueEntry> {
+    let text = |k: &str| match e.map.get(k)? {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    };
+    Some(QueueEntry {
+        id: text("id")?,
+        version: text("v")?.parse().ok()?,
+        entry_id: e.id.clone(),
+    })
+}
+
 fn millis(d: Duration) -> u64 {
     // PX 0 is an error in Redis; a TTL rounds up to at least 1 ms.
     (d.as_millis() as u64).max(1)
@@ -289,7 +357,9 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for r in reqs {
             entry_invocation(&mut pipe, &ACQUIRE, r.keys, |inv| {
-                inv.arg(r.token).arg(millis(r.lease_ttl));
+                inv.arg(r.token)
+                    .arg(millis(r.lease_ttl))
+                    .arg(millis(r.value_ttl));
             });
         }
         self.run(&pipe)
@@ -499,6 +569,305 @@ impl Store for RedisStore {
         let mut conn = self.inner.conn.clone();
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
+    }
+
+    async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
+        let mut pipe = redis::pipe();
+        let mut inv = ACCEPT.prepare_invoke();
+        for k in req.keys.as_array() {
+            inv.key(k);
+        }
+        inv.key(&req.queue.stream)
+            .arg(req.expected_version.to_string())
+            .arg(&req.bytes[..])
+            .arg(req.version.to_string())
+            .arg(millis(req.lifetimes.ttl))
+            .arg(req.lifetimes.stale_ttl.as_millis() as u64)
+            .arg(req.id)
+            .arg(req.max_depth)
+            .arg(req.max_age.as_millis() as u64);
+        pipe.invoke_script(&inv);
+        let v = self.run(&pipe).await?.pop().unwrap_or(Value::Nil);
+        let Value::Array(parts) = &v else {
+            return Err(unexpected(&v));
+        };
+        let text = |i: usize| -> Option<String> {
+            match parts.get(i)? {
+                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                Value::SimpleString(s) => Some(s.clone()),
+                Value::Int(n) => Some(n.to_string()),
+                _ => None,
+            }
+        };
+        match parts.first().map(as_int).transpose()? {
+            Some(1) => Ok(AcceptOutcome::Accepted {
+                entry_id: text(1).ok_or_else(|| unexpected(&v))?,
+            }),
+            Some(2) => Ok(AcceptOutcome::Conflict {
+                current: text(1).and_then(|t| t.parse().ok()).unwrap_or(0),
+            }),
+            Some(3) => Ok(AcceptOutcome::Full {
+                depth: text(1).and_then(|t| t.parse().ok()).unwrap_or(0),
+                oldest_age: Duration::from_millis(
+                    text(2).and_then(|t| t.parse().ok()).unwrap_or(0),
+                ),
+            }),
+            _ => Err(unexpected(&v)),
+        }
+    }
+
+    async fn pending_copies(&self, entries: &[&EntryKeys]) -> StoreResult<Vec<Option<Bytes>>> {
+        let keys: Vec<&str> = entries.iter().map(|e| e.pending.as_str()).collect();
+        self.get_many(&keys).await
+    }
+
+    async fn queue_read(
+        &self,
+        queue: &QueueKeys,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        let mut conn = self.inner.blocking.clone();
+        let block = block.min(MAX_BLOCK);
+        let read = |conn: &mut ConnectionManager| {
+            let mut c = redis::cmd("XREADGROUP");
+            c.arg("GROUP")
+                .arg(&queue.group)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(count);
+            // BLOCK 0 would wait forever: a zero wait is no BLOCK at all.
+            if block >= Duration::from_millis(1) {
+                c.arg("BLOCK").arg(block.as_millis() as u64);
+            }
+            c.arg("STREAMS").arg(&queue.stream).arg(">");
+            let mut conn = conn.clone();
+            async move { c.query_async::<Option<StreamReadReply>>(&mut conn).await }
+        };
+        let reply = match read(&mut conn).await {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                ensure_group(&mut conn, queue).await?;
+                read(&mut conn).await?
+            }
+            other => other?,
+        };
+        Ok(reply
+            .map(|r| {
+                r.keys
+                    .into_iter()
+                    .flat_map(|k| k.ids)
+                    .filter_map(entry_of)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn queue_claim(
+        &self,
+        queue: &QueueKeys,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> StoreResult<Vec<QueueEntry>> {
+        let mut conn = self.inner.conn.clone();
+        let reply: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
+            .arg(&queue.stream)
+            .arg(&queue.group)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(r) => Ok(r.claimed.into_iter().filter_map(entry_of).collect()),
+            Err(e) if e.code() == Some("NOGROUP") => {
+                ensure_group(&mut conn, queue).await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn queue_ack(&self, queue: &QueueKeys, done: &[Settled<'_>]) -> StoreResult<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        // The pending copy goes first: if the process dies before the
+        // acknowledgement, the entry is delivered again and finds nothing
+        // left to do, instead of a pending copy that nothing will clear.
+        for d in done {
+            entry_invocation(&mut pipe, &SETTLE, d.keys, |inv| {
+                inv.arg(d.version.to_string()).arg("applied");
+            });
+        }
+        push_ack(
+            &mut pipe,
+            queue,
+            done.iter().flat_map(|d| d.entry_ids.iter()),
+        );
+        self.run(&pipe).await.map(drop)
+    }
+
+    async fn queue_dead_letter(
+        &self,
+        queue: &QueueKeys,
+        letters: &[(Settled<'_>, &str, Bytes)],
+    ) -> StoreResult<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (d, error, value) in letters {
+            let id = d
+                .keys
+                .value
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            pipe.cmd("XADD")
+                .arg(&queue.dead)
+                .arg("*")
+                .arg("key")
+                .arg(&d.keys.value)
+                .arg("id")
+                .arg(id)
+                .arg("v")
+                .arg(d.version)
+                .arg("error")
+                .arg(*error)
+                .arg("value")
+                .arg(&value[..])
+                .ignore();
+            entry_invocation(&mut pipe, &SETTLE, d.keys, |inv| {
+                inv.arg(d.version.to_string()).arg("dropped");
+            });
+        }
+        push_ack(
+            &mut pipe,
+            queue,
+            letters.iter().flat_map(|(d, ..)| d.entry_ids.iter()),
+        );
+        self.run(&pipe).await.map(drop)
+    }
+
+    async fn queue_stats(&self, queue: &QueueKeys) -> StoreResult<QueueStats> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(&queue.stream);
+        pipe.cmd("XRANGE")
+            .arg(&queue.stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        pipe.cmd("XPENDING").arg(&queue.stream).arg(&queue.group);
+        pipe.cmd("XLEN").arg(&queue.dead);
+        pipe.cmd("TIME");
+        let mut conn = self.inner.conn.clone();
+        let r: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(&mut conn).await?;
+        let int = |v: Option<&redis::RedisResult<Value>>| match v {
+            Some(Ok(Value::Int(n))) => *n as u64,
+            _ => 0,
+        };
+        let depth = int(r.first());
+        let first_ms = match r.get(1) {
+            Some(Ok(Value::Array(items))) => items.first().and_then(|e| match e {
+                Value::Array(parts) => match parts.first() {
+                    Some(Value::BulkString(id)) => std::str::from_utf8(id)
+                        .ok()?
+                        .split('-')
+                        .next()?
+                        .parse::<u64>()
+                        .ok(),
+                    _ => None,
+                },
+                _ => None,
+            }),
+            _ => None,
+        };
+        // XPENDING without a group (NOGROUP) means nothing was delivered yet.
+        let in_flight = match r.get(2) {
+            Some(Ok(Value::Array(parts))) => parts.first().map_or(0, |v| match v {
+                Value::Int(n) => *n as u64,
+                _ => 0,
+            }),
+            _ => 0,
+        };
+        let now_ms = match r.get(4) {
+            Some(Ok(Value::Array(t))) => {
+                let num = |v: Option<&Value>| match v {
+                    Some(Value::BulkString(b)) => std::str::from_utf8(b)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                num(t.first()) * 1000 + num(t.get(1)) / 1000
+            }
+            _ => 0,
+        };
+        Ok(QueueStats {
+            depth,
+            oldest_age_ms: first_ms.map_or(0, |ms| now_ms.saturating_sub(ms)),
+            in_flight,
+            dead_letters: int(r.get(3)),
+        })
+    }
+
+    async fn dead_letters(&self, queue: &QueueKeys, count: usize) -> StoreResult<Vec<DeadLetter>> {
+        let mut conn = self.inner.conn.clone();
+        let r: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&queue.dead)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(r.ids
+            .into_iter()
+            .map(|e| {
+                let field = |k: &str| -> String {
+                    match e.map.get(k) {
+                        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                        Some(Value::SimpleString(s)) => s.clone(),
+                        Some(Value::Int(n)) => n.to_string(),
+                        _ => String::new(),
+                    }
+                };
+                DeadLetter {
+                    id: field("id"),
+                    version: field("v").parse().unwrap_or(0),
+                    error: field("error"),
+                    value: field("value"),
+                    entry_id: e.id,
+                }
+            })
+            .collect())
+    }
+
+    async fn durability(&self) -> StoreResult<Durability> {
+        let mut conn = self.inner.conn.clone();
+        let aof: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .query_async(&mut conn)
+            .await?;
+        if aof.get(1).map(String::as_str) != Some("yes") {
+            return Ok(Durability::Volatile);
+        }
+        let fsync: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendfsync")
+            .query_async(&mut conn)
+            .await?;
+        Ok(Durability::Logged {
+            fsync: fsync.get(1).cloned().unwrap_or_default(),
+        })
     }
 
     fn describe(&self) -> &'static str {

@@ -397,6 +397,7 @@ impl<S: Source> Aside<S> {
                 keys: &entry,
                 token: &token,
                 lease_ttl: c.lease_ttl,
+                value_ttl: self.policy().ttl,
             };
             let acquired = match c.call(Some(&self.metrics), c.store.acquire(&[req])).await {
                 Ok(mut v) if v.len() == 1 => v.pop().expect("one result"),
@@ -638,6 +639,7 @@ impl<S: Source> Aside<S> {
                     keys,
                     token: &token,
                     lease_ttl: c.lease_ttl,
+                    value_ttl: policy.ttl,
                 })
                 .collect();
             c.call(Some(&self.metrics), c.store.acquire(&reqs))

@@ -137,6 +137,8 @@ pub struct Gate {
 #[derive(Debug, Default)]
 pub struct TestDb {
     rows: Mutex<HashMap<String, Row>>,
+    applied: AtomicUsize,
+    reject: Mutex<std::collections::HashSet<String>>,
     loads: AtomicUsize,
     batch_loads: AtomicUsize,
     fail: AtomicBool,
@@ -168,6 +170,16 @@ impl TestDb {
 
     pub fn remove(&self, id: &str) {
         self.rows.lock().unwrap().remove(id);
+    }
+
+    /// Rows written by write-behind flushes.
+    pub fn applied(&self) -> usize {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Make the database refuse write-behind rows of `id`.
+    pub fn reject(&self, id: &str) {
+        self.reject.lock().unwrap().insert(id.to_owned());
     }
 
     pub fn loads(&self) -> usize {
@@ -255,4 +267,34 @@ macro_rules! both_stores {
             )*
         }
     };
+}
+
+impl kura::Sink for Db {
+    type Value = Row;
+
+    async fn apply(&self, batch: &[(String, Row)]) -> Result<Vec<kura::Applied>, kura::BoxError> {
+        if self.0.fail.load(Ordering::SeqCst) {
+            return Err("database unavailable".into());
+        }
+        let reject = self.0.reject.lock().unwrap().clone();
+        let mut rows = self.0.rows.lock().unwrap();
+        Ok(batch
+            .iter()
+            .map(|(id, row)| {
+                if reject.contains(id) {
+                    return kura::Applied::Rejected("check constraint failed".into());
+                }
+                match rows.get_mut(id) {
+                    // UPDATE ... WHERE id = $1 AND version < $new
+                    Some(cur) if cur.version < row.version => {
+                        *cur = row.clone();
+                        self.0.applied.fetch_add(1, Ordering::SeqCst);
+                        kura::Applied::Written
+                    }
+                    Some(_) => kura::Applied::Superseded,
+                    None => kura::Applied::Rejected("row no longer exists".into()),
+                }
+            })
+            .collect())
+    }
 }

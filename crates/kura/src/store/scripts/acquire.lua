@@ -1,8 +1,15 @@
--- KEYS: value, lease, stale, absent
--- ARGV: token, lease_ms
+-- KEYS: value, lease, stale, absent, pending
+-- ARGV: token, lease_ms, value_ttl_ms
 -- Returns {1, value} | {2} (absent) | {3, stale} (lease granted) | {4, stale} (busy)
 local v = read(KEYS[1])
 if v then return {1, v} end
+-- A write-behind write not yet in the database is the current value: put
+-- it back in place (the value may have expired or been invalidated).
+local p = read(KEYS[5])
+if p then
+  redis.call('SET', KEYS[1], p, 'PX', ARGV[3])
+  return {1, p}
+end
 if redis.call('EXISTS', KEYS[4]) == 1 then return {2} end
 local stale = read(KEYS[3])
 local holder = read(KEYS[2])

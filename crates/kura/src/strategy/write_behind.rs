@@ -1,0 +1,850 @@
+//! Write-behind: acknowledge a write once the cache holds it durably, apply
+//! it to the database in batches afterwards.
+//!
+//! # Guarantee
+//!
+//! Every acknowledged write reaches the database or the dead-letter stream;
+//! none is dropped silently, and until the database has it every read sees
+//! it (or something newer).
+//!
+//! - **Accept** ([`WriteBehind::accept`]): the current value is read through
+//!   the cache (an unknown id is refused), the caller's patch makes the next
+//!   version, and one atomic step stores it as the cached value, as a
+//!   *pending copy* without TTL, and as a queue entry (a Redis Stream with a
+//!   consumer group). The step compares the version first, so two
+//!   concurrent patches of one key both survive: the second is re-based on
+//!   the first and retried.
+//! - **Read-your-writes**: the pending copy outlives the value's TTL and any
+//!   invalidation; a read that misses the value finds it and puts it back.
+//! - **Flush** ([`Flusher`]): batches entries by size and time, coalesces
+//!   several writes of one key into the newest (the pending copy), applies
+//!   the batch through a [`Sink`] with a version guard
+//!   (`... WHERE version < $new`, so a replay is a no-op), and acknowledges
+//!   only after the commit. Entries a dead flusher had claimed are
+//!   reclaimed after an idle time; an entry the database rejects
+//!   `max_attempts` times goes to a dead-letter stream with its error.
+//! - **Back-pressure**: past a depth or age limit the accept is refused
+//!   ([`BehindError::Full`]); the caller writes through instead or answers
+//!   503.
+//!
+//! # Durability
+//!
+//! The queue is as durable as the Redis holding it: with `appendonly yes`
+//! and `appendfsync always` nothing acknowledged is lost on a Redis crash;
+//! with `everysec`, up to one second; without AOF, everything queued is lost
+//! when Redis restarts. [`WriteBehind::durability`] tells which. The memory
+//! store keeps the queue for the life of the process only.
+//!
+//! # Mixing strategies
+//!
+//! A write-through write to a key with a pending write-behind write can
+//! commit the same version number with other content; the flush then finds
+//! the row at its version with different data and dead-letters the
+//! write-behind write as a conflict (visible, not lost silently). Route all
+//! writes of a key through one strategy while its queue drains.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::cache::CacheInner;
+use crate::codec::{self, CodecError};
+use crate::error::{BoxError, Error, StoreError};
+use crate::key::{EntryKeys, KeyError};
+use crate::source::{CacheValue, Source, Versioned};
+use crate::store::{
+    AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats,
+    Settled,
+};
+use crate::strategy::{CacheAside, Status};
+
+/// The database side of write-behind: applies batches of values.
+///
+/// # Examples
+///
+/// ```
+/// use kura::strategy::write_behind::{Applied, Sink};
+/// # use kura::Versioned;
+/// # #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// # struct Row { version: u64 }
+/// # impl Versioned for Row { fn version(&self) -> u64 { self.version } }
+///
+/// struct Db;
+/// impl Sink for Db {
+///     type Value = Row;
+///     async fn apply(&self, batch: &[(String, Row)]) -> Result<Vec<Applied>, kura::BoxError> {
+///         // BEGIN; UPDATE ... WHERE id = $1 AND version < $2 for each; COMMIT
+///         Ok(batch.iter().map(|_| Applied::Written).collect())
+///     }
+/// }
+/// ```
+pub trait Sink: Send + Sync + 'static {
+    /// The value type (the same as the reader's source).
+    type Value: CacheValue;
+
+    /// Applies `batch` in one transaction, each row only if the database
+    /// holds an older version. Returns one result per row, in order. An
+    /// `Err` means the database is unavailable: nothing was applied and the
+    /// whole batch is retried.
+    fn apply(
+        &self,
+        batch: &[(String, Self::Value)],
+    ) -> impl Future<Output = Result<Vec<Applied>, BoxError>> + Send;
+}
+
+/// What the database did with one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Applied {
+    /// Written.
+    Written,
+    /// The database already had this version or a newer one (a replay).
+    Superseded,
+    /// The database refused the row (the row is gone, a constraint failed,
+    /// another write took the same version); retried up to
+    /// `max_attempts`, then dead-lettered with this reason.
+    Rejected(String),
+}
+
+/// Why a write-behind write was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum BehindError {
+    /// The id cannot be a key.
+    #[error("invalid key: {0}")]
+    Key(#[from] KeyError),
+    /// No such row: nothing was accepted.
+    #[error("not found")]
+    NotFound,
+    /// The queue is past its depth or age limit: nothing was accepted.
+    #[error("write-behind queue full ({depth} entries, oldest {oldest_age:?})")]
+    Full {
+        /// Entries queued.
+        depth: u64,
+        /// Age of the oldest.
+        oldest_age: Duration,
+    },
+    /// The cache server cannot be reached: write-behind is impossible, the
+    /// caller should write through.
+    #[error("cache unavailable: {0}")]
+    Unavailable(StoreError),
+    /// Reading the current value failed.
+    #[error("{0}")]
+    Read(Error),
+    /// The version kept changing under concurrent writers.
+    #[error("too many concurrent writes to one key")]
+    Contended,
+    /// The patched value cannot be cached (not a JSON object, too large) or
+    /// its version did not increase.
+    #[error("invalid patch: {0}")]
+    Invalid(String),
+}
+
+/// An accepted write.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Accepted<T> {
+    /// The value as it now stands.
+    pub value: T,
+    /// Its JSON, ready to send.
+    pub json: Bytes,
+    /// The queue entry id.
+    pub entry_id: String,
+}
+
+/// Limits of the write-behind queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BehindLimits {
+    /// Refuse writes when this many are queued (0: no limit).
+    pub max_depth: u64,
+    /// Refuse writes when the oldest queued one is this old (zero: no limit).
+    pub max_age: Duration,
+    /// Compare-and-set attempts before giving up on a contended key.
+    pub cas_attempts: u32,
+}
+
+impl Default for BehindLimits {
+    fn default() -> Self {
+        Self {
+            max_depth: 100_000,
+            max_age: Duration::from_secs(60),
+            cas_attempts: 16,
+        }
+    }
+}
+
+impl BehindLimits {
+    /// Custom limits.
+    #[must_use]
+    pub const fn new(max_depth: u64, max_age: Duration) -> Self {
+        Self {
+            max_depth,
+            max_age,
+            cas_attempts: 16,
+        }
+    }
+}
+
+/// Write-behind writes for one data type, read through a [`CacheAside`].
+///
+/// # Examples
+///
+/// ```
+/// # use kura::{Cache, Kind, Source, Versioned, store::MemoryStore};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Clone, Serialize, Deserialize)]
+/// # struct Row { id: String, name: String, version: u64 }
+/// # impl Versioned for Row { fn version(&self) -> u64 { self.version } }
+/// # struct Db;
+/// # impl Source for Db {
+/// #     type Value = Row;
+/// #     type Error = std::io::Error;
+/// #     async fn load(&self, id: &str) -> Result<Option<Row>, std::io::Error> {
+/// #         Ok(Some(Row { id: id.into(), name: "a".into(), version: 1 }))
+/// #     }
+/// # }
+/// # #[tokio::main] async fn main() {
+/// let cache = Cache::builder(MemoryStore::new()).build().unwrap();
+/// let writes = cache.aside(Kind::PROFILE, Db).write_behind();
+/// let accepted = writes
+///     .accept("u1", |cur| Row { name: "b".into(), version: cur.version + 1, ..cur.clone() })
+///     .await
+///     .unwrap();
+/// assert_eq!(accepted.value.version, 2);
+/// # }
+/// ```
+///
+/// # Concurrent calls
+///
+/// Any number of tasks and processes may accept writes to one key at once;
+/// each accept is re-based on the newest accepted value, so no patch is
+/// lost. Any number of [`Flusher`]s may share the queue.
+pub struct WriteBehind<S: Source> {
+    aside: CacheAside<S>,
+    queue: Arc<QueueKeys>,
+    limits: BehindLimits,
+}
+
+impl<S: Source> Clone for WriteBehind<S> {
+    fn clone(&self) -> Self {
+        Self {
+            aside: self.aside.clone(),
+            queue: self.queue.clone(),
+            limits: self.limits,
+        }
+    }
+}
+
+impl<S: Source> std::fmt::Debug for WriteBehind<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBehind")
+            .field("kind", &self.aside.kind())
+            .field("queue", &self.queue.stream)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl<S: Source> CacheAside<S> {
+    /// Write-behind writes of this reader's type, with default limits.
+    #[must_use]
+    pub fn write_behind(&self) -> WriteBehind<S> {
+        let c = &self.cache().inner;
+        let stream = c.keys.internal(&format!("wb:{}", self.kind().name()));
+        WriteBehind {
+            aside: self.clone(),
+            queue: Arc::new(QueueKeys {
+                dead: format!("{stream}:dead"),
+                stream,
+                group: "kura".to_owned(),
+            }),
+            limits: BehindLimits::default(),
+        }
+    }
+}
+
+impl<S: Source> WriteBehind<S> {
+    /// Sets the queue limits.
+    #[must_use]
+    pub fn limits(mut self, limits: BehindLimits) -> Self {
+        self.limits = limits;
+        metrics::gauge!("cache_wb_limit_depth", "cache_type" => self.aside.kind().name())
+            .set(limits.max_depth as f64);
+        metrics::gauge!("cache_wb_limit_age_seconds", "cache_type" => self.aside.kind().name())
+            .set(limits.max_age.as_secs_f64());
+        self
+    }
+
+    /// The queue's keys.
+    #[must_use]
+    pub fn queue(&self) -> &QueueKeys {
+        &self.queue
+    }
+
+    /// The reader writes are based on.
+    #[must_use]
+    pub fn reader(&self) -> &CacheAside<S> {
+        &self.aside
+    }
+
+    fn cache(&self) -> &CacheInner {
+        &self.aside.cache().inner
+    }
+
+    fn label(&self) -> &'static str {
+        self.aside.kind().name()
+    }
+
+    /// Accepts a write: reads `id` through the cache, applies `patch` to
+    /// make the next version, and stores it with its queue entry in one
+    /// atomic step. `patch` must return a value with a higher version (the
+    /// usual `version + 1`); it may be called again with a newer current
+    /// value if another write to the key got in first.
+    ///
+    /// # Errors
+    ///
+    /// [`BehindError::NotFound`] for an unknown id, [`BehindError::Full`]
+    /// under back-pressure, [`BehindError::Unavailable`] when the cache
+    /// server cannot be reached (write through instead), and the others as
+    /// documented on [`BehindError`].
+    pub async fn accept(
+        &self,
+        id: &str,
+        mut patch: impl FnMut(&S::Value) -> S::Value,
+    ) -> Result<Accepted<S::Value>, BehindError> {
+        let c = self.cache();
+        let kind = self.aside.kind();
+        let entry = c.keys.entry(&kind, id)?;
+        let policy = c.policy.get(kind.name());
+        for _ in 0..self.limits.cas_attempts.max(1) {
+            let current = self.aside.get(id).await.map_err(BehindError::Read)?;
+            match current.status() {
+                // Without the cache there is nowhere durable to put the write.
+                Status::Bypass => return Err(BehindError::Unavailable(StoreError::Unavailable)),
+                Status::Stale => {
+                    return Err(BehindError::Read(Error::source_error(
+                        "the source is unavailable (only a stale copy is cached)",
+                    )));
+                }
+                _ => {}
+            }
+            let Some(current) = current.into_value() else {
+                return Err(BehindError::NotFound);
+            };
+            let next = patch(&current);
+            if next.version() <= current.version() {
+                return Err(BehindError::Invalid(format!(
+                    "the patch must raise the version (was {}, got {})",
+                    current.version(),
+                    next.version()
+                )));
+            }
+            let enc = codec::encode(&next, next.version(), c.max_value_bytes)
+                .map_err(|e: CodecError| BehindError::Invalid(e.to_string()))?;
+            let req = AcceptRequest {
+                keys: &entry,
+                queue: &self.queue,
+                id,
+                expected_version: current.version(),
+                bytes: enc.envelope,
+                version: next.version(),
+                lifetimes: c.lifetimes(&entry.value, &policy),
+                max_depth: self.limits.max_depth,
+                max_age: self.limits.max_age,
+            };
+            match c.call(None, c.store.accept(&req)).await {
+                Ok(AcceptOutcome::Accepted { entry_id }) => {
+                    metrics::counter!("cache_wb_accepted_total", "cache_type" => self.label())
+                        .increment(1);
+                    return Ok(Accepted {
+                        value: next,
+                        json: enc.json,
+                        entry_id,
+                    });
+                }
+                Ok(AcceptOutcome::Conflict { .. }) => {
+                    metrics::counter!("cache_wb_conflicts_total", "cache_type" => self.label())
+                        .increment(1);
+                }
+                Ok(AcceptOutcome::Full { depth, oldest_age }) => {
+                    metrics::counter!("cache_wb_refused_total", "cache_type" => self.label())
+                        .increment(1);
+                    return Err(BehindError::Full { depth, oldest_age });
+                }
+                Err(e) => return Err(BehindError::Unavailable(e)),
+            }
+        }
+        Err(BehindError::Contended)
+    }
+
+    /// Whether `id` has a write not yet in the database.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for a bad id, [`Error::Unavailable`] when the store
+    /// cannot be asked.
+    pub async fn is_pending(&self, id: &str) -> Result<bool, Error> {
+        let c = self.cache();
+        let entry = c.keys.entry(&self.aside.kind(), id)?;
+        c.call(None, c.store.pending_copies(&[&entry]))
+            .await
+            .map(|v| v.first().is_some_and(Option::is_some))
+            .map_err(Error::Unavailable)
+    }
+
+    /// Depth, lag, in-flight and dead-letter counts; also updates the
+    /// `cache_wb_queue_depth` and `cache_wb_oldest_age_seconds` gauges.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the store cannot be asked.
+    pub async fn status(&self) -> Result<QueueStats, Error> {
+        let c = self.cache();
+        let s = c
+            .call(None, c.store.queue_stats(&self.queue))
+            .await
+            .map_err(Error::Unavailable)?;
+        self.publish(&s);
+        Ok(s)
+    }
+
+    fn publish(&self, s: &QueueStats) {
+        let l = self.label();
+        metrics::gauge!("cache_wb_queue_depth", "cache_type" => l).set(s.depth as f64);
+        metrics::gauge!("cache_wb_oldest_age_seconds", "cache_type" => l)
+            .set(s.oldest_age_ms as f64 / 1000.0);
+        metrics::gauge!("cache_wb_dead_letters", "cache_type" => l).set(s.dead_letters as f64);
+    }
+
+    /// The newest dead letters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the store cannot be asked.
+    pub async fn dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>, Error> {
+        let c = self.cache();
+        c.call(None, c.store.dead_letters(&self.queue, count))
+            .await
+            .map_err(Error::Unavailable)
+    }
+
+    /// How durable the queue is across a restart of the cache server.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the store cannot be asked (or refuses
+    /// `CONFIG GET`, as some managed services do).
+    pub async fn durability(&self) -> Result<Durability, Error> {
+        let c = self.cache();
+        c.call(None, c.store.durability())
+            .await
+            .map_err(Error::Unavailable)
+    }
+
+    /// A flusher applying this queue through `sink`.
+    pub fn flusher<K: Sink<Value = S::Value>>(&self, sink: K) -> Flusher<S, K> {
+        Flusher {
+            wb: self.clone(),
+            sink: Arc::new(sink),
+            consumer: format!(
+                "{}-{}-{:08x}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "kura".into()),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            batch_size: 256,
+            linger: Duration::from_millis(20),
+            block: Duration::from_secs(1),
+            claim_idle: Duration::from_secs(30),
+            max_attempts: 5,
+            rejections: HashMap::new(),
+        }
+    }
+}
+
+/// What a flusher did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Queue entries read (new and reclaimed).
+    pub entries: u64,
+    /// Rows written to the database.
+    pub flushed: u64,
+    /// Rows the database already had (replays).
+    pub superseded: u64,
+    /// Entries folded into a newer write of the same key.
+    pub coalesced: u64,
+    /// Batch retries after the database was unavailable.
+    pub retried: u64,
+    /// Rows moved to the dead-letter stream.
+    pub dead_lettered: u64,
+}
+
+impl FlushReport {
+    fn add(&mut self, o: FlushReport) {
+        self.entries += o.entries;
+        self.flushed += o.flushed;
+        self.superseded += o.superseded;
+        self.coalesced += o.coalesced;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+    }
+}
+
+/// Applies a write-behind queue to the database; made by
+/// [`WriteBehind::flusher`]. Run several (in one process or many) to share
+/// the load.
+#[must_use]
+pub struct Flusher<S: Source, K: Sink<Value = S::Value>> {
+    wb: WriteBehind<S>,
+    sink: Arc<K>,
+    consumer: String,
+    batch_size: usize,
+    linger: Duration,
+    block: Duration,
+    claim_idle: Duration,
+    max_attempts: u32,
+    /// Rejections per entity id and version, for the dead-letter rule.
+    rejections: HashMap<(String, u64), u32>,
+}
+
+impl<S: Source, K: Sink<Value = S::Value>> std::fmt::Debug for Flusher<S, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flusher")
+            .field("consumer", &self.consumer)
+            .field("batch_size", &self.batch_size)
+            .field("claim_idle", &self.claim_idle)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
+    /// The consumer name (unique per flusher by default).
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = name.into();
+        self
+    }
+
+    /// Most entries per database transaction (default 256).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// How long to wait for more entries once one arrived (default 20 ms).
+    pub fn linger(mut self, d: Duration) -> Self {
+        self.linger = d;
+        self
+    }
+
+    /// How long a read waits for entries when the queue is empty (default
+    /// 1 s; also the longest a shutdown waits for an idle flusher).
+    pub fn block(mut self, d: Duration) -> Self {
+        self.block = d;
+        self
+    }
+
+    /// After how long an unacknowledged entry of another flusher is taken
+    /// over (default 30 s). Longer than the slowest batch.
+    pub fn claim_idle(mut self, d: Duration) -> Self {
+        self.claim_idle = d;
+        self
+    }
+
+    /// Rejections of one write before it is dead-lettered (default 5).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Runs until `shutdown` completes, then finishes the batch in hand
+    /// (never half-applies one) and returns. Entries not yet applied stay
+    /// queued for the next flusher.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> FlushReport {
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.store(true, Ordering::Release);
+            }
+        };
+        let work = async {
+            let mut total = FlushReport::default();
+            let mut last_claim: Option<Instant> = None;
+            let mut backoff = Duration::from_millis(100);
+            while !stop.load(Ordering::Acquire) {
+                let claim = last_claim.is_none_or(|t| t.elapsed() >= self.claim_idle / 2);
+                if claim {
+                    last_claim = Some(Instant::now());
+                }
+                match self.step(claim, &stop).await {
+                    Ok(r) => {
+                        total.add(r);
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "write-behind flush step failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            total
+        };
+        tokio::pin!(watcher);
+        tokio::pin!(work);
+        let mut watching = true;
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                () = &mut watcher, if watching => watching = false,
+            }
+        }
+    }
+
+    /// Reads one batch (reclaiming idle entries first when `claim`), applies
+    /// it and acknowledges it. Useful for tests and one-shot drains.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the cache server cannot be reached.
+    pub async fn flush_once(&mut self, claim: bool) -> Result<FlushReport, Error> {
+        self.step(claim, &AtomicBool::new(false)).await
+    }
+
+    async fn step(&mut self, claim: bool, stop: &AtomicBool) -> Result<FlushReport, Error> {
+        let wb = self.wb.clone();
+        let c = wb.cache();
+        let store = &c.store;
+        let q = &wb.queue;
+        let mut entries = Vec::new();
+        if claim {
+            entries = c
+                .call(
+                    None,
+                    store.queue_claim(q, &self.consumer, self.claim_idle, self.batch_size),
+                )
+                .await
+                .map_err(Error::Unavailable)?;
+            if !entries.is_empty() {
+                tracing::info!(
+                    n = entries.len(),
+                    "reclaimed write-behind entries of a stalled flusher"
+                );
+            }
+        }
+        if entries.len() < self.batch_size {
+            let block = if entries.is_empty() {
+                self.block
+            } else {
+                Duration::ZERO
+            };
+            // A blocking read is bounded by the block time, not the
+            // operation timeout.
+            let more = c
+                .call_within(
+                    block + c.op_timeout * 4,
+                    None,
+                    store.queue_read(q, &self.consumer, self.batch_size - entries.len(), block),
+                )
+                .await
+                .map_err(Error::Unavailable)?;
+            entries.extend(more);
+        }
+        // Batch by time as well as size: let a trickle fill the batch.
+        let until = Instant::now() + self.linger;
+        while !entries.is_empty() && entries.len() < self.batch_size && Instant::now() < until {
+            let left = until.saturating_duration_since(Instant::now());
+            let more = c
+                .call_within(
+                    left + c.op_timeout * 4,
+                    None,
+                    store.queue_read(q, &self.consumer, self.batch_size - entries.len(), left),
+                )
+                .await
+                .map_err(Error::Unavailable)?;
+            if more.is_empty() {
+                break;
+            }
+            entries.extend(more);
+        }
+        if entries.is_empty() {
+            if let Ok(s) = c.call(None, store.queue_stats(q)).await {
+                wb.publish(&s);
+            }
+            return Ok(FlushReport::default());
+        }
+        let r = self.apply(entries, stop).await?;
+        if let Ok(s) = c.call(None, store.queue_stats(q)).await {
+            wb.publish(&s);
+        }
+        Ok(r)
+    }
+
+    async fn apply(
+        &mut self,
+        entries: Vec<QueueEntry>,
+        stop: &AtomicBool,
+    ) -> Result<FlushReport, Error> {
+        let c = self.wb.cache();
+        let kind = self.wb.aside.kind();
+        let label = kind.name();
+        let mut report = FlushReport {
+            entries: entries.len() as u64,
+            ..FlushReport::default()
+        };
+        // Coalesce: one row per entity, whatever number of entries.
+        let mut by_id: Vec<(String, EntryKeys, Vec<String>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for e in entries {
+            match index.get(&e.id) {
+                Some(&i) => {
+                    by_id[i].2.push(e.entry_id);
+                    report.coalesced += 1;
+                }
+                None => {
+                    // Ids in the queue were validated when accepted.
+                    let keys = c.keys.entry_unchecked(&kind, &e.id);
+                    index.insert(e.id.clone(), by_id.len());
+                    by_id.push((e.id, keys, vec![e.entry_id]));
+                }
+            }
+        }
+        let entry_refs: Vec<&EntryKeys> = by_id.iter().map(|(_, k, _)| k).collect();
+        let copies = c
+            .call(None, c.store.pending_copies(&entry_refs))
+            .await
+            .map_err(Error::Unavailable)?;
+        // Rows to write, and entries whose pending copy is already gone (a
+        // replay after the database got them): acknowledge only.
+        let mut rows: Vec<(String, S::Value)> = Vec::new();
+        let mut row_meta: Vec<(usize, u64, Bytes)> = Vec::new();
+        let mut settled: Vec<(usize, u64)> = Vec::new();
+        let mut dead: Vec<(usize, u64, String, Bytes)> = Vec::new();
+        for (i, copy) in copies.into_iter().enumerate() {
+            match copy {
+                None => settled.push((i, 0)),
+                Some(bytes) => match codec::decode::<S::Value>(&bytes) {
+                    Ok(d) => {
+                        rows.push((by_id[i].0.clone(), d.value));
+                        row_meta.push((i, d.version, bytes));
+                    }
+                    Err(e) => dead.push((
+                        i,
+                        codec::peek_version(&bytes).unwrap_or(0),
+                        format!("pending copy does not decode: {e}"),
+                        bytes,
+                    )),
+                },
+            }
+        }
+        if !rows.is_empty() {
+            let mut backoff = Duration::from_millis(100);
+            let results = loop {
+                match self.sink.apply(&rows).await {
+                    Ok(r) if r.len() == rows.len() => break r,
+                    Ok(r) => {
+                        return Err(Error::source_error(format!(
+                            "sink returned {} results for {} rows",
+                            r.len(),
+                            rows.len()
+                        )));
+                    }
+                    Err(e) => {
+                        report.retried += 1;
+                        metrics::counter!("cache_wb_retried_total", "cache_type" => label)
+                            .increment(1);
+                        tracing::warn!(error = %e, rows = rows.len(), "database unavailable for write-behind batch; retrying");
+                        if stop.load(Ordering::Acquire) {
+                            // Leave the batch queued for the next flusher.
+                            return Ok(report);
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            for ((i, version, bytes), result) in row_meta.into_iter().zip(results) {
+                match result {
+                    Applied::Written => {
+                        report.flushed += 1;
+                        settled.push((i, version));
+                    }
+                    Applied::Superseded => {
+                        report.superseded += 1;
+                        settled.push((i, version));
+                    }
+                    Applied::Rejected(why) => {
+                        let n = self
+                            .rejections
+                            .entry((by_id[i].0.clone(), version))
+                            .or_insert(0);
+                        *n += 1;
+                        if *n >= self.max_attempts {
+                            self.rejections.remove(&(by_id[i].0.clone(), version));
+                            dead.push((i, version, why, bytes));
+                        } else {
+                            tracing::warn!(
+                                id = by_id[i].0,
+                                attempt = *n,
+                                error = why,
+                                "write-behind row rejected; will retry"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let acks: Vec<Settled<'_>> = settled
+            .iter()
+            .map(|&(i, version)| Settled {
+                keys: &by_id[i].1,
+                version,
+                entry_ids: &by_id[i].2,
+            })
+            .collect();
+        c.call(None, c.store.queue_ack(&self.wb.queue, &acks))
+            .await
+            .map_err(Error::Unavailable)?;
+        if !dead.is_empty() {
+            let letters: Vec<(Settled<'_>, &str, Bytes)> = dead
+                .iter()
+                .map(|(i, version, why, bytes)| {
+                    tracing::error!(
+                        id = by_id[*i].0,
+                        version,
+                        error = why.as_str(),
+                        "write-behind write dead-lettered"
+                    );
+                    (
+                        Settled {
+                            keys: &by_id[*i].1,
+                            version: *version,
+                            entry_ids: &by_id[*i].2,
+                        },
+                        why.as_str(),
+                        bytes.clone(),
+                    )
+                })
+                .collect();
+            c.call(None, c.store.queue_dead_letter(&self.wb.queue, &letters))
+                .await
+                .map_err(Error::Unavailable)?;
+            report.dead_lettered += dead.len() as u64;
+        }
+        metrics::counter!("cache_wb_flushed_total", "cache_type" => label)
+            .increment(report.flushed);
+        metrics::counter!("cache_wb_coalesced_total", "cache_type" => label)
+            .increment(report.coalesced);
+        metrics::counter!("cache_wb_dead_lettered_total", "cache_type" => label)
+            .increment(report.dead_lettered);
+        Ok(report)
+    }
+}
