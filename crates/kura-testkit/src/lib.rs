@@ -1,4 +1,5 @@
-//! Test support for kura: throwaway `redis-server` processes and a fault-injecting TCP proxy.
+//! Test support for kura: throwaway `redis-server` processes, Redis Cluster and Sentinel
+//! harnesses, and a fault-injecting TCP proxy.
 //!
 //! Integration tests that kill, slow down or partition Redis must never touch the shared
 //! server a machine runs; they start their own with this crate instead. Everything here binds
@@ -13,11 +14,15 @@
 //! - [`FaultProxy`] (`proxy.rs`): a TCP proxy between a client and an upstream (Redis or
 //!   PostgreSQL) whose fault mode — latency, partition, resets, refusals, truncated
 //!   responses — can be switched at any time while traffic flows.
+//! - [`RedisCluster`] (`cluster.rs`): a Redis Cluster of such processes formed with
+//!   `redis-cli --cluster create`, with [`kill_primary`](RedisCluster::kill_primary).
+//! - [`RedisSentinelGroup`] (`sentinel.rs`): a master, two replicas and three sentinels, with
+//!   [`kill_master`](RedisSentinelGroup::kill_master).
 //! - [`resp`]: just enough RESP to talk to a server in tests without a Redis client crate.
 //!
 //! # Requirements
 //!
-//! `redis-server` (7.x) on `PATH`.
+//! `redis-server` and `redis-cli` (7.x) on `PATH`; Linux (liveness is read from `/proc`).
 //!
 //! # Examples
 //!
@@ -37,12 +42,16 @@
 //! # }
 //! ```
 
+mod cluster;
 mod proxy;
 mod redis;
 pub mod resp;
+mod sentinel;
 
+pub use cluster::RedisCluster;
 pub use proxy::FaultProxy;
 pub use redis::{RedisOptions, RedisServer};
+pub use sentinel::RedisSentinelGroup;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 

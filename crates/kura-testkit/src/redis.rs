@@ -20,6 +20,7 @@ const START_ATTEMPTS: usize = 5;
 
 const LOG_FILE: &str = "redis.log";
 const STDIO_FILE: &str = "stdio.log";
+const SENTINEL_CONF: &str = "sentinel.conf";
 
 /// Options for [`RedisServer::start_with`].
 ///
@@ -84,6 +85,8 @@ pub struct RedisServer {
     pid: u32,
     child: Option<Child>,
     opts: RedisOptions,
+    /// Set for a Sentinel: the initial `sentinel.conf` (Sentinel rewrites it as it learns).
+    sentinel_conf: Option<String>,
     // Dropped last (after the process is dead), which removes the directory.
     dir: TempDir,
 }
@@ -105,6 +108,15 @@ impl RedisServer {
     ///
     /// As for [`start`](Self::start).
     pub async fn start_with(opts: RedisOptions) -> RedisServer {
+        RedisServer::launch(opts, None).await
+    }
+
+    /// Starts a Sentinel whose initial configuration is `conf` (`sentinel monitor ...` lines).
+    pub(crate) async fn start_sentinel(conf: String) -> RedisServer {
+        RedisServer::launch(RedisOptions::default(), Some(conf)).await
+    }
+
+    async fn launch(opts: RedisOptions, sentinel_conf: Option<String>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("kura-redis-")
             .tempdir()
@@ -114,6 +126,7 @@ impl RedisServer {
             pid: 0,
             child: None,
             opts,
+            sentinel_conf,
             dir,
         };
         let mut last_failure = String::new();
@@ -165,11 +178,14 @@ impl RedisServer {
         self.dir.path()
     }
 
-    /// Whether the process is running (it was started and has not exited).
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    /// Whether the process is running: started, not stopped, and not exited by itself.
+    #[must_use]
+    pub fn is_running(&self) -> bool {
+        // /proc rather than try_wait, so this needs no `&mut`: an exited but unreaped child
+        // shows as a zombie ("Z").
+        self.child.is_some()
+            && std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                .is_ok_and(|stat| stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"))
     }
 
     /// The last lines of the server's log and of its stdout/stderr, for failure messages.
@@ -219,11 +235,20 @@ impl RedisServer {
         }
     }
 
-    fn command(&self) -> Command {
+    fn command(&self) -> Result<Command, String> {
         let dir = self.dir.path();
         let mut cmd = Command::new("redis-server");
-        cmd.current_dir(dir)
-            .arg("--port")
+        cmd.current_dir(dir);
+        if let Some(conf) = &self.sentinel_conf {
+            // Sentinel insists on a writable config file, given first; it is written once and
+            // then kept, because Sentinel records what it learned there across restarts.
+            let path = dir.join(SENTINEL_CONF);
+            if !path.exists() {
+                std::fs::write(&path, conf).map_err(|e| format!("write {SENTINEL_CONF}: {e}"))?;
+            }
+            cmd.arg(path).arg("--sentinel");
+        }
+        cmd.arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1"])
             .args(["--protected-mode", "no"])
@@ -231,16 +256,18 @@ impl RedisServer {
             .arg("--dir")
             .arg(dir)
             .arg("--logfile")
-            .arg(dir.join(LOG_FILE))
+            .arg(dir.join(LOG_FILE));
+        if self.sentinel_conf.is_none() {
             // No RDB snapshots: the only persistence a test gets is the AOF it asks for.
-            .args(["--save", ""])
-            .args([
-                "--appendonly",
-                if self.opts.appendonly { "yes" } else { "no" },
-            ])
-            .args(["--appendfsync", "always"])
-            .args(&self.opts.extra_args);
-        cmd
+            cmd.args(["--save", ""])
+                .args([
+                    "--appendonly",
+                    if self.opts.appendonly { "yes" } else { "no" },
+                ])
+                .args(["--appendfsync", "always"]);
+        }
+        cmd.args(&self.opts.extra_args);
+        Ok(cmd)
     }
 
     /// Spawns the process and waits for `PING`; on failure returns a description with the log.
@@ -254,7 +281,7 @@ impl RedisServer {
             .try_clone()
             .map_err(|e| format!("clone {STDIO_FILE}: {e}"))?;
         let child = self
-            .command()
+            .command()?
             .stdin(Stdio::null())
             .stdout(stdio)
             .stderr(stderr)

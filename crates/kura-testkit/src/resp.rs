@@ -201,3 +201,22 @@ pub async fn ping(addr: SocketAddr) -> io::Result<()> {
         Err(invalid(String::from_utf8_lossy(&buf[..got]).into_owned()))
     }
 }
+
+/// Connects to `addr`, sends one command and returns its reply (for one-off admin commands).
+///
+/// # Errors
+///
+/// As for [`RespConn::command`], plus connect errors.
+pub async fn command(addr: SocketAddr, args: &[&str]) -> io::Result<Reply> {
+    RespConn::connect(addr).await?.command(args).await
+}
+
+/// The value of `field` in an `INFO`- or `CLUSTER INFO`-style `key:value` text.
+#[must_use]
+pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        line.trim_end()
+            .strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+    })
+}
