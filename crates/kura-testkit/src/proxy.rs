@@ -448,8 +448,27 @@ async fn pump(
             }
             *left -= len;
         }
-        if len > 0 && wr.write_all(&buf[..len]).await.is_err() {
-            return End::Error;
+        // Written piecewise next to the mode, so a peer that stops reading cannot keep this
+        // direction from seeing a reset, a partition or the proxy being dropped.
+        let mut written = 0;
+        while written < len {
+            tokio::select! {
+                n = wr.write(&buf[written..len]) => match n {
+                    Ok(0) | Err(_) => return End::Error,
+                    Ok(n) => written += n,
+                },
+                changed = mode.changed() => {
+                    if changed.is_err() {
+                        return End::Reset;
+                    }
+                    if let Some(end) = state.apply(conn, &mut mode) {
+                        return end;
+                    }
+                    if mode.borrow().blackhole {
+                        break;
+                    }
+                }
+            }
         }
         if exhausted {
             let _ = wr.flush().await;
