@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut flags = vec!["--url".to_owned(), url, "--id".to_owned(), "42".to_owned()];
     flags.extend(std::env::args().skip(1));
-    let args = kura_bench::BenchArgs::from_args(flags)?;
+    let args = kura_bench::BenchArgs::from_args(flags).unwrap_or_else(|e| e.exit());
     kura_bench::run(args).await?;
     Ok(())
 }

@@ -57,6 +57,12 @@ pub enum Dist {
 /// The service binary flattens this into its `bench` subcommand; tests and other callers can
 /// build it with [`BenchArgs::from_args`].
 #[derive(clap::Args, Debug, Clone)]
+// Flattening applies the struct's doc comment to the enclosing command; this text replaces it.
+#[command(
+    about = "Load-test a kura service over HTTP: throughput, latency percentiles, statuses, \
+             X-Cache mix and hit ratio over time",
+    long_about = None
+)]
 #[non_exhaustive]
 pub struct BenchArgs {
     /// Base URL of the service (http only). Must be a loopback address unless --allow-remote.
@@ -158,7 +164,8 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Parser for [`BenchArgs::from_args`]: a command of its own around the flattened flags.
+// Parser for `BenchArgs::from_args`: a command of its own around the flattened flags. (A doc
+// comment here would become the command's help text.)
 #[derive(clap::Parser, Debug)]
 #[command(name = "bench")]
 struct Standalone {

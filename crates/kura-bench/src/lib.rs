@@ -206,6 +206,7 @@ async fn execute(args: &BenchArgs) -> Result<Report, BenchError> {
     } + std::time::Duration::from_secs(1);
 
     let distribution = match args.dist {
+        _ if sampler.len() == 1 => "a single id".to_owned(),
         Dist::Hot => format!("hot id of {}", sampler.len()),
         Dist::Uniform => format!("uniform over {} ids", sampler.len()),
         Dist::Zipf => format!("zipf(s={}) over {} ids", args.zipf_exponent, sampler.len()),
