@@ -225,8 +225,8 @@ async fn a_service_that_never_answers_still_ends_the_run_with_timeouts() {
         started.elapsed()
     );
     assert_eq!(r.responses, 0);
-    // Five rounds of 100 ms timeouts on each of the four connections, give or take one.
-    assert!(r.timeouts >= 12, "{}", r.timeouts);
+    // Five rounds of 100 ms timeouts on each of the four connections; fewer on a busy machine.
+    assert!(r.timeouts >= 8, "{}", r.timeouts);
     assert_eq!(r.requests, r.timeouts);
     assert_eq!(r.latency_ms.max, 0.0);
 }
@@ -348,7 +348,7 @@ async fn rate_paces_an_open_loop() {
     .await
     .unwrap();
     assert_eq!(r.rate, Some(200.0));
-    assert!((180..=205).contains(&r.requests), "{}", r.requests);
+    assert!((150..=205).contains(&r.requests), "{}", r.requests);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
