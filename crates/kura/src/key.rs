@@ -475,6 +475,13 @@ impl KeyPattern {
     /// key of this pattern's kind whose id matches the glob.
     #[must_use]
     pub fn entry_of(&self, key: &str) -> Option<EntryKeys> {
+        let id = self.id_of(key)?;
+        Some(self.builder.entry_unchecked(&self.kind, &id))
+    }
+
+    /// The id of the entry `key` belongs to, if this pattern covers it.
+    #[must_use]
+    pub fn id_of(&self, key: &str) -> Option<String> {
         let rest = key
             .strip_prefix(self.builder.namespace.as_str())?
             .strip_prefix(':')?;
@@ -492,10 +499,7 @@ impl KeyPattern {
         } else {
             id
         };
-        if validate_id(id).is_err() || !Glob::matches(&self.id_glob, id) {
-            return None;
-        }
-        Some(self.builder.entry_unchecked(&self.kind, id))
+        (validate_id(id).is_ok() && Glob::matches(&self.id_glob, id)).then(|| id.to_owned())
     }
 
     /// Whether `key` is the value key of an entry this pattern covers.

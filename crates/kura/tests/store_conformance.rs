@@ -564,6 +564,7 @@ async fn queue_delivers_reclaims_and_acknowledges(b: Backend) {
     s.queue_ack(
         &q,
         &[Settled {
+            id: "u1",
             keys: &e,
             version: 1,
             entry_ids: &ids[..1],
@@ -575,6 +576,7 @@ async fn queue_delivers_reclaims_and_acknowledges(b: Backend) {
     s.queue_ack(
         &q,
         &[Settled {
+            id: "u1",
             keys: &e,
             version: 2,
             entry_ids: &ids[1..],
@@ -600,6 +602,7 @@ async fn dead_letters_drop_the_write(b: Backend) {
         .unwrap();
     let ids = vec![got[0].entry_id.clone()];
     let settled = Settled {
+        id: "u1",
         keys: &e,
         version: 1,
         entry_ids: &ids,

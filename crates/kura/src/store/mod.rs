@@ -33,6 +33,7 @@ use crate::key::{EntryKeys, KeyPattern};
 
 mod memory;
 mod redis;
+mod redis_conn;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, RedisStoreBuilder};
@@ -141,6 +142,8 @@ pub struct UpdateRequest<'a> {
 /// Queue entries of one entity that a flusher is done with.
 #[derive(Debug, Clone)]
 pub struct Settled<'a> {
+    /// The entity id.
+    pub id: &'a str,
     /// The entry.
     pub keys: &'a EntryKeys,
     /// The version the database now has (or that was given up).
@@ -359,6 +362,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
         let _ = req;
         Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Whether [`Store::accept`] stores the value and the queue entry in one
+    /// atomic step. When not (Redis Cluster, where they live in different
+    /// slots), flushers call [`Store::requeue_pending`] now and then.
+    fn accepts_atomically(&self) -> bool {
+        true
+    }
+
+    /// Appends a queue entry for every pending copy matching `pattern`, so
+    /// a pending copy whose queue entry was never written (a crash between
+    /// the two halves of a non-atomic accept) is still flushed. Duplicates
+    /// are harmless: the flush is version-guarded. Returns how many.
+    async fn requeue_pending(&self, pattern: &KeyPattern, queue: &QueueKeys) -> StoreResult<u64> {
+        let _ = (pattern, queue);
+        Ok(0)
     }
 
     /// Reads the pending copies (write-behind writes not yet in the

@@ -1,4 +1,5 @@
-//! The Redis store: Lua scripts over one multiplexed connection.
+//! The Redis store: Lua scripts over one multiplexed connection, on a
+//! standalone server, a Sentinel-managed master or a Cluster.
 
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
@@ -6,10 +7,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::io::tcp::TcpSettings;
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
-use redis::{IntoConnectionInfo, Pipeline, Script, Value};
+use redis::{Cmd, Pipeline, Script, Value};
+
+use super::redis_conn::{Conn, Timeouts};
 
 use super::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
@@ -21,12 +23,16 @@ use crate::key::{EntryKeys, KeyPattern};
 
 macro_rules! script {
     ($file:literal) => {
-        LazyLock::new(|| {
-            Script::new(concat!(
-                include_str!("scripts/prelude.lua"),
-                include_str!(concat!("scripts/", $file))
-            ))
-        })
+        LazyLock::new(|| Script::new(source!($file)))
+    };
+}
+
+macro_rules! source {
+    ($file:literal) => {
+        concat!(
+            include_str!("scripts/prelude.lua"),
+            include_str!(concat!("scripts/", $file))
+        )
     };
 }
 
@@ -39,20 +45,21 @@ static DISCARD: LazyLock<Script> = script!("discard.lua");
 static EXTEND_LOCK: LazyLock<Script> = script!("extend_lock.lua");
 static ACCEPT: LazyLock<Script> = script!("accept.lua");
 static SETTLE: LazyLock<Script> = script!("settle.lua");
+static ACCEPT_ENTRY: LazyLock<Script> = script!("accept_entry.lua");
 
-fn all_scripts() -> [&'static Script; 9] {
-    [
-        &ACQUIRE,
-        &FILL,
-        &RELEASE,
-        &UPDATE,
-        &INVALIDATE,
-        &DISCARD,
-        &EXTEND_LOCK,
-        &ACCEPT,
-        &SETTLE,
-    ]
-}
+/// Every script's source, for `SCRIPT LOAD` after the server lost them.
+const SOURCES: [&str; 10] = [
+    source!("acquire.lua"),
+    source!("fill.lua"),
+    source!("release.lua"),
+    source!("update.lua"),
+    source!("invalidate.lua"),
+    source!("discard.lua"),
+    source!("extend_lock.lua"),
+    source!("accept.lua"),
+    source!("settle.lua"),
+    source!("accept_entry.lua"),
+];
 
 /// `SCAN` batch size, as in the seed.
 const SCAN_COUNT: usize = 100;
@@ -100,32 +107,17 @@ impl RedisStoreBuilder {
     ///
     /// [`StoreError::Server`] when the URL cannot be parsed.
     pub fn build(self) -> StoreResult<RedisStore> {
-        let info = self
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| StoreError::Server(format!("bad redis url: {e}").into()))?
-            // Small requests and replies: Nagle's algorithm would add up to
-            // 40 ms to each round trip.
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = redis::Client::open(info)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
-        // Blocking queue reads get a connection of their own: on the shared
-        // one they would hold up every command queued behind them.
-        let blocking = ConnectionManager::new_lazy_with_config(
-            client,
-            config.set_response_timeout(Some(self.response_timeout + MAX_BLOCK)),
+        let conn = Conn::open(
+            &self.url,
+            Timeouts {
+                response: self.response_timeout,
+                connect: self.connect_timeout,
+                block: MAX_BLOCK,
+            },
         )?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
-                blocking,
                 url: redact(&self.url),
             }),
         })
@@ -153,8 +145,7 @@ pub struct RedisStore {
 
 #[derive(Debug)]
 struct Inner {
-    conn: ConnectionManager,
-    blocking: ConnectionManager,
+    conn: Conn,
     url: String,
 }
 
@@ -162,7 +153,13 @@ struct Inner {
 const MAX_BLOCK: Duration = Duration::from_secs(2);
 
 impl RedisStore {
-    /// A builder for the server at `url` (`redis://[:password@]host:port[/db]`).
+    /// A builder for the servers at `url`:
+    ///
+    /// - `redis://[[user]:password@]host:port[/db]` (`rediss://` for TLS): one server;
+    /// - `redis+sentinel://[[user]:password@]s1:26379,s2:26379/<master>[/db]`:
+    ///   the master the sentinels name, followed after a failover;
+    /// - `redis+cluster://[[user]:password@]n1:7000,n2:7001`: a Redis Cluster
+    ///   from its seed nodes (keys then carry hash tags, see [`crate::key`]).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.into(),
@@ -186,27 +183,30 @@ impl RedisStore {
         &self.inner.url
     }
 
-    /// A clone of the shared connection, for commands kura has no step for.
+    /// A clone of the shared connection, for commands kura has no step for
+    /// (`None` on Cluster, or before a Sentinel master is known).
     #[must_use]
-    pub fn connection(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+    pub fn connection(&self) -> Option<ConnectionManager> {
+        self.inner.conn.manager()
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
+        Ok(self.inner.conn.query(cmd).await?)
     }
 
     /// Runs a pipeline, loading the scripts once if the server lost them
-    /// (`NOSCRIPT` after a restart or `SCRIPT FLUSH`).
+    /// (`NOSCRIPT` after a restart, a failover or `SCRIPT FLUSH`).
     async fn run(&self, pipe: &Pipeline) -> StoreResult<Vec<Value>> {
-        let mut conn = self.inner.conn.clone();
         let mut loaded = false;
         loop {
-            let results: Vec<redis::RedisResult<Value>> =
-                pipe.clone().ignore_errors().query_async(&mut conn).await?;
+            let results = self.inner.conn.exec(pipe).await?;
             let noscript = results.iter().any(|r| {
                 r.as_ref().is_err_and(|e| {
                     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
                 })
             });
             if noscript && !loaded {
-                load_scripts(&mut conn).await?;
+                self.load_scripts().await?;
                 loaded = true;
                 continue;
             }
@@ -216,13 +216,65 @@ impl RedisStore {
                 .collect();
         }
     }
+
+    /// Loads every script (on every primary of a cluster).
+    async fn load_scripts(&self) -> StoreResult<()> {
+        for src in SOURCES {
+            self.query::<Value>(redis::cmd("SCRIPT").arg("LOAD").arg(src))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a `SCAN` of every primary (or of the one server).
+    async fn scan(&self, pattern: &str) -> StoreResult<Scan> {
+        let nodes = self.inner.conn.primaries().await?;
+        let targets: Vec<Option<(String, u16)>> = if nodes.is_empty() {
+            vec![None]
+        } else {
+            nodes.into_iter().map(Some).collect()
+        };
+        Ok(Scan {
+            pattern: pattern.to_owned(),
+            targets,
+            at: 0,
+            cursor: 0,
+        })
+    }
+
+    /// The next batch of keys of a scan; `None` when it is done.
+    async fn scan_next(&self, scan: &mut Scan) -> StoreResult<Option<Vec<String>>> {
+        let Some(node) = scan.targets.get(scan.at).cloned() else {
+            return Ok(None);
+        };
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(scan.cursor)
+            .arg("MATCH")
+            .arg(&scan.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let (next, keys): (u64, Vec<Vec<u8>>) = match &node {
+            Some(n) => self.inner.conn.query_node(n, &cmd).await?,
+            None => self.inner.conn.query(&cmd).await?,
+        };
+        if next == 0 {
+            scan.at += 1;
+        }
+        scan.cursor = next;
+        Ok(Some(
+            keys.into_iter()
+                .filter_map(|k| String::from_utf8(k).ok())
+                .collect(),
+        ))
+    }
 }
 
-async fn load_scripts(conn: &mut (impl ConnectionLike + Send)) -> StoreResult<()> {
-    for s in all_scripts() {
-        s.load_async(conn).await?;
-    }
-    Ok(())
+/// A `SCAN` in progress over one or more nodes.
+struct Scan {
+    pattern: String,
+    targets: Vec<Option<(String, u16)>>,
+    at: usize,
+    cursor: u64,
 }
 
 fn entry_invocation<'a>(
@@ -239,16 +291,18 @@ fn entry_invocation<'a>(
     pipe.invoke_script(&inv);
 }
 
-async fn ensure_group(conn: &mut ConnectionManager, queue: &QueueKeys) -> StoreResult<()> {
+async fn ensure_group(conn: &Conn, queue: &QueueKeys) -> StoreResult<()> {
     // From id 0: entries accepted before the first flusher started are
     // delivered too (acknowledged ones were deleted).
-    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&queue.stream)
-        .arg(&queue.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(conn)
+    let r: redis::RedisResult<()> = conn
+        .query(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&queue.stream)
+                .arg(&queue.group)
+                .arg("0")
+                .arg("MKSTREAM"),
+        )
         .await;
     match r {
         Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
@@ -268,12 +322,10 @@ fn push_ack<'a>(
     for id in ids.clone() {
         pipe.arg(id);
     }
-    pipe.ignore();
     pipe.cmd("XDEL").arg(&queue.stream);
     for id in ids {
         pipe.arg(id);
     }
-    pipe.ignore();
 }
 
 fn entry_of(e: StreamId) -> Option<QueueEntry> {
@@ -314,24 +366,50 @@ fn unexpected(v: &Value) -> StoreError {
     StoreError::Server(format!("unexpected reply from script: {v:?}").into())
 }
 
+/// Builds an accept's entry-slot step (everything but the queue entry).
+fn accept_entry_invocation(pipe: &mut Pipeline, req: &AcceptRequest<'_>) {
+    entry_invocation(pipe, &ACCEPT_ENTRY, req.keys, |inv| {
+        inv.arg(req.expected_version.to_string())
+            .arg(&req.bytes[..])
+            .arg(millis(req.lifetimes.ttl))
+            .arg(req.lifetimes.stale_ttl.as_millis() as u64);
+    });
+}
+
+fn text_at(parts: &[Value], i: usize) -> Option<String> {
+    match parts.get(i)? {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn int_result(v: Option<&redis::RedisResult<Value>>) -> u64 {
+    match v {
+        Some(Ok(Value::Int(n))) => *n as u64,
+        _ => 0,
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
-        let mut conn = self.inner.conn.clone();
-        let cmd = match refresh {
+        let mut cmd = match refresh {
             Some(ttl) => {
                 let mut c = redis::cmd("GETEX");
                 c.arg(key).arg("PX").arg(millis(ttl));
                 c
             }
-            None => {
-                let mut c = redis::cmd("GET");
-                c.arg(key);
-                c
-            }
+            None => redis::cmd("GET"),
         };
+        if refresh.is_none() {
+            cmd.arg(key);
+        }
         let v: Option<Vec<u8>> =
-            cmd.query_async(&mut conn)
+            self.inner
+                .conn
+                .query(&cmd)
                 .await
                 .map_err(|e| match StoreError::from(e) {
                     StoreError::WrongType(_) => StoreError::WrongType(key.to_owned()),
@@ -344,9 +422,8 @@ impl Store for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.inner.conn.clone();
-        let vals: Vec<Option<Vec<u8>>> =
-            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        // On Cluster, MGET is split by slot and put back together in order.
+        let vals: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(keys)).await?;
         Ok(vals.into_iter().map(|v| v.map(Bytes::from)).collect())
     }
 
@@ -470,33 +547,21 @@ impl Store for RedisStore {
     }
 
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
-        let mut conn = self.inner.conn.clone();
-        let matcher = pattern.scan_match();
-        let mut cursor: u64 = 0;
         let mut deleted = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&matcher)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await?;
+        let mut scan = self.scan(&pattern.scan_match()).await?;
+        while let Some(keys) = self.scan_next(&mut scan).await? {
             let mut seen = HashSet::new();
             let entries: Vec<EntryKeys> = keys
                 .iter()
-                .filter_map(|k| std::str::from_utf8(k).ok())
                 .filter_map(|k| pattern.entry_of(k))
                 .filter(|e| seen.insert(e.value.clone()))
                 .collect();
             let refs: Vec<&EntryKeys> = entries.iter().collect();
+            // The true count: how many values the deletes found, not how
+            // many keys the scan listed.
             deleted += self.invalidate(&refs).await?;
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
         }
+        Ok(deleted)
     }
 
     async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
@@ -506,15 +571,14 @@ impl Store for RedisStore {
     }
 
     async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
-        let mut conn = self.inner.conn.clone();
-        redis::cmd("SET")
-            .arg(key)
-            .arg(&bytes[..])
-            .arg("PX")
-            .arg(millis(ttl))
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        self.query::<()>(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(&bytes[..])
+                .arg("PX")
+                .arg(millis(ttl)),
+        )
+        .await
     }
 
     async fn incr(&self, counters: &[(&str, i64)]) -> StoreResult<()> {
@@ -523,31 +587,29 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for (k, by) in counters {
-            pipe.cmd("INCRBY").arg(*k).arg(*by).ignore();
+            pipe.cmd("INCRBY").arg(*k).arg(*by);
         }
-        let mut conn = self.inner.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.run(&pipe).await.map(drop)
     }
 
     async fn counters(&self, keys: &[&str]) -> StoreResult<Vec<i64>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.inner.conn.clone();
-        let vals: Vec<Option<i64>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        let vals: Vec<Option<i64>> = self.query(redis::cmd("MGET").arg(keys)).await?;
         Ok(vals.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
-        let mut conn = self.inner.conn.clone();
-        let r: Option<String> = redis::cmd("SET")
-            .arg(key)
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .query_async(&mut conn)
+        let r: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(ttl)),
+            )
             .await?;
         Ok(r.is_some())
     }
@@ -566,12 +628,13 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        let mut conn = self.inner.conn.clone();
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.query::<()>(&redis::cmd("PING")).await
     }
 
     async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
+        if self.inner.conn.is_cluster() {
+            return self.accept_cluster(req).await;
+        }
         let mut pipe = redis::pipe();
         let mut inv = ACCEPT.prepare_invoke();
         for k in req.keys.as_array() {
@@ -591,29 +654,66 @@ impl Store for RedisStore {
         let Value::Array(parts) = &v else {
             return Err(unexpected(&v));
         };
-        let text = |i: usize| -> Option<String> {
-            match parts.get(i)? {
-                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-                Value::SimpleString(s) => Some(s.clone()),
-                Value::Int(n) => Some(n.to_string()),
-                _ => None,
-            }
+        let num = |i: usize| {
+            text_at(parts, i)
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0)
         };
         match parts.first().map(as_int).transpose()? {
             Some(1) => Ok(AcceptOutcome::Accepted {
-                entry_id: text(1).ok_or_else(|| unexpected(&v))?,
+                entry_id: text_at(parts, 1).ok_or_else(|| unexpected(&v))?,
             }),
-            Some(2) => Ok(AcceptOutcome::Conflict {
-                current: text(1).and_then(|t| t.parse().ok()).unwrap_or(0),
-            }),
+            Some(2) => Ok(AcceptOutcome::Conflict { current: num(1) }),
             Some(3) => Ok(AcceptOutcome::Full {
-                depth: text(1).and_then(|t| t.parse().ok()).unwrap_or(0),
-                oldest_age: Duration::from_millis(
-                    text(2).and_then(|t| t.parse().ok()).unwrap_or(0),
-                ),
+                depth: num(1),
+                oldest_age: Duration::from_millis(num(2)),
             }),
             _ => Err(unexpected(&v)),
         }
+    }
+
+    fn accepts_atomically(&self) -> bool {
+        !self.inner.conn.is_cluster()
+    }
+
+    async fn requeue_pending(&self, pattern: &KeyPattern, queue: &QueueKeys) -> StoreResult<u64> {
+        let mut requeued = 0;
+        let mut scan = self.scan(&pattern.scan_match()).await?;
+        while let Some(keys) = self.scan_next(&mut scan).await? {
+            let entries: Vec<(String, EntryKeys)> = keys
+                .into_iter()
+                .filter_map(|k| {
+                    pattern
+                        .entry_of(&k)
+                        .filter(|e| e.pending == k)
+                        .map(|e| (k, e))
+                })
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let refs: Vec<&EntryKeys> = entries.iter().map(|(_, e)| e).collect();
+            let copies = self.pending_copies(&refs).await?;
+            let mut pipe = redis::pipe();
+            for ((_, e), copy) in entries.iter().zip(copies) {
+                let (Some(copy), Some(id)) = (copy, pattern.id_of(&e.value)) else {
+                    continue;
+                };
+                let version = crate::codec::peek_version(&copy).unwrap_or(0);
+                pipe.cmd("XADD")
+                    .arg(&queue.stream)
+                    .arg("*")
+                    .arg("id")
+                    .arg(id)
+                    .arg("v")
+                    .arg(version);
+                requeued += 1;
+            }
+            if !pipe.is_empty() {
+                self.run(&pipe).await?;
+            }
+        }
+        Ok(requeued)
     }
 
     async fn pending_copies(&self, entries: &[&EntryKeys]) -> StoreResult<Vec<Option<Bytes>>> {
@@ -628,27 +728,23 @@ impl Store for RedisStore {
         count: usize,
         block: Duration,
     ) -> StoreResult<Vec<QueueEntry>> {
-        let mut conn = self.inner.blocking.clone();
         let block = block.min(MAX_BLOCK);
-        let read = |conn: &mut ConnectionManager| {
-            let mut c = redis::cmd("XREADGROUP");
-            c.arg("GROUP")
-                .arg(&queue.group)
-                .arg(consumer)
-                .arg("COUNT")
-                .arg(count);
-            // BLOCK 0 would wait forever: a zero wait is no BLOCK at all.
-            if block >= Duration::from_millis(1) {
-                c.arg("BLOCK").arg(block.as_millis() as u64);
-            }
-            c.arg("STREAMS").arg(&queue.stream).arg(">");
-            let mut conn = conn.clone();
-            async move { c.query_async::<Option<StreamReadReply>>(&mut conn).await }
-        };
-        let reply = match read(&mut conn).await {
+        let mut c = redis::cmd("XREADGROUP");
+        c.arg("GROUP")
+            .arg(&queue.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count);
+        // BLOCK 0 would wait forever: a zero wait is no BLOCK at all.
+        if block >= Duration::from_millis(1) {
+            c.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        c.arg("STREAMS").arg(&queue.stream).arg(">");
+        let conn = &self.inner.conn;
+        let reply: Option<StreamReadReply> = match conn.query_blocking(&c).await {
             Err(e) if e.code() == Some("NOGROUP") => {
-                ensure_group(&mut conn, queue).await?;
-                read(&mut conn).await?
+                ensure_group(conn, queue).await?;
+                conn.query_blocking(&c).await?
             }
             other => other?,
         };
@@ -670,21 +766,24 @@ impl Store for RedisStore {
         min_idle: Duration,
         count: usize,
     ) -> StoreResult<Vec<QueueEntry>> {
-        let mut conn = self.inner.conn.clone();
-        let reply: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
-            .arg(&queue.stream)
-            .arg(&queue.group)
-            .arg(consumer)
-            .arg(min_idle.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
+        let reply: redis::RedisResult<StreamAutoClaimReply> = self
+            .inner
+            .conn
+            .query(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&queue.stream)
+                    .arg(&queue.group)
+                    .arg(consumer)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count),
+            )
             .await;
         match reply {
             Ok(r) => Ok(r.claimed.into_iter().filter_map(entry_of).collect()),
             Err(e) if e.code() == Some("NOGROUP") => {
-                ensure_group(&mut conn, queue).await?;
+                ensure_group(&self.inner.conn, queue).await?;
                 Ok(Vec::new())
             }
             Err(e) => Err(e.into()),
@@ -722,27 +821,19 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for (d, error, value) in letters {
-            let id = d
-                .keys
-                .value
-                .rsplit(':')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
             pipe.cmd("XADD")
                 .arg(&queue.dead)
                 .arg("*")
                 .arg("key")
                 .arg(&d.keys.value)
                 .arg("id")
-                .arg(id)
+                .arg(d.id)
                 .arg("v")
                 .arg(d.version)
                 .arg("error")
                 .arg(*error)
                 .arg("value")
-                .arg(&value[..])
-                .ignore();
+                .arg(&value[..]);
             entry_invocation(&mut pipe, &SETTLE, d.keys, |inv| {
                 inv.arg(d.version.to_string()).arg("dropped");
             });
@@ -766,14 +857,7 @@ impl Store for RedisStore {
             .arg(1);
         pipe.cmd("XPENDING").arg(&queue.stream).arg(&queue.group);
         pipe.cmd("XLEN").arg(&queue.dead);
-        pipe.cmd("TIME");
-        let mut conn = self.inner.conn.clone();
-        let r: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(&mut conn).await?;
-        let int = |v: Option<&redis::RedisResult<Value>>| match v {
-            Some(Ok(Value::Int(n))) => *n as u64,
-            _ => 0,
-        };
-        let depth = int(r.first());
+        let r = self.inner.conn.exec(&pipe).await?;
         let first_ms = match r.get(1) {
             Some(Ok(Value::Array(items))) => items.first().and_then(|e| match e {
                 Value::Array(parts) => match parts.first() {
@@ -797,36 +881,27 @@ impl Store for RedisStore {
             }),
             _ => 0,
         };
-        let now_ms = match r.get(4) {
-            Some(Ok(Value::Array(t))) => {
-                let num = |v: Option<&Value>| match v {
-                    Some(Value::BulkString(b)) => std::str::from_utf8(b)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(0),
-                    _ => 0,
-                };
-                num(t.first()) * 1000 + num(t.get(1)) / 1000
-            }
-            _ => 0,
-        };
+        // Entry ids carry the server's clock; compare with the same clock.
+        let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
+        let now_ms = secs * 1000 + micros / 1000;
         Ok(QueueStats {
-            depth,
+            depth: int_result(r.first()),
             oldest_age_ms: first_ms.map_or(0, |ms| now_ms.saturating_sub(ms)),
             in_flight,
-            dead_letters: int(r.get(3)),
+            dead_letters: int_result(r.get(3)),
         })
     }
 
     async fn dead_letters(&self, queue: &QueueKeys, count: usize) -> StoreResult<Vec<DeadLetter>> {
-        let mut conn = self.inner.conn.clone();
-        let r: StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&queue.dead)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
+        let r: StreamRangeReply = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(&queue.dead)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(count),
+            )
             .await?;
         Ok(r.ids
             .into_iter()
@@ -851,27 +926,73 @@ impl Store for RedisStore {
     }
 
     async fn durability(&self) -> StoreResult<Durability> {
-        let mut conn = self.inner.conn.clone();
-        let aof: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendonly")
-            .query_async(&mut conn)
+        let aof: Vec<String> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("appendonly"))
             .await?;
         if aof.get(1).map(String::as_str) != Some("yes") {
             return Ok(Durability::Volatile);
         }
-        let fsync: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .query_async(&mut conn)
+        let fsync: Vec<String> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("appendfsync"))
             .await?;
         Ok(Durability::Logged {
             fsync: fsync.get(1).cloned().unwrap_or_default(),
         })
     }
 
+    fn needs_hash_tags(&self) -> bool {
+        self.inner.conn.is_cluster()
+    }
+
     fn describe(&self) -> &'static str {
-        "redis"
+        self.inner.conn.topology()
+    }
+}
+
+impl RedisStore {
+    /// Cluster accept: the entry's keys and the queue live in different
+    /// slots, so the step is split. The queue's limits are checked first,
+    /// then the entry is compare-and-set (value, stale and pending copies),
+    /// then the queue entry is appended. A crash between the last two
+    /// leaves a pending copy with no queue entry; flushers re-queue such
+    /// copies ([`Store::requeue_pending`]), so the write still lands.
+    async fn accept_cluster(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
+        if req.max_depth > 0 || !req.max_age.is_zero() {
+            let stats = self.queue_stats(req.queue).await?;
+            let full = (req.max_depth > 0 && stats.depth >= req.max_depth)
+                || (!req.max_age.is_zero()
+                    && stats.depth > 0
+                    && stats.oldest_age_ms >= req.max_age.as_millis() as u64);
+            if full {
+                return Ok(AcceptOutcome::Full {
+                    depth: stats.depth,
+                    oldest_age: Duration::from_millis(stats.oldest_age_ms),
+                });
+            }
+        }
+        let mut pipe = redis::pipe();
+        accept_entry_invocation(&mut pipe, req);
+        let v = self.run(&pipe).await?.pop().unwrap_or(Value::Nil);
+        let Value::Array(parts) = &v else {
+            return Err(unexpected(&v));
+        };
+        if parts.first().map(as_int).transpose()? == Some(2) {
+            return Ok(AcceptOutcome::Conflict {
+                current: text_at(parts, 1).and_then(|t| t.parse().ok()).unwrap_or(0),
+            });
+        }
+        let entry_id: String = self
+            .query(
+                redis::cmd("XADD")
+                    .arg(&req.queue.stream)
+                    .arg("*")
+                    .arg("id")
+                    .arg(req.id)
+                    .arg("v")
+                    .arg(req.version),
+            )
+            .await?;
+        Ok(AcceptOutcome::Accepted { entry_id })
     }
 }
 

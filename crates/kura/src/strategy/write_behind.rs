@@ -463,6 +463,8 @@ impl<S: Source> WriteBehind<S> {
             claim_idle: Duration::from_secs(30),
             max_attempts: 5,
             rejections: HashMap::new(),
+            sweep_every: Duration::from_secs(60),
+            last_sweep: None,
         }
     }
 }
@@ -511,6 +513,10 @@ pub struct Flusher<S: Source, K: Sink<Value = S::Value>> {
     max_attempts: u32,
     /// Rejections per entity id and version, for the dead-letter rule.
     rejections: HashMap<(String, u64), u32>,
+    /// How often pending copies are re-queued on stores whose accept is
+    /// not atomic.
+    sweep_every: Duration,
+    last_sweep: Option<Instant>,
 }
 
 impl<S: Source, K: Sink<Value = S::Value>> std::fmt::Debug for Flusher<S, K> {
@@ -554,6 +560,14 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
     /// over (default 30 s). Longer than the slowest batch.
     pub fn claim_idle(mut self, d: Duration) -> Self {
         self.claim_idle = d;
+        self
+    }
+
+    /// How often, on a store whose accept is not one atomic step (Redis
+    /// Cluster), pending copies are re-queued in case a crash separated a
+    /// copy from its queue entry (default 60 s).
+    pub fn sweep_every(mut self, d: Duration) -> Self {
+        self.sweep_every = d;
         self
     }
 
@@ -624,6 +638,26 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         let c = wb.cache();
         let store = &c.store;
         let q = &wb.queue;
+        if !store.accepts_atomically()
+            && self
+                .last_sweep
+                .is_none_or(|t| t.elapsed() >= self.sweep_every)
+        {
+            self.last_sweep = Some(Instant::now());
+            let pattern = c.keys.pattern(&wb.aside.kind(), "*")?;
+            match c
+                .call_within(
+                    Duration::from_secs(120),
+                    None,
+                    store.requeue_pending(&pattern, q),
+                )
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(n, "pending write-behind copies re-queued"),
+                Err(e) => tracing::warn!(error = %e, "could not re-queue pending copies"),
+            }
+        }
         let mut entries = Vec::new();
         if claim {
             entries = c
@@ -805,6 +839,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         let acks: Vec<Settled<'_>> = settled
             .iter()
             .map(|&(i, version)| Settled {
+                id: &by_id[i].0,
                 keys: &by_id[i].1,
                 version,
                 entry_ids: &by_id[i].2,
@@ -825,6 +860,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                     );
                     (
                         Settled {
+                            id: &by_id[*i].0,
                             keys: &by_id[*i].1,
                             version: *version,
                             entry_ids: &by_id[*i].2,
