@@ -304,7 +304,9 @@ impl Conn {
                 let c = cluster(conn, client).await?;
                 let calls = pipe.cmd_iter().map(|cmd| {
                     let mut c = c.clone();
-                    async move { c.req_packed_command(cmd).await }
+                    // A server error comes back as a value here; make it an
+                    // error as a pipeline with `ignore_errors` would.
+                    async move { c.req_packed_command(cmd).await.and_then(Value::extract_error) }
                 });
                 Ok(futures::future::join_all(calls).await)
             }

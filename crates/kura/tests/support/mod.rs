@@ -25,22 +25,30 @@ pub fn ns() -> String {
 }
 
 /// Which store a test runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
+    /// The shared Redis at `REDIS_URL`.
     Redis,
+    /// The in-process store.
     Memory,
+    /// Another Redis topology (a cluster or sentinel group a test started).
+    Url(String),
 }
 
 impl Backend {
     /// `n` stores sharing one cache server: separate Redis connections (as
     /// separate processes would have), or clones of one memory store.
-    pub fn fleet(self, n: usize) -> Vec<Arc<dyn Store>> {
+    pub fn fleet(&self, n: usize) -> Vec<Arc<dyn Store>> {
         match self {
-            Backend::Redis => (0..n)
-                .map(|_| {
-                    Arc::new(RedisStore::open(&redis_url()).expect("redis url")) as Arc<dyn Store>
-                })
-                .collect(),
+            Backend::Redis | Backend::Url(_) => {
+                let url = match self {
+                    Backend::Url(u) => u.clone(),
+                    _ => redis_url(),
+                };
+                (0..n)
+                    .map(|_| Arc::new(RedisStore::open(&url).expect("redis url")) as Arc<dyn Store>)
+                    .collect()
+            }
             Backend::Memory => {
                 let m = MemoryStore::new();
                 (0..n)
@@ -50,12 +58,12 @@ impl Backend {
         }
     }
 
-    pub fn store(self) -> Arc<dyn Store> {
+    pub fn store(&self) -> Arc<dyn Store> {
         self.fleet(1).pop().expect("one store")
     }
 
     /// A cache with its own namespace and no TTL jitter.
-    pub fn cache(self) -> (Cache, String) {
+    pub fn cache(&self) -> (Cache, String) {
         let ns = ns();
         (cache_on(self.store(), &ns), ns)
     }

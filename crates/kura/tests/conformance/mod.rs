@@ -1,0 +1,654 @@
+//! The store conformance suite: every atomic step, with the expectations
+//! every store must meet. Run per backend by `store_conformance.rs` and
+//! `topologies.rs`.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use crate::support::{Backend, Row, cleanup, ns};
+use bytes::Bytes;
+use kura::codec;
+use kura::key::{EntryKeys, KeyBuilder};
+use kura::store::{
+    AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue,
+    Lifetimes, QueueKeys, Settled, UpdateOutcome, UpdateRequest,
+};
+use kura::{Kind, Store};
+
+pub fn keys(s: &dyn Store, ns: &str) -> KeyBuilder {
+    KeyBuilder::new(ns, s.needs_hash_tags()).unwrap()
+}
+
+pub fn entry(s: &dyn Store, ns: &str, id: &str) -> EntryKeys {
+    keys(s, ns).entry(&Kind::PROFILE, id).unwrap()
+}
+
+pub fn envelope(name: &str, version: u64) -> Bytes {
+    let row = Row {
+        id: "x".into(),
+        name: name.into(),
+        version,
+    };
+    codec::encode(&row, version, codec::DEFAULT_MAX_VALUE_BYTES)
+        .unwrap()
+        .envelope
+}
+
+pub fn life(ttl_ms: u64, stale_ms: u64) -> Lifetimes {
+    Lifetimes {
+        ttl: Duration::from_millis(ttl_ms),
+        stale_ttl: Duration::from_millis(stale_ms),
+    }
+}
+
+pub fn acq<'a>(e: &'a EntryKeys, token: &'a str) -> AcquireRequest<'a> {
+    AcquireRequest {
+        keys: e,
+        token,
+        lease_ttl: Duration::from_secs(5),
+        value_ttl: Duration::from_secs(60),
+    }
+}
+
+pub fn fill_req<'a>(
+    e: &'a EntryKeys,
+    token: &'a str,
+    bytes: Bytes,
+    version: u64,
+) -> FillRequest<'a> {
+    FillRequest {
+        keys: e,
+        token,
+        value: FillValue::Value { bytes, version },
+        lifetimes: life(60_000, 0),
+    }
+}
+
+pub fn name_of(b: &Bytes) -> String {
+    codec::decode::<Row>(b).unwrap().value.name
+}
+
+pub async fn lease_is_exclusive_and_reentrant(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let got = s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Leased { stale: None }]);
+    let got = s.acquire(&[acq(&e, "B")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Busy { stale: None }]);
+    // A retried request by the holder is not told to wait for itself.
+    let got = s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Leased { stale: None }]);
+    cleanup(&ns).await;
+}
+
+pub async fn fill_lands_only_under_the_lease(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let out = s
+        .fill(&[fill_req(&e, "B", envelope("b", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost], "a stranger cannot fill");
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("a", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    let v = s.get(&e.value, None).await.unwrap().unwrap();
+    assert_eq!(name_of(&v), "a");
+    match &s.acquire(&[acq(&e, "C")]).await.unwrap()[0] {
+        Acquired::Value(b) => assert_eq!(name_of(b), "a"),
+        other => panic!("expected the value, got {other:?}"),
+    }
+    // The lease is released by the fill: a second fill is rejected.
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("a2", 2), 2)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    cleanup(&ns).await;
+}
+
+pub async fn invalidation_voids_the_lease(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(s.invalidate(&[&e]).await.unwrap(), 0, "nothing was cached");
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("old", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    // A new reader after the invalidation gets a fresh lease.
+    let got = s.acquire(&[acq(&e, "B")]).await.unwrap();
+    assert_eq!(got, vec![Acquired::Leased { stale: None }]);
+    cleanup(&ns).await;
+}
+
+pub async fn update_voids_the_lease_and_only_replaces_older(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let up = |v: u64| UpdateRequest {
+        keys: &e,
+        bytes: envelope(&format!("v{v}"), v),
+        version: v,
+        lifetimes: life(60_000, 0),
+    };
+    // Absent: nothing is created, and a load in flight is voided.
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    assert_eq!(
+        s.update(&[up(2)]).await.unwrap(),
+        vec![UpdateOutcome::NotCached]
+    );
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("v1", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    // Present and older: replaced. Same or newer: kept.
+    s.acquire(&[acq(&e, "B")]).await.unwrap();
+    s.fill(&[fill_req(&e, "B", envelope("v2", 2), 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.update(&[up(3)]).await.unwrap(),
+        vec![UpdateOutcome::Stored]
+    );
+    assert_eq!(
+        s.update(&[up(2)]).await.unwrap(),
+        vec![UpdateOutcome::NotNewer]
+    );
+    assert_eq!(
+        s.update(&[up(3)]).await.unwrap(),
+        vec![UpdateOutcome::NotNewer]
+    );
+    let v = s.get(&e.value, None).await.unwrap().unwrap();
+    assert_eq!(name_of(&v), "v3");
+    // Versions compare as numbers, not text ("10" > "9").
+    assert_eq!(
+        s.update(&[up(10)]).await.unwrap(),
+        vec![UpdateOutcome::Stored]
+    );
+    assert_eq!(
+        s.update(&[up(9)]).await.unwrap(),
+        vec![UpdateOutcome::NotNewer]
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn not_found_is_remembered_and_cleared(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "ghost");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let out = s
+        .fill(&[FillRequest {
+            keys: &e,
+            token: "A",
+            value: FillValue::Absent,
+            lifetimes: life(60_000, 0),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    assert_eq!(
+        s.acquire(&[acq(&e, "B")]).await.unwrap(),
+        vec![Acquired::Absent]
+    );
+    // Other services reading the value key see nothing.
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    s.invalidate(&[&e]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "B")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn stale_copy_outlives_the_value(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let req = FillRequest {
+        keys: &e,
+        token: "A",
+        value: FillValue::Value {
+            bytes: envelope("old", 1),
+            version: 1,
+        },
+        lifetimes: life(100, 60_000),
+    };
+    s.fill(&[req]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None, "value expired");
+    match &s.acquire(&[acq(&e, "B")]).await.unwrap()[0] {
+        Acquired::Leased { stale: Some(st) } => assert_eq!(name_of(st), "old"),
+        other => panic!("expected a lease with the stale copy, got {other:?}"),
+    }
+    match &s.acquire(&[acq(&e, "C")]).await.unwrap()[0] {
+        Acquired::Busy { stale: Some(st) } => assert_eq!(name_of(st), "old"),
+        other => panic!("expected busy with the stale copy, got {other:?}"),
+    }
+    // An invalidation takes the stale copy too: nothing invalidated is served.
+    s.invalidate(&[&e]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "D")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn release_only_by_the_holder(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    s.release(&[(&e, "B")]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "C")]).await.unwrap(),
+        vec![Acquired::Busy { stale: None }]
+    );
+    s.release(&[(&e, "A")]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "C")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn lease_expires(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let short = AcquireRequest {
+        keys: &e,
+        token: "A",
+        lease_ttl: Duration::from_millis(100),
+        value_ttl: Duration::from_secs(60),
+    };
+    s.acquire(&[short]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        s.acquire(&[acq(&e, "B")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }],
+        "a dead holder's lease runs out"
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn batches_are_per_entry(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let es: Vec<EntryKeys> = (0..5).map(|i| entry(&*s, &ns, &format!("u{i}"))).collect();
+    s.acquire(&[acq(&es[0], "X")]).await.unwrap();
+    let reqs: Vec<_> = es.iter().map(|e| acq(e, "T")).collect();
+    let got = s.acquire(&reqs).await.unwrap();
+    assert_eq!(got[0], Acquired::Busy { stale: None });
+    assert!(
+        got[1..]
+            .iter()
+            .all(|a| *a == Acquired::Leased { stale: None })
+    );
+    let fills: Vec<_> = es
+        .iter()
+        .enumerate()
+        .map(|(i, e)| fill_req(e, "T", envelope(&format!("n{i}"), 1), 1))
+        .collect();
+    let out = s.fill(&fills).await.unwrap();
+    assert_eq!(out[0], FillOutcome::LeaseLost);
+    assert!(out[1..].iter().all(|o| *o == FillOutcome::Stored));
+    let ks: Vec<&str> = es.iter().map(|e| e.value.as_str()).collect();
+    let vals = s.get_many(&ks).await.unwrap();
+    assert!(vals[0].is_none());
+    for (i, v) in vals.iter().enumerate().skip(1) {
+        assert_eq!(name_of(v.as_ref().unwrap()), format!("n{i}"));
+    }
+    let refs: Vec<&EntryKeys> = es.iter().collect();
+    assert_eq!(s.invalidate(&refs).await.unwrap(), 4);
+    cleanup(&ns).await;
+}
+
+pub async fn pattern_invalidation_counts_matches_only(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let kb = keys(&*s, &ns);
+    let mut cached = 0;
+    for id in ["a1", "a2", "a3", "b1", "b2"] {
+        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        s.acquire(&[acq(&e, "T")]).await.unwrap();
+        s.fill(&[fill_req(&e, "T", envelope(id, 1), 1)])
+            .await
+            .unwrap();
+        cached += 1;
+    }
+    assert_eq!(cached, 5);
+    // A settings entry whose id also starts with "a" is another type.
+    let other = kb.entry(&Kind::SETTINGS, "a9").unwrap();
+    s.acquire(&[acq(&other, "T")]).await.unwrap();
+    s.fill(&[fill_req(&other, "T", envelope("s", 1), 1)])
+        .await
+        .unwrap();
+    // A lease in flight on a matching key is voided too.
+    let leased = kb.entry(&Kind::PROFILE, "a7").unwrap();
+    s.acquire(&[acq(&leased, "L")]).await.unwrap();
+
+    let pat = kb.pattern(&Kind::PROFILE, "a*").unwrap();
+    assert_eq!(s.invalidate_matching(&pat).await.unwrap(), 3);
+    for id in ["a1", "a2", "a3"] {
+        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        assert_eq!(s.get(&e.value, None).await.unwrap(), None, "{id}");
+    }
+    for id in ["b1", "b2"] {
+        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        assert!(s.get(&e.value, None).await.unwrap().is_some(), "{id} kept");
+    }
+    assert!(
+        s.get(&other.value, None).await.unwrap().is_some(),
+        "other type kept"
+    );
+    let out = s
+        .fill(&[fill_req(&leased, "L", envelope("late", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    let all = kb.pattern(&Kind::PROFILE, "*").unwrap();
+    assert_eq!(s.invalidate_matching(&all).await.unwrap(), 2);
+    assert_eq!(s.invalidate_matching(&all).await.unwrap(), 0);
+    cleanup(&ns).await;
+}
+
+pub async fn values_expire_and_refresh(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let k1 = format!("{ns}:plain:one");
+    let k2 = format!("{ns}:plain:two");
+    s.set(&k1, Bytes::from_static(b"{}"), Duration::from_millis(150))
+        .await
+        .unwrap();
+    s.set(&k2, Bytes::from_static(b"{}"), Duration::from_millis(150))
+        .await
+        .unwrap();
+    // A read with a refresh resets the TTL (the adaptive rule's GETEX).
+    let got = s.get(&k2, Some(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got.as_deref(), Some(&b"{}"[..]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.get(&k1, None).await.unwrap(), None);
+    assert!(s.get(&k2, None).await.unwrap().is_some());
+    cleanup(&ns).await;
+}
+
+pub async fn discard_removes_only_what_was_seen(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let k = format!("{ns}:profile:bad");
+    s.set(&k, Bytes::from_static(b"garbage"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.discard(&k, &Bytes::from_static(b"other")).await.unwrap();
+    assert!(
+        s.get(&k, None).await.unwrap().is_some(),
+        "changed since: kept"
+    );
+    s.discard(&k, &Bytes::from_static(b"garbage"))
+        .await
+        .unwrap();
+    assert_eq!(s.get(&k, None).await.unwrap(), None);
+    cleanup(&ns).await;
+}
+
+pub async fn counters_add_up(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let h = format!("metrics:{ns}:hits");
+    let m = format!("metrics:{ns}:misses");
+    assert_eq!(s.counters(&[&h, &m]).await.unwrap(), vec![0, 0]);
+    s.incr(&[(&h, 5), (&m, 2)]).await.unwrap();
+    s.incr(&[(&h, 1)]).await.unwrap();
+    assert_eq!(s.counters(&[&h, &m]).await.unwrap(), vec![6, 2]);
+    cleanup(&ns).await;
+}
+
+pub async fn locks_are_owned(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let k = format!("{ns}:~lock:warm:profile");
+    let ttl = Duration::from_secs(5);
+    assert!(s.lock(&k, "A", ttl).await.unwrap());
+    assert!(!s.lock(&k, "B", ttl).await.unwrap());
+    assert!(s.extend_lock(&k, "A", ttl).await.unwrap());
+    assert!(!s.extend_lock(&k, "B", ttl).await.unwrap());
+    s.unlock(&k, "B").await.unwrap();
+    assert!(
+        !s.lock(&k, "B", ttl).await.unwrap(),
+        "a stranger cannot unlock"
+    );
+    s.unlock(&k, "A").await.unwrap();
+    assert!(s.lock(&k, "B", Duration::from_millis(100)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        s.lock(&k, "C", ttl).await.unwrap(),
+        "an expired lock is free"
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn foreign_values_without_version_are_replaceable(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    // As the seed's Python service writes it: no "_v" header.
+    s.set(
+        &e.value,
+        Bytes::from("{\"id\":\"x\",\"name\":\"seed\",\"version\":7}"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let up = UpdateRequest {
+        keys: &e,
+        bytes: envelope("kura", 1),
+        version: 1,
+        lifetimes: life(60_000, 0),
+    };
+    assert_eq!(s.update(&[up]).await.unwrap(), vec![UpdateOutcome::Stored]);
+    cleanup(&ns).await;
+}
+
+pub fn queue(ns: &str) -> QueueKeys {
+    QueueKeys {
+        stream: format!("{ns}:~wb:profile"),
+        dead: format!("{ns}:~wb:profile:dead"),
+        group: "kura".into(),
+    }
+}
+
+pub fn accept_req<'a>(
+    e: &'a EntryKeys,
+    q: &'a QueueKeys,
+    expected: u64,
+    name: &str,
+    version: u64,
+) -> AcceptRequest<'a> {
+    AcceptRequest {
+        keys: e,
+        queue: q,
+        id: "u1",
+        expected_version: expected,
+        bytes: envelope(name, version),
+        version,
+        lifetimes: life(100, 0),
+        max_depth: 0,
+        max_age: Duration::ZERO,
+    }
+}
+
+pub async fn accept_is_compare_and_set_and_durable(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let q = queue(&ns);
+    // A load in flight is voided by the accept.
+    s.acquire(&[acq(&e, "L")]).await.unwrap();
+    let out = s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    let out = s
+        .fill(&[fill_req(&e, "L", envelope("v1", 1), 1)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    // Based on a stale version: refused with the current one.
+    let out = s.accept(&accept_req(&e, &q, 1, "other", 2)).await.unwrap();
+    assert_eq!(out, AcceptOutcome::Conflict { current: 2 });
+    let out = s.accept(&accept_req(&e, &q, 2, "v3", 3)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }));
+    // The value expires (100 ms) and is invalidated; the pending copy is
+    // still read, and put back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.invalidate(&[&e]).await.unwrap();
+    match &s.acquire(&[acq(&e, "R")]).await.unwrap()[0] {
+        Acquired::Value(v) => assert_eq!(name_of(v), "v3"),
+        other => panic!("expected the pending value, got {other:?}"),
+    }
+    assert_eq!(
+        name_of(&s.get(&e.value, None).await.unwrap().unwrap()),
+        "v3"
+    );
+    let copies = s.pending_copies(&[&e]).await.unwrap();
+    assert_eq!(name_of(copies[0].as_ref().unwrap()), "v3");
+    let stats = s.queue_stats(&q).await.unwrap();
+    assert_eq!(stats.depth, 2);
+    cleanup(&ns).await;
+}
+
+pub async fn queue_delivers_reclaims_and_acknowledges(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let q = queue(&ns);
+    s.accept(&accept_req(&e, &q, 0, "v1", 1)).await.unwrap();
+    s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
+    let got = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].id.as_str(), got[0].version), ("u1", 1));
+    assert_eq!(got[1].version, 2);
+    assert!(got[0].added_ms() > 0);
+    // Delivered once: a second read finds nothing new.
+    let none = s
+        .queue_read(&q, "c2", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(s.queue_stats(&q).await.unwrap().in_flight, 2);
+    // Not idle long enough yet, then reclaimed by another consumer.
+    assert!(
+        s.queue_claim(&q, "c2", Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let claimed = s
+        .queue_claim(&q, "c2", Duration::from_millis(100), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    // Settling an older version keeps the newer pending copy.
+    let ids: Vec<String> = claimed.iter().map(|c| c.entry_id.clone()).collect();
+    s.queue_ack(
+        &q,
+        &[Settled {
+            id: "u1",
+            keys: &e,
+            version: 1,
+            entry_ids: &ids[..1],
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_some());
+    s.queue_ack(
+        &q,
+        &[Settled {
+            id: "u1",
+            keys: &e,
+            version: 2,
+            entry_ids: &ids[1..],
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_none());
+    let st = s.queue_stats(&q).await.unwrap();
+    assert_eq!((st.depth, st.in_flight), (0, 0));
+    cleanup(&ns).await;
+}
+
+pub async fn dead_letters_drop_the_write(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let q = queue(&ns);
+    s.accept(&accept_req(&e, &q, 0, "bad", 1)).await.unwrap();
+    let got = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    let ids = vec![got[0].entry_id.clone()];
+    let settled = Settled {
+        id: "u1",
+        keys: &e,
+        version: 1,
+        entry_ids: &ids,
+    };
+    s.queue_dead_letter(&q, &[(settled, "constraint failed", envelope("bad", 1))])
+        .await
+        .unwrap();
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_none());
+    assert_eq!(
+        s.get(&e.value, None).await.unwrap(),
+        None,
+        "no longer served"
+    );
+    let st = s.queue_stats(&q).await.unwrap();
+    assert_eq!((st.depth, st.dead_letters), (0, 1));
+    let dead = s.dead_letters(&q, 5).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id.as_str(), dead[0].version), ("u1", 1));
+    assert_eq!(dead[0].error, "constraint failed");
+    cleanup(&ns).await;
+}
+
+/// Every case, one after another, against one backend.
+pub async fn run_all(b: Backend) {
+    accept_is_compare_and_set_and_durable(b.clone()).await;
+    queue_delivers_reclaims_and_acknowledges(b.clone()).await;
+    dead_letters_drop_the_write(b.clone()).await;
+    lease_is_exclusive_and_reentrant(b.clone()).await;
+    fill_lands_only_under_the_lease(b.clone()).await;
+    invalidation_voids_the_lease(b.clone()).await;
+    update_voids_the_lease_and_only_replaces_older(b.clone()).await;
+    not_found_is_remembered_and_cleared(b.clone()).await;
+    stale_copy_outlives_the_value(b.clone()).await;
+    release_only_by_the_holder(b.clone()).await;
+    lease_expires(b.clone()).await;
+    batches_are_per_entry(b.clone()).await;
+    pattern_invalidation_counts_matches_only(b.clone()).await;
+    values_expire_and_refresh(b.clone()).await;
+    discard_removes_only_what_was_seen(b.clone()).await;
+    counters_add_up(b.clone()).await;
+    locks_are_owned(b.clone()).await;
+    foreign_values_without_version_are_replaceable(b.clone()).await;
+}

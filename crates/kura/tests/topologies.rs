@@ -1,0 +1,232 @@
+//! kura on a real Redis Cluster (3 primaries, 3 replicas) and a Sentinel
+//! group (1 master, 2 replicas, 3 sentinels), started by the test: the
+//! store conformance suite, the strategies across several connections, and
+//! failovers under load.
+
+mod conformance;
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kura::{Cache, Kind, Status, TtlPolicy};
+use kura_testkit::{RedisCluster, RedisSentinelGroup};
+use support::{Backend, Db, Row, TestDb, cache_on, ns};
+
+fn cluster_url(c: &RedisCluster) -> String {
+    let nodes: Vec<String> = c.addrs().iter().map(ToString::to_string).collect();
+    format!("redis+cluster://{}", nodes.join(","))
+}
+
+fn sentinel_url(g: &RedisSentinelGroup) -> String {
+    let nodes: Vec<String> = g.sentinel_addrs().iter().map(ToString::to_string).collect();
+    format!("redis+sentinel://{}/{}", nodes.join(","), g.master_name())
+}
+
+/// Strategy-level checks on a shared topology: the fleet-wide stampede
+/// guard, pattern invalidation counted across every primary, warming once
+/// per fleet, write-behind accept and flush.
+async fn strategies(b: Backend) {
+    let ns = ns();
+    let db = TestDb::new();
+    let ids: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        db.put(id, "x");
+    }
+    let caches: Vec<Cache> = b.fleet(3).into_iter().map(|s| cache_on(s, &ns)).collect();
+    assert_eq!(
+        caches[0].keys().hash_tags(),
+        caches[0].store().needs_hash_tags()
+    );
+
+    // Stampede: 90 concurrent reads of one cold key over three connections.
+    db.set_delay(Duration::from_millis(50));
+    let readers: Vec<_> = caches
+        .iter()
+        .map(|c| c.aside(Kind::PROFILE, Db(db.clone())))
+        .collect();
+    let tasks: Vec<_> = (0..90)
+        .map(|i| {
+            let r = readers[i % 3].clone();
+            tokio::spawn(async move { r.get("u0").await.unwrap().status() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(db.loads(), 1, "one load fleet-wide");
+    db.set_delay(Duration::ZERO);
+
+    // Warming once per fleet; batches span every slot.
+    let runs: Vec<_> = readers
+        .iter()
+        .map(|r| {
+            let r = r.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                r.warmer()
+                    .batch_size(50)
+                    .run(futures::stream::iter(ids))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut cached = 0;
+    for r in runs {
+        cached += r.await.unwrap().progress.cached;
+    }
+    assert_eq!(cached, 299, "u0 was cached already");
+    let batch = readers[1].get_many(&ids).await.unwrap();
+    assert_eq!(batch.hits, 300);
+
+    // Pattern invalidation finds every key on every primary: the true count.
+    assert_eq!(
+        caches[2]
+            .invalidate_pattern(Kind::PROFILE, "u1*")
+            .await
+            .unwrap(),
+        111
+    );
+    assert_eq!(caches[0].invalidate_all(Kind::PROFILE).await.unwrap(), 189);
+
+    // Write-behind: concurrent patches from three instances, one flush.
+    let writers: Vec<_> = readers.iter().map(|r| r.write_behind()).collect();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let w = writers[i % 3].clone();
+            tokio::spawn(async move {
+                w.accept(&format!("u{}", i % 10), move |cur: &Row| Row {
+                    name: format!("{}{}", cur.name, i % 10),
+                    version: cur.version + 1,
+                    ..cur.clone()
+                })
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut f = writers[0]
+        .flusher(Db(db.clone()))
+        .linger(Duration::ZERO)
+        .block(Duration::from_millis(50));
+    let mut flushed = 0;
+    for _ in 0..5 {
+        flushed += f.flush_once(true).await.unwrap().flushed;
+    }
+    assert_eq!(flushed, 10);
+    for i in 0..10 {
+        let row = db.get(&format!("u{i}")).unwrap();
+        assert_eq!(row.version, 4, "u{i}: three patches applied");
+        assert_eq!(row.name, format!("x{i}{i}{i}"));
+    }
+    assert_eq!(writers[2].status().await.unwrap().depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_runs_the_suite_and_the_strategies() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let b = Backend::Url(cluster_url(&cluster));
+    assert_eq!(b.store().describe(), "redis-cluster");
+    conformance::run_all(b.clone()).await;
+    strategies(b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_runs_the_suite_and_the_strategies() {
+    let group = RedisSentinelGroup::start().await;
+    let b = Backend::Url(sentinel_url(&group));
+    assert_eq!(b.store().describe(), "redis-sentinel");
+    conformance::run_all(b.clone()).await;
+    strategies(b).await;
+}
+
+/// Readers hammer the cache while the topology loses its master; every
+/// read answers (from the cache or the database) and the cache is used
+/// again after the failover.
+async fn reads_through_a_failover(url: String, fail: impl AsyncFnOnce()) {
+    let ns = ns();
+    let db = TestDb::new();
+    for i in 0..200 {
+        db.put(&format!("u{i}"), "x");
+    }
+    let store = kura::store::RedisStore::builder(&url)
+        .response_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let cache = Cache::builder(store)
+        .namespace(&ns)
+        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .op_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let reader = reader.clone();
+            let stop = stop.clone();
+            let reads = reads.clone();
+            tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let f = reader.get(&format!("u{}", i % 200)).await;
+                    assert!(f.unwrap().is_found(), "a read failed during the failover");
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    i += 7;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fail().await;
+    // The cache serves hits again after the switch.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = reader.get("u1").await.unwrap().status();
+        if s == Status::Hit {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cache not used again after failover ({s:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(reads.load(Ordering::Relaxed) > 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_killed_under_load() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let url = cluster_url(&cluster);
+    let c = &mut cluster;
+    reads_through_a_failover(url, async || {
+        c.kill_primary(0).await;
+        c.wait_until_healthy().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_master_killed_under_load() {
+    let mut group = RedisSentinelGroup::start().await;
+    let url = sentinel_url(&group);
+    let g = &mut group;
+    reads_through_a_failover(url, async || {
+        let old = g.kill_master().await;
+        g.wait_for_failover(old).await;
+    })
+    .await;
+}
