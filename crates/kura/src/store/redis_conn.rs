@@ -306,7 +306,11 @@ impl Conn {
                     let mut c = c.clone();
                     // A server error comes back as a value here; make it an
                     // error as a pipeline with `ignore_errors` would.
-                    async move { c.req_packed_command(cmd).await.and_then(Value::extract_error) }
+                    async move {
+                        c.req_packed_command(cmd)
+                            .await
+                            .and_then(Value::extract_error)
+                    }
                 });
                 Ok(futures::future::join_all(calls).await)
             }
