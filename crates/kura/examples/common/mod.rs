@@ -46,6 +46,15 @@ impl kura::Source for Db {
         println!("  (database read of {id})");
         Ok(self.0.lock().unwrap().get(id).cloned())
     }
+
+    async fn load_many(&self, ids: &[String]) -> Result<Vec<(String, Profile)>, Self::Error> {
+        println!("  (database read of {} rows in one query)", ids.len());
+        let rows = self.0.lock().unwrap();
+        Ok(ids
+            .iter()
+            .filter_map(|id| rows.get(id).map(|p| (id.clone(), p.clone())))
+            .collect())
+    }
 }
 
 /// Redis when `REDIS_URL` is set, otherwise the embedded memory store.
