@@ -74,6 +74,7 @@ fn parse_nodes(text: &str) -> Vec<NodeLine> {
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     primaries: usize,
+    replicas_per_primary: usize,
 }
 
 impl RedisCluster {
@@ -126,7 +127,11 @@ impl RedisCluster {
             "redis-cli --cluster create failed ({}):\n{cli_log}",
             output.status
         );
-        let cluster = RedisCluster { nodes, primaries };
+        let cluster = RedisCluster {
+            nodes,
+            primaries,
+            replicas_per_primary,
+        };
         if let Err(state) = cluster.wait_healthy(FORM_TIMEOUT, true).await {
             panic!("the cluster did not form: {state}\nredis-cli said:\n{cli_log}");
         }
@@ -246,6 +251,7 @@ impl RedisCluster {
 
     async fn health(&self, replicas_synced: bool) -> Result<(), String> {
         let running: Vec<&RedisServer> = self.nodes.iter().filter(|n| n.is_running()).collect();
+        let mut synced_replicas = 0;
         for node in &running {
             let info = match resp::command(node.addr(), &["CLUSTER", "INFO"]).await {
                 Ok(reply) => reply.as_text().unwrap_or_default(),
@@ -277,12 +283,20 @@ impl RedisCluster {
                     return Err(format!("{}: no INFO", node.addr()));
                 };
                 let info = reply.as_text().unwrap_or_default();
-                if resp::info_field(&info, "role") == Some("slave")
-                    && resp::info_field(&info, "master_link_status") != Some("up")
-                {
-                    return Err(format!("replica {} is not in sync yet", node.addr()));
+                if resp::info_field(&info, "role") == Some("slave") {
+                    if resp::info_field(&info, "master_link_status") != Some("up") {
+                        return Err(format!("replica {} is not in sync yet", node.addr()));
+                    }
+                    synced_replicas += 1;
                 }
             }
+        }
+        // Until redis-cli has attached them, replicas are still empty primaries.
+        let expected = self.primaries * self.replicas_per_primary;
+        if replicas_synced && synced_replicas != expected {
+            return Err(format!(
+                "{synced_replicas} of {expected} replicas are in sync"
+            ));
         }
         Ok(())
     }

@@ -264,7 +264,10 @@ impl RedisServer {
                     "--appendonly",
                     if self.opts.appendonly { "yes" } else { "no" },
                 ])
-                .args(["--appendfsync", "always"]);
+                .args(["--appendfsync", "always"])
+                // Replicas (cluster, sentinel, or a test's own) sync at once instead of after
+                // the default 5 s wait for more replicas to share one transfer.
+                .args(["--repl-diskless-sync-delay", "0"]);
         }
         cmd.args(&self.opts.extra_args);
         Ok(cmd)
