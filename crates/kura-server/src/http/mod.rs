@@ -85,9 +85,9 @@ pub(crate) fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response
     }
 }
 
-/// A JSON request body: over the limit → 413; anything that does not parse
-/// as `T` (syntax, unknown field, wrong type) → 422. The content type is not
-/// required.
+/// A JSON object request body: over the limit → 413; anything that does
+/// not parse as `T` (syntax, not an object, unknown field, wrong type) →
+/// 422. The content type is not required.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
@@ -102,6 +102,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ApiError::BadRequest(r.body_text())
             }
         })?;
+        // serde reads a struct from an array too (by position): only
+        // objects are request bodies here.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::Unprocessable(
+                "invalid request body: expected a JSON object".into(),
+            ));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::Unprocessable(format!("invalid request body: {e}")))
@@ -349,7 +356,14 @@ impl Server {
             }
         }
         let _ = self.state.service.cache().flush_metrics().await;
-        self.state.service.db().close().await;
+        // A load abandoned by a timed-out request can hold a connection
+        // until the next read of its key drives it: don't wait on it.
+        if tokio::time::timeout(Duration::from_secs(2), self.state.service.db().close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pool closed with connections still in use");
+        }
         tracing::info!("server stopped");
         Ok(())
     }

@@ -1,0 +1,210 @@
+//! The `kura` binary against SQLite: migrate, seed, token, warm,
+//! invalidate and stats (with the machine's Redis under a namespace of its
+//! own, so the cache commands have something to act on).
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+fn kura(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kura"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("KURA_JWT_SECRET")
+        .env_remove("KURA_NAMESPACE")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run kura");
+    assert!(
+        out.status.success(),
+        "kura {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[test]
+fn commands_against_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("cli.db").display());
+    let ns = format!("t_{}", support::random_suffix());
+    let redis = support::redis_url();
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("REDIS_URL", redis.as_str()),
+        ("KURA_NAMESPACE", ns.as_str()),
+    ];
+
+    let out = kura(dir.path(), &["migrate"], &env);
+    assert!(stdout(&out).contains("migrations applied (sqlite)"));
+
+    let ids_file = dir.path().join("ids.txt");
+    let out = kura(
+        dir.path(),
+        &[
+            "seed",
+            "--profiles",
+            "1000",
+            "--seed",
+            "3",
+            "--ids-out",
+            ids_file.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(
+        stdout(&out).contains("seeded 1000 profiles (1000 new)"),
+        "{}",
+        stdout(&out)
+    );
+    let ids: Vec<Uuid> = std::fs::read_to_string(&ids_file)
+        .unwrap()
+        .lines()
+        .map(|l| Uuid::parse_str(l).unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1000);
+    // Deterministic: the same seed gives the same users (all present now).
+    let again = dir.path().join("ids2.txt");
+    let out = kura(
+        dir.path(),
+        &[
+            "seed",
+            "--profiles",
+            "10",
+            "--seed",
+            "3",
+            "--ids-out",
+            again.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(stdout(&out).contains("(0 new)"), "{}", stdout(&out));
+    let first10: Vec<String> = std::fs::read_to_string(&again)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        first10,
+        ids[..10].iter().map(Uuid::to_string).collect::<Vec<_>>()
+    );
+
+    // token: an HS256 token with sub, roles and exp.
+    let sub = ids[0].to_string();
+    let out = kura(
+        dir.path(),
+        &["token", "--sub", &sub, "--admin", "--ttl", "120"],
+        &[("KURA_JWT_SECRET", "s3cret")],
+    );
+    let token = stdout(&out).trim().to_owned();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.validate_aud = false;
+    let claims: Value = jsonwebtoken::decode(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(b"s3cret"),
+        &v,
+    )
+    .expect("valid token")
+    .claims;
+    assert_eq!(claims["sub"], sub.as_str());
+    assert_eq!(claims["roles"], serde_json::json!(["admin"]));
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(exp > support::now() + 100 && exp <= support::now() + 120);
+
+    // warm: seeded logins are spread over 30 days.
+    let out = kura(
+        dir.path(),
+        &["warm", "--limit", "5000", "--since-days", "31", "--quiet"],
+        &env,
+    );
+    assert!(
+        stdout(&out).contains("cached 1000 profiles"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = kura(dir.path(), &["stats", "--json"], &env);
+    let stats: Value = serde_json::from_str(stdout(&out).trim()).expect("stats JSON");
+    for k in ["hits", "misses", "total", "hit_rate"] {
+        assert!(stats.get(k).is_some(), "{k} in {stats}");
+    }
+    let out = kura(dir.path(), &["stats"], &env);
+    assert!(stdout(&out).contains("hit rate"), "{}", stdout(&out));
+
+    let out = kura(dir.path(), &["invalidate", "--user", &sub], &env);
+    assert!(
+        stdout(&out).contains("deleted 1 entries"),
+        "{}",
+        stdout(&out)
+    );
+    let id1 = ids[1].to_string();
+    let glob = format!("{ns}:profile:{}?", &id1[..id1.len() - 1]);
+    let out = kura(dir.path(), &["invalidate", "--pattern", &glob], &env);
+    assert!(
+        stdout(&out).contains("deleted 1 entries"),
+        "{}",
+        stdout(&out)
+    );
+    let out = kura(dir.path(), &["invalidate", "--all-profiles"], &env);
+    assert!(
+        stdout(&out).contains("deleted 998 profiles"),
+        "{}",
+        stdout(&out)
+    );
+
+    // invalidate needs exactly one target.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+        .args(["invalidate"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(support::cleanup_namespace(&redis, &ns));
+}
+
+#[test]
+fn default_database_is_kura_db_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kura(dir.path(), &["migrate"], &[]);
+    assert!(stdout(&out).contains("sqlite"));
+    assert!(dir.path().join("kura.db").exists());
+    let out = kura(dir.path(), &["stats", "--json"], &[]);
+    let stats: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(stats["total"], 0);
+    let help = kura(dir.path(), &["serve", "--help"], &[]);
+    let text = stdout(&help);
+    for flag in [
+        "--listen",
+        "--database-url",
+        "--redis-url",
+        "--write-strategy",
+        "--warm-on-start",
+        "--namespace",
+        "--db-max-connections",
+        "--request-timeout",
+        "--ttl",
+        "--max-stale",
+        "--redis-timeout",
+        "--log-format",
+        "--demo",
+        "KURA_LISTEN",
+        "DATABASE_URL",
+        "REDIS_URL",
+    ] {
+        assert!(text.contains(flag), "serve --help mentions {flag}");
+    }
+}

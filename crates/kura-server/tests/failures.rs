@@ -1,0 +1,242 @@
+//! Failures: Redis down (reads and writes still answer from the database,
+//! health says degraded), the database down (503), and slow requests (504).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kura_testkit::{FaultProxy, RedisServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Backend, TestApp, TestDb, expect_detail, x_cache};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_reads_and_writes_answer_from_the_database() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = TestApp::start_with(Backend::PgRedis, |c| {
+        c.redis_url = Some(url.clone());
+        c.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let owner = app.token(&user, false);
+    let path = format!("/api/v1/profiles/{user}");
+    assert_eq!(x_cache(&app.get(&path, &owner).await), "miss");
+    assert_eq!(x_cache(&app.get(&path, &owner).await), "hit");
+
+    redis.stop().await;
+
+    let started = Instant::now();
+    for _ in 0..5 {
+        let r = app.get(&path, &owner).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["first_name"], "太郎");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded latency with Redis down: {:?}",
+        started.elapsed()
+    );
+    let r = app.get(&path, &owner).await;
+    assert_eq!(x_cache(&r), "bypass");
+
+    for strategy in ["invalidate", "through"] {
+        let name = format!("{strategy}太郎");
+        let r = app
+            .call(
+                Method::PUT,
+                &format!("{path}?strategy={strategy}"),
+                Some(&owner),
+                Some(&json!({"first_name": name})),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{strategy} with Redis down");
+        let r = app.get(&path, &owner).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["first_name"],
+            name.as_str()
+        );
+    }
+    let other = Uuid::new_v4();
+    app.create(&other).await;
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/profiles/{other}"),
+            Some(&app.admin()),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "Redis down is degraded, not unhealthy"
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status": "degraded", "database": "ok", "redis": "down"})
+    );
+    // Admin operations that need Redis say so.
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/admin/cache/profiles",
+            Some(&app.admin()),
+            None,
+        )
+        .await;
+    expect_detail(r, StatusCode::SERVICE_UNAVAILABLE).await;
+
+    // Back up: the cache is used again and holds the newest row.
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.get(&path, &owner).await;
+        let status = x_cache(&r);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["first_name"], "through太郎", "never an older row");
+        if status == "hit" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache is used again after Redis returns"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["redis"], "ok");
+    app.stop().await;
+    redis.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_at_start_is_not_fatal() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    redis.stop().await;
+    let app = TestApp::start_with(Backend::SqliteMemory, |c| {
+        c.redis_url = Some(url.clone());
+        c.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let r = app
+        .get(&format!("/api/v1/profiles/{user}"), &app.admin())
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&r), "bypass");
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["redis"], "down");
+    app.stop().await;
+}
+
+/// A server whose PostgreSQL connections go through a fault proxy.
+async fn behind_proxy(request_timeout: Duration) -> (TestApp, FaultProxy, TestDb) {
+    let db = TestDb::create().await;
+    let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = FaultProxy::start(pg).await;
+    let url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let app = TestApp::start_with(Backend::SqliteMemory, |c| {
+        c.database_url = Some(url);
+        c.pool.acquire_timeout = Duration::from_secs(1);
+        c.request_timeout = request_timeout;
+    })
+    .await;
+    (app, proxy, db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_is_503_and_cached_profiles_still_answer() {
+    if !support::pg_base().contains("127.0.0.1:5432") {
+        return;
+    }
+    let (app, proxy, _db) = behind_proxy(Duration::from_secs(10)).await;
+    let (cached, uncached) = (Uuid::new_v4(), Uuid::new_v4());
+    app.create(&cached).await;
+    app.create(&uncached).await;
+    let admin = app.admin();
+    app.get(&format!("/api/v1/profiles/{cached}"), &admin).await;
+
+    proxy.refuse();
+    let r = app.get(&format!("/api/v1/profiles/{cached}"), &admin).await;
+    assert_eq!(r.status(), StatusCode::OK, "a hit needs no database");
+    assert_eq!(x_cache(&r), "hit");
+    let r = app
+        .get(&format!("/api/v1/profiles/{uncached}"), &admin)
+        .await;
+    assert_eq!(
+        expect_detail(r, StatusCode::SERVICE_UNAVAILABLE).await,
+        "database unavailable"
+    );
+    let r = app
+        .call(
+            Method::PUT,
+            &format!("/api/v1/profiles/{cached}"),
+            Some(&admin),
+            Some(&json!({"first_name": "次郎"})),
+        )
+        .await;
+    expect_detail(r, StatusCode::SERVICE_UNAVAILABLE).await;
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status": "unhealthy", "database": "down", "redis": "memory"})
+    );
+
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.call(Method::GET, "/healthz", None, None).await;
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthy again after the database returns"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_answer_504() {
+    if !support::pg_base().contains("127.0.0.1:5432") {
+        return;
+    }
+    let (app, proxy, _db) = behind_proxy(Duration::from_millis(300)).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    proxy.set_latency(Duration::from_millis(400));
+    let started = Instant::now();
+    let r = app
+        .get(&format!("/api/v1/profiles/{user}"), &app.admin())
+        .await;
+    assert_eq!(
+        expect_detail(r, StatusCode::GATEWAY_TIMEOUT).await,
+        "request timed out"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    proxy.heal();
+    let r = app
+        .get(&format!("/api/v1/profiles/{user}"), &app.admin())
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "answers again once the database is fast"
+    );
+    app.stop().await;
+}
