@@ -3,11 +3,6 @@
 -- ARGV: expected_version, bytes, version, ttl_ms, stale_ms, id, max_depth, max_age_ms
 -- Returns {1, entry_id} accepted | {2, current_version} version changed
 --       | {3, depth, oldest_age_ms} queue full
-local cur = read(KEYS[5]) or read(KEYS[1])
-if cur then
-  local cv = string.match(cur, '^{"_v":(%d+)') or '0'
-  if cv ~= ARGV[1] then return {2, cv} end
-end
 local depth = redis.call('XLEN', KEYS[6])
 local max_depth = tonumber(ARGV[7])
 if max_depth > 0 and depth >= max_depth then return {3, depth, 0} end
@@ -21,14 +16,6 @@ if max_age > 0 and depth > 0 then
     if age >= max_age then return {3, depth, age} end
   end
 end
--- Loads in flight read the row before this write: void their leases.
-redis.call('DEL', KEYS[2], KEYS[4])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
-if tonumber(ARGV[5]) > 0 then
-  redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[5])
-else
-  redis.call('UNLINK', KEYS[3])
-end
--- No TTL: this copy must outlive everything until the database has it.
-redis.call('SET', KEYS[5], ARGV[2])
+local conflict = accept_entry(ARGV[1], ARGV[2], ARGV[4], ARGV[5])
+if conflict then return conflict end
 return {1, redis.call('XADD', KEYS[6], '*', 'id', ARGV[6], 'v', ARGV[3])}

@@ -11,8 +11,6 @@ if ARGV[2] == 'n' then
 end
 if not newer(ARGV[4], read(KEYS[1])) then return 2 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[5])
-if tonumber(ARGV[6]) > 0 then
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[6])
-end
+keep_stale(KEYS[3], ARGV[3], ARGV[6])
 redis.call('DEL', KEYS[4])
 return 1

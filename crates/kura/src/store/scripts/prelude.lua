@@ -21,3 +21,31 @@ local function newer(new, cur)
   if #new ~= #cv then return #new > #cv end
   return new > cv
 end
+
+-- Writes the stale copy kept past the value's TTL, or drops it when the
+-- type keeps none (ms = 0).
+local function keep_stale(k, bytes, ms)
+  if tonumber(ms) > 0 then
+    redis.call('SET', k, bytes, 'PX', ms)
+  else
+    redis.call('UNLINK', k)
+  end
+end
+
+-- The entry half of a write-behind accept. KEYS[1..5] are the entry's
+-- keys. Compares the current version (pending copy, else value) with the
+-- expected one; on a match voids leases and stores the value, the stale
+-- copy and the pending copy (no TTL: it must outlive everything until the
+-- database has it). Returns nil, or {2, current_version} on a mismatch.
+local function accept_entry(expected, bytes, ttl_ms, stale_ms)
+  local cur = read(KEYS[5]) or read(KEYS[1])
+  if cur then
+    local cv = string.match(cur, '^{"_v":(%d+)') or '0'
+    if cv ~= expected then return {2, cv} end
+  end
+  redis.call('DEL', KEYS[2], KEYS[4])
+  redis.call('SET', KEYS[1], bytes, 'PX', ttl_ms)
+  keep_stale(KEYS[3], bytes, stale_ms)
+  redis.call('SET', KEYS[5], bytes)
+  return nil
+end

@@ -12,9 +12,5 @@ if not cur then
 end
 if not newer(ARGV[2], cur) then return 2 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-if tonumber(ARGV[4]) > 0 then
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
-else
-  redis.call('UNLINK', KEYS[3])
-end
+keep_stale(KEYS[3], ARGV[1], ARGV[4])
 return 1
