@@ -49,7 +49,7 @@ pub struct CacheBuilder {
     stale_while_loading: bool,
     flush_interval: Duration,
     pending_limit: usize,
-    read_counter_capacity: u64,
+    read_counter_capacity: usize,
     hash_tags: Option<bool>,
 }
 
@@ -162,7 +162,7 @@ impl CacheBuilder {
             max_value_bytes: self.max_value_bytes,
             stale_while_loading: self.stale_while_loading,
             counters: LocalCounters::default(),
-            reads: ReadCounter::new(Duration::from_secs(3600), self.read_counter_capacity),
+            reads: ReadCounter::new(self.read_counter_capacity),
             pending: Mutex::new(Pending::default()),
             has_pending: AtomicBool::new(false),
             pending_limit: self.pending_limit,
@@ -511,13 +511,13 @@ impl CacheInner {
     /// reset on this read (once, when the key becomes hot).
     pub(crate) fn adaptive_refresh(&self, key: &str, policy: &TypePolicy) -> Option<Duration> {
         let rule = policy.adaptive?;
-        (self.reads.record(key) == rule.reads + 1).then(|| self.policy.jittered(rule.ttl))
+        (self.reads.record(key, rule.window) == rule.reads + 1).then(|| self.policy.jittered(rule.ttl))
     }
 
     /// Lifetimes for a value written now.
     pub(crate) fn lifetimes(&self, key: &str, policy: &TypePolicy) -> Lifetimes {
         let base = match policy.adaptive {
-            Some(rule) if self.reads.count(key) > rule.reads => rule.ttl,
+            Some(rule) if self.reads.count(key, rule.window) > rule.reads => rule.ttl,
             _ => policy.ttl,
         };
         let ttl = self.policy.jittered(base);

@@ -16,9 +16,9 @@
 //! instant and stampede the database together.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 
@@ -222,38 +222,59 @@ impl TtlPolicy {
 ///
 /// Each instance counts its own reads, so in a fleet of N instances a key is
 /// "hot" once one instance sees more than the threshold; the rule's effect
-/// (a longer TTL for popular keys) is the same.
-#[derive(Debug, Clone)]
+/// (a longer TTL for popular keys) is the same. Memory is bounded: a shard
+/// that fills up first drops its expired windows, then starts over.
+#[derive(Debug)]
 pub(crate) struct ReadCounter {
-    counts: moka::sync::Cache<String, Arc<AtomicU32>>,
+    shards: Box<[Mutex<HashMap<Box<str>, (u32, Instant)>>]>,
+    cap_per_shard: usize,
 }
 
 impl ReadCounter {
-    pub(crate) fn new(window: Duration, capacity: u64) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
+        const SHARDS: usize = 64;
         Self {
-            counts: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(window)
-                .build(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cap_per_shard: (capacity / SHARDS).max(16),
         }
     }
 
-    /// Counts one read of `key` and returns the count including it.
-    pub(crate) fn record(&self, key: &str) -> u32 {
-        if let Some(c) = self.counts.get(key) {
-            return c.fetch_add(1, Ordering::Relaxed) + 1;
-        }
-        self.counts
-            .get_with(key.to_owned(), || Arc::new(AtomicU32::new(0)))
-            .fetch_add(1, Ordering::Relaxed)
-            + 1
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (u32, Instant)>> {
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        self.shards[(h as usize) % self.shards.len()]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The current count of `key` (0 when unseen).
-    pub(crate) fn count(&self, key: &str) -> u32 {
-        self.counts
+    /// Counts one read of `key` and returns the count in the current
+    /// window, including it.
+    pub(crate) fn record(&self, key: &str, window: Duration) -> u32 {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if let Some((n, start)) = shard.get_mut(key) {
+            if now.duration_since(*start) > window {
+                *n = 0;
+                *start = now;
+            }
+            *n += 1;
+            return *n;
+        }
+        if shard.len() >= self.cap_per_shard {
+            shard.retain(|_, (_, start)| now.duration_since(*start) <= window);
+            if shard.len() >= self.cap_per_shard {
+                shard.clear();
+            }
+        }
+        shard.insert(key.into(), (1, now));
+        1
+    }
+
+    /// The count of `key` in the current window (0 when unseen).
+    pub(crate) fn count(&self, key: &str, window: Duration) -> u32 {
+        self.shard(key)
             .get(key)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+            .filter(|(_, start)| start.elapsed() <= window)
+            .map_or(0, |(n, _)| *n)
     }
 }
 
@@ -301,12 +322,23 @@ mod tests {
     }
 
     #[test]
-    fn read_counter_counts() {
-        let c = ReadCounter::new(Duration::from_secs(60), 100);
-        assert_eq!(c.count("k"), 0);
+    fn read_counter_counts_per_window_and_stays_bounded() {
+        let hour = Duration::from_secs(3600);
+        let c = ReadCounter::new(1024);
+        assert_eq!(c.count("k", hour), 0);
         for i in 1..=11 {
-            assert_eq!(c.record("k"), i);
+            assert_eq!(c.record("k", hour), i);
         }
-        assert_eq!(c.count("k"), 11);
+        assert_eq!(c.count("k", hour), 11);
+        // A window that has passed starts over.
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(c.count("k", Duration::from_millis(1)), 0);
+        assert_eq!(c.record("k", Duration::from_millis(1)), 1);
+        // Many distinct keys never grow a shard past its share.
+        for i in 0..100_000 {
+            c.record(&format!("key{i}"), hour);
+        }
+        let held: usize = c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(held <= 1024 + 64, "{held}");
     }
 }

@@ -200,6 +200,9 @@ pub(crate) struct Aside<S: Source> {
     pub(crate) kind: Kind,
     pub(crate) source: S,
     pub(crate) metrics: KindMetrics,
+    /// The type's policy, looked up once: the policy table does not change
+    /// after the cache is built.
+    policy: TypePolicy,
     flights: Mutex<HashMap<String, Flight<S::Value>>>,
 }
 
@@ -209,12 +212,14 @@ impl<S: Source> CacheAside<S> {
             panic!("invalid cache kind {kind:?}: {e}");
         }
         let metrics = cache.inner.kind_metrics(&kind);
+        let policy = cache.inner.policy.get(kind.name());
         Self {
             inner: Arc::new(Aside {
                 cache,
                 kind,
                 source,
                 metrics,
+                policy,
                 flights: Mutex::new(HashMap::new()),
             }),
         }
@@ -269,11 +274,11 @@ impl<S: Source> CacheAside<S> {
         let a = &self.inner;
         let c = &a.cache.inner;
         let key = c.keys.value_key(&a.kind, id)?;
-        let policy = c.policy.get(a.kind.name());
+        let policy = &a.policy;
         if !policy.enabled() {
             return self.flight(id, key, false).await;
         }
-        let refresh = c.adaptive_refresh(&key, &policy);
+        let refresh = c.adaptive_refresh(&key, policy);
         match c.call(Some(&a.metrics), c.store.get(&key, refresh)).await {
             Ok(Some(bytes)) => match codec::decode(&bytes) {
                 Ok(d) => return Ok(Fetched::decoded(d, Status::Hit)),
@@ -381,7 +386,7 @@ impl<S: Source> Aside<S> {
     }
 
     fn policy(&self) -> TypePolicy {
-        self.cache.inner.policy.get(self.kind.name())
+        self.policy
     }
 
     /// The cross-process part of a miss: lease, load, fill; or wait for the
