@@ -51,6 +51,7 @@ pub struct CacheBuilder {
     pending_limit: usize,
     read_counter_capacity: usize,
     hash_tags: Option<bool>,
+    force_timer: bool,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -77,8 +78,21 @@ impl CacheBuilder {
 
     /// Upper bound on any one store operation (default 250 ms). Past it the
     /// operation counts as a failure and the caller falls back to the source.
+    ///
+    /// A store that bounds its own operations (a single Redis server with
+    /// its response timeout, the memory store) is trusted to do so, and no
+    /// timer is armed per operation; give the Redis store a response timeout
+    /// no longer than this. [`CacheBuilder::always_time_out`] arms the timer
+    /// anyway.
     pub fn op_timeout(mut self, d: Duration) -> Self {
         self.op_timeout = d;
+        self
+    }
+
+    /// Arms the operation timer on every store call, even when the store
+    /// bounds its own latency.
+    pub fn always_time_out(mut self, yes: bool) -> Self {
+        self.force_timer = yes;
         self
     }
 
@@ -150,7 +164,9 @@ impl CacheBuilder {
             .unwrap_or_else(|| self.store.needs_hash_tags());
         let keys = KeyBuilder::new(&self.namespace, hash_tags)?;
         let counter_keys = keys.counter_keys();
+        let self_bounded = self.store.bounds_own_latency() && !self.force_timer;
         let inner = Arc::new(CacheInner {
+            self_bounded,
             store: self.store,
             keys,
             counter_keys,
@@ -217,6 +233,9 @@ impl Pending {
 
 pub(crate) struct CacheInner {
     pub(crate) store: Arc<dyn Store>,
+    /// The store bounds its own operations (see
+    /// [`Store::bounds_own_latency`]) within the operation timeout.
+    self_bounded: bool,
     pub(crate) keys: KeyBuilder,
     counter_keys: [String; 2],
     pub(crate) policy: TtlPolicy,
@@ -261,6 +280,7 @@ impl Cache {
             pending_limit: 100_000,
             read_counter_capacity: 1_000_000,
             hash_tags: None,
+            force_timer: false,
         }
     }
 
@@ -481,9 +501,13 @@ impl CacheInner {
         if self.has_pending.load(Ordering::Acquire) {
             self.replay().await?;
         }
-        let r = match tokio::time::timeout(timeout, op).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout),
+        let r = if self.self_bounded && timeout == self.op_timeout {
+            op.await
+        } else {
+            match tokio::time::timeout(timeout, op).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout),
+            }
         };
         match &r {
             Ok(_) => self.breaker.success(),
@@ -511,7 +535,8 @@ impl CacheInner {
     /// reset on this read (once, when the key becomes hot).
     pub(crate) fn adaptive_refresh(&self, key: &str, policy: &TypePolicy) -> Option<Duration> {
         let rule = policy.adaptive?;
-        (self.reads.record(key, rule.window) == rule.reads + 1).then(|| self.policy.jittered(rule.ttl))
+        (self.reads.record(key, rule.window) == rule.reads + 1)
+            .then(|| self.policy.jittered(rule.ttl))
     }
 
     /// Lifetimes for a value written now.

@@ -190,11 +190,9 @@ pub fn validate_id(id: &str) -> Result<(), KeyError> {
     if id.len() > MAX_ID_LEN {
         return Err(KeyError::TooLong(id.len()));
     }
-    // Fast path: the common id alphabet (UUIDs, integers, slugs).
-    if id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
+    // Fast path: the common id alphabet (UUIDs, integers, slugs), one table
+    // look-up per byte.
+    if id.bytes().all(|b| PLAIN[b as usize]) {
         return Ok(());
     }
     for c in id.chars() {
@@ -207,6 +205,18 @@ pub fn validate_id(id: &str) -> Result<(), KeyError> {
     }
     Ok(())
 }
+
+/// Bytes of the common id alphabet: `[A-Za-z0-9._-]`.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.';
+        b += 1;
+    }
+    t
+};
 
 /// Companion key tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

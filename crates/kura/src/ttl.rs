@@ -16,7 +16,7 @@
 //! instant and stampede the database together.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -226,22 +226,61 @@ impl TtlPolicy {
 /// that fills up first drops its expired windows, then starts over.
 #[derive(Debug)]
 pub(crate) struct ReadCounter {
-    shards: Box<[Mutex<HashMap<Box<str>, (u32, Instant)>>]>,
+    /// Keyed by a 64-bit hash of the key: a collision merely shares a count,
+    /// which a popularity heuristic tolerates, and the key is hashed once.
+    shards: Box<[Mutex<Window>]>,
     cap_per_shard: usize,
+}
+
+/// Read counts by key hash: the count and when its window started.
+type Window = HashMap<u64, (u32, Instant), BuildHasherDefault<Prehashed>>;
+
+/// The hasher of maps whose keys are hashes already.
+#[derive(Debug, Default)]
+pub(crate) struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; fold anything else in.
+        for b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// FNV-1a: fast on short keys, and good enough to spread them over shards.
+fn fnv1a(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 impl ReadCounter {
     pub(crate) fn new(capacity: usize) -> Self {
         const SHARDS: usize = 64;
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             cap_per_shard: (capacity / SHARDS).max(16),
         }
     }
 
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (u32, Instant)>> {
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-        self.shards[(h as usize) % self.shards.len()]
+    fn shard(&self, h: u64) -> std::sync::MutexGuard<'_, Window> {
+        // The high bits pick the shard, so the map inside sees varied low
+        // bits.
+        self.shards[((h >> 40) as usize) % self.shards.len()]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -250,8 +289,9 @@ impl ReadCounter {
     /// window, including it.
     pub(crate) fn record(&self, key: &str, window: Duration) -> u32 {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        if let Some((n, start)) = shard.get_mut(key) {
+        let h = fnv1a(key);
+        let mut shard = self.shard(h);
+        if let Some((n, start)) = shard.get_mut(&h) {
             if now.duration_since(*start) > window {
                 *n = 0;
                 *start = now;
@@ -265,14 +305,15 @@ impl ReadCounter {
                 shard.clear();
             }
         }
-        shard.insert(key.into(), (1, now));
+        shard.insert(h, (1, now));
         1
     }
 
     /// The count of `key` in the current window (0 when unseen).
     pub(crate) fn count(&self, key: &str, window: Duration) -> u32 {
-        self.shard(key)
-            .get(key)
+        let h = fnv1a(key);
+        self.shard(h)
+            .get(&h)
             .filter(|(_, start)| start.elapsed() <= window)
             .map_or(0, |(n, _)| *n)
     }

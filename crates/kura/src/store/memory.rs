@@ -823,6 +823,10 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
+    fn bounds_own_latency(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> &'static str {
         "memory"
     }

@@ -450,6 +450,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         Ok(Durability::Volatile)
     }
 
+    /// Whether every operation of this store is already bounded in time by
+    /// the store itself (socket timeouts on a single connection, or no I/O
+    /// at all). The cache then skips its own per-operation timer, which is
+    /// a measurable part of a hit's cost.
+    fn bounds_own_latency(&self) -> bool {
+        false
+    }
+
     /// Whether keys must carry Redis Cluster hash tags.
     fn needs_hash_tags(&self) -> bool {
         false

@@ -944,6 +944,13 @@ impl Store for RedisStore {
         self.inner.conn.is_cluster()
     }
 
+    fn bounds_own_latency(&self) -> bool {
+        // One server: every command is bounded by the response timeout and
+        // a reconnect by one connect timeout. Cluster redirections and
+        // Sentinel look-ups are not, so those keep the cache's timer.
+        self.inner.conn.topology() == "redis"
+    }
+
     fn describe(&self) -> &'static str {
         self.inner.conn.topology()
     }

@@ -112,7 +112,9 @@ fn manager_config(t: Timeouts, response: Duration) -> ConnectionManagerConfig {
         .set_connection_timeout(Some(t.connect))
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(2)
+        // One attempt per reconnect: a command waiting for the connection
+        // waits at most one connect timeout; the next command tries again.
+        .set_number_of_retries(0)
 }
 
 fn managers(
