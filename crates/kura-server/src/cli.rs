@@ -36,8 +36,9 @@ pub enum Command {
     Stats(StatsArgs),
     /// Print an HS256 token signed with `KURA_JWT_SECRET`.
     Token(TokenArgs),
-    // `kura bench` belongs here once the `kura-bench` crate is in the
-    // workspace: `Bench(kura_bench::BenchArgs)`, run by `kura_bench::run`.
+    /// Load-test a running service (GET or PUT over keep-alive
+    /// connections; latency percentiles, X-Cache mix, hit ratio over time).
+    Bench(kura_bench::BenchArgs),
 }
 
 /// `kura migrate`.

@@ -60,5 +60,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invalidate(a) => commands::invalidate(a).await,
         Command::Stats(a) => commands::stats(a).await,
         Command::Token(a) => commands::token(&a),
+        Command::Bench(a) => kura_bench::run(a).await.map(drop),
     }
 }

@@ -13,7 +13,13 @@
 //!
 //! Cache failures never fail a read or a write: the library answers from the
 //! database and keeps failed invalidations until Redis is back.
+//!
+//! Reads and writes run to completion even when their request is cancelled
+//! (request timeout, client gone): see [`Finish`].
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -90,6 +96,65 @@ pub struct ProfileService {
     strategy: WriteStrategy,
 }
 
+/// A future that is finished on a task of its own if it is dropped before
+/// it completes.
+///
+/// A request is dropped mid-way when it times out or its client goes. Two
+/// things must not stop with it:
+/// - a read's load: the library shares it with every concurrent reader of
+///   the key and keeps it until it completes, so a load nobody polls any
+///   more keeps its database connection (or its place in the pool's queue)
+///   and later readers of the key join it in that state;
+/// - a write's cache step: once the statement is sent it may commit, and
+///   the invalidation after it must still happen, or the old value stays
+///   cached for its whole TTL.
+///
+/// The hot path pays one allocation; the spawn only happens on a drop.
+pub(crate) struct Finish<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send + 'static;
+
+impl<F: Future + Send + 'static> Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    pub(crate) fn new(fut: F) -> Self {
+        Self(Some(Box::pin(fut)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let Some(fut) = this.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = fut.as_mut().poll(cx);
+        if out.is_ready() {
+            this.0 = None;
+        }
+        out
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let (Some(fut), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = fut.await;
+            });
+        }
+    }
+}
+
 /// The cache key id of a user: the lowercase hyphenated UUID, written into
 /// a stack buffer (no allocation on the read path).
 #[must_use]
@@ -138,8 +203,12 @@ impl ProfileService {
     /// [`ServiceError::Cache`] with [`kura::Error::Source`] when the database
     /// fails and nothing usable is cached.
     pub async fn get(&self, user_id: &Uuid) -> Result<Fetched<Profile>, ServiceError> {
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        Ok(self.profiles.get(key_id(user_id, &mut buf)).await?)
+        let (profiles, user_id) = (self.profiles.clone(), *user_id);
+        Ok(Finish::new(async move {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            profiles.get(key_id(&user_id, &mut buf)).await
+        })
+        .await?)
     }
 
     /// Reads many profiles: one multi-get, one query for the misses, one
@@ -153,7 +222,8 @@ impl ProfileService {
             .iter()
             .map(|u| u.hyphenated().to_string())
             .collect();
-        Ok(self.profiles.get_many(&ids).await?)
+        let profiles = self.profiles.clone();
+        Ok(Finish::new(async move { profiles.get_many(&ids).await }).await?)
     }
 
     /// Creates a profile, then invalidates its key so that a cached "not

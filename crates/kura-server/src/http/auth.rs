@@ -10,7 +10,7 @@
 //! cannot turn into a flood of fetches.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
@@ -76,7 +76,7 @@ impl From<AuthError> for ApiError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// The `sub` claim.
-    pub sub: String,
+    pub sub: Arc<str>,
     /// `sub` as a user id, when it is a UUID.
     pub user_id: Option<Uuid>,
     /// Whether the caller has the `admin` role.
@@ -148,6 +148,7 @@ pub struct Auth {
     hs: Option<(DecodingKey, Validation)>,
     jwks: Option<Jwks>,
     rs_validation: Validation,
+    verified: VerifiedTokens,
 }
 
 impl std::fmt::Debug for Auth {
@@ -159,10 +160,70 @@ impl std::fmt::Debug for Auth {
     }
 }
 
+/// Clock skew allowed on `exp`.
+const LEEWAY_SECS: u64 = 30;
+/// How long a verified token is remembered.
+const VERIFIED_MAX_AGE_SECS: u64 = 60;
+/// Shards of the verified-token memory, and tokens per shard.
+const VERIFIED_SHARDS: usize = 16;
+const VERIFIED_PER_SHARD: usize = 1024;
+
+/// Tokens verified recently: a repeat request with the same token skips
+/// the signature check and claim parsing (most of the cost of auth on the
+/// hit path). Keyed by the whole token, so a different token is always
+/// verified; entries end at `exp` (plus leeway) and after a minute at most,
+/// so a JWKS key rotation takes effect within that minute. Bounded: a full
+/// shard is cleared.
+struct VerifiedTokens {
+    shards: Box<[Mutex<VerifiedShard>]>,
+}
+
+/// Token → (caller, valid until, seconds since the epoch).
+type VerifiedShard = HashMap<Box<str>, (Caller, u64)>;
+
+impl VerifiedTokens {
+    fn new() -> Self {
+        Self {
+            shards: (0..VERIFIED_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    /// The shard of a token: its last byte is signature text, already
+    /// uniformly spread, so no extra hashing is needed to pick it.
+    fn shard(&self, token: &str) -> &Mutex<VerifiedShard> {
+        let b = token.as_bytes().last().copied().unwrap_or(0);
+        &self.shards[usize::from(b) % self.shards.len()]
+    }
+
+    fn get(&self, token: &str, now: u64) -> Option<Caller> {
+        let shard = self
+            .shard(token)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match shard.get(token) {
+            Some((c, until)) if *until >= now => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, token: &str, caller: Caller, until: u64) {
+        let mut shard = self
+            .shard(token)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shard.len() >= VERIFIED_PER_SHARD {
+            shard.clear();
+        }
+        shard.insert(token.into(), (caller, until));
+    }
+}
+
 fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
     let mut v = Validation::new(alg);
     v.set_required_spec_claims(&["exp"]);
-    v.leeway = 30;
+    v.leeway = LEEWAY_SECS;
     if let Some(iss) = &cfg.issuer {
         v.set_issuer(&[iss]);
         v.required_spec_claims.insert("iss".into());
@@ -203,6 +264,7 @@ impl Auth {
             hs,
             jwks,
             rs_validation: validation(Algorithm::RS256, cfg),
+            verified: VerifiedTokens::new(),
         })
     }
 
@@ -219,6 +281,10 @@ impl Auth {
     ///
     /// [`AuthError::Invalid`] or [`AuthError::Expired`].
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(c) = self.verified.get(token, now) {
+            return Ok(c);
+        }
         let claims = match (&self.hs, &self.jwks) {
             // HS256 only: one pass, the header's alg must be HS256.
             (Some((key, v)), None) => decode(token, key, v)?,
@@ -238,11 +304,15 @@ impl Auth {
             }
             (None, None) => return Err(AuthError::Invalid),
         };
-        Ok(Caller {
+        let caller = Caller {
             user_id: Uuid::parse_str(&claims.sub).ok(),
             admin: claims.roles.iter().any(|r| r == ADMIN_ROLE),
-            sub: claims.sub,
-        })
+            sub: claims.sub.into(),
+        };
+        // Until `exp` (with the validation leeway), at most a minute.
+        let until = (claims.exp + LEEWAY_SECS).min(now + VERIFIED_MAX_AGE_SECS);
+        self.verified.put(token, caller.clone(), until);
+        Ok(caller)
     }
 }
 
