@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# kura's benchmark suite: runs the standard scenarios against `kura serve` (PostgreSQL +
+# its own redis-server) and against the seed's Python service side by side, and writes
+# docs/bench/RESULTS.md plus raw JSON under docs/bench/raw/<date>/.
+#
+#   bench/run.sh                      # everything, ~15-20 min on 2 cores
+#   DURATION=5s REPEATS=1 bench/run.sh                 # a quick pass
+#   SCENARIOS=s2,s6 bench/run.sh                       # a subset (s1 s2 s3 s4 mem s6 s5 s7)
+#
+# Settings (environment): DURATION (10s) ZIPF_DURATION (20s) WARMUP (2s) REPEATS (3)
+# CONCURRENCY (64) ZIPF_EXPONENT (1.0) STAMPEDE_N (200) SEED_WORKERS (2) PROFILE (0; 1 = perf
+# profile of kura under scenario 2) KURA_BIN (skip the build, use this binary) BENCH_CMD
+# (load generator, default "$KURA_BIN bench") KURA_DB (kura_bench) SEED_DB (seedpeer)
+# BENCH_TIMEOUT (45m, hard bound of the whole run) BENCH_PG_RESTART (1: may enable
+# pg_stat_statements with ALTER SYSTEM + a PostgreSQL restart when it is not loaded).
+#
+# Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
+# Needs: cargo, python3 (venv), redis-server, redis-benchmark, psql, a PostgreSQL superuser
+# `postgres` on 127.0.0.1:5432 (trust auth). Touches only: the databases $KURA_DB and $SEED_DB
+# (dropped/re-created), its own redis-server processes on free ports, .seed-python/ (git-ignored),
+# bench/out/ (git-ignored), docs/bench/.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+if [[ "${CI:-}" == "true" && "${BENCH_FORCE:-0}" != "1" ]]; then
+  echo "bench/run.sh: refusing to run under CI=true (benchmarks are not tests); BENCH_FORCE=1 overrides" >&2
+  exit 2
+fi
+
+say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+need() { command -v "$1" >/dev/null 2>&1 || { echo "bench/run.sh: '$1' not found ($2)" >&2; exit 1; }; }
+need cargo "install Rust"
+need python3 "apt-get install python3 python3-venv"
+need redis-server "apt-get install redis-server"
+need redis-benchmark "apt-get install redis-tools"
+need psql "apt-get install postgresql-client"
+
+export SCENARIOS=${SCENARIOS:-s1,s2,s3,s4,mem,s6,s5,s7}
+PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -Atq -v ON_ERROR_STOP=1)
+"${PSQL[@]}" -c 'select 1' >/dev/null || { echo "bench/run.sh: PostgreSQL at 127.0.0.1:5432 not reachable as postgres" >&2; exit 1; }
+
+# --- pg_stat_statements (counts the SELECTs of the stampede scenario) -----------------------
+loaded=$("${PSQL[@]}" -c 'show shared_preload_libraries')
+if [[ ",${loaded// /}," != *",pg_stat_statements,"* ]]; then
+  if [[ "${BENCH_PG_RESTART:-1}" != "1" ]]; then
+    echo "bench/run.sh: pg_stat_statements is not in shared_preload_libraries; add it (and restart PostgreSQL) or allow BENCH_PG_RESTART=1" >&2
+    exit 1
+  fi
+  ver=$("${PSQL[@]}" -c 'show server_version_num'); ver=${ver:0:2}
+  cluster=${PG_CLUSTER:-main}
+  say "pg_stat_statements not loaded: ALTER SYSTEM SET shared_preload_libraries and restart PostgreSQL $ver/$cluster"
+  "${PSQL[@]}" -c "ALTER SYSTEM SET shared_preload_libraries = '${loaded:+$loaded,}pg_stat_statements'"
+  pg_ctlcluster --skip-systemctl-redirect "$ver" "$cluster" restart
+  for _ in $(seq 60); do "${PSQL[@]}" -c 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
+  "${PSQL[@]}" -c 'show shared_preload_libraries' | grep -q pg_stat_statements \
+    || { echo "bench/run.sh: pg_stat_statements still not loaded" >&2; exit 1; }
+fi
+
+# --- kura (release) and its load generator -------------------------------------------------
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+if [[ -z "${KURA_BIN:-}" ]]; then
+  say "building kura (release)"
+  cargo build --release -p kura-server
+  KURA_BIN=$TARGET_DIR/release/kura
+fi
+export KURA_BIN
+if [[ -z "${BENCH_CMD:-}" ]]; then
+  "$KURA_BIN" bench --help >/dev/null 2>&1 \
+    || { echo "bench/run.sh: '$KURA_BIN bench' is not available; set BENCH_CMD to a kura-bench binary" >&2; exit 1; }
+  export BENCH_CMD="$KURA_BIN bench"
+fi
+if [[ ",$SCENARIOS," == *",s7,"* ]]; then
+  say "building the hit-path benchmark"
+  cargo bench -p kura --bench hit_path --no-run
+fi
+
+# --- the seed's Python service (copied to .seed-python/, git-ignored) -----------------------
+SEED_SRC=${SEED_SRC:-$ROOT/../shared/peers/seed-python}
+export SEED_DIR=${SEED_DIR:-$ROOT/.seed-python/peer}
+if [[ ! -f "$SEED_DIR/seedpeer/main.py" ]]; then
+  [[ -d "$SEED_SRC" ]] || { echo "bench/run.sh: the seed's service is not at $SEED_SRC (set SEED_SRC)" >&2; exit 1; }
+  say "copying the seed's service to $SEED_DIR"
+  mkdir -p "$SEED_DIR"; cp -R "$SEED_SRC/." "$SEED_DIR/"; chmod -R u+w "$SEED_DIR"
+fi
+if [[ ! -x "$SEED_DIR/.venv/bin/uvicorn" ]]; then
+  say "creating the seed's venv"
+  python3 -m venv "$SEED_DIR/.venv"
+  "$SEED_DIR/.venv/bin/pip" install -q fastapi 'uvicorn[standard]' sqlalchemy psycopg2-binary redis
+fi
+PY=$SEED_DIR/.venv/bin/python
+
+# --- the ceiling server (bare axum + redis-rs), built outside the workspace -----------------
+CEIL_SRC=${CEIL_SRC:-$ROOT/../shared/peers/ceiling}
+CEIL_DIR=$ROOT/.seed-python/ceiling
+export CEILING_BIN=""
+if [[ -f "$CEIL_DIR/Cargo.toml" || -d "$CEIL_SRC" ]]; then
+  if [[ ! -f "$CEIL_DIR/Cargo.toml" ]]; then
+    mkdir -p "$CEIL_DIR"; cp -R "$CEIL_SRC/." "$CEIL_DIR/"; chmod -R u+w "$CEIL_DIR"
+  fi
+  grep -q '^\[workspace\]' "$CEIL_DIR/Cargo.toml" || printf '\n[workspace]\n' >> "$CEIL_DIR/Cargo.toml"
+  say "building the ceiling server"
+  (cd "$CEIL_DIR" && CARGO_TARGET_DIR="$CEIL_DIR/target" cargo build --release -q)
+  CEILING_BIN=$CEIL_DIR/target/release/ceiling
+else
+  say "no ceiling server source at $CEIL_SRC: its lines are left out"
+fi
+
+# --- run -------------------------------------------------------------------------------------
+export ROOT BENCH_WORK=${BENCH_WORK:-$ROOT/bench/out/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$BENCH_WORK"
+
+stop_leftovers() {
+  # Whatever the harness started and could not stop itself (it was killed): by pid, and only
+  # if that pid still runs the program it was started as.
+  [[ -f "$BENCH_WORK/pids" ]] || return 0
+  while IFS=$'\t' read -r pid prog; do
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' '\n' < "/proc/$pid/cmdline" | head -1 | grep -qxF "$prog"; then
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done < "$BENCH_WORK/pids"
+}
+
+say "running the scenarios ($SCENARIOS); work files in $BENCH_WORK"
+timeout --kill-after=30s "${BENCH_TIMEOUT:-45m}" "$PY" "$ROOT/bench/harness.py" &
+HPID=$!
+trap 'kill -TERM "$HPID" 2>/dev/null || true' INT TERM HUP
+trap 'stop_leftovers' EXIT
+rc=0
+wait "$HPID" || rc=$?
+while kill -0 "$HPID" 2>/dev/null; do wait "$HPID" || rc=$?; done
+exit "$rc"
