@@ -59,7 +59,7 @@ pub struct SeedArgs {
     #[arg(long, env = "KURA_SEED", default_value_t = 42)]
     pub seed: u64,
     /// Write the generated user ids here, one per line.
-    #[arg(long)]
+    #[arg(long, env = "KURA_SEED_IDS_OUT")]
     pub ids_out: Option<PathBuf>,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -126,7 +126,7 @@ pub struct TokenArgs {
     #[arg(long)]
     pub admin: bool,
     /// Lifetime in seconds.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, env = "KURA_TOKEN_TTL", default_value_t = 3600)]
     pub ttl: u64,
     /// The HS256 secret.
     #[arg(long, env = "KURA_JWT_SECRET", hide_env_values = true)]

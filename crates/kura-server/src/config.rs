@@ -219,7 +219,7 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
     /// Demo mode: embedded SQLite and memory store, demo profiles, a fresh
     /// HS256 secret and a ready-to-paste `curl` line.
-    #[arg(long)]
+    #[arg(long, env = "KURA_DEMO")]
     pub demo: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
