@@ -166,3 +166,56 @@ fn blocking_get(url: &str) -> String {
         .unwrap();
     rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }
+
+#[test]
+fn demo_prints_a_curl_line_that_misses_then_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+        .current_dir(dir.path())
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("KURA_JWT_SECRET")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let curl = loop {
+        let line = lines.next().expect("demo output").unwrap();
+        if line.trim_start().starts_with("curl -si") {
+            break line;
+        }
+    };
+    // curl -si -H 'Authorization: Bearer <token>' <url>
+    let token = curl
+        .split("Bearer ")
+        .nth(1)
+        .and_then(|s| s.split('\'').next())
+        .unwrap()
+        .to_owned();
+    let url = curl.rsplit(' ').next().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let statuses: Vec<(u16, String)> = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let r = c.get(&url).bearer_auth(&token).send().await.unwrap();
+            out.push((r.status().as_u16(), x_cache(&r)));
+        }
+        out
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert_eq!(
+        statuses,
+        vec![(200, "miss".to_owned()), (200, "hit".to_owned())]
+    );
+    assert!(dir.path().join("kura.db").exists(), "embedded SQLite");
+}
