@@ -74,7 +74,7 @@ async fn shutdown_lets_requests_in_flight_finish() {
     .await;
     let user = uuid::Uuid::new_v4();
     app.create(&user).await;
-    proxy.set_latency(Duration::from_millis(150));
+    proxy.set_latency(Duration::from_millis(250));
 
     let request = app
         .http
@@ -82,7 +82,8 @@ async fn shutdown_lets_requests_in_flight_finish() {
         .bearer_auth(app.admin())
         .send();
     let in_flight = tokio::spawn(request);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Well inside the request's first database round trip (2 x 250 ms).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let server = app.server.take().unwrap();
     let url = app.url.clone();
     let stopped = tokio::spawn(server.shutdown());
