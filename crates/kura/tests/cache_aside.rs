@@ -269,7 +269,24 @@ async fn single_flight_in_process_survives_cancellation(b: Backend) {
     cleanup(&ns).await;
 }
 
+async fn a_cancelled_reader_still_fills(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "a");
+    db.set_delay(Duration::from_millis(100));
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    // The only reader gives up long before the load ends.
+    let gave_up = tokio::time::timeout(Duration::from_millis(10), profiles.get("u1")).await;
+    assert!(gave_up.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let f = profiles.get("u1").await.unwrap();
+    assert_eq!(f.status(), Status::Hit, "the load finished and filled");
+    assert_eq!(db.loads(), 1);
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    a_cancelled_reader_still_fills,
     miss_then_hit,
     not_found_is_cached_briefly,
     source_error_serves_stale_or_fails,

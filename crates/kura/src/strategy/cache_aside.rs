@@ -141,6 +141,18 @@ pub struct Batch<T> {
 
 type Flight<T> = Shared<BoxFuture<'static, Result<Fetched<T>, Error>>>;
 
+/// Removes a finished flight from the map when dropped.
+struct Leave<'a, T>(&'a Mutex<HashMap<String, Flight<T>>>, String);
+
+impl<T> Drop for Leave<'_, T> {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.1);
+    }
+}
+
 /// A cache-aside reader of one data type through a [`Source`].
 ///
 /// # Examples
@@ -173,8 +185,9 @@ type Flight<T> = Shared<BoxFuture<'static, Result<Fetched<T>, Error>>>;
 ///
 /// Concurrent [`get`](Self::get)s of one cold key in one process share one
 /// load; across processes sharing a Redis, one process loads while the
-/// others wait for its fill (up to the cache's `lease_wait`). A caller that
-/// is cancelled does not cancel the shared load while others await it.
+/// others wait for its fill (up to the cache's `lease_wait`). The load runs
+/// as a task of its own, so a caller that is cancelled cancels neither the
+/// load nor the fill.
 pub struct CacheAside<S: Source> {
     inner: Arc<Aside<S>>,
 }
@@ -316,17 +329,23 @@ impl<S: Source> CacheAside<S> {
                 let a = self.inner.clone();
                 let id = id.to_owned();
                 let k = key.clone();
-                let f = async move {
-                    let r = if use_cache {
+                // The load runs as a task of its own: a caller that gives up
+                // (request timeout, client gone) does not strand it holding a
+                // lease and a database connection, and the others still get
+                // its result.
+                let task = tokio::spawn(async move {
+                    // Leaves the map however the load ends, a panic included.
+                    let _leave = Leave(&a.flights, k);
+                    if use_cache {
                         a.resolve(&id).await
                     } else {
                         a.load_only(&id, Status::Bypass).await
-                    };
-                    a.flights
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&k);
-                    r
+                    }
+                });
+                let f = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(Error::source_error(format!("the load task failed: {e}")))
+                    })
                 }
                 .boxed()
                 .shared();
