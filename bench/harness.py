@@ -735,7 +735,8 @@ class Run:
                 calls, rows, queries = pgss(db, PGSS_SELECT)
                 row = {"instances": inst, "id": uid, "selects": int(calls), "rows": int(rows),
                        "queries": queries, "statuses": res.statuses, "x_cache": res.x_cache,
-                       "errors": res.errors, "wall_s": res.wall_s, "max_ms": res.max_latency_ms,
+                       "errors": res.errors, "wall_s": res.wall_s, "send_ms": res.send_s * 1000,
+                       "max_ms": res.max_latency_ms,
                        "p50_ms": res.p50_latency_ms}
                 if svc == "kura":
                     row["loads"] = s.loads() - loads0
@@ -833,6 +834,7 @@ def environment() -> dict:
         "cpu_model": model, "cores": os.cpu_count(), "mem_gib": round(mem_kb / 1024 / 1024, 1),
         "kernel": sh(["uname", "-r"]), "os": sh(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "loadavg_start": loadavg(),
+        "loadavg_before_build": os.environ.get("BENCH_LOADAVG_BEFORE_BUILD", ""),
         "rustc": sh(["rustc", "-V"]),
         "kura_commit": git("rev-parse", "HEAD"), "kura_commit_short": git("rev-parse", "--short", "HEAD"),
         "kura_dirty": [l[3:] for l in dirty.splitlines()],

@@ -110,10 +110,21 @@ def write(res: dict, out: Path, raw_rel: Path, findings: Path | None = None) -> 
       f"Raw data: [`{raw_rel}/`]({raw_rel}/). How to run and read this: [README.md](README.md).")
     w("")
     la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
-    w(f"> **Noise.** Load average (1/5/15 min) at start: {la0}; at end: {la1}. On a 2-core machine "
-      "anything above ~0.5 at start means other work (e.g. compiles) shared the cores with the "
-      "benchmark: absolute numbers are then low and noisy, while the kura/seed ratios, measured "
-      "back to back under the same load, hold better. Re-run on a quiet machine for reference numbers.")
+    lab = m.get("loadavg_before_build")
+    per = []
+    for key, label in SCENARIOS:
+        runs = sc.get(key, {}).get("kura", []) + sc.get(key, {}).get("seed", [])
+        v = med(r.get("loadavg1") for r in runs)
+        if v is not None:
+            per.append(f"{label.split()[0].rstrip('.')} {v:.1f}")
+    w(f"> **Noise.** Load average (1/5/15 min) before the script's builds: {lab or '?'}; when the "
+      f"measurements started: {la0}; at the end: {la1}"
+      + (f"; 1-min load at the start of the runs (median per scenario): {', '.join(per)}" if per else "")
+      + ". On this 2-core machine the load generator, the service, Redis and PostgreSQL already "
+      "fill both cores, so a load average well above ~3 means other work (compiles, test suites) "
+      "competed for the CPU: absolute numbers are then low and noisy, while the kura/seed ratios, "
+      "measured back to back under the same conditions, hold better. Re-run on a quiet machine "
+      "for reference numbers.")
     w("")
 
     # ------------------------------------------------------------ machine
@@ -196,8 +207,8 @@ def write(res: dict, out: Path, raw_rel: Path, findings: Path | None = None) -> 
           "Two instances: two service processes on the same database and Redis, the burst split evenly "
           "(for the seed an *instance* is one uvicorn server with its workers).")
         w("")
-        w("| service | instances | SELECTs per repeat | statuses | X-Cache | loads (kura metric) | burst wall time (ms) |")
-        w("|---|---:|---|---|---|---|---:|")
+        w("| service | instances | SELECTs per repeat | statuses | X-Cache | loads (kura metric) | sending the burst (ms) | burst answered in (ms) |")
+        w("|---|---:|---|---|---|---|---:|---:|")
         for name in ("kura_1", "kura_2", "seed_1", "seed_2"):
             rows = st.get(name)
             if not rows:
@@ -213,7 +224,7 @@ def write(res: dict, out: Path, raw_rel: Path, findings: Path | None = None) -> 
             err = sum(r["errors"] for r in rows)
             w(f"| {svc} | {inst} | **{', '.join(str(r['selects']) for r in rows)}** | "
               f"{statuses}{f' + {err} errors' if err else ''} | {xc} | {loads} | "
-              f"{f_ms(med(r['wall_s'] * 1000 for r in rows))} |")
+              f"{f_ms(med(r.get('send_ms') for r in rows))} | {f_ms(med(r['wall_s'] * 1000 for r in rows))} |")
         w("")
 
     # ------------------------------------------------------------ hit path
@@ -298,6 +309,12 @@ def write(res: dict, out: Path, raw_rel: Path, findings: Path | None = None) -> 
              f"{r * 100:.1f} % ({f_rps(k2['rps'])} vs {f_rps(rb_get)} req/s)", r >= 0.30)
     else:
         goal("service warmed GET ≥ 30 % of redis-benchmark GET", "–", None)
+    if k2 and cg:
+        w("")
+        w(f"For scale: in the same run the ceiling server (one Redis GET per request, no logic) served "
+          f"{f_rps(cg['rps'])} req/s with p99 {f_ms(cg['p99'])} ms on scenario 2's ids, so kura's warmed GET "
+          f"reached {k2['rps'] / cg['rps'] * 100:.0f} % of what an HTTP + Redis service can do on this machine "
+          f"under the same load, and the ceiling's p99 shows the latency floor the scheduler allows.")
     w("")
     # the seed document's own targets, for the record
     k3, _ = aggs.get("s3_zipf", (None, None))

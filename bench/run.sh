@@ -38,6 +38,9 @@ need redis-benchmark "apt-get install redis-tools"
 need psql "apt-get install postgresql-client"
 
 export SCENARIOS=${SCENARIOS:-s1,s2,s3,s4,mem,s6,s5,s7}
+# before this script's own builds add to it
+BENCH_LOADAVG_BEFORE_BUILD=$(cut -d' ' -f1-3 /proc/loadavg)
+export BENCH_LOADAVG_BEFORE_BUILD
 PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -Atq -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -c 'select 1' >/dev/null || { echo "bench/run.sh: PostgreSQL at 127.0.0.1:5432 not reachable as postgres" >&2; exit 1; }
 
