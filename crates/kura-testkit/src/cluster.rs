@@ -86,11 +86,25 @@ impl RedisCluster {
     /// When `primaries < 3` (Redis Cluster needs three), when a node does not start, or when
     /// the cluster does not form within 30 s; the message includes `redis-cli`'s output.
     pub async fn start(primaries: usize, replicas_per_primary: usize) -> RedisCluster {
+        Self::start_with(primaries, replicas_per_primary, RedisOptions::default()).await
+    }
+
+    /// [`RedisCluster::start`] with options for every node (for example the
+    /// append-only file).
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisCluster::start`].
+    pub async fn start_with(
+        primaries: usize,
+        replicas_per_primary: usize,
+        node: RedisOptions,
+    ) -> RedisCluster {
         assert!(primaries >= 3, "Redis Cluster needs at least 3 primaries");
         let count = primaries * (1 + replicas_per_primary);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
-            let opts = RedisOptions::default().args([
+            let opts = node.clone().args([
                 "--cluster-enabled".to_owned(),
                 "yes".to_owned(),
                 "--cluster-config-file".to_owned(),

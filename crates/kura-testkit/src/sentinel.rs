@@ -50,10 +50,20 @@ impl RedisSentinelGroup {
     ///
     /// When a process does not start or the group does not form within 30 s.
     pub async fn start() -> RedisSentinelGroup {
-        let master = RedisServer::start().await;
+        Self::start_with(RedisOptions::default()).await
+    }
+
+    /// [`RedisSentinelGroup::start`] with options for the data nodes (for
+    /// example the append-only file).
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisSentinelGroup::start`].
+    pub async fn start_with(node: RedisOptions) -> RedisSentinelGroup {
+        let master = RedisServer::start_with(node.clone()).await;
         let mut servers = vec![master];
         for _ in 0..REPLICAS {
-            let opts = RedisOptions::default().args([
+            let opts = node.clone().args([
                 "--replicaof".to_owned(),
                 "127.0.0.1".to_owned(),
                 servers[0].port().to_string(),

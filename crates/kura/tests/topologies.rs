@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kura::{Cache, Kind, Status, TtlPolicy};
-use kura_testkit::{RedisCluster, RedisSentinelGroup};
+use kura::{BehindLimits, Cache, Kind, Status, TtlPolicy};
+use kura_testkit::{RedisCluster, RedisOptions, RedisSentinelGroup};
 use support::{Backend, Db, Row, TestDb, cache_on, ns};
 
 fn cluster_url(c: &RedisCluster) -> String {
@@ -230,6 +230,134 @@ async fn sentinel_master_killed_under_load() {
     let url = sentinel_url(&group);
     let g = &mut group;
     reads_through_a_failover(url, async || {
+        let old = g.kill_master().await;
+        g.wait_for_failover(old).await;
+    })
+    .await;
+}
+
+/// Write-behind across a failover: every write acknowledged with one
+/// replica's confirmation survives the death of its primary, and reaches
+/// the database once a flusher (re-queueing pending copies whose queue
+/// entry was lost) drains the queue.
+async fn write_behind_through_a_failover(url: String, fail: impl AsyncFnOnce()) {
+    let ns = ns();
+    let db = TestDb::new();
+    let ids: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        db.put(id, "start");
+    }
+    let store = kura::store::RedisStore::builder(&url)
+        .response_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let cache = Cache::builder(store)
+        .namespace(&ns)
+        .op_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let wb = reader
+        .write_behind()
+        .limits(BehindLimits::new(0, Duration::ZERO).replicas(1, Duration::from_secs(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        Row,
+    >::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (wb, stop, acked, ids) = (wb.clone(), stop.clone(), acked.clone(), ids.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = &ids[(n as usize * 7 + w) % ids.len()];
+                    let tag = format!("w{w}-{n}");
+                    let t = tag.clone();
+                    match wb
+                        .accept(id, move |cur: &Row| Row {
+                            name: t.clone(),
+                            version: cur.version + 1,
+                            ..cur.clone()
+                        })
+                        .await
+                    {
+                        Ok(a) => {
+                            let mut m = acked.lock().unwrap();
+                            let newer = m.get(id).is_none_or(|r| r.version < a.value.version);
+                            if newer {
+                                m.insert(id.clone(), a.value);
+                            }
+                        }
+                        // Not acknowledged: allowed to be lost or applied.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    fail().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "too few acknowledged writes: {}",
+        acked.len()
+    );
+    // Drain, re-queueing pending copies on every step.
+    let mut f = wb
+        .flusher(Db(db.clone()))
+        .sweep_every(Duration::ZERO)
+        .claim_idle(Duration::from_millis(200))
+        .block(Duration::from_millis(50))
+        .linger(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut quiet = 0;
+    while quiet < 3 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        match f.flush_once(true).await {
+            Ok(r) if r.entries == 0 => quiet += 1,
+            Ok(_) => quiet = 0,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let mut lost = Vec::new();
+    for (id, want) in &acked {
+        let row = db.get(id).unwrap();
+        let ok = row.version > want.version || row == *want;
+        if !ok {
+            lost.push(format!("{id}: acknowledged {want:?}, database {row:?}"));
+        }
+    }
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_write_behind_survives_a_primary_failover() {
+    let mut cluster =
+        RedisCluster::start_with(3, 1, RedisOptions::default().appendonly(true)).await;
+    let url = cluster_url(&cluster);
+    let c = &mut cluster;
+    write_behind_through_a_failover(url, async || {
+        c.kill_primary(0).await;
+        c.wait_until_healthy().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_write_behind_survives_a_master_failover() {
+    let mut group = RedisSentinelGroup::start_with(RedisOptions::default().appendonly(true)).await;
+    let url = sentinel_url(&group);
+    let g = &mut group;
+    write_behind_through_a_failover(url, async || {
         let old = g.kill_master().await;
         g.wait_for_failover(old).await;
     })

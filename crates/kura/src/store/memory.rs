@@ -643,6 +643,8 @@ impl Store for MemoryStore {
             slot.pending = Some(req.bytes.clone());
             AcceptOutcome::Accepted {
                 entry_id: q.push(req.id, req.version),
+                // An in-process store has no replicas to confirm anything.
+                replicated: (req.min_replicas > 0).then_some(0),
             }
         });
         if matches!(out, AcceptOutcome::Accepted { .. }) {

@@ -196,6 +196,11 @@ pub struct AcceptRequest<'a> {
     pub max_depth: u64,
     /// Refuse when the oldest entry is this old (zero: no limit).
     pub max_age: Duration,
+    /// After storing, wait until this many replicas have the write (Redis
+    /// `WAIT`; 0: do not wait).
+    pub min_replicas: u32,
+    /// How long to wait for the replicas.
+    pub replica_timeout: Duration,
 }
 
 /// What [`Store::accept`] did.
@@ -206,6 +211,9 @@ pub enum AcceptOutcome {
     Accepted {
         /// The queue entry id.
         entry_id: String,
+        /// How many replicas confirmed the write, when the request asked
+        /// for replicas.
+        replicated: Option<u32>,
     },
     /// The current version is not the expected one: read again and retry.
     Conflict {

@@ -197,9 +197,23 @@ impl RedisStore {
     /// Runs a pipeline, loading the scripts once if the server lost them
     /// (`NOSCRIPT` after a restart, a failover or `SCRIPT FLUSH`).
     async fn run(&self, pipe: &Pipeline) -> StoreResult<Vec<Value>> {
+        self.run_as(pipe, false).await
+    }
+
+    /// [`RedisStore::run`] for a pipeline that must reach one node as a
+    /// whole (on Cluster: the node of its first key).
+    async fn run_on_one_node(&self, pipe: &Pipeline) -> StoreResult<Vec<Value>> {
+        self.run_as(pipe, true).await
+    }
+
+    async fn run_as(&self, pipe: &Pipeline, one_node: bool) -> StoreResult<Vec<Value>> {
         let mut loaded = false;
         loop {
-            let results = self.inner.conn.exec(pipe).await?;
+            let results = if one_node {
+                self.inner.conn.exec_together(pipe).await?
+            } else {
+                self.inner.conn.exec(pipe).await?
+            };
             let noscript = results.iter().any(|r| {
                 r.as_ref().is_err_and(|e| {
                     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
@@ -374,6 +388,27 @@ fn accept_entry_invocation(pipe: &mut Pipeline, req: &AcceptRequest<'_>) {
             .arg(millis(req.lifetimes.ttl))
             .arg(req.lifetimes.stale_ttl.as_millis() as u64);
     });
+}
+
+/// Appends `WAIT` when the accept asks for replicas.
+fn push_wait(pipe: &mut Pipeline, req: &AcceptRequest<'_>) {
+    if req.min_replicas > 0 {
+        pipe.cmd("WAIT")
+            .arg(req.min_replicas)
+            .arg(req.replica_timeout.as_millis().max(1) as u64);
+    }
+}
+
+/// The replica count `WAIT` answered, when it was sent.
+fn wait_result(v: Option<Value>, req: &AcceptRequest<'_>) -> StoreResult<Option<u32>> {
+    if req.min_replicas == 0 {
+        return Ok(None);
+    }
+    match v {
+        Some(Value::Int(n)) => Ok(Some(n.max(0) as u32)),
+        Some(other) => Err(unexpected(&other)),
+        None => Err(unexpected(&Value::Nil)),
+    }
 }
 
 fn text_at(parts: &[Value], i: usize) -> Option<String> {
@@ -650,7 +685,10 @@ impl Store for RedisStore {
             .arg(req.max_depth)
             .arg(req.max_age.as_millis() as u64);
         pipe.invoke_script(&inv);
-        let v = self.run(&pipe).await?.pop().unwrap_or(Value::Nil);
+        push_wait(&mut pipe, req);
+        let mut results = self.run(&pipe).await?.into_iter();
+        let v = results.next().unwrap_or(Value::Nil);
+        let replicated = wait_result(results.next(), req)?;
         let Value::Array(parts) = &v else {
             return Err(unexpected(&v));
         };
@@ -662,6 +700,7 @@ impl Store for RedisStore {
         match parts.first().map(as_int).transpose()? {
             Some(1) => Ok(AcceptOutcome::Accepted {
                 entry_id: text_at(parts, 1).ok_or_else(|| unexpected(&v))?,
+                replicated,
             }),
             Some(2) => Ok(AcceptOutcome::Conflict { current: num(1) }),
             Some(3) => Ok(AcceptOutcome::Full {
@@ -979,7 +1018,13 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         accept_entry_invocation(&mut pipe, req);
-        let v = self.run(&pipe).await?.pop().unwrap_or(Value::Nil);
+        // WAIT has no key: it goes with the script to the entry's primary,
+        // which holds the pending copy that must survive a failover (a
+        // queue entry lost with the stream's primary is re-queued from it).
+        push_wait(&mut pipe, req);
+        let mut results = self.run_on_one_node(&pipe).await?.into_iter();
+        let v = results.next().unwrap_or(Value::Nil);
+        let replicated = wait_result(results.next(), req)?;
         let Value::Array(parts) = &v else {
             return Err(unexpected(&v));
         };
@@ -999,7 +1044,10 @@ impl RedisStore {
                     .arg(req.version),
             )
             .await?;
-        Ok(AcceptOutcome::Accepted { entry_id })
+        Ok(AcceptOutcome::Accepted {
+            entry_id,
+            replicated,
+        })
     }
 }
 

@@ -334,6 +334,22 @@ impl Conn {
         }
     }
 
+    /// Runs a pipeline on one node as a whole: on Cluster, the node of its
+    /// first keyed command (every keyed command must share its slot).
+    pub(super) async fn exec_together(
+        &self,
+        pipe: &Pipeline,
+    ) -> RedisResult<Vec<RedisResult<Value>>> {
+        match &*self.inner {
+            Inner::Cluster { client, conn, .. } => {
+                let mut c = cluster(conn, client).await?;
+                let values: Vec<Value> = c.req_packed_commands(pipe, 0, pipe.len()).await?;
+                Ok(values.into_iter().map(Value::extract_error).collect())
+            }
+            _ => self.exec(pipe).await,
+        }
+    }
+
     /// The primaries to `SCAN` (the connection's own server when not a
     /// cluster).
     pub(super) async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {

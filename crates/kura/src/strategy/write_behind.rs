@@ -138,6 +138,15 @@ pub enum BehindError {
     /// The version kept changing under concurrent writers.
     #[error("too many concurrent writes to one key")]
     Contended,
+    /// The write is stored and queued on the primary, but fewer replicas
+    /// than required confirmed it in time: it is not acknowledged. It may
+    /// still be applied (it is in the queue); a retry is safe, since it is
+    /// re-based on the newest value.
+    #[error("only {replicas} replica(s) confirmed the write in time")]
+    NotReplicated {
+        /// Replicas that confirmed it.
+        replicas: u32,
+    },
     /// The patched value cannot be cached (not a JSON object, too large) or
     /// its version did not increase.
     #[error("invalid patch: {0}")]
@@ -166,15 +175,19 @@ pub struct BehindLimits {
     pub max_age: Duration,
     /// Compare-and-set attempts before giving up on a contended key.
     pub cas_attempts: u32,
+    /// Replicas that must confirm a write before it is acknowledged (Redis
+    /// `WAIT`; 0 by default). With 1, a write acknowledged on a primary
+    /// that then dies survives on the replica promoted in its place (given
+    /// that replica has it: `WAIT` confirms it does).
+    pub min_replicas: u32,
+    /// How long to wait for those replicas before refusing the
+    /// acknowledgement ([`BehindError::NotReplicated`]).
+    pub replica_timeout: Duration,
 }
 
 impl Default for BehindLimits {
     fn default() -> Self {
-        Self {
-            max_depth: 100_000,
-            max_age: Duration::from_secs(60),
-            cas_attempts: 16,
-        }
+        Self::new(100_000, Duration::from_secs(60))
     }
 }
 
@@ -186,7 +199,17 @@ impl BehindLimits {
             max_depth,
             max_age,
             cas_attempts: 16,
+            min_replicas: 0,
+            replica_timeout: Duration::from_millis(500),
         }
+    }
+
+    /// Requires `n` replicas to confirm each write, waiting up to `timeout`.
+    #[must_use]
+    pub const fn replicas(mut self, n: u32, timeout: Duration) -> Self {
+        self.min_replicas = n;
+        self.replica_timeout = timeout;
+        self
     }
 }
 
@@ -356,9 +379,19 @@ impl<S: Source> WriteBehind<S> {
                 lifetimes: c.lifetimes(&entry.value, &policy),
                 max_depth: self.limits.max_depth,
                 max_age: self.limits.max_age,
+                min_replicas: self.limits.min_replicas,
+                replica_timeout: self.limits.replica_timeout,
             };
             match c.call(None, c.store.accept(&req)).await {
-                Ok(AcceptOutcome::Accepted { entry_id }) => {
+                Ok(AcceptOutcome::Accepted {
+                    replicated: Some(n),
+                    ..
+                }) if n < self.limits.min_replicas => {
+                    metrics::counter!("cache_wb_unreplicated_total", "cache_type" => self.label())
+                        .increment(1);
+                    return Err(BehindError::NotReplicated { replicas: n });
+                }
+                Ok(AcceptOutcome::Accepted { entry_id, .. }) => {
                     metrics::counter!("cache_wb_accepted_total", "cache_type" => self.label())
                         .increment(1);
                     return Ok(Accepted {

@@ -489,6 +489,8 @@ pub fn accept_req<'a>(
         lifetimes: life(100, 0),
         max_depth: 0,
         max_age: Duration::ZERO,
+        min_replicas: 0,
+        replica_timeout: Duration::ZERO,
     }
 }
 
