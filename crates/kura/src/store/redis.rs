@@ -243,7 +243,7 @@ impl RedisStore {
     /// Starts a `SCAN` of every primary (or of the one server).
     async fn scan(&self, pattern: &str) -> StoreResult<Scan> {
         let nodes = self.inner.conn.primaries().await?;
-        let targets: Vec<Option<(String, u16)>> = if nodes.is_empty() {
+        let targets: Vec<Option<u16>> = if nodes.is_empty() {
             vec![None]
         } else {
             nodes.into_iter().map(Some).collect()
@@ -268,7 +268,7 @@ impl RedisStore {
             .arg("COUNT")
             .arg(SCAN_COUNT);
         let (next, keys): (u64, Vec<Vec<u8>>) = match &node {
-            Some(n) => self.inner.conn.query_node(n, &cmd).await?,
+            Some(slot) => self.inner.conn.query_node(*slot, &cmd).await?,
             None => self.inner.conn.query(&cmd).await?,
         };
         if next == 0 {
@@ -286,7 +286,8 @@ impl RedisStore {
 /// A `SCAN` in progress over one or more nodes.
 struct Scan {
     pattern: String,
-    targets: Vec<Option<(String, u16)>>,
+    /// A slot of each primary (`None`: the one server).
+    targets: Vec<Option<u16>>,
     at: usize,
     cursor: u64,
 }

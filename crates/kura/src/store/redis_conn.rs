@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, Value};
@@ -350,9 +350,9 @@ impl Conn {
         }
     }
 
-    /// The primaries to `SCAN` (the connection's own server when not a
-    /// cluster).
-    pub(super) async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {
+    /// The primaries to `SCAN`, each named by a slot it serves (none when
+    /// not a cluster: the connection's own server).
+    pub(super) async fn primaries(&self) -> RedisResult<Vec<u16>> {
         let Inner::Cluster { client, conn, .. } = &*self.inner else {
             return Ok(Vec::new());
         };
@@ -367,10 +367,11 @@ impl Conn {
         Ok(parse_primaries(&text))
     }
 
-    /// Sends `cmd` to one node of the cluster.
+    /// Sends `cmd` to the primary serving `slot`. Routing by slot, not by
+    /// address, lets the client connect to a node it has not used yet.
     pub(super) async fn query_node<T: FromRedisValue>(
         &self,
-        node: &(String, u16),
+        slot: u16,
         cmd: &Cmd,
     ) -> RedisResult<T> {
         match &*self.inner {
@@ -379,10 +380,10 @@ impl Conn {
                 let v = c
                     .route_command(
                         cmd.clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: node.0.clone(),
-                            port: node.1,
-                        }),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                            slot,
+                            SlotAddr::Master,
+                        ))),
                     )
                     .await?;
                 T::from_redis_value(v).map_err(Into::into)
@@ -403,8 +404,9 @@ async fn cluster(
         .cloned()
 }
 
-/// Primaries from `CLUSTER NODES`, skipping failed ones.
-pub(super) fn parse_primaries(text: &str) -> Vec<(String, u16)> {
+/// Primaries from `CLUSTER NODES`, each as the first slot it serves;
+/// failed primaries and primaries without slots are skipped.
+pub(super) fn parse_primaries(text: &str) -> Vec<u16> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -412,9 +414,11 @@ pub(super) fn parse_primaries(text: &str) -> Vec<(String, u16)> {
             if !flags.contains("master") || flags.contains("fail") || flags.contains("noaddr") {
                 return None;
             }
-            let addr = f.get(1)?.split('@').next()?;
-            let (host, port) = addr.rsplit_once(':')?;
-            Some((host.to_owned(), port.parse().ok()?))
+            // Slot fields follow the eighth; `[...]` ones are migrations.
+            f.get(8..)?
+                .iter()
+                .find(|r| !r.starts_with('['))
+                .and_then(|r| r.split('-').next()?.parse().ok())
         })
         .collect()
 }
@@ -558,9 +562,6 @@ b 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922
 c 127.0.0.1:7002@17002 master,fail - 0 0 3 connected
 d 127.0.0.1:7003@17003 slave a 0 0 1 connected
 ";
-        assert_eq!(
-            parse_primaries(text),
-            vec![("127.0.0.1".into(), 7000), ("127.0.0.1".into(), 7001)]
-        );
+        assert_eq!(parse_primaries(text), vec![0, 5461]);
     }
 }
