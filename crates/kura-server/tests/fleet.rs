@@ -1,68 +1,109 @@
-//! Two service instances behind one load, on each Redis topology: 200
-//! concurrent GETs of one cold id, split across both, load it from the
-//! database once. One test in this binary, so the process-wide metrics
-//! count its loads alone.
+//! Two `kura serve` processes behind one load, on each Redis topology
+//! (one server, Cluster, Sentinel): 200 concurrent GETs of one cold id,
+//! split across both, load it from the database once; a write through one
+//! is read at once through the other.
 
 mod support;
 
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use kura_testkit::{RedisCluster, RedisSentinelGroup};
-use support::{Backend, TestApp};
+use kura_testkit::{RedisCluster, RedisSentinelGroup, free_port};
+use serde_json::{Value, json};
+use support::TestDb;
 use uuid::Uuid;
 
-/// `cache_loads_total{cache_type="profile"}` from a `/metrics` page.
-fn loads(metrics: &str) -> f64 {
-    metrics
-        .lines()
+/// A `kura serve` child process, killed when dropped.
+struct Instance {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn spawn(db: &str, redis: &str, ns: &str, secret: &str) -> Instance {
+    let port = free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+        .arg("serve")
+        .env("KURA_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DATABASE_URL", db)
+        .env("REDIS_URL", redis)
+        .env("KURA_NAMESPACE", ns)
+        .env("KURA_JWT_SECRET", secret)
+        .env("KURA_REDIS_TIMEOUT", "500ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start kura serve");
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Ready when the cache answers too: a first command still
+        // connecting would rightly go to the database.
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                if v["redis"] == "ok" {
+                    break;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "kura serve did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Instance { child, url }
+}
+
+/// `cache_loads_total{cache_type="profile"}` of one instance.
+async fn loads(http: &reqwest::Client, base: &str) -> f64 {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
         .filter(|l| l.starts_with("cache_loads_total") && l.contains("cache_type=\"profile\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-async fn stampede_on_two_instances(redis_url: String) {
-    let url = redis_url.clone();
-    let app = TestApp::start_with(Backend::PgRedis, move |c| {
-        c.redis_url = Some(url);
-        c.redis_timeout = Duration::from_millis(500);
-    })
-    .await;
-    let mut c = support::base_config(&app.secret);
-    c.database_url = app.db.as_ref().map(|d| d.url.clone());
-    c.redis_url = Some(redis_url);
-    c.redis_timeout = Duration::from_millis(500);
-    c.namespace = app.namespace.clone();
-    let other = kura_server::serve(c).await.expect("second instance");
-    let admin = app.admin();
+async fn two_processes(redis: &str) {
+    let db = TestDb::create().await;
+    let ns = format!("t_{}", support::random_suffix());
+    let secret = format!("secret-{}", support::random_suffix());
+    let a = spawn(&db.url, redis, &ns, &secret).await;
+    let b = spawn(&db.url, redis, &ns, &secret).await;
+    let admin = support::token_with(
+        &secret,
+        &json!({ "sub": Uuid::new_v4().to_string(), "exp": support::now() + 600, "roles": ["admin"] }),
+    );
     let http = reqwest::Client::new();
-    let metrics = |base: String| {
-        let http = http.clone();
-        async move {
-            http.get(format!("{base}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        }
-    };
-    // Both instances are connected before the load (a first command may
-    // still be connecting, and would rightly go to the database).
-    for base in [app.url.clone(), other.url()] {
-        let h = http.get(format!("{base}/healthz")).send().await.unwrap();
-        assert!(h.status().is_success());
-    }
     for round in 0..3 {
         let id = Uuid::new_v4();
-        app.create(&id).await;
-        let before = loads(&metrics(app.url.clone()).await);
+        let r = http
+            .post(format!("{}/api/v1/profiles", a.url))
+            .bearer_auth(&admin)
+            .json(&json!({ "user_id": id, "first_name": "太郎", "last_name": "山田", "email": "t@example.jp" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let before = loads(&http, &a.url).await + loads(&http, &b.url).await;
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let base = if i % 2 == 0 {
-                    app.url.clone()
+                    a.url.clone()
                 } else {
-                    other.url()
+                    b.url.clone()
                 };
                 let (http, admin) = (http.clone(), admin.clone());
                 tokio::spawn(async move {
@@ -78,31 +119,67 @@ async fn stampede_on_two_instances(redis_url: String) {
         for t in tasks {
             assert!(t.await.unwrap().is_success());
         }
-        let after = loads(&metrics(app.url.clone()).await);
+        let after = loads(&http, &a.url).await + loads(&http, &b.url).await;
         assert_eq!(
             after - before,
             1.0,
-            "round {round}: loads of one cold id by two instances"
+            "round {round}: database loads of one cold id"
         );
+
+        // Read-after-write across the two processes, every strategy.
+        for (strategy, phone) in [
+            ("invalidate", "080-1000-0001"),
+            ("through", "080-1000-0002"),
+        ] {
+            let r = http
+                .put(format!(
+                    "{}/api/v1/profiles/{id}?strategy={strategy}",
+                    a.url
+                ))
+                .bearer_auth(&admin)
+                .json(&json!({ "phone": phone }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let seen: Value = http
+                .get(format!("{}/api/v1/profiles/{id}", b.url))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                seen["phone"], phone,
+                "{strategy}: the other instance reads the write"
+            );
+        }
     }
-    other.shutdown().await.unwrap();
-    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_load_a_cold_id_once_on_every_topology() {
-    stampede_on_two_instances(support::redis_url()).await;
+async fn two_processes_one_redis() {
+    two_processes(&support::redis_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_a_cluster() {
     let cluster = RedisCluster::start(3, 1).await;
     let nodes: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
-    stampede_on_two_instances(format!("redis+cluster://{}", nodes.join(","))).await;
-    drop(cluster);
+    two_processes(&format!("redis+cluster://{}", nodes.join(","))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_sentinel() {
     let group = RedisSentinelGroup::start().await;
     let sentinels: Vec<String> = group
         .sentinel_addrs()
         .iter()
         .map(ToString::to_string)
         .collect();
-    stampede_on_two_instances(format!(
+    two_processes(&format!(
         "redis+sentinel://{}/{}",
         sentinels.join(","),
         group.master_name()
