@@ -177,8 +177,8 @@ def write(res: dict, out: Path, raw_rel: Path, findings: Path | None = None) -> 
             elif non2xx(a):
                 notes.append(f"{who}: {non2xx(a)}")
             if a and key.startswith("s5") and a.get("update_rows_final") is not None:
-                notes.append(f"{who} DB rows updated: {a['update_rows_end']:,.0f} at end, "
-                             f"{a['update_rows_final']:,.0f} after {a['drain_s']:.0f} s")
+                notes.append(f"{who}: {a['update_rows_end']:,.0f} DB rows updated by the end "
+                             f"(warm-up included), {a['update_rows_final']:,.0f} after {a['drain_s']:.0f} s")
         hit = f"{f_pct(k['hit'] if k else None)} / {f_pct(s['hit'] if s else None)}"
         if key.startswith("s5"):
             hit = "–"
