@@ -73,6 +73,8 @@ class Cfg:
         self.seed_workers = int(env("SEED_WORKERS", "2"))
         self.scenarios = [s.strip() for s in env("SCENARIOS", "s1,s2,s3,s4,mem,s6,s5,s7").split(",")]
         self.profile = env("PROFILE", "0") == "1"
+        self.settle_load = float(env("SETTLE_LOAD", "0"))
+        self.settle_max = secs(env("SETTLE_MAX", "180s"))
         self.pg = env("PG_DSN", "host=127.0.0.1 port=5432 user=postgres")
         self.kura_db = env("KURA_DB", "kura_bench")
         self.seed_db = env("SEED_DB", "seedpeer")
@@ -847,8 +849,9 @@ def environment() -> dict:
         "seed_deps": deps,
         "config": {k: getattr(CFG, k) for k in ("duration", "zipf_duration", "warmup", "repeats",
                                                 "concurrency", "zipf_exponent", "warm_ids", "profiles",
-                                                "stampede_n", "seed_workers", "scenarios")},
-        "bench_cmd": " ".join(CFG.bench_cmd),
+                                                "stampede_n", "seed_workers", "scenarios",
+                                                "settle_load")},
+        "bench_cmd": " ".join(CFG.bench_cmd).replace(str(CFG.root) + "/", ""),
     }
 
 
@@ -856,6 +859,12 @@ def main():
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     run = Run()
+    if CFG.settle_load > 0:
+        # let the builds' load decay (and, on a shared machine, wait a bit for quieter cores)
+        end = time.time() + CFG.settle_max
+        while loadavg()[0] > CFG.settle_load and time.time() < end:
+            time.sleep(5)
+        log(f"settled: load {loadavg()} (target {CFG.settle_load}, waited at most {CFG.settle_max:.0f} s)")
     t0 = time.time()
     run.res["meta"] = environment()
     log(f"load average at start: {run.res['meta']['loadavg_start']}; raw -> {CFG.raw}")

@@ -12,7 +12,9 @@
 # profile of kura under scenario 2) KURA_BIN (skip the build, use this binary) BENCH_CMD
 # (load generator, default "$KURA_BIN bench") KURA_DB (kura_bench) SEED_DB (seedpeer)
 # BENCH_TIMEOUT (45m, hard bound of the whole run) BENCH_PG_RESTART (1: may enable
-# pg_stat_statements with ALTER SYSTEM + a PostgreSQL restart when it is not loaded).
+# pg_stat_statements with ALTER SYSTEM + a PostgreSQL restart when it is not loaded)
+# SETTLE_LOAD (0 = off; e.g. 1.0: before measuring, wait until the 1-min load average is at
+# most this, for at most SETTLE_MAX, 180s).
 #
 # Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
 # Needs: cargo, python3 (venv), redis-server, redis-benchmark, psql, a PostgreSQL superuser
