@@ -273,6 +273,24 @@ impl Db {
         }
     }
 
+    /// Waits until no other transaction holds the row of `user_id` (a write
+    /// still running, perhaps for a client that is gone), by locking it for
+    /// an instant. SQLite runs statements in-process, where a write cannot
+    /// outlive its answer: it returns at once.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn wait_for_row(&self, user_id: Uuid) -> Result<(), DbError> {
+        if let Db::Postgres(p) = self {
+            sqlx::query("SELECT 1 FROM profiles WHERE user_id = $1 FOR UPDATE")
+                .bind(user_id)
+                .execute(p)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// The profiles of `user_ids` that exist, in one query.
     ///
     /// # Errors

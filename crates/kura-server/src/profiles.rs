@@ -14,8 +14,8 @@
 //! Cache failures never fail a read or a write: the library answers from the
 //! database and keeps failed invalidations until Redis is back.
 //!
-//! Reads and writes run to completion even when their request is cancelled
-//! (request timeout, client gone): see [`Finish`].
+//! Writes run to completion even when their request is cancelled (request
+//! timeout, client gone): see `Finish`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -99,17 +99,13 @@ pub struct ProfileService {
 /// A future that is finished on a task of its own if it is dropped before
 /// it completes.
 ///
-/// A request is dropped mid-way when it times out or its client goes. Two
-/// things must not stop with it:
-/// - a read's load: the library shares it with every concurrent reader of
-///   the key and keeps it until it completes, so a load nobody polls any
-///   more keeps its database connection (or its place in the pool's queue)
-///   and later readers of the key join it in that state;
-/// - a write's cache step: once the statement is sent it may commit, and
-///   the invalidation after it must still happen, or the old value stays
-///   cached for its whole TTL.
+/// A request is dropped mid-way when it times out or its client goes; a
+/// write must not stop with it. Once its statement is sent it may commit,
+/// and the cache step after it must still happen, or the old value stays
+/// cached for its whole TTL. (Reads need no such care: the library runs
+/// each load as a task of its own.)
 ///
-/// The hot path pays one allocation; the spawn only happens on a drop.
+/// A write pays one allocation; the spawn only happens on a drop.
 pub(crate) struct Finish<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
 where
     F::Output: Send + 'static;
@@ -203,12 +199,8 @@ impl ProfileService {
     /// [`ServiceError::Cache`] with [`kura::Error::Source`] when the database
     /// fails and nothing usable is cached.
     pub async fn get(&self, user_id: &Uuid) -> Result<Fetched<Profile>, ServiceError> {
-        let (profiles, user_id) = (self.profiles.clone(), *user_id);
-        Ok(Finish::new(async move {
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            profiles.get(key_id(&user_id, &mut buf)).await
-        })
-        .await?)
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        Ok(self.profiles.get(key_id(user_id, &mut buf)).await?)
     }
 
     /// Reads many profiles: one multi-get, one query for the misses, one
@@ -222,8 +214,7 @@ impl ProfileService {
             .iter()
             .map(|u| u.hyphenated().to_string())
             .collect();
-        let profiles = self.profiles.clone();
-        Ok(Finish::new(async move { profiles.get_many(&ids).await }).await?)
+        Ok(self.profiles.get_many(&ids).await?)
     }
 
     /// Creates a profile, then invalidates its key so that a cached "not
@@ -235,13 +226,17 @@ impl ProfileService {
     /// [`ServiceError::Database`].
     pub async fn create(&self, new: &NewProfile) -> Result<Profile, ServiceError> {
         new.validate().map_err(ServiceError::Invalid)?;
-        let profile = self
-            .db
-            .insert(new)
-            .await?
-            .ok_or(ServiceError::AlreadyExists)?;
-        self.after_commit(WriteStrategy::Invalidate, &profile).await;
-        Ok(profile)
+        let (this, new) = (self.clone(), new.clone());
+        Finish::new(async move {
+            let inserted = this.db.insert(&new).await;
+            if inserted.is_err() {
+                this.invalidate_unsure(new.user_id, false).await;
+            }
+            let profile = inserted?.ok_or(ServiceError::AlreadyExists)?;
+            this.after_commit(WriteStrategy::Invalidate, &profile).await;
+            Ok(profile)
+        })
+        .await
     }
 
     /// Updates a profile with `strategy` (or the configured one) and returns
@@ -269,13 +264,61 @@ impl ProfileService {
             // Nothing to write: answer with the row as it stands.
             return self.db.fetch(user_id).await?.ok_or(ServiceError::NotFound);
         }
-        let profile = self
-            .db
-            .update(user_id, patch)
-            .await?
-            .ok_or(ServiceError::NotFound)?;
-        self.after_commit(strategy, &profile).await;
-        Ok(profile)
+        let (this, patch) = (self.clone(), patch.clone());
+        Finish::new(async move {
+            let updated = this.db.update(user_id, &patch).await;
+            if updated.is_err() {
+                this.invalidate_unsure(user_id, false).await;
+            }
+            let profile = updated?.ok_or(ServiceError::NotFound)?;
+            this.after_commit(strategy, &profile).await;
+            Ok(profile)
+        })
+        .await
+    }
+
+    /// After a write that failed: its statement may have committed although
+    /// its answer was lost (a connection cut), and may even still be
+    /// running. So the user's cache entries (`entity`: every type, else the
+    /// profile) are invalidated now, and again once the row is free, because
+    /// a reader may have loaded the old row in between. An extra
+    /// invalidation costs one miss at most.
+    async fn invalidate_unsure(&self, user_id: Uuid, entity: bool) {
+        self.invalidate_now(user_id, entity).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                let waited =
+                    tokio::time::timeout(Duration::from_secs(30), this.db.wait_for_row(user_id))
+                        .await;
+                match waited {
+                    Ok(Ok(())) => return this.invalidate_now(user_id, entity).await,
+                    Ok(Err(e)) => tracing::debug!(%user_id, error = %e, "row not reachable yet"),
+                    Err(_) => tracing::debug!(%user_id, "row still locked"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::warn!(
+                %user_id,
+                "a failed write's row stayed out of reach: its cached value may be stale until its TTL"
+            );
+        });
+    }
+
+    async fn invalidate_now(&self, user_id: Uuid, entity: bool) {
+        let r = if entity {
+            self.invalidate_user(user_id).await.map(drop)
+        } else {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            self.writes
+                .invalidate(key_id(&user_id, &mut buf))
+                .await
+                .map(drop)
+                .map_err(ServiceError::from)
+        };
+        if let Err(e) = r {
+            tracing::error!(%user_id, error = %e, "invalidation after a failed write failed");
+        }
     }
 
     /// The cache step after a commit. The library never fails it for a
@@ -300,11 +343,19 @@ impl ProfileService {
     ///
     /// [`ServiceError::NotFound`], [`ServiceError::Database`].
     pub async fn delete(&self, user_id: Uuid) -> Result<(), ServiceError> {
-        if !self.db.delete(user_id).await? {
-            return Err(ServiceError::NotFound);
-        }
-        self.invalidate_user(user_id).await?;
-        Ok(())
+        let this = self.clone();
+        Finish::new(async move {
+            let deleted = this.db.delete(user_id).await;
+            if deleted.is_err() {
+                this.invalidate_unsure(user_id, true).await;
+            }
+            if !deleted? {
+                return Err(ServiceError::NotFound);
+            }
+            this.invalidate_user(user_id).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Removes every cached entry of a user (profile, settings,
