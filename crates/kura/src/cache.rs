@@ -533,9 +533,14 @@ impl CacheInner {
 
     /// Counts a read of `key` for the adaptive rule; returns the TTL to
     /// reset on this read (once, when the key becomes hot).
-    pub(crate) fn adaptive_refresh(&self, key: &str, policy: &TypePolicy) -> Option<Duration> {
+    pub(crate) fn adaptive_refresh(
+        &self,
+        key: &str,
+        policy: &TypePolicy,
+        now: Instant,
+    ) -> Option<Duration> {
         let rule = policy.adaptive?;
-        (self.reads.record(key, rule.window) == rule.reads + 1)
+        (self.reads.record(key, rule.window, now) == rule.reads + 1)
             .then(|| self.policy.jittered(rule.ttl))
     }
 

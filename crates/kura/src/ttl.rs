@@ -256,14 +256,22 @@ impl Hasher for Prehashed {
     }
 }
 
-/// FNV-1a: fast on short keys, and good enough to spread them over shards.
-fn fnv1a(key: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// A multiply-rotate hash taking eight bytes at a step: fast on the short
+/// keys it sees, and good enough to spread them over shards and buckets.
+fn key_hash(key: &str) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h: u64 = key.len() as u64;
+    let mut chunks = key.as_bytes().chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("eight bytes"));
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
     }
-    h
+    let mut last = [0u8; 8];
+    let rest = chunks.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(last)).wrapping_mul(K);
+    // Fold the high bits down: the shard is picked from them.
+    h ^ (h >> 29)
 }
 
 impl ReadCounter {
@@ -287,9 +295,8 @@ impl ReadCounter {
 
     /// Counts one read of `key` and returns the count in the current
     /// window, including it.
-    pub(crate) fn record(&self, key: &str, window: Duration) -> u32 {
-        let now = Instant::now();
-        let h = fnv1a(key);
+    pub(crate) fn record(&self, key: &str, window: Duration, now: Instant) -> u32 {
+        let h = key_hash(key);
         let mut shard = self.shard(h);
         if let Some((n, start)) = shard.get_mut(&h) {
             if now.duration_since(*start) > window {
@@ -311,7 +318,7 @@ impl ReadCounter {
 
     /// The count of `key` in the current window (0 when unseen).
     pub(crate) fn count(&self, key: &str, window: Duration) -> u32 {
-        let h = fnv1a(key);
+        let h = key_hash(key);
         self.shard(h)
             .get(&h)
             .filter(|(_, start)| start.elapsed() <= window)
@@ -368,16 +375,16 @@ mod tests {
         let c = ReadCounter::new(1024);
         assert_eq!(c.count("k", hour), 0);
         for i in 1..=11 {
-            assert_eq!(c.record("k", hour), i);
+            assert_eq!(c.record("k", hour, Instant::now()), i);
         }
         assert_eq!(c.count("k", hour), 11);
         // A window that has passed starts over.
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(c.count("k", Duration::from_millis(1)), 0);
-        assert_eq!(c.record("k", Duration::from_millis(1)), 1);
+        assert_eq!(c.record("k", Duration::from_millis(1), Instant::now()), 1);
         // Many distinct keys never grow a shard past its share.
         for i in 0..100_000 {
-            c.record(&format!("key{i}"), hour);
+            c.record(&format!("key{i}"), hour, Instant::now());
         }
         let held: usize = c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
         assert!(held <= 1024 + 64, "{held}");

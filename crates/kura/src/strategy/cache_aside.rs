@@ -274,7 +274,7 @@ impl<S: Source> CacheAside<S> {
     /// surface: the source answers instead.
     pub async fn get(&self, id: &str) -> Result<Fetched<S::Value>, Error> {
         let started = Instant::now();
-        let r = self.get_inner(id).await;
+        let r = self.get_inner(id, started).await;
         let m = &self.inner.metrics;
         m.get_seconds.record(started.elapsed());
         if let Ok(f) = &r {
@@ -283,15 +283,15 @@ impl<S: Source> CacheAside<S> {
         r
     }
 
-    async fn get_inner(&self, id: &str) -> Result<Fetched<S::Value>, Error> {
+    async fn get_inner(&self, id: &str, now: Instant) -> Result<Fetched<S::Value>, Error> {
         let a = &self.inner;
         let c = &a.cache.inner;
         let key = c.keys.value_key(&a.kind, id)?;
         let policy = &a.policy;
         if !policy.enabled() {
-            return self.flight(id, key, false).await;
+            return Box::pin(self.flight(id, key, false)).await;
         }
-        let refresh = c.adaptive_refresh(&key, policy);
+        let refresh = c.adaptive_refresh(&key, policy, now);
         match c.call(Some(&a.metrics), c.store.get(&key, refresh)).await {
             Ok(Some(bytes)) => match codec::decode(&bytes) {
                 Ok(d) => return Ok(Fetched::decoded(d, Status::Hit)),
@@ -305,9 +305,11 @@ impl<S: Source> CacheAside<S> {
                 tracing::warn!(key, "cached key of the wrong type: removed");
                 c.discard(&key, &Bytes::new()).await;
             }
-            Err(_) => return self.flight(id, key, false).await,
+            Err(_) => return Box::pin(self.flight(id, key, false)).await,
         }
-        self.flight(id, key, true).await
+        // Boxed: the miss path's state would otherwise be part of every
+        // hit's future, and be moved with it.
+        Box::pin(self.flight(id, key, true)).await
     }
 
     /// Joins or starts the one load of `key` in this process.
