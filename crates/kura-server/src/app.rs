@@ -90,7 +90,8 @@ impl App {
             .context("connecting to the database")?;
         db.migrate().await.context("migrating the database")?;
         let (cache, memory_store) = open_cache(config)?;
-        let service = ProfileService::new(db, cache, config.write_strategy);
+        let service =
+            ProfileService::new(db, cache, config.write_strategy).with_write_behind(&config.wb);
         Ok(App {
             service,
             memory_store,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::config::{CacheArgs, DbArgs, LogFormat, ServeArgs};
+use crate::config::{CacheArgs, DbArgs, LogFormat, ServeArgs, WriteBehindArgs};
 
 /// kura: a user profile service over a Redis cache, and its admin tools.
 #[derive(Debug, Parser)]
@@ -36,6 +36,11 @@ pub enum Command {
     Stats(StatsArgs),
     /// Print an HS256 token signed with `KURA_JWT_SECRET`.
     Token(TokenArgs),
+    /// Apply the write-behind queue to the database (a dedicated flush
+    /// worker; `--once` drains what is queued and exits).
+    Flush(FlushArgs),
+    /// Write-behind queue administration.
+    Wb(WbArgs),
     /// Load-test a running service (GET or PUT over keep-alive
     /// connections; latency percentiles, X-Cache mix, hit ratio over time).
     Bench(kura_bench::BenchArgs),
@@ -111,6 +116,54 @@ pub struct StatsArgs {
     /// Print `{"hits","misses","total","hit_rate"}`.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
+}
+
+/// `kura flush`.
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// Drain what is queued now, print what was done and exit (instead of
+    /// running until SIGTERM or SIGINT).
+    #[arg(long)]
+    pub once: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub wb: WriteBehindArgs,
+}
+
+/// `kura wb`.
+#[derive(Debug, Args)]
+pub struct WbArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: WbCommand,
+}
+
+/// `kura wb` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WbCommand {
+    /// Queue depth, oldest pending write (the flush lag), writes being
+    /// applied, and dead letters with their errors.
+    Status(WbStatusArgs),
+}
+
+/// `kura wb status`.
+#[derive(Debug, Args)]
+pub struct WbStatusArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// How many of the newest dead letters to show.
+    #[arg(long, default_value_t = 5)]
+    pub dead_letters: usize,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub cache: CacheArgs,

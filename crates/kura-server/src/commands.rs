@@ -18,7 +18,7 @@ use crate::http::{Server, serve_app};
 pub const DEMO_PROFILES: u64 = 1000;
 
 /// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

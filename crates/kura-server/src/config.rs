@@ -22,8 +22,8 @@ pub enum WriteStrategy {
     /// Commit, then put the new version in the cache if an older one is
     /// cached.
     Through,
-    /// Write to the cache first and flush to the database later (not
-    /// available yet: answers 501).
+    /// Accept the write into the cache and its write-behind queue, flush it
+    /// to the database later.
     Behind,
 }
 
@@ -192,6 +192,109 @@ pub struct AuthArgs {
     pub jwt_audience: Option<String>,
 }
 
+/// What a `behind` write does when the write-behind queue is past its
+/// depth or age limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+#[non_exhaustive]
+pub enum OnFull {
+    /// Write through to the database instead (the default); a profile that
+    /// still has queued writes answers 503 instead, so that the direct
+    /// write cannot overtake them.
+    #[default]
+    Through,
+    /// Answer 503 with `Retry-After`.
+    Reject,
+}
+
+/// Write-behind flags, shared by `kura serve` and `kura flush`.
+#[derive(Debug, Clone, Args)]
+pub struct WriteBehindArgs {
+    /// Flushers run by this process (`kura serve`: 0 leaves flushing to a
+    /// dedicated `kura flush` worker).
+    #[arg(long, env = "KURA_WB_FLUSHERS", default_value_t = 1)]
+    pub wb_flushers: usize,
+    /// Most queued writes applied in one database transaction.
+    #[arg(long, env = "KURA_WB_BATCH", default_value_t = 256)]
+    pub wb_batch: usize,
+    /// How long a flusher waits for a batch to fill once a write arrived.
+    #[arg(long, env = "KURA_WB_LINGER", default_value = "20ms", value_parser = parse_duration)]
+    pub wb_linger: Duration,
+    /// Back-pressure: queued writes past which `behind` writes are refused
+    /// (0: no limit).
+    #[arg(long, env = "KURA_WB_MAX_DEPTH", default_value_t = 100_000)]
+    pub wb_max_depth: u64,
+    /// Back-pressure: age of the oldest queued write past which `behind`
+    /// writes are refused (0: no limit).
+    #[arg(long, env = "KURA_WB_MAX_AGE", default_value = "60s", value_parser = parse_duration)]
+    pub wb_max_age: Duration,
+    /// What a refused `behind` write does: write through, or answer 503
+    /// with `Retry-After`.
+    #[arg(long, env = "KURA_WB_ON_FULL", value_enum, default_value_t = OnFull::Through)]
+    pub wb_on_full: OnFull,
+    /// After how long the writes a stopped flusher had taken are taken over
+    /// by another (longer than the slowest batch).
+    #[arg(long, env = "KURA_WB_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
+    pub wb_claim_idle: Duration,
+    /// Database rejections of one write before it goes to the dead-letter
+    /// stream.
+    #[arg(long, env = "KURA_WB_MAX_ATTEMPTS", default_value_t = 5)]
+    pub wb_max_attempts: u32,
+}
+
+impl WriteBehindArgs {
+    /// The settings.
+    #[must_use]
+    pub fn config(&self) -> WbConfig {
+        WbConfig {
+            flushers: self.wb_flushers,
+            batch: self.wb_batch.max(1),
+            linger: self.wb_linger,
+            max_depth: self.wb_max_depth,
+            max_age: self.wb_max_age,
+            on_full: self.wb_on_full,
+            claim_idle: self.wb_claim_idle,
+            max_attempts: self.wb_max_attempts.max(1),
+        }
+    }
+}
+
+/// Write-behind settings (see [`WriteBehindArgs`] for each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WbConfig {
+    /// Flushers run by the process.
+    pub flushers: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Batch linger time.
+    pub linger: Duration,
+    /// Queue depth limit (0: none).
+    pub max_depth: u64,
+    /// Oldest-entry age limit (zero: none).
+    pub max_age: Duration,
+    /// Behaviour past a limit.
+    pub on_full: OnFull,
+    /// Idle time before entries of a stopped flusher are reclaimed.
+    pub claim_idle: Duration,
+    /// Rejections before dead-lettering.
+    pub max_attempts: u32,
+}
+
+impl Default for WbConfig {
+    fn default() -> Self {
+        Self {
+            flushers: 1,
+            batch: 256,
+            linger: Duration::from_millis(20),
+            max_depth: 100_000,
+            max_age: Duration::from_secs(60),
+            on_full: OnFull::Through,
+            claim_idle: Duration::from_secs(30),
+            max_attempts: 5,
+        }
+    }
+}
+
 /// `kura serve` flags.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -230,6 +333,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub wb: WriteBehindArgs,
 }
 
 /// How bearer tokens are verified.
@@ -298,6 +404,8 @@ pub struct Config {
     pub body_limit: usize,
     /// Token verification.
     pub auth: AuthConfig,
+    /// Write-behind queue limits and flushers.
+    pub wb: WbConfig,
 }
 
 impl Default for Config {
@@ -323,6 +431,7 @@ impl Default for Config {
                 jwks_min_refresh: Duration::from_secs(30),
                 ..AuthConfig::default()
             },
+            wb: WbConfig::default(),
         }
     }
 }
@@ -339,6 +448,7 @@ impl Config {
             warm_since_days: a.warm_since_days,
             request_timeout: a.request_timeout,
             shutdown_grace: a.shutdown_grace,
+            wb: a.wb.config(),
             ..Config::default()
         };
         c.apply_db(&a.db);

@@ -8,6 +8,9 @@
 //!
 //! SQLite stores UUIDs as lowercase hyphenated text and timestamps as
 //! fixed-width RFC 3339 UTC text, so that text order is time order.
+//!
+//! [`Db`] is also the [`kura::Sink`] the write-behind flusher applies
+//! queued writes through ([`sink`]: version-guarded, batched).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -22,6 +25,9 @@ use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use crate::model::{Fields, NewProfile, Profile, ProfilePatch};
+
+pub mod sink;
+pub use sink::Guarded;
 
 /// The PostgreSQL migrations, embedded.
 pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");

@@ -11,6 +11,7 @@
 //!   cli.rs  commands.rs            the commands
 //!   http/{mod, auth, error, profiles, admin, health}.rs
 //!        │                         routes, JWT, errors, OpenAPI, server handle
+//!   write_behind.rs                flushers, durability check, queue status
 //!   profiles.rs                    service layer: every cache decision via `kura`
 //!   app.rs                         opens the database, the store, the TTL policy
 //!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
@@ -20,8 +21,10 @@
 //!
 //! The service holds no caching logic of its own: reads go through
 //! [`kura::CacheAside`], writes commit first and then call
-//! [`kura::WriteThrough`], deletes call [`kura::Cache::invalidate_entity`],
-//! and warming runs [`kura::Warmer`].
+//! [`kura::WriteThrough`] (or, for `behind` writes, are accepted by
+//! [`kura::WriteBehind`] and applied later by [`kura::Flusher`]s), deletes
+//! call [`kura::Cache::invalidate_entity`], and warming runs
+//! [`kura::Warmer`].
 //!
 //! # Embedding and tests
 //!
@@ -39,6 +42,7 @@ pub mod model;
 pub mod profiles;
 pub mod seed;
 pub mod telemetry;
+pub mod write_behind;
 
 pub use app::App;
 pub use cli::{Cli, Command};
@@ -60,6 +64,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invalidate(a) => commands::invalidate(a).await,
         Command::Stats(a) => commands::stats(a).await,
         Command::Token(a) => commands::token(&a),
+        Command::Flush(a) => write_behind::flush(a).await,
+        Command::Wb(a) => write_behind::wb(a).await,
         Command::Bench(a) => kura_bench::run(a).await.map(drop),
     }
 }

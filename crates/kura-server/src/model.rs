@@ -42,6 +42,39 @@ impl kura::Versioned for Profile {
     }
 }
 
+impl Profile {
+    /// This profile with `patch` applied to its editable fields (version
+    /// and times unchanged).
+    #[must_use]
+    pub fn with_patch(&self, patch: &ProfilePatch) -> Profile {
+        let mut p = self.clone();
+        for (field, v) in [
+            (&mut p.first_name, &patch.first_name),
+            (&mut p.last_name, &patch.last_name),
+            (&mut p.name, &patch.name),
+            (&mut p.email, &patch.email),
+            (&mut p.phone, &patch.phone),
+            (&mut p.address, &patch.address),
+        ] {
+            if let Some(v) = v {
+                field.clone_from(v);
+            }
+        }
+        p
+    }
+
+    /// Whether the editable fields of both are equal.
+    #[must_use]
+    pub fn same_fields(&self, other: &Profile) -> bool {
+        self.first_name == other.first_name
+            && self.last_name == other.last_name
+            && self.name == other.name
+            && self.email == other.email
+            && self.phone == other.phone
+            && self.address == other.address
+    }
+}
+
 /// The editable fields, shared by creation and update.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fields {

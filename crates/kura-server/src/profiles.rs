@@ -30,6 +30,9 @@ use crate::config::WriteStrategy;
 use crate::db::{Db, DbError};
 use crate::model::{NewProfile, Profile, ProfilePatch};
 
+mod behind;
+pub use behind::{WritePath, Written};
+
 /// The types cached per user, all removed when the user is deleted.
 pub const USER_KINDS: [Kind; 3] = [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES];
 
@@ -56,6 +59,21 @@ pub enum ServiceError {
     /// operations that need the cache server).
     #[error(transparent)]
     Cache(kura::Error),
+    /// The write-behind queue is past its limits and the write could not
+    /// be written through instead.
+    #[error("{detail}")]
+    QueueFull {
+        /// When to try again.
+        retry_after: Duration,
+        /// What is full.
+        detail: String,
+    },
+    /// Too many concurrent writes to one profile.
+    #[error("too many concurrent writes to this profile")]
+    Contended,
+    /// An unexpected write-behind failure.
+    #[error("write-behind failed: {0}")]
+    WriteBehind(String),
 }
 
 impl From<kura::Error> for ServiceError {
@@ -94,6 +112,8 @@ pub struct ProfileService {
     profiles: CacheAside<Db>,
     writes: WriteThrough,
     strategy: WriteStrategy,
+    behind: kura::WriteBehind<Db>,
+    wb: crate::config::WbConfig,
 }
 
 /// A future that is finished on a task of its own if it is dropped before
@@ -165,12 +185,15 @@ impl ProfileService {
     pub fn new(db: Db, cache: Cache, strategy: WriteStrategy) -> Self {
         let profiles = cache.aside(Kind::PROFILE, db.clone());
         let writes = cache.write_through(Kind::PROFILE);
+        let behind = profiles.write_behind();
         Self {
             db,
             cache,
             profiles,
             writes,
             strategy,
+            behind,
+            wb: crate::config::WbConfig::default(),
         }
     }
 
@@ -244,9 +267,9 @@ impl ProfileService {
     ///
     /// # Errors
     ///
-    /// [`ServiceError::NotImplemented`] for `behind`,
     /// [`ServiceError::Invalid`], [`ServiceError::NotFound`],
-    /// [`ServiceError::Database`].
+    /// [`ServiceError::Database`]; for `behind`, as
+    /// [`ProfileService::update_behind`].
     pub async fn update(
         &self,
         user_id: Uuid,
@@ -255,9 +278,7 @@ impl ProfileService {
     ) -> Result<Profile, ServiceError> {
         let strategy = strategy.unwrap_or(self.strategy);
         if strategy == WriteStrategy::Behind {
-            return Err(ServiceError::NotImplemented(
-                "the write-behind strategy is not available yet",
-            ));
+            return self.update_behind(user_id, patch).await.map(|w| w.profile);
         }
         patch.validate().map_err(ServiceError::Invalid)?;
         if patch.is_empty() {

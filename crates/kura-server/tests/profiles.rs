@@ -14,7 +14,7 @@ both_backends!(
     unknown_profile_is_404_and_cached_as_absent,
     put_invalidate_then_read_sees_the_new_row,
     put_through_updates_the_cached_value,
-    put_behind_is_501,
+    put_behind_is_accepted_and_unknown_strategies_are_422,
     configured_strategy_applies_without_query,
     put_validation_errors_are_422,
     create_drops_a_cached_not_found_and_conflicts,
@@ -179,7 +179,7 @@ async fn put_through_updates_the_cached_value(b: Backend) {
     app.stop().await;
 }
 
-async fn put_behind_is_501(b: Backend) {
+async fn put_behind_is_accepted_and_unknown_strategies_are_422(b: Backend) {
     let app = TestApp::start(b).await;
     let user = Uuid::new_v4();
     app.create(&user).await;
@@ -187,10 +187,16 @@ async fn put_behind_is_501(b: Backend) {
         &app,
         &user,
         "?strategy=behind",
-        json!({"first_name": "三郎"}),
+        json!({"name": "山田 三郎"}),
     )
     .await;
-    expect_detail(r, StatusCode::NOT_IMPLEMENTED).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-write"], "behind");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["name"].clone(), v["version"].clone()),
+        (json!("山田 三郎"), json!(2))
+    );
     let r = put(
         &app,
         &user,
@@ -200,11 +206,15 @@ async fn put_behind_is_501(b: Backend) {
     .await;
     let d = expect_detail(r, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert!(d.contains("strategy"), "{d}");
-    // Nothing was written.
+    // The unknown strategy wrote nothing; the read sees the queued write.
     let r = app
         .get(&format!("/api/v1/profiles/{user}"), &app.admin())
         .await;
-    assert_eq!(r.json::<Value>().await.unwrap()["first_name"], "太郎");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["first_name"].clone(), v["version"].clone()),
+        (json!("太郎"), json!(2))
+    );
     app.stop().await;
 }
 

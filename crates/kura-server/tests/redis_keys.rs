@@ -100,18 +100,20 @@ async fn each_write_strategy_leaves_the_key_right() {
     assert_eq!(x_cache(&r), "miss");
     assert_eq!(r.json::<Value>().await.unwrap()["first_name"], "四郎");
 
-    // behind: 501, the cached value untouched.
-    let before = app.redis_get(&key).await;
-    let r = app
-        .call(
-            Method::PUT,
-            &format!("{path}?strategy=behind"),
-            Some(&owner),
-            Some(&json!({"first_name": "五郎"})),
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::NOT_IMPLEMENTED);
-    assert_eq!(app.redis_get(&key).await, before);
+    // behind: the value (with a TTL) and a pending copy without TTL, in the
+    // same envelope, until a flusher has the row in the database.
+    let v5 = put("behind", json!({"first_name": "五郎"})).await;
+    assert_eq!(v5["version"], 5);
+    let raw = app.redis_get(&key).await.expect("cached");
+    let cached: Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(
+        (cached["_v"].clone(), cached["first_name"].clone()),
+        (json!(5), json!("五郎"))
+    );
+    let pending_key = format!("{}:~p:profile:{user}", app.namespace);
+    assert_eq!(app.redis_get(&pending_key).await, Some(raw));
+    assert_eq!(app.redis_ttl(&pending_key).await, -1, "no TTL");
+    assert!(app.redis_ttl(&key).await > 0);
 
     // delete: the key goes.
     let r = app.call(Method::DELETE, &path, Some(&owner), None).await;

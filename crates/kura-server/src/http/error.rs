@@ -56,6 +56,15 @@ pub enum ApiError {
     /// operations, the cache server) cannot be reached.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// 503 Service Unavailable with `Retry-After`: the write-behind queue
+    /// is past its limits.
+    #[error("{detail}")]
+    Busy {
+        /// What is full.
+        detail: String,
+        /// The `Retry-After` value.
+        retry_after: std::time::Duration,
+    },
     /// 504 Gateway Timeout: the request took longer than the request
     /// timeout.
     #[error("request timed out")]
@@ -77,7 +86,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -107,6 +116,11 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized(_)) {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::Busy { retry_after, .. } = self {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
         }
         r
     }
@@ -140,6 +154,20 @@ impl From<ServiceError> for ApiError {
             ServiceError::AlreadyExists => ApiError::Conflict("profile already exists"),
             ServiceError::Invalid(m) => ApiError::Unprocessable(m),
             ServiceError::NotImplemented(m) => ApiError::NotImplemented(m),
+            ServiceError::QueueFull {
+                retry_after,
+                detail,
+            } => ApiError::Busy {
+                detail,
+                retry_after,
+            },
+            ServiceError::Contended => {
+                ApiError::Conflict("too many concurrent writes to this profile; retry")
+            }
+            ServiceError::WriteBehind(e) => {
+                tracing::error!(error = e, "write-behind failed");
+                ApiError::Internal
+            }
             ServiceError::Database(e) => from_db(&e),
             ServiceError::Cache(kura::Error::Key(k)) => ApiError::Unprocessable(k.to_string()),
             ServiceError::Cache(kura::Error::Source(s)) => {

@@ -88,7 +88,10 @@ pub async fn health(State(s): State<Arc<AppState>>) -> Response {
         (status = 503, description = "No recorder installed in this process", body = ErrorBody),
     )
 )]
-pub async fn metrics() -> Response {
+pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    // The write-behind depth and lag gauges, fresh even where no flusher
+    // runs (the library sets them as it reads the queue).
+    let _ = tokio::time::timeout(PROBE_TIMEOUT, s.service.write_behind().status()).await;
     match crate::telemetry::prometheus() {
         Some(h) => (
             [(

@@ -311,6 +311,7 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
+    flushers: Option<crate::write_behind::Flushers>,
 }
 
 impl Server {
@@ -338,8 +339,9 @@ impl Server {
     }
 
     /// Stops accepting connections, lets requests in flight finish (up to
-    /// the configured grace period), flushes the cache counters and closes
-    /// the database pool.
+    /// the configured grace period), stops the write-behind flushers after
+    /// their batch in hand, flushes the cache counters and closes the
+    /// database pool.
     ///
     /// # Errors
     ///
@@ -354,6 +356,13 @@ impl Server {
                 tracing::warn!(grace = ?self.grace, "requests still running after the grace period: stopped");
                 self.task.abort();
             }
+        }
+        if let Some(f) = self.flushers.take().filter(|f| !f.is_empty()) {
+            let r = f.stop(self.grace).await;
+            tracing::info!(
+                "write-behind flushers stopped: {}",
+                crate::write_behind::describe(&r)
+            );
         }
         let _ = self.state.service.cache().flush_metrics().await;
         // A load abandoned by a timed-out request can hold a connection
@@ -409,6 +418,11 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
             .await
     });
     tracing::info!(%addr, database = state.service.db().backend(), cache = if state.memory_store { "memory" } else { "redis" }, "listening");
+    if config.write_strategy == crate::config::WriteStrategy::Behind || config.wb.flushers > 0 {
+        crate::write_behind::check_durability(state.service.write_behind(), state.memory_store)
+            .await;
+    }
+    let flushers = crate::write_behind::Flushers::start(&state.service, config.wb.flushers, config);
     if config.warm_on_start {
         let service = state.service.clone();
         let (limit, days) = (config.warm_limit, config.warm_since_days);
@@ -429,5 +443,6 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         stop: Some(stop),
         task,
         grace: config.shutdown_grace,
+        flushers: Some(flushers),
     })
 }

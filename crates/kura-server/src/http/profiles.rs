@@ -54,7 +54,7 @@ fn fetched_response(f: &Fetched<Profile>) -> Response {
 #[into_params(parameter_in = Query)]
 pub struct UpdateQuery {
     /// `invalidate` (default unless configured otherwise), `through` or
-    /// `behind` (501 until write-behind exists).
+    /// `behind`.
     pub strategy: Option<String>,
 }
 
@@ -121,9 +121,24 @@ async fn update(
     patch: &ProfilePatch,
 ) -> Result<Response, ApiError> {
     let strategy = q.strategy()?;
-    let p = s.service.update(id, patch, strategy).await?;
-    Ok(json_response(StatusCode::OK, &p))
+    let w = s.service.write(id, patch, strategy).await?;
+    let mut r = match w.json {
+        Some(json) => {
+            let mut r = Response::new(Body::from(json));
+            r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+            r
+        }
+        None => json_response(StatusCode::OK, &w.profile),
+    };
+    r.headers_mut()
+        .insert(X_WRITE, HeaderValue::from_static(w.path.as_str()));
+    Ok(r)
 }
+
+/// The response header of a `PUT` that says how the write was applied:
+/// `invalidate`, `through`, or `behind` (a `behind` write that could not be
+/// queued says `through`).
+pub const X_WRITE: axum::http::HeaderName = axum::http::HeaderName::from_static("x-write");
 
 /// Updates a profile with any subset of its editable fields.
 #[utoipa::path(
@@ -132,13 +147,15 @@ async fn update(
     request_body = ProfilePatch,
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The profile as it now stands", body = Profile),
+        (status = 200, description = "The profile as it now stands (for `behind`: as accepted, before the database has it)", body = Profile,
+         headers(("X-Write" = String, description = "invalidate, through or behind: how the write was applied"))),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
         (status = 404, description = "No such profile", body = ErrorBody),
+        (status = 409, description = "Too many concurrent writes to the profile (behind)", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 422, description = "Unknown field, wrong type or invalid value", body = ErrorBody),
-        (status = 501, description = "strategy=behind (not available yet)", body = ErrorBody),
+        (status = 503, description = "Database unavailable, or the write-behind queue is full (with Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn put_profile(
@@ -159,12 +176,14 @@ pub async fn put_profile(
     request_body = ProfilePatch,
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The profile as it now stands", body = Profile),
+        (status = 200, description = "The profile as it now stands (for `behind`: as accepted, before the database has it)", body = Profile,
+         headers(("X-Write" = String, description = "invalidate, through or behind: how the write was applied"))),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 404, description = "No profile", body = ErrorBody),
+        (status = 409, description = "Too many concurrent writes to the profile (behind)", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 422, description = "Unknown field, wrong type or invalid value", body = ErrorBody),
-        (status = 501, description = "strategy=behind (not available yet)", body = ErrorBody),
+        (status = 503, description = "Database unavailable, or the write-behind queue is full (with Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn put_own(

@@ -1,0 +1,363 @@
+//! Write-behind operations: the flushers `kura serve` runs
+//! (`--wb-flushers`) and `kura flush` runs, the start-up check of how
+//! durable the queue is, and the queue status (`kura wb status`,
+//! `/metrics`).
+//!
+//! # Durability of the queue
+//!
+//! An accepted `behind` write lives in Redis (the cached value, a pending
+//! copy and a stream entry) until a flusher has committed it. It survives a
+//! restart of Redis only if Redis logs writes to its append-only file:
+//!
+//! | Redis setting | a Redis crash or restart loses |
+//! |---|---|
+//! | `appendonly yes`, `appendfsync always` | nothing acknowledged |
+//! | `appendonly yes`, `appendfsync everysec` | up to one second of accepted writes (on a power failure or kernel crash; a killed Redis process loses nothing) |
+//! | `appendonly no` (RDB snapshots only, or none) | everything queued since the last snapshot |
+//!
+//! `kura serve` checks this at start when `behind` is the default strategy
+//! or it runs flushers, and logs a warning on a Redis without AOF (and on
+//! the embedded memory store, whose queue lives only as long as the
+//! process).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kura::store::{DeadLetter, Durability};
+use kura::strategy::write_behind::FlushReport;
+use kura::{Source, WriteBehind};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::{App, open_cache};
+use crate::cli::{FlushArgs, WbArgs, WbCommand, WbStatusArgs};
+use crate::config::Config;
+use crate::model::Profile;
+use crate::profiles::ProfileService;
+
+/// Flushers running as tasks until [`Flushers::stop`].
+#[derive(Debug)]
+pub struct Flushers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<FlushReport>>,
+}
+
+impl Flushers {
+    /// Starts `n` flushers of `service`'s queue. On Redis each gets a cache
+    /// of its own opened from `config` (see [`ProfileService::flusher_on`]);
+    /// on the embedded memory store they share the service's.
+    #[must_use]
+    pub fn start(service: &ProfileService, n: usize, config: &Config) -> Flushers {
+        let (stop, _) = watch::channel(false);
+        let tasks = (0..n)
+            .map(|_| {
+                let flusher = match config.redis_url.is_some().then(|| open_cache(config)) {
+                    Some(Ok((cache, _))) => service.flusher_on(&cache),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "flusher cache: using the service's");
+                        service.flusher()
+                    }
+                    None => service.flusher(),
+                };
+                let mut stopped = stop.subscribe();
+                tokio::spawn(flusher.run(async move {
+                    // A dropped sender stops the flushers too.
+                    let _ = stopped.wait_for(|s| *s).await;
+                }))
+            })
+            .collect();
+        if n > 0 {
+            tracing::info!(flushers = n, "write-behind flushers started");
+        }
+        Flushers { stop, tasks }
+    }
+
+    /// How many flushers run.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether none runs.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Asks every flusher to stop after the batch in hand and waits up to
+    /// `grace` for them; a flusher still running then is aborted, which is
+    /// safe: its transaction is rolled back or committed whole, and what it
+    /// had not acknowledged is taken over by the next flusher (a replay of
+    /// a committed batch changes nothing).
+    pub async fn stop(self, grace: Duration) -> FlushReport {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut total = FlushReport::default();
+        for mut t in self.tasks {
+            match tokio::time::timeout_at(deadline, &mut t).await {
+                Ok(Ok(r)) => add(&mut total, &r),
+                Ok(Err(e)) => tracing::error!(error = %e, "write-behind flusher failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        ?grace,
+                        "write-behind flusher still busy after the grace period: stopped; its entries stay queued"
+                    );
+                    t.abort();
+                }
+            }
+        }
+        total
+    }
+}
+
+/// Adds `r` to `total`.
+pub fn add(total: &mut FlushReport, r: &FlushReport) {
+    total.entries += r.entries;
+    total.flushed += r.flushed;
+    total.superseded += r.superseded;
+    total.coalesced += r.coalesced;
+    total.retried += r.retried;
+    total.dead_lettered += r.dead_lettered;
+}
+
+/// One line describing a flush report.
+#[must_use]
+pub fn describe(r: &FlushReport) -> String {
+    format!(
+        "{} queued writes read: {} rows written, {} coalesced into newer writes, {} already in the database, {} dead-lettered; {} batch retries",
+        r.entries, r.flushed, r.coalesced, r.superseded, r.dead_lettered, r.retried
+    )
+}
+
+/// The warning for a queue of this durability, if it deserves one.
+#[must_use]
+pub fn durability_warning(d: &Durability, memory_store: bool) -> Option<String> {
+    if memory_store {
+        return Some(
+            "write-behind queue in the embedded memory store: queued writes not yet in the \
+             database are lost when this process stops; set REDIS_URL to a Redis with AOF \
+             (appendonly yes) to keep them"
+                .to_owned(),
+        );
+    }
+    match d {
+        Durability::Logged { fsync } if fsync == "no" => Some(
+            "Redis logs writes with appendfsync no: a crash of the machine can lose up to ~30 s \
+             of queued write-behind writes; use appendfsync always (nothing lost) or everysec \
+             (up to 1 s)"
+                .to_owned(),
+        ),
+        Durability::Logged { .. } => None,
+        _ => Some(
+            "Redis has no append-only file (appendonly no): write-behind writes still queued \
+             when Redis restarts are lost. Enable AOF: `appendonly yes` with `appendfsync \
+             always` (nothing acknowledged is lost) or `appendfsync everysec` (up to 1 s), in \
+             redis.conf or with CONFIG SET appendonly yes + CONFIG REWRITE"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Checks how durable the queue is and logs a warning if queued writes
+/// would not survive a restart of the store. Returns the warning.
+pub async fn check_durability<S: Source>(
+    wb: &WriteBehind<S>,
+    memory_store: bool,
+) -> Option<String> {
+    let warning = if memory_store {
+        durability_warning(&Durability::Volatile, true)
+    } else {
+        match wb.durability().await {
+            Ok(d) => {
+                if let Durability::Logged { fsync } = &d {
+                    tracing::info!(appendfsync = fsync, "write-behind queue: Redis AOF is on");
+                }
+                durability_warning(&d, false)
+            }
+            Err(e) => Some(format!(
+                "cannot tell whether Redis keeps the write-behind queue across a restart \
+                 ({e}); make sure it runs with appendonly yes"
+            )),
+        }
+    };
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
+    }
+    warning
+}
+
+/// A dead letter as `kura wb status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct DeadLetterView {
+    /// The dead-letter stream entry id.
+    pub entry_id: String,
+    /// The user id.
+    pub id: String,
+    /// The version that was not applied.
+    pub version: u64,
+    /// Why.
+    pub error: String,
+    /// The profile that was not applied (JSON).
+    pub value: String,
+}
+
+impl From<DeadLetter> for DeadLetterView {
+    fn from(d: DeadLetter) -> Self {
+        DeadLetterView {
+            entry_id: d.entry_id,
+            id: d.id,
+            version: d.version,
+            error: d.error,
+            value: d.value,
+        }
+    }
+}
+
+/// The state of the profiles' write-behind queue.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct QueueStatus {
+    /// Writes not yet acknowledged by a flusher.
+    pub depth: u64,
+    /// Age of the oldest of them in milliseconds (the flush lag).
+    pub oldest_age_ms: u64,
+    /// Writes a flusher has taken and not yet acknowledged.
+    pub in_flight: u64,
+    /// Writes in the dead-letter stream.
+    pub dead_letters: u64,
+    /// The newest dead letters, newest first.
+    pub recent_dead_letters: Vec<DeadLetterView>,
+}
+
+/// Reads the queue state (and refreshes the depth and lag gauges).
+///
+/// # Errors
+///
+/// [`kura::Error::Unavailable`] when the cache server cannot be asked.
+pub async fn queue_status<S: Source>(
+    wb: &WriteBehind<S>,
+    recent: usize,
+) -> Result<QueueStatus, kura::Error> {
+    let s = wb.status().await?;
+    let letters = if recent > 0 && s.dead_letters > 0 {
+        wb.dead_letters(recent).await?
+    } else {
+        Vec::new()
+    };
+    Ok(QueueStatus {
+        depth: s.depth,
+        oldest_age_ms: s.oldest_age_ms,
+        in_flight: s.in_flight,
+        dead_letters: s.dead_letters,
+        recent_dead_letters: letters.into_iter().map(Into::into).collect(),
+    })
+}
+
+/// The reader `kura wb status` builds its queue handle on: it only names
+/// the queue and never loads.
+struct NoSource;
+
+impl Source for NoSource {
+    type Value = Profile;
+    type Error = std::convert::Infallible;
+
+    async fn load(&self, _id: &str) -> Result<Option<Profile>, std::convert::Infallible> {
+        Ok(None)
+    }
+}
+
+/// `kura flush`.
+///
+/// # Errors
+///
+/// When the database or the cache cannot be opened, or (`--once`) the
+/// cache server cannot be reached.
+pub async fn flush(args: FlushArgs) -> anyhow::Result<()> {
+    let mut config = Config::default();
+    config.apply_db(&args.db);
+    config.apply_cache(&args.cache);
+    config.wb = args.wb.config();
+    if config.redis_url.is_none() {
+        eprintln!(
+            "note: no REDIS_URL; this command flushes a memory store of its own, which holds no queued writes of a running server"
+        );
+    }
+    let app = App::open(&config).await?;
+    let service = app.service.clone();
+    check_durability(service.write_behind(), app.memory_store).await;
+    if args.once {
+        let mut f = service.flusher().block(Duration::from_millis(200));
+        let mut total = FlushReport::default();
+        loop {
+            let r = f
+                .flush_once(true)
+                .await
+                .context("reading the write-behind queue")?;
+            add(&mut total, &r);
+            if r.entries == 0 {
+                break;
+            }
+        }
+        println!("{}", describe(&total));
+        let s = queue_status(service.write_behind(), 0).await?;
+        println!(
+            "queue now: {} queued ({} taken by other flushers), {} dead letters",
+            s.depth, s.in_flight, s.dead_letters
+        );
+    } else {
+        let flushers = Flushers::start(&service, config.wb.flushers.max(1), &config);
+        crate::commands::shutdown_signal().await;
+        tracing::info!("stopping: finishing the batches in hand");
+        let total = flushers.stop(Duration::from_secs(30)).await;
+        tracing::info!("{}", describe(&total));
+    }
+    service.db().close().await;
+    Ok(())
+}
+
+/// `kura wb …`.
+///
+/// # Errors
+///
+/// When the cache server cannot be reached.
+pub async fn wb(args: WbArgs) -> anyhow::Result<()> {
+    match args.command {
+        WbCommand::Status(a) => status(a).await,
+    }
+}
+
+async fn status(args: WbStatusArgs) -> anyhow::Result<()> {
+    let mut config = Config::default();
+    config.apply_cache(&args.cache);
+    if config.redis_url.is_none() {
+        eprintln!(
+            "note: no REDIS_URL; this command reads a memory store of its own, which holds no queued writes of a running server"
+        );
+    }
+    let (cache, _) = open_cache(&config)?;
+    let wb = cache.aside(kura::Kind::PROFILE, NoSource).write_behind();
+    let s = queue_status(&wb, args.dead_letters)
+        .await
+        .context("reading the write-behind queue")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!("write-behind queue {}", wb.queue().stream);
+    println!("  queued        {}", s.depth);
+    println!(
+        "  oldest        {:.3} s (the flush lag)",
+        s.oldest_age_ms as f64 / 1000.0
+    );
+    println!("  being applied {}", s.in_flight);
+    println!("  dead letters  {}", s.dead_letters);
+    for d in &s.recent_dead_letters {
+        println!(
+            "    {}  user {} version {}: {}",
+            d.entry_id, d.id, d.version, d.error
+        );
+    }
+    Ok(())
+}
