@@ -8,8 +8,10 @@
 //! - `bare_get`: `GET` through the shared `ConnectionManager`, bytes only.
 //! - `store_get`: the same through the `Store` seam (plus the `Bytes` copy).
 //! - `cache_aside_get`: a full `CacheAside::get` hit: key validation and
-//!   building, breaker and timeout, `GET`, envelope strip, typed decode,
-//!   metrics.
+//!   building, breaker, `GET`, envelope strip, typed decode, metrics.
+//! - `cache_aside_get_json`: `CacheAside::get_json`, the same with the
+//!   envelope checked as well-formed JSON instead of decoded (what an HTTP
+//!   handler passing the bytes on uses).
 //!
 //! Each is measured one request at a time (latency) and 64 in flight
 //! (throughput over the multiplexed connection).
@@ -120,6 +122,10 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { assert!(reader.get(ID).await.unwrap().is_found()) })
     });
+    g.bench_function("cache_aside_get_json", |b| {
+        b.to_async(&rt)
+            .iter(|| async { assert!(reader.get_json(ID).await.unwrap().is_found()) })
+    });
     g.finish();
 
     const IN_FLIGHT: usize = 64;
@@ -146,6 +152,13 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             join_all((0..IN_FLIGHT).map(|_| async {
                 assert!(reader.get(ID).await.unwrap().is_found());
+            }))
+        })
+    });
+    g.bench_function("cache_aside_get_json", |b| {
+        b.to_async(&rt).iter(|| {
+            join_all((0..IN_FLIGHT).map(|_| async {
+                assert!(reader.get_json(ID).await.unwrap().is_found());
             }))
         })
     });

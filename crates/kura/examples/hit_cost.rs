@@ -1,6 +1,6 @@
 //! Instruction cost of one hit: runs N sequential reads of one cached key,
-//! either a bare redis-rs `GET` on the shared connection or a full
-//! `CacheAside::get`, so that `valgrind --tool=callgrind` can count the
+//! a bare redis-rs `GET` on the shared connection (`bare`), a full
+//! `CacheAside::get` (`aside`) or `CacheAside::get_json` (`json`), so that `valgrind --tool=callgrind` can count the
 //! instructions of each (load-independent, unlike wall-clock time).
 //!
 //! ```sh
@@ -11,11 +11,53 @@
 //!
 //! The difference of the two totals divided by N is kura's cost per hit.
 
-#[path = "common/mod.rs"]
-mod common;
-
 use kura::store::RedisStore;
-use kura::{Cache, Kind, Status};
+use kura::{Cache, Kind, Source, Status, Versioned};
+use serde::{Deserialize, Serialize};
+
+/// A profile row as the service caches it (eleven fields, ~420 bytes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Profile {
+    id: String,
+    user_id: String,
+    first_name: String,
+    last_name: String,
+    name: String,
+    email: String,
+    phone: Option<String>,
+    address: Option<String>,
+    created_at: String,
+    updated_at: String,
+    version: u64,
+}
+
+impl Versioned for Profile {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+struct Db;
+
+impl Source for Db {
+    type Value = Profile;
+    type Error = std::convert::Infallible;
+    async fn load(&self, id: &str) -> Result<Option<Profile>, Self::Error> {
+        Ok(Some(Profile {
+            id: "0b6a1a8e-39a4-4c4e-9f63-2f5b8a0d2c11".into(),
+            user_id: id.into(),
+            first_name: "太郎0".into(),
+            last_name: "山田".into(),
+            name: "山田 太郎0".into(),
+            email: "user0@example.jp".into(),
+            phone: Some("090-1234-5678".into()),
+            address: Some("東京都千代田区丸の内1-1-1".into()),
+            created_at: "2026-11-01T00:00:00Z".into(),
+            updated_at: "2026-11-01T00:00:00Z".into(),
+            version: 1,
+        }))
+    }
+}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -27,14 +69,12 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let db = common::Db::default();
-        db.upsert("7c9e6679-7425-40de-944b-e07fc1f90ae7", "山田太郎");
         let store = RedisStore::open(&url).expect("url");
         let cache = Cache::builder(store.clone())
             .namespace("hit_cost")
             .build()
             .expect("cache");
-        let reader = cache.aside(Kind::PROFILE, db);
+        let reader = cache.aside(Kind::PROFILE, Db);
         let id = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
         reader.get(id).await.expect("first read");
         assert_eq!(reader.get(id).await.expect("read").status(), Status::Hit);
@@ -51,6 +91,7 @@ fn main() {
                         .expect("get");
                     assert!(v.is_some());
                 }
+                "json" => assert!(reader.get_json(id).await.expect("read").is_found()),
                 _ => assert!(reader.get(id).await.expect("read").is_found()),
             }
         }

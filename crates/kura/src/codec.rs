@@ -172,6 +172,22 @@ pub fn decode<T: DeserializeOwned>(bytes: &Bytes) -> Result<Decoded<T>, CodecErr
     })
 }
 
+/// Checks an envelope without building the value: kura's header must be
+/// there and the rest a well-formed JSON object. Returns the version and
+/// the bare JSON.
+///
+/// # Errors
+///
+/// [`CodecError::Decode`] for bytes without kura's header (written by
+/// someone else: their shape is unknown) or that are not well-formed JSON.
+pub fn decode_json(bytes: &Bytes) -> Result<(u64, Bytes), CodecError> {
+    let (version, json) =
+        strip_header(bytes).ok_or_else(|| CodecError::Decode("not a kura envelope".into()))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&json)
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    Ok((version, json))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +253,28 @@ mod tests {
             assert!(r.is_err(), "{bad:?}");
         }
         assert_eq!(peek_version(b"{\"_v\":,"), None);
+        // The envelope check: header and well-formed JSON, shape unseen.
+        let good = encode(
+            &P {
+                name: "x".into(),
+                n: 1,
+            },
+            3,
+            1000,
+        )
+        .unwrap();
+        let (v, json) = decode_json(&good.envelope).unwrap();
+        assert_eq!((v, &json[..]), (3, &good.json[..]));
+        for bad in [
+            &b"{\"name\":\"no header\"}"[..],
+            b"{\"_v\":1,\"cached_at\":\"x\",\"name\":\"tru",
+            b"{\"_v\":1,\"cached_at\":\"x\",\"a\":1}}",
+        ] {
+            assert!(
+                decode_json(&Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
         assert_eq!(peek_version(b"{\"_v\":99999999999999999999,"), None);
     }
 }

@@ -105,8 +105,8 @@ pub use metrics::Stats;
 pub use source::{CacheValue, Source, Versioned};
 pub use store::Store;
 pub use strategy::{
-    Applied, Batch, BehindError, BehindLimits, CacheAside, Fetched, Flusher, Sink, Status,
-    WriteBehind, WriteOutcome, WriteThrough,
+    Applied, Batch, BehindError, BehindLimits, CacheAside, Fetched, FetchedJson, Flusher, Sink,
+    Status, WriteBehind, WriteOutcome, WriteThrough,
 };
 pub use ttl::{Adaptive, TtlPolicy, TypePolicy};
 pub use warming::{WarmItem, WarmProgress, WarmReport, Warmer};

@@ -11,7 +11,7 @@ pub mod cache_aside;
 pub mod write_behind;
 pub mod write_through;
 
-pub use cache_aside::{Batch, CacheAside, Fetched, Status};
+pub use cache_aside::{Batch, CacheAside, Fetched, FetchedJson, Status};
 pub use write_behind::{
     Accepted, Applied, BehindError, BehindLimits, FlushReport, Flusher, Sink, WriteBehind,
 };
