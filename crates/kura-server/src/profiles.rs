@@ -268,8 +268,9 @@ impl ProfileService {
     /// # Errors
     ///
     /// [`ServiceError::Invalid`], [`ServiceError::NotFound`],
-    /// [`ServiceError::Database`]; for `behind`, as
-    /// [`ProfileService::update_behind`].
+    /// [`ServiceError::Database`]; [`ServiceError::QueueFull`] when queued
+    /// write-behind writes of the profile did not reach the database in
+    /// time; for `behind`, as [`ProfileService::update_behind`].
     pub async fn update(
         &self,
         user_id: Uuid,
@@ -285,6 +286,9 @@ impl ProfileService {
             // Nothing to write: answer with the row as it stands.
             return self.db.fetch(user_id).await?.ok_or(ServiceError::NotFound);
         }
+        // A queued write-behind write of the profile would be flushed over
+        // this one: let it reach the database first.
+        self.wait_for_queued_writes(user_id).await?;
         let (this, patch) = (self.clone(), patch.clone());
         Finish::new(async move {
             let updated = this.db.update(user_id, &patch).await;
@@ -358,12 +362,16 @@ impl ProfileService {
         }
     }
 
-    /// Deletes a profile and every cached entry of the user.
+    /// Deletes a profile and every cached entry of the user, once the
+    /// profile's queued write-behind writes are in the database.
     ///
     /// # Errors
     ///
-    /// [`ServiceError::NotFound`], [`ServiceError::Database`].
+    /// [`ServiceError::NotFound`], [`ServiceError::Database`];
+    /// [`ServiceError::QueueFull`] when queued writes of the profile did not
+    /// reach the database in time.
     pub async fn delete(&self, user_id: Uuid) -> Result<(), ServiceError> {
+        self.wait_for_queued_writes(user_id).await?;
         let this = self.clone();
         Finish::new(async move {
             let deleted = this.db.delete(user_id).await;

@@ -29,6 +29,8 @@ both_backends!(
     serve_flushes_in_the_background,
     sink_writes_only_over_older_rows,
     dead_letters_are_reported,
+    a_delete_waits_for_queued_writes,
+    a_direct_write_waits_for_queued_writes,
 );
 
 async fn put_behind(app: &TestApp, user: &Uuid, body: &Value) -> reqwest::Response {
@@ -577,5 +579,103 @@ async fn metrics_list_the_write_behind_series() {
             "{name} missing from /metrics"
         );
     }
+    app.stop().await;
+}
+
+async fn a_delete_waits_for_queued_writes(b: Backend) {
+    let app = TestApp::start_with(b, |c| c.wb.flushers = 0).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let r = put_behind(&app, &user, &json!({"name": "最後"})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (http, url, token) = (
+        app.http.clone(),
+        format!("{}/api/v1/profiles/{user}", app.url),
+        app.admin(),
+    );
+    let delete = tokio::spawn(async move {
+        let r = http.delete(url).bearer_auth(token).send().await.unwrap();
+        (r.status(), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !delete.is_finished(),
+        "the delete waits for the queued write"
+    );
+    let flushed_at = Instant::now();
+    assert_eq!(flush_all(&app).await.flushed, 1);
+    let (status, done) = delete.await.unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(done >= flushed_at);
+    let r = app
+        .get(&format!("/api/v1/profiles/{user}"), &app.admin())
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "deleted, not served from a pending copy"
+    );
+    let s = app
+        .server()
+        .service()
+        .write_behind()
+        .status()
+        .await
+        .unwrap();
+    assert_eq!((s.depth, s.dead_letters), (0, 0));
+    app.stop().await;
+}
+
+async fn a_direct_write_waits_for_queued_writes(b: Backend) {
+    let app = TestApp::start_with(b, |c| c.wb.flushers = 0).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let r = put_behind(&app, &user, &json!({"name": "裏"})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    for (k, strategy) in ["through", "invalidate"].into_iter().enumerate() {
+        let (http, url, token) = (
+            app.http.clone(),
+            format!("{}/api/v1/profiles/{user}?strategy={strategy}", app.url),
+            app.admin(),
+        );
+        let phone = format!("080-5555-000{k}");
+        let body = json!({ "phone": phone });
+        let write = tokio::spawn(async move {
+            let r = http
+                .put(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), x_write(&r), r.json::<Value>().await.unwrap())
+        });
+        if k == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                !write.is_finished(),
+                "the direct write waits for the queued one"
+            );
+            assert_eq!(flush_all(&app).await.flushed, 1);
+        }
+        let (status, path, v) = write.await.unwrap();
+        assert_eq!((status, path.as_str()), (StatusCode::OK, strategy));
+        // Applied on top of the queued write, not under it.
+        assert_eq!(v["version"], 3 + k);
+        assert_eq!(
+            (v["name"].clone(), v["phone"].clone()),
+            (json!("裏"), json!(phone))
+        );
+        assert_eq!(as_json(&db_row(&app, &user).await.unwrap()), v);
+        assert_eq!(read(&app, &user).await, v);
+    }
+    let s = app
+        .server()
+        .service()
+        .write_behind()
+        .status()
+        .await
+        .unwrap();
+    assert_eq!((s.depth, s.dead_letters), (0, 0));
     app.stop().await;
 }

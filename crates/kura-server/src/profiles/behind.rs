@@ -12,6 +12,14 @@
 //! | the version kept changing (many writers of one profile) | retried, then 409 |
 //! | the database is needed to read the profile and is down | 503 |
 //!
+//! # Mixing with the other strategies
+//!
+//! An `invalidate` or `through` write, and a delete, first wait (a few
+//! seconds at most, else 503) until the profile has no queued write left:
+//! a queued write flushed after a direct one would overwrite it (or
+//! conflict with it), and its pending copy would keep serving a deleted
+//! profile.
+//!
 //! # Writing through instead
 //!
 //! A write that cannot be queued is written to the database directly, as
@@ -44,6 +52,10 @@ const CONTENDED_ROUNDS: u32 = 3;
 
 /// How long a client is asked to wait when the queue is full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a direct write or a delete waits for the profile's queued
+/// writes to reach the database.
+const QUEUED_WAIT: Duration = Duration::from_secs(5);
 
 /// The write-behind metrics the library emits for profiles, registered at
 /// zero so that `/metrics` shows them before the first event.
@@ -320,6 +332,28 @@ impl ProfileService {
             Err(e) => {
                 tracing::warn!(user_id = id, error = %e, "cannot tell whether the profile has queued writes");
                 Err(full(""))
+            }
+        }
+    }
+
+    /// Waits until `user_id` has no queued write left (at most
+    /// [`QUEUED_WAIT`]), before a direct write or a delete of the profile
+    /// (see the module docs). When Redis cannot be asked there is nothing
+    /// this process could wait for.
+    pub(super) async fn wait_for_queued_writes(&self, user_id: Uuid) -> Result<(), ServiceError> {
+        let id = user_id.hyphenated().to_string();
+        let deadline = tokio::time::Instant::now() + QUEUED_WAIT;
+        loop {
+            match self.behind.is_pending(&id).await {
+                Ok(false) | Err(_) => return Ok(()),
+                Ok(true) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ServiceError::QueueFull {
+                        retry_after: RETRY_AFTER,
+                        detail: "the profile has writes waiting for the database; retry later"
+                            .to_owned(),
+                    });
+                }
+                Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
     }
