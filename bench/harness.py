@@ -799,10 +799,8 @@ class Run:
                                stdout=lf, stderr=subprocess.STDOUT, timeout=1800)
         hp = {"exit": p.returncode}
         for g, per in (("hit_path", 1), ("hit_path_64_in_flight", 64)):
-            for f in ("bare_get", "store_get", "cache_aside_get"):
-                est = crit / g / f / "new/estimates.json"
-                if not est.exists():
-                    continue
+            for est in sorted((crit / g).glob("*/new/estimates.json")):
+                f = est.parent.parent.name
                 e = json.loads(est.read_text())
                 shutil.copy(est, CFG.raw / f"s7_{g}.{f}.estimates.json")
                 mean, median = e["mean"]["point_estimate"], e["median"]["point_estimate"]
