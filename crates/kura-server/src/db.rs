@@ -164,6 +164,8 @@ impl Db {
     /// [`DbError::Url`] for an unknown scheme, [`DbError::Sqlx`] when the
     /// database cannot be reached.
     pub async fn connect(url: Option<&str>, pool: PoolOptions) -> Result<Self, DbError> {
+        /// Idle time after which a pooled connection is pinged before use.
+        const STALE_AFTER: Duration = Duration::from_secs(30);
         let url = url.filter(|u| !u.is_empty());
         match url {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
@@ -172,6 +174,19 @@ impl Db {
                     .max_connections(pool.max_connections)
                     .min_connections(pool.min_connections)
                     .acquire_timeout(pool.acquire_timeout)
+                    // The default pings every connection before each use: a
+                    // second round trip on every miss and write. Ping only
+                    // connections idle long enough to have gone stale (a
+                    // broken busy one fails its query, and the pool drops it).
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for > STALE_AFTER {
+                                sqlx::Connection::ping(conn).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_with(opts)
                     .await?;
                 Ok(Db::Postgres(pool))
