@@ -19,6 +19,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
+mod well_formed;
+
 /// The default largest value cached, in bytes (the seed's 1 MB rule).
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 
@@ -183,8 +185,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &Bytes) -> Result<Decoded<T>, CodecErr
 pub fn decode_json(bytes: &Bytes) -> Result<(u64, Bytes), CodecError> {
     let (version, json) =
         strip_header(bytes).ok_or_else(|| CodecError::Decode("not a kura envelope".into()))?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(&json)
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if !well_formed::is_well_formed(&json) {
+        return Err(CodecError::Decode("not well-formed JSON".into()));
+    }
     Ok((version, json))
 }
 

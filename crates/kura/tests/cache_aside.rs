@@ -306,6 +306,8 @@ async fn json_reads_pass_the_cached_bytes_on(b: Backend) {
     for bad in [
         &b"\xff garbage"[..],
         b"{\"_v\":1,\"cached_at\":\"2026-01-01T00:00:00Z\",\"name\":\"tru",
+        // Well-formed but for a cut multi-byte character: not UTF-8.
+        b"{\"_v\":1,\"cached_at\":\"2026-01-01T00:00:00Z\",\"name\":\"\xe5\xb1\"}",
         b"{\"id\":\"u1\",\"name\":\"written by someone else\",\"version\":9}",
     ] {
         cache

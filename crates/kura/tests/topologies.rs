@@ -298,7 +298,12 @@ async fn write_behind_through_a_failover(url: String, fail: impl AsyncFnOnce()) 
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The failure comes once most ids have acknowledged writes (not after a
+    // fixed time: on a busy machine the first writes can take a while).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < 40 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     fail().await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::Relaxed);
