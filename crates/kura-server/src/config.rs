@@ -239,6 +239,15 @@ pub struct WriteBehindArgs {
     /// stream.
     #[arg(long, env = "KURA_WB_MAX_ATTEMPTS", default_value_t = 5)]
     pub wb_max_attempts: u32,
+    /// Replicas that must confirm a `behind` write (Redis `WAIT`) before it
+    /// is acknowledged, so that it survives a failover to one of them
+    /// (0: acknowledged once the primary has it).
+    #[arg(long, env = "KURA_WB_MIN_REPLICAS", default_value_t = 0)]
+    pub wb_min_replicas: u32,
+    /// How long a `behind` write waits for those replicas before it answers
+    /// 503 (it stays queued and may still be applied; a retry is safe).
+    #[arg(long, env = "KURA_WB_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub wb_replica_timeout: Duration,
 }
 
 impl WriteBehindArgs {
@@ -254,6 +263,8 @@ impl WriteBehindArgs {
             on_full: self.wb_on_full,
             claim_idle: self.wb_claim_idle,
             max_attempts: self.wb_max_attempts.max(1),
+            min_replicas: self.wb_min_replicas,
+            replica_timeout: self.wb_replica_timeout,
         }
     }
 }
@@ -278,6 +289,19 @@ pub struct WbConfig {
     pub claim_idle: Duration,
     /// Rejections before dead-lettering.
     pub max_attempts: u32,
+    /// Replicas that must confirm a write before it is acknowledged.
+    pub min_replicas: u32,
+    /// How long to wait for them.
+    pub replica_timeout: Duration,
+}
+
+impl WbConfig {
+    /// The queue limits of these settings.
+    #[must_use]
+    pub fn limits(&self) -> kura::BehindLimits {
+        kura::BehindLimits::new(self.max_depth, self.max_age)
+            .replicas(self.min_replicas, self.replica_timeout)
+    }
 }
 
 impl Default for WbConfig {
@@ -291,6 +315,8 @@ impl Default for WbConfig {
             on_full: OnFull::Through,
             claim_idle: Duration::from_secs(30),
             max_attempts: 5,
+            min_replicas: 0,
+            replica_timeout: Duration::from_secs(1),
         }
     }
 }

@@ -31,6 +31,7 @@ both_backends!(
     dead_letters_are_reported,
     a_delete_waits_for_queued_writes,
     a_direct_write_waits_for_queued_writes,
+    unconfirmed_replication_answers_503_and_stays_queued,
 );
 
 async fn put_behind(app: &TestApp, user: &Uuid, body: &Value) -> reqwest::Response {
@@ -327,6 +328,46 @@ async fn a_full_queue_rejects_with_retry_after(b: Backend) {
         (r.status(), x_write(&r).as_str()),
         (StatusCode::OK, "behind")
     );
+    app.stop().await;
+}
+
+/// `--wb-min-replicas`: without the replicas' confirmation a `behind` write
+/// is not acknowledged (503 + `Retry-After`), but it is queued, so it may
+/// still be applied, as the answer says. The Redis of the tests has no
+/// replica and the memory store none either.
+async fn unconfirmed_replication_answers_503_and_stays_queued(b: Backend) {
+    let app = TestApp::start_with(b, |c| {
+        c.wb.flushers = 0;
+        c.wb.min_replicas = 1;
+        c.wb.replica_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let r = put_behind(&app, &user, &json!({"phone": "080-1111-2222"})).await;
+    assert!(r.headers().contains_key("retry-after"));
+    let d = expect_detail(r, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(d.contains("confirmed by 0 of the 1 Redis replica"), "{d}");
+    assert_eq!(depth(&app).await, 1, "queued all the same");
+    assert_eq!(flush_all(&app).await.flushed, 1);
+    let row = db_row(&app, &user).await.unwrap();
+    assert_eq!(
+        (row.version, row.phone.as_deref()),
+        (2, Some("080-1111-2222"))
+    );
+    let m = app
+        .call(Method::GET, "/metrics", None, None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    // One recorder per test process: other tests may have counted too.
+    let unreplicated: f64 = m
+        .lines()
+        .find(|l| l.starts_with("cache_wb_unreplicated_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(unreplicated >= 1.0, "{m}");
     app.stop().await;
 }
 

@@ -38,7 +38,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use kura::{BehindError, BehindLimits, Flusher, Kind, WriteBehind};
+use kura::{BehindError, Flusher, Kind, WriteBehind};
 use uuid::Uuid;
 
 use super::{Finish, ProfileService, ServiceError};
@@ -134,9 +134,7 @@ impl ProfileService {
     /// registers the write-behind metrics.
     #[must_use]
     pub fn with_write_behind(mut self, wb: &WbConfig) -> Self {
-        self.behind = self
-            .behind
-            .limits(BehindLimits::new(wb.max_depth, wb.max_age));
+        self.behind = self.behind.limits(wb.limits());
         self.wb = wb.clone();
         let kind = Kind::PROFILE.name();
         for name in WB_COUNTERS {
@@ -178,7 +176,7 @@ impl ProfileService {
         let wb = cache
             .aside(Kind::PROFILE, self.db.clone())
             .write_behind()
-            .limits(BehindLimits::new(self.wb.max_depth, self.wb.max_age));
+            .limits(self.wb.limits());
         self.configure(wb.flusher(self.db.clone()))
     }
 
@@ -294,6 +292,17 @@ impl ProfileService {
                 Err(BehindError::Read(e)) => return Err(e.into()),
                 Err(BehindError::Invalid(m)) => return Err(ServiceError::Invalid(m)),
                 Err(BehindError::Key(k)) => return Err(kura::Error::Key(k).into()),
+                Err(BehindError::NotReplicated { replicas }) => {
+                    return Err(ServiceError::QueueFull {
+                        retry_after: RETRY_AFTER,
+                        detail: format!(
+                            "the write was confirmed by {replicas} of the {} Redis replica(s) required \
+                             within {:.1} s; it is queued and may still be applied; retrying is safe",
+                            self.wb.min_replicas,
+                            self.wb.replica_timeout.as_secs_f64()
+                        ),
+                    });
+                }
                 Err(BehindError::Contended) => {
                     let ms = rand::random_range(1..=10) * u64::from(round);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
