@@ -86,6 +86,14 @@ async fn flush_all(app: &TestApp) -> kura::strategy::write_behind::FlushReport {
     }
 }
 
+async fn metrics_text(app: &TestApp) -> String {
+    app.call(Method::GET, "/metrics", None, None)
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn depth(app: &TestApp) -> u64 {
     app.server()
         .service()
@@ -310,12 +318,7 @@ async fn a_full_queue_rejects_with_retry_after(b: Backend) {
     assert_eq!(read(&app, &users[2]).await["version"], 1);
     assert_eq!(db_row(&app, &users[2]).await.unwrap().version, 1);
     // The limit shows in the metrics.
-    let m = app
-        .call(Method::GET, "/metrics", None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&app).await;
     assert!(
         m.lines()
             .any(|l| l.starts_with("cache_wb_limit_depth{") && l.ends_with(" 2")),
@@ -355,19 +358,13 @@ async fn unconfirmed_replication_answers_503_and_stays_queued(b: Backend) {
         (row.version, row.phone.as_deref()),
         (2, Some("080-1111-2222"))
     );
-    let m = app
-        .call(Method::GET, "/metrics", None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&app).await;
     // One recorder per test process: other tests may have counted too.
-    let unreplicated: f64 = m
+    let unreplicated = m
         .lines()
         .find(|l| l.starts_with("cache_wb_unreplicated_total{"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
-    assert!(unreplicated >= 1.0, "{m}");
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(unreplicated >= Some(1.0), "{m}");
     app.stop().await;
 }
 
@@ -427,12 +424,7 @@ async fn serve_flushes_in_the_background(b: Backend) {
     for (u, want) in users.iter().zip(&last) {
         assert_eq!(&as_json(&db_row(&app, u).await.unwrap()), want);
     }
-    let m = app
-        .call(Method::GET, "/metrics", None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&app).await;
     let flushed: f64 = m
         .lines()
         .find_map(|l| l.strip_prefix("cache_wb_flushed_total{cache_type=\"profile\"} "))
@@ -526,12 +518,7 @@ async fn dead_letters_are_reported(b: Backend) {
     assert_eq!(d.version, 2);
     assert_eq!(d.error, "profile no longer exists");
     assert!(d.value.contains("消える"));
-    let m = app
-        .call(Method::GET, "/metrics", None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&app).await;
     assert!(
         m.contains("cache_wb_dead_letters{cache_type=\"profile\"} 1"),
         "{m}"
@@ -598,12 +585,7 @@ async fn redis_down_writes_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_list_the_write_behind_series() {
     let app = TestApp::start(Backend::SqliteMemory).await;
-    let m = app
-        .call(Method::GET, "/metrics", None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&app).await;
     for name in [
         "cache_wb_queue_depth",
         "cache_wb_oldest_age_seconds",
