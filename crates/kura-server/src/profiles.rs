@@ -23,9 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::Utc;
-use kura::{
-    Batch, Cache, CacheAside, Fetched, FetchedJson, Kind, Stats, WarmProgress, WriteThrough,
-};
+use kura::{Batch, Cache, CacheAside, Fetched, Kind, Stats, WarmProgress, WriteThrough};
 use uuid::Uuid;
 
 use crate::config::WriteStrategy;
@@ -226,19 +224,6 @@ impl ProfileService {
     pub async fn get(&self, user_id: &Uuid) -> Result<Fetched<Profile>, ServiceError> {
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         Ok(self.profiles.get(key_id(user_id, &mut buf)).await?)
-    }
-
-    /// Reads a profile's JSON through the cache, as the HTTP routes answer
-    /// it: a hit is checked as kura's envelope around well-formed JSON and
-    /// passed on without being decoded into a [`Profile`] and encoded again
-    /// (about half the CPU of a typed hit).
-    ///
-    /// # Errors
-    ///
-    /// As [`ProfileService::get`].
-    pub async fn get_json(&self, user_id: &Uuid) -> Result<FetchedJson, ServiceError> {
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        Ok(self.profiles.get_json(key_id(user_id, &mut buf)).await?)
     }
 
     /// Reads many profiles: one multi-get, one query for the misses, one

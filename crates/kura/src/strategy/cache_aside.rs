@@ -348,9 +348,13 @@ impl<S: Source> CacheAside<S> {
     /// the value type, which saves most of a hit's CPU. Bytes that fail the
     /// check count as a miss and are removed, as with `get`.
     ///
-    /// The check does not see the value's shape: after a deployment that
-    /// changes it, use a new namespace (or invalidate the type) so that
-    /// values of the old shape are not served.
+    /// The check does not see the value's shape: a well-formed value of
+    /// another shape under kura's envelope (written at the key by another
+    /// program, or by an older deployment) is served as it is. Use it where
+    /// only this type's writers write the namespace, and after a deployment
+    /// that changes the shape use a new namespace (or invalidate the type);
+    /// where anything else may write the keys, [`get`](Self::get) refuses
+    /// such values.
     ///
     /// # Errors
     ///
