@@ -96,7 +96,7 @@ impl Flushers {
         let mut total = FlushReport::default();
         for mut t in self.tasks {
             match tokio::time::timeout_at(deadline, &mut t).await {
-                Ok(Ok(r)) => add(&mut total, &r),
+                Ok(Ok(r)) => total += r,
                 Ok(Err(e)) => tracing::error!(error = %e, "write-behind flusher failed"),
                 Err(_) => {
                     tracing::warn!(
@@ -109,16 +109,6 @@ impl Flushers {
         }
         total
     }
-}
-
-/// Adds `r` to `total`.
-pub fn add(total: &mut FlushReport, r: &FlushReport) {
-    total.entries += r.entries;
-    total.flushed += r.flushed;
-    total.superseded += r.superseded;
-    total.coalesced += r.coalesced;
-    total.retried += r.retried;
-    total.dead_lettered += r.dead_lettered;
 }
 
 /// One line describing a flush report.
@@ -295,7 +285,7 @@ pub async fn flush(args: FlushArgs) -> anyhow::Result<()> {
                 .flush_once(true)
                 .await
                 .context("reading the write-behind queue")?;
-            add(&mut total, &r);
+            total += r;
             if r.entries == 0 {
                 break;
             }

@@ -79,7 +79,7 @@ async fn flush_all(app: &TestApp) -> kura::strategy::write_behind::FlushReport {
     let mut total = kura::strategy::write_behind::FlushReport::default();
     loop {
         let r = f.flush_once(false).await.unwrap();
-        kura_server::write_behind::add(&mut total, &r);
+        total += r;
         if r.entries == 0 {
             return total;
         }

@@ -520,8 +520,10 @@ pub struct FlushReport {
     pub dead_lettered: u64,
 }
 
-impl FlushReport {
-    fn add(&mut self, o: FlushReport) {
+/// Sums reports, e.g. of several flushers or of repeated
+/// [`Flusher::flush_once`] calls.
+impl std::ops::AddAssign for FlushReport {
+    fn add_assign(&mut self, o: FlushReport) {
         self.entries += o.entries;
         self.flushed += o.flushed;
         self.superseded += o.superseded;
@@ -633,7 +635,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                 }
                 match self.step(claim, &stop).await {
                     Ok(r) => {
-                        total.add(r);
+                        total += r;
                         backoff = Duration::from_millis(100);
                     }
                     Err(e) => {
