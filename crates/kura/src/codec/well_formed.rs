@@ -38,32 +38,22 @@ fn structure(b: &[u8]) -> Option<()> {
     loop {
         // A value starts at `i`.
         match *b.get(i)? {
-            b'{' => {
+            open @ (b'{' | b'[') => {
                 if depth == MAX_DEPTH {
                     return None;
                 }
-                objects |= 1 << depth;
+                let object = open == b'{';
+                objects = (objects & !(1 << depth)) | (u128::from(object) << depth);
                 depth += 1;
                 i = ws(b, i + 1);
-                if b.get(i) == Some(&b'}') {
+                if b.get(i) == Some(if object { &b'}' } else { &b']' }) {
+                    // Empty: a complete value.
                     i += 1;
                     depth -= 1;
                 } else {
-                    i = key(b, i)?;
-                    continue;
-                }
-            }
-            b'[' => {
-                if depth == MAX_DEPTH {
-                    return None;
-                }
-                objects &= !(1 << depth);
-                depth += 1;
-                i = ws(b, i + 1);
-                if b.get(i) == Some(&b']') {
-                    i += 1;
-                    depth -= 1;
-                } else {
+                    if object {
+                        i = key(b, i)?;
+                    }
                     continue;
                 }
             }
