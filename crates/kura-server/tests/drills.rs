@@ -14,6 +14,7 @@
 //!   [`RECOVER_WITHIN`] of Redis answering again.
 
 mod drills_support;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -62,6 +63,26 @@ enum RedisFault {
     Partition,
 }
 
+/// After Redis answers again at `heal_at`: waits (bounded) for the hit
+/// ratio to come back to 90 % of its level between `before` and `fault_at`,
+/// then stops the load. Returns its samples and that target ratio.
+async fn recover_and_stop(
+    load: Load,
+    before: Duration,
+    fault_at: Duration,
+    heal_at: Duration,
+) -> (Vec<Sample>, f64) {
+    let target = 0.9 * hit_ratio(&window(&load.snapshot(), before, fault_at));
+    await_recovery(
+        &load,
+        heal_at,
+        target,
+        RECOVER_WITHIN + Duration::from_secs(5),
+    )
+    .await;
+    (load.stop().await, target)
+}
+
 /// Drills 1 and 2: reads under steady load while Redis is gone.
 async fn redis_fault_drill(name: &str, fault: RedisFault) {
     let _lock = DrillLock::acquire().await;
@@ -103,15 +124,7 @@ async fn redis_fault_drill(name: &str, fault: RedisFault) {
         RedisFault::Partition => proxy.heal(),
     }
     let heal_at = load.now();
-    let target = 0.9 * hit_ratio(&window(&load.snapshot(), before, fault_at));
-    await_recovery(
-        &load,
-        heal_at,
-        target,
-        RECOVER_WITHIN + Duration::from_secs(5),
-    )
-    .await;
-    let samples = load.stop().await;
+    let (samples, target) = recover_and_stop(load, before, fault_at, heal_at).await;
     assert!(svc.is_running(), "the service must not crash");
 
     let base = window(&samples, before, fault_at);
@@ -246,15 +259,7 @@ async fn drill3_writes_during_a_redis_partition() {
     sleep(remaining).await;
     proxy.heal();
     let heal_at = load.now();
-    let target = 0.9 * hit_ratio(&window(&load.snapshot(), before, fault_at));
-    await_recovery(
-        &load,
-        heal_at,
-        target,
-        RECOVER_WITHIN + Duration::from_secs(5),
-    )
-    .await;
-    let samples = load.stop().await;
+    let (samples, target) = recover_and_stop(load, before, fault_at, heal_at).await;
     assert!(svc.is_running(), "the service must not crash");
 
     // Every key against PostgreSQL: through the service...

@@ -167,22 +167,11 @@ async fn two_processes_one_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_a_cluster() {
     let cluster = RedisCluster::start(3, 1).await;
-    let nodes: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
-    two_processes(&format!("redis+cluster://{}", nodes.join(","))).await;
+    two_processes(&cluster.kura_url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_sentinel() {
     let group = RedisSentinelGroup::start().await;
-    let sentinels: Vec<String> = group
-        .sentinel_addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    two_processes(&format!(
-        "redis+sentinel://{}/{}",
-        sentinels.join(","),
-        group.master_name()
-    ))
-    .await;
+    two_processes(&group.kura_url()).await;
 }

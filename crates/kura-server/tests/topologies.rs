@@ -15,16 +15,6 @@ use serde_json::{Value, json};
 use support::{Backend, TestApp, x_cache};
 use uuid::Uuid;
 
-fn cluster_url(c: &RedisCluster) -> String {
-    let nodes: Vec<String> = c.addrs().iter().map(ToString::to_string).collect();
-    format!("redis+cluster://{}", nodes.join(","))
-}
-
-fn sentinel_url(g: &RedisSentinelGroup) -> String {
-    let nodes: Vec<String> = g.sentinel_addrs().iter().map(ToString::to_string).collect();
-    format!("redis+sentinel://{}/{}", nodes.join(","), g.master_name())
-}
-
 async fn start(url: &str) -> TestApp {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("kura=debug,kura_server=info")
@@ -154,13 +144,13 @@ async fn routes_and_two_instances(url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_routes_and_two_instances() {
     let cluster = RedisCluster::start(3, 1).await;
-    routes_and_two_instances(&cluster_url(&cluster)).await;
+    routes_and_two_instances(&cluster.kura_url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_routes_and_two_instances() {
     let group = RedisSentinelGroup::start().await;
-    routes_and_two_instances(&sentinel_url(&group)).await;
+    routes_and_two_instances(&group.kura_url()).await;
 }
 
 /// Reads and writes keep answering 2xx while the topology loses its
@@ -232,7 +222,7 @@ async fn failover_under_load(url: &str, fail: impl AsyncFnOnce()) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_primary_killed_under_http_load() {
     let mut cluster = RedisCluster::start(3, 1).await;
-    let url = cluster_url(&cluster);
+    let url = cluster.kura_url();
     let c = &mut cluster;
     failover_under_load(&url, async || {
         c.kill_primary(0).await;
@@ -244,7 +234,7 @@ async fn cluster_primary_killed_under_http_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_master_killed_under_http_load() {
     let mut group = RedisSentinelGroup::start().await;
-    let url = sentinel_url(&group);
+    let url = group.kura_url();
     let g = &mut group;
     failover_under_load(&url, async || {
         let old = g.kill_master().await;

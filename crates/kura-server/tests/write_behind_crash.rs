@@ -255,6 +255,13 @@ struct Ledger {
     failures: HashMap<u16, u64>,
 }
 
+impl Ledger {
+    /// A patch that may or may not have been applied.
+    fn unsure(&mut self, id: Uuid, patch: Value) {
+        self.unknown.entry(id).or_default().push(patch);
+    }
+}
+
 /// Clients writing until `stop`.
 struct Load {
     ledger: Arc<Mutex<Ledger>>,
@@ -311,33 +318,21 @@ impl Load {
                                     }
                                     // The answer was cut: it may have landed.
                                     Err(_) => {
-                                        ledger
-                                            .lock()
-                                            .unwrap()
-                                            .unknown
-                                            .entry(id)
-                                            .or_default()
-                                            .push(patch);
+                                        ledger.lock().unwrap().unsure(id, patch);
                                     }
                                 }
                             }
                             Ok(r) => {
                                 let mut l = ledger.lock().unwrap();
                                 *l.failures.entry(r.status().as_u16()).or_default() += 1;
-                                l.unknown.entry(id).or_default().push(patch);
+                                l.unsure(id, patch);
                             }
                             // Never reached the service: nothing to record.
                             Err(e) if e.is_connect() => {
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                             }
                             Err(_) => {
-                                ledger
-                                    .lock()
-                                    .unwrap()
-                                    .unknown
-                                    .entry(id)
-                                    .or_default()
-                                    .push(patch);
+                                ledger.lock().unwrap().unsure(id, patch);
                             }
                         }
                     }
@@ -366,6 +361,22 @@ impl Load {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for `total` acknowledged writes, stops, and waits for the
+    /// queue to drain with no dead letter.
+    async fn complete(self, env: &Env, total: u64) -> Ledger {
+        self.wait_for(total, Duration::from_secs(60)).await;
+        let ledger = self.finish().await;
+        let s = env.wait_drained(Duration::from_secs(30)).await;
+        assert_eq!(s["dead_letters"], 0, "{s}");
+        eprintln!(
+            "acknowledged by path: {:?}; other answers: {:?}; unknown outcome: {}",
+            ledger.paths,
+            ledger.failures,
+            ledger.unknown.values().map(Vec::len).sum::<usize>()
+        );
+        ledger
     }
 
     async fn finish(self) -> Ledger {
@@ -464,16 +475,7 @@ async fn sigkill_mid_stream_loses_and_reorders_nothing() {
     let queued = env.status();
     eprintln!("killed after {at_kill} acknowledged writes; queue at the kill: {queued}");
     let mut service = Service::start(&env, 2, &[]).await;
-    load.wait_for(total, Duration::from_secs(60)).await;
-    let ledger = load.finish().await;
-    let s = env.wait_drained(Duration::from_secs(30)).await;
-    assert_eq!(s["dead_letters"], 0, "{s}");
-    eprintln!(
-        "acknowledged by path: {:?}; other answers: {:?}; unknown outcome: {}",
-        ledger.paths,
-        ledger.failures,
-        ledger.unknown.values().map(Vec::len).sum::<usize>()
-    );
+    let ledger = load.complete(&env, total).await;
     assert!(ledger.paths.get("behind").copied().unwrap_or(0) > total / 2);
     check_database(&db.url, &ids, &ledger).await;
     assert!(
@@ -522,16 +524,7 @@ async fn database_outage_and_sigkill_lose_nothing() {
     proxy.refuse();
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.heal();
-    load.wait_for(total, Duration::from_secs(60)).await;
-    let ledger = load.finish().await;
-    let s = env.wait_drained(Duration::from_secs(30)).await;
-    assert_eq!(s["dead_letters"], 0, "{s}");
-    eprintln!(
-        "acknowledged by path: {:?}; other answers: {:?}; unknown outcome: {}",
-        ledger.paths,
-        ledger.failures,
-        ledger.unknown.values().map(Vec::len).sum::<usize>()
-    );
+    let ledger = load.complete(&env, total).await;
     check_database(&db.url, &ids, &ledger).await;
     let m = reqwest::get(format!("{}/metrics", env.url()))
         .await

@@ -166,6 +166,14 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::addr).collect()
     }
 
+    /// kura's `REDIS_URL` for this cluster: `redis+cluster://` with every
+    /// node as a seed.
+    #[must_use]
+    pub fn kura_url(&self) -> String {
+        let nodes: Vec<String> = self.addrs().iter().map(ToString::to_string).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
     /// The nodes themselves, for restarting or inspecting one.
     pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
         &mut self.nodes

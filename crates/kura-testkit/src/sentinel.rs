@@ -115,6 +115,22 @@ impl RedisSentinelGroup {
         MASTER_NAME
     }
 
+    /// kura's `REDIS_URL` for this group: `redis+sentinel://` with every
+    /// sentinel and the master name.
+    #[must_use]
+    pub fn kura_url(&self) -> String {
+        let nodes: Vec<String> = self
+            .sentinel_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        format!(
+            "redis+sentinel://{}/{}",
+            nodes.join(","),
+            self.master_name()
+        )
+    }
+
     /// `redis://127.0.0.1:<port>` of the data nodes (the initial master first).
     #[must_use]
     pub fn server_urls(&self) -> Vec<String> {

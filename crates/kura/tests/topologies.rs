@@ -14,16 +14,6 @@ use kura::{BehindLimits, Cache, Kind, Status, TtlPolicy};
 use kura_testkit::{RedisCluster, RedisOptions, RedisSentinelGroup};
 use support::{Backend, Db, Row, TestDb, cache_on, ns};
 
-fn cluster_url(c: &RedisCluster) -> String {
-    let nodes: Vec<String> = c.addrs().iter().map(ToString::to_string).collect();
-    format!("redis+cluster://{}", nodes.join(","))
-}
-
-fn sentinel_url(g: &RedisSentinelGroup) -> String {
-    let nodes: Vec<String> = g.sentinel_addrs().iter().map(ToString::to_string).collect();
-    format!("redis+sentinel://{}/{}", nodes.join(","), g.master_name())
-}
-
 /// Strategy-level checks on a shared topology: the fleet-wide stampede
 /// guard, pattern invalidation counted across every primary, warming once
 /// per fleet, write-behind accept and flush.
@@ -135,7 +125,7 @@ async fn strategies(b: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_runs_the_suite_and_the_strategies() {
     let cluster = RedisCluster::start(3, 1).await;
-    let b = Backend::Url(cluster_url(&cluster));
+    let b = Backend::Url(cluster.kura_url());
     assert_eq!(b.store().describe(), "redis-cluster");
     conformance::run_all(b.clone()).await;
     strategies(b).await;
@@ -144,7 +134,7 @@ async fn cluster_runs_the_suite_and_the_strategies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_runs_the_suite_and_the_strategies() {
     let group = RedisSentinelGroup::start().await;
-    let b = Backend::Url(sentinel_url(&group));
+    let b = Backend::Url(group.kura_url());
     assert_eq!(b.store().describe(), "redis-sentinel");
     conformance::run_all(b.clone()).await;
     strategies(b).await;
@@ -215,7 +205,7 @@ async fn reads_through_a_failover(url: String, fail: impl AsyncFnOnce()) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_primary_killed_under_load() {
     let mut cluster = RedisCluster::start(3, 1).await;
-    let url = cluster_url(&cluster);
+    let url = cluster.kura_url();
     let c = &mut cluster;
     reads_through_a_failover(url, async || {
         c.kill_primary(0).await;
@@ -227,7 +217,7 @@ async fn cluster_primary_killed_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_master_killed_under_load() {
     let mut group = RedisSentinelGroup::start().await;
-    let url = sentinel_url(&group);
+    let url = group.kura_url();
     let g = &mut group;
     reads_through_a_failover(url, async || {
         let old = g.kill_master().await;
@@ -348,7 +338,7 @@ async fn write_behind_through_a_failover(url: String, fail: impl AsyncFnOnce()) 
 async fn cluster_write_behind_survives_a_primary_failover() {
     let mut cluster =
         RedisCluster::start_with(3, 1, RedisOptions::default().appendonly(true)).await;
-    let url = cluster_url(&cluster);
+    let url = cluster.kura_url();
     let c = &mut cluster;
     write_behind_through_a_failover(url, async || {
         c.kill_primary(0).await;
@@ -360,7 +350,7 @@ async fn cluster_write_behind_survives_a_primary_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_write_behind_survives_a_master_failover() {
     let mut group = RedisSentinelGroup::start_with(RedisOptions::default().appendonly(true)).await;
-    let url = sentinel_url(&group);
+    let url = group.kura_url();
     let g = &mut group;
     write_behind_through_a_failover(url, async || {
         let old = g.kill_master().await;

@@ -22,10 +22,7 @@ use sqlx::Connection as _;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-/// The shared PostgreSQL, without a database name.
-pub fn pg_base() -> String {
-    std::env::var("KURA_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
+use crate::support::{TestDb, pg_base, random_suffix};
 
 /// The address of the shared PostgreSQL (what a `FaultProxy` forwards to).
 pub fn pg_addr() -> SocketAddr {
@@ -38,10 +35,6 @@ pub fn pg_addr() -> SocketAddr {
         .ok()
         .and_then(|mut a| a.next())
         .unwrap_or_else(|| panic!("KURA_TEST_PG {base:?} names no host:port"))
-}
-
-fn suffix() -> String {
-    Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
 /// Drills measure latency: run them one at a time, across processes too
@@ -67,27 +60,16 @@ impl DrillLock {
 }
 
 /// A PostgreSQL database created for one drill and dropped after it.
-pub struct DrillDb {
-    pub name: String,
-}
+pub struct DrillDb(TestDb);
 
 impl DrillDb {
     pub async fn create() -> DrillDb {
-        let name = format!("kura_drill_{}", suffix());
-        let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base()))
-            .await
-            .expect("connect to postgres");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create the drill database");
-        let _ = conn.close().await;
-        DrillDb { name }
+        DrillDb(TestDb::create().await)
     }
 
     /// The database's URL on the shared server.
     pub fn url(&self) -> String {
-        format!("{}/{}", pg_base(), self.name)
+        self.0.url.clone()
     }
 
     /// The database's URL through a proxy listening on `addr`.
@@ -98,7 +80,7 @@ impl DrillDb {
         format!(
             "{scheme}://{}{addr}/{}",
             user.unwrap_or_default(),
-            self.name
+            self.0.name
         )
     }
 
@@ -109,31 +91,6 @@ impl DrillDb {
             .connect(&self.url())
             .await
             .expect("connect to the drill database")
-    }
-}
-
-impl Drop for DrillDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let admin = format!("{}/postgres", pg_base());
-        // Drop runs outside async: a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut c)
-                    .await;
-                    let _ = c.close().await;
-                }
-            });
-        })
-        .join();
     }
 }
 
@@ -199,7 +156,7 @@ impl Fixture {
             .map(|l| Uuid::parse_str(l.trim()).expect("a uuid per line"))
             .collect();
         assert_eq!(ids.len() as u64, profiles, "one id per seeded profile");
-        let secret = format!("drill-{}", suffix());
+        let secret = format!("drill-{}", random_suffix());
         let sub = Uuid::new_v4().to_string();
         let token = kura(
             &["token", "--sub", &sub, "--admin", "--ttl", "3600"],
@@ -213,7 +170,7 @@ impl Fixture {
             ids,
             secret,
             token,
-            namespace: format!("drill_{}", suffix()),
+            namespace: format!("drill_{}", random_suffix()),
             dir,
         }
     }
