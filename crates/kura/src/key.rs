@@ -481,6 +481,32 @@ impl KeyPattern {
         m
     }
 
+    /// The `SCAN MATCH` argument for the pending write-behind copies of the
+    /// pattern's entries only (`<ns>:~p:<segment>:<id-glob>`): they have a
+    /// prefix of their own, so a scan for them does not return every key of
+    /// the type.
+    #[must_use]
+    pub fn pending_scan_match(&self) -> String {
+        let mut m = String::new();
+        push_escaped(&mut m, &self.builder.namespace);
+        m.push(':');
+        m.push_str(Companion::Pending.tag());
+        push_escaped(&mut m, self.kind.segment);
+        m.push(':');
+        if self.builder.hash_tags {
+            m.push_str("\\{");
+        }
+        m.push_str(&self.id_glob);
+        if self.builder.hash_tags {
+            m.push_str("\\}");
+        }
+        if let Some(s) = self.kind.suffix {
+            m.push(':');
+            push_escaped(&mut m, s);
+        }
+        m
+    }
+
     /// The entry a scanned key belongs to, if the key is a value or companion
     /// key of this pattern's kind whose id matches the glob.
     #[must_use]
@@ -740,6 +766,20 @@ mod tests {
         assert!(!d.matches_value_key("cache:document:d3:metadata"));
         assert!(k.pattern(&Kind::PROFILE, "[abc").is_err());
         assert!(k.pattern(&Kind::PROFILE, "abc\\").is_err());
+    }
+
+    #[test]
+    fn pending_copies_have_a_scan_of_their_own() {
+        let k = kb();
+        let p = k.pattern(&Kind::PROFILE, "*").unwrap();
+        assert_eq!(p.pending_scan_match(), "cache:~p:profile:*");
+        let d = k.pattern(&Kind::DOCUMENT_META, "*").unwrap();
+        assert_eq!(d.pending_scan_match(), "cache:~p:document:*:metadata");
+        let tagged = KeyBuilder::new("cache", true).unwrap();
+        let t = tagged.pattern(&Kind::PROFILE, "*").unwrap();
+        assert_eq!(t.pending_scan_match(), "cache:~p:profile:\\{*\\}");
+        let e = tagged.entry(&Kind::PROFILE, "u1").unwrap();
+        assert_eq!(t.entry_of(&e.pending).unwrap(), e);
     }
 
     #[test]

@@ -330,6 +330,128 @@ async fn back_pressure_refuses_past_the_limit(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// B1 reads v1; B2 accepts v2, which is flushed and settled; the cached
+/// value goes (expiry, eviction or an invalidation); only then does B1's
+/// accept, based on v1, reach the store. With nothing cached to compare
+/// with, it must not be acknowledged as a patch of v1: it is re-based on
+/// what the database has (B2's v2).
+async fn a_write_based_on_a_version_no_longer_cached_is_re_based(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "a");
+    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let b1 = reader.write_behind();
+    let b2 = reader.write_behind();
+    let interleave = {
+        let (cache, db, b2) = (cache.clone(), db.clone(), b2.clone());
+        move || {
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| {
+                rt.block_on(async {
+                    b2.accept("u1", rename("+B2")).await.unwrap();
+                    let mut f = b2.flusher(Db(db.clone())).linger(Duration::ZERO);
+                    assert_eq!(f.flush_once(false).await.unwrap().flushed, 1);
+                    assert!(!b2.is_pending("u1").await.unwrap(), "settled");
+                    cache.invalidate(Kind::PROFILE, "u1").await.unwrap();
+                });
+            });
+        }
+    };
+    let mut interleave = Some(interleave);
+    let mut seen = Vec::new();
+    let acc = b1
+        .accept("u1", |cur| {
+            seen.push(cur.version);
+            // B1 has read its version; the other writer gets in now.
+            if let Some(f) = interleave.take() {
+                f();
+            }
+            Row {
+                name: format!("{}+B1", cur.name),
+                version: cur.version + 1,
+                ..cur.clone()
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(db.get("u1").unwrap().name, "a+B2");
+    assert_eq!(
+        (acc.value.name.as_str(), acc.value.version),
+        ("a+B2+B1", 3),
+        "B1's patch must be re-based on B2's write (patch saw versions {seen:?})"
+    );
+    let got = reader.get("u1").await.unwrap().into_value().unwrap();
+    assert_eq!(got.name, "a+B2+B1");
+    let mut f = b1.flusher(Db(db.clone())).linger(Duration::ZERO);
+    assert_eq!(f.flush_once(false).await.unwrap().flushed, 1);
+    assert_eq!(db.get("u1").unwrap().name, "a+B2+B1");
+    cleanup(&ns).await;
+}
+
+/// A row the database refuses must not hold back the others: with the
+/// default settings scaled down twenty times (max age 60 s → 3 s, claim
+/// idle 30 s → 1.5 s, first retry back-off 1 s → 50 ms, 5 attempts),
+/// writes of other rows keep being accepted for longer than the age limit
+/// while the refused row is retried and finally dead-lettered.
+async fn a_refused_row_does_not_hold_back_the_others(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("poison", "a");
+    for i in 0..10 {
+        db.put(&format!("u{i}"), "a");
+    }
+    db.reject("poison");
+    let max_age = Duration::from_millis(3000);
+    let wb = cache
+        .aside(Kind::PROFILE, Db(db.clone()))
+        .write_behind()
+        .limits(BehindLimits::new(100_000, max_age));
+    let flusher = wb
+        .flusher(Db(db.clone()))
+        .claim_idle(Duration::from_millis(1500))
+        .retry_backoff(Duration::from_millis(50))
+        .max_attempts(5)
+        .block(Duration::from_millis(50));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(flusher.run(async {
+        let _ = stop_rx.await;
+    }));
+    wb.accept("poison", rename("b")).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < max_age + Duration::from_millis(2000) {
+        let id = format!("u{}", n % 10);
+        match wb.accept(&id, rename("x")).await {
+            Ok(_) => {}
+            Err(e) => panic!(
+                "write {n} of {id} refused after {:?}: {e}",
+                start.elapsed()
+            ),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = wb.status().await.unwrap();
+        if s.depth == 0 && s.dead_letters == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not drained: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send(()).unwrap();
+    let report = run.await.unwrap();
+    assert_eq!(
+        (report.dead_lettered, report.requeued),
+        (1, 4),
+        "{report:?}"
+    );
+    assert_eq!(wb.dead_letters(5).await.unwrap()[0].id, "poison");
+    assert_eq!(db.get("poison").unwrap().name, "a");
+    cleanup(&ns).await;
+}
+
 both_stores!(
     unknown_ids_are_refused,
     reads_see_the_write_before_the_flush,
@@ -339,6 +461,8 @@ both_stores!(
     database_down_for_a_while_loses_nothing,
     rejected_writes_go_to_dead_letters,
     back_pressure_refuses_past_the_limit,
+    a_write_based_on_a_version_no_longer_cached_is_re_based,
+    a_refused_row_does_not_hold_back_the_others,
 );
 
 #[tokio::test]
@@ -379,4 +503,181 @@ async fn durability_is_reported() {
         wb.durability().await.unwrap(),
         kura::store::Durability::Logged { .. }
     ));
+}
+
+/// A cache over a Redis server the test started.
+fn cache_at(url: &str) -> Cache {
+    Cache::builder(kura::store::RedisStore::open(url).unwrap())
+        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .build()
+        .unwrap()
+}
+
+async fn admin(srv: &kura_testkit::RedisServer, args: &[&str]) -> kura_testkit::resp::Reply {
+    kura_testkit::resp::command(srv.addr(), args).await.unwrap()
+}
+
+async fn int_reply(srv: &kura_testkit::RedisServer, args: &[&str]) -> i64 {
+    match admin(srv, args).await {
+        kura_testkit::resp::Reply::Integer(n) => n,
+        other => panic!("{args:?} did not answer a number: {other:?}"),
+    }
+}
+
+/// The server forgets its scripts (`SCRIPT FLUSH`; a restart or a failover
+/// does the same) between an accept and the flush that dead-letters it:
+/// the retry after `NOSCRIPT` must not write the dead letter twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_lost_before_a_dead_letter_write_it_once() {
+    let srv = kura_testkit::RedisServer::start().await;
+    let cache = cache_at(&srv.url());
+    let db = TestDb::new();
+    db.put("poison", "a");
+    db.reject("poison");
+    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    wb.accept("poison", rename("b")).await.unwrap();
+    admin(&srv, &["SCRIPT", "FLUSH"]).await;
+    let mut f = wb
+        .flusher(Db(db.clone()))
+        .max_attempts(1)
+        .linger(Duration::ZERO)
+        .block(Duration::from_millis(50));
+    let r = f.flush_once(false).await.unwrap();
+    assert_eq!(r.dead_lettered, 1);
+    let s = wb.status().await.unwrap();
+    assert_eq!((s.depth, s.dead_letters), (0, 1), "{s:?}");
+    assert!(!wb.is_pending("poison").await.unwrap());
+}
+
+/// The settle step cannot run (the scripts are gone and cannot be loaded
+/// again at that moment, as while a restarted Redis comes back): the
+/// acknowledgement must not happen without it, or a pending copy without
+/// TTL and without a queue entry stays behind for ever (and direct writes
+/// of that row answer 503 for ever). Settle and acknowledgement are one
+/// step: either both happen or neither, and a later flush finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_that_cannot_run_leaves_the_write_queued() {
+    let srv = kura_testkit::RedisServer::start().await;
+    // The flusher's user may run scripts but not load them.
+    admin(
+        &srv,
+        &[
+            "ACL", "SETUSER", "flusher", "on", ">pw", "~*", "&*", "+@all", "-script",
+        ],
+    )
+    .await;
+    let writer = cache_at(&srv.url());
+    let flusher_cache = cache_at(&format!("redis://flusher:pw@127.0.0.1:{}", srv.port()));
+    let db = TestDb::new();
+    db.put("u1", "a");
+    db.put("u2", "a");
+    let wb = writer.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    wb.accept("u1", rename("b")).await.unwrap();
+    admin(&srv, &["SCRIPT", "FLUSH"]).await;
+    let fwb = flusher_cache
+        .aside(Kind::PROFILE, Db(db.clone()))
+        .write_behind();
+    let mut f = fwb
+        .flusher(Db(db.clone()))
+        .claim_idle(Duration::ZERO)
+        .linger(Duration::ZERO)
+        .block(Duration::from_millis(50));
+    let _ = f.flush_once(false).await;
+    let pending = wb.is_pending("u1").await.unwrap();
+    let queued = int_reply(&srv, &["XLEN", &wb.queue().stream]).await;
+    assert!(
+        !pending || queued > 0,
+        "a pending copy was left without a queue entry"
+    );
+    // The scripts are back (any accept loads them): the next flush finishes.
+    wb.accept("u2", rename("b")).await.unwrap();
+    for _ in 0..3 {
+        f.flush_once(true).await.unwrap();
+    }
+    assert!(!wb.is_pending("u1").await.unwrap());
+    assert!(!wb.is_pending("u2").await.unwrap());
+    assert_eq!(wb.status().await.unwrap().depth, 0);
+    assert_eq!(db.get("u1").unwrap().name, "ab");
+}
+
+/// `XAUTOCLAIM` looks at no more than ten times `COUNT` pending entries per
+/// call: the claims must go on from where the last one stopped, or entries
+/// of a dead flusher behind many live ones are never taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_go_on_past_live_entries() {
+    use kura::Store;
+    let srv = kura_testkit::RedisServer::start().await;
+    let store = kura::store::RedisStore::open(&srv.url()).unwrap();
+    let cache = cache_at(&srv.url());
+    let db = TestDb::new();
+    for i in 0..40 {
+        db.put(&format!("u{i}"), "a");
+    }
+    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    for i in 0..40 {
+        wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
+    }
+    let q = wb.queue();
+    let live = store
+        .queue_read(q, "live", 30, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 30);
+    let dead = store
+        .queue_read(q, "dead", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 10);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut claimed = Vec::new();
+    for _ in 0..4 {
+        // The live flusher keeps its (older) entries busy.
+        let mut cmd = vec!["XCLAIM", &q.stream, &q.group, "live", "0"];
+        cmd.extend(live.iter().map(|e| e.entry_id.as_str()));
+        admin(&srv, &cmd).await;
+        claimed.extend(
+            store
+                .queue_claim(q, "other", Duration::from_millis(100), 2)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        claimed.iter().any(|c| dead.iter().any(|d| d.entry_id == c.entry_id)),
+        "the dead flusher's entries were never reached: {claimed:?}"
+    );
+    assert!(
+        claimed.iter().all(|c| !live.iter().any(|l| l.entry_id == c.entry_id)),
+        "a live entry was taken"
+    );
+}
+
+/// A Redis that may evict keys without TTL (`allkeys-*`) can drop pending
+/// copies and the queue itself: `behind` writes are refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_refuses_write_behind() {
+    let srv = kura_testkit::RedisServer::start_with(
+        kura_testkit::RedisOptions::default().args(["--maxmemory-policy", "allkeys-lru"]),
+    )
+    .await;
+    let cache = cache_at(&srv.url());
+    let db = TestDb::new();
+    db.put("u1", "a");
+    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let r = wb.accept("u1", rename("b")).await;
+    match &r {
+        Err(BehindError::Evicting { policy }) => assert_eq!(policy, "allkeys-lru"),
+        other => panic!("accepted on an evicting Redis: {other:?}"),
+    }
+    assert!(!wb.is_pending("u1").await.unwrap());
+    assert_eq!(
+        wb.eviction_policy().await.unwrap().as_deref(),
+        Some("allkeys-lru")
+    );
+    // Allowed explicitly, at the operator's risk.
+    let risky = wb
+        .clone()
+        .limits(BehindLimits::default().allow_eviction(true));
+    risky.accept("u1", rename("b")).await.unwrap();
+    assert!(risky.is_pending("u1").await.unwrap());
 }

@@ -13,8 +13,8 @@ use rand::Rng;
 
 use super::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, FillOutcome, FillRequest,
-    FillValue, QueueEntry, QueueKeys, QueueStats, Settled, Store, StoreResult, UpdateOutcome,
-    UpdateRequest, version_newer,
+    FillValue, QueueEntry, QueueKeys, QueueStats, Retry, Settled, Store, StoreResult,
+    UpdateOutcome, UpdateRequest, version_newer,
 };
 use crate::codec::peek_version;
 use crate::key::{EntryKeys, KeyPattern};
@@ -256,20 +256,42 @@ fn epoch_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a queue entry holds (the fields of a Redis stream entry).
+#[derive(Debug, Clone)]
+struct Queued {
+    id: String,
+    version: u64,
+    attempts: u32,
+    not_before_ms: u64,
+}
+
+impl Queued {
+    fn entry(&self, at: EntryId) -> QueueEntry {
+        QueueEntry {
+            entry_id: id_string(at),
+            id: self.id.clone(),
+            version: self.version,
+            attempts: self.attempts,
+            not_before_ms: self.not_before_ms,
+        }
+    }
+}
+
 /// A stream with one consumer group, as the write-behind queue uses it.
 #[derive(Debug, Default)]
 struct MemQueue {
     last: EntryId,
-    entries: BTreeMap<EntryId, (String, u64)>,
+    entries: BTreeMap<EntryId, Queued>,
     /// The group's last delivered id.
     delivered: EntryId,
     /// Delivered, not acknowledged: consumer and delivery time.
     in_flight: BTreeMap<EntryId, (String, Instant)>,
-    dead: Vec<DeadLetter>,
+    dead: std::collections::VecDeque<DeadLetter>,
 }
 
 impl MemQueue {
-    fn push(&mut self, id: &str, version: u64) -> String {
+    /// The next entry id: milliseconds, then a sequence within one.
+    fn next_id(&mut self) -> EntryId {
         let ms = epoch_ms();
         let next = if ms > self.last.0 {
             (ms, 0)
@@ -277,8 +299,13 @@ impl MemQueue {
             (self.last.0, self.last.1 + 1)
         };
         self.last = next;
-        self.entries.insert(next, (id.to_owned(), version));
-        id_string(next)
+        next
+    }
+
+    fn push(&mut self, q: Queued) -> String {
+        let at = self.next_id();
+        self.entries.insert(at, q);
+        id_string(at)
     }
 
     fn oldest_age_ms(&self) -> u64 {
@@ -616,12 +643,14 @@ impl Store for MemoryStore {
     async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
         let queues = &self.inner.queues;
         let out = self.step(req.keys, |slot, now| {
+            // The version first, then the queue's limits (as accept.lua).
             let cur = slot.pending.as_ref().or(slot.value.as_ref().map(|t| &t.v));
-            if let Some(cur) = cur {
-                let cv = peek_version(cur).unwrap_or(0);
-                if cv != req.expected_version {
-                    return AcceptOutcome::Conflict { current: cv };
-                }
+            let Some(cur) = cur else {
+                return AcceptOutcome::Uncached;
+            };
+            let cv = peek_version(cur).unwrap_or(0);
+            if cv != req.expected_version {
+                return AcceptOutcome::Conflict { current: cv };
             }
             let mut qs = lock(queues);
             let q = qs.entry(req.queue.stream.clone()).or_default();
@@ -642,7 +671,12 @@ impl Store for MemoryStore {
                 .then(|| timed(req.bytes.clone(), now, req.lifetimes.stale_ttl));
             slot.pending = Some(req.bytes.clone());
             AcceptOutcome::Accepted {
-                entry_id: q.push(req.id, req.version),
+                entry_id: q.push(Queued {
+                    id: req.id.to_owned(),
+                    version: req.version,
+                    attempts: 0,
+                    not_before_ms: 0,
+                }),
                 // An in-process store has no replicas to confirm anything.
                 replicated: (req.min_replicas > 0).then_some(0),
             }
@@ -683,7 +717,7 @@ impl Store for MemoryStore {
                 let mut qs = lock(&self.inner.queues);
                 let q = qs.entry(queue.stream.clone()).or_default();
                 let from = q.delivered;
-                let got: Vec<(EntryId, (String, u64))> = q
+                let got: Vec<(EntryId, Queued)> = q
                     .entries
                     .range((std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded))
                     .take(count)
@@ -695,14 +729,7 @@ impl Store for MemoryStore {
                     for (k, _) in &got {
                         q.in_flight.insert(*k, (consumer.to_owned(), now));
                     }
-                    return Ok(got
-                        .into_iter()
-                        .map(|(k, (id, version))| QueueEntry {
-                            entry_id: id_string(k),
-                            id,
-                            version,
-                        })
-                        .collect());
+                    return Ok(got.into_iter().map(|(k, e)| e.entry(k)).collect());
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -733,12 +760,8 @@ impl Store for MemoryStore {
         let mut out = Vec::new();
         for k in idle {
             match q.entries.get(&k) {
-                Some((id, version)) => {
-                    out.push(QueueEntry {
-                        entry_id: id_string(k),
-                        id: id.clone(),
-                        version: *version,
-                    });
+                Some(e) => {
+                    out.push(e.entry(k));
                     q.in_flight.insert(k, (consumer.to_owned(), now));
                 }
                 None => {
@@ -769,7 +792,8 @@ impl Store for MemoryStore {
         &self,
         queue: &QueueKeys,
         letters: &[(Settled<'_>, &str, Bytes)],
-    ) -> StoreResult<()> {
+        max_len: u64,
+    ) -> StoreResult<u64> {
         for (d, ..) in letters {
             self.step(d.keys, |slot, _| {
                 if slot.pending.as_ref().and_then(|p| peek_version(p)) == Some(d.version) {
@@ -782,27 +806,49 @@ impl Store for MemoryStore {
         }
         let mut qs = lock(&self.inner.queues);
         let q = qs.entry(queue.stream.clone()).or_default();
+        let mut trimmed = 0;
         for (d, error, value) in letters {
-            let id = d
-                .keys
-                .value
-                .rsplit(':')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let entry_id = q.push(&id, d.version);
-            // Dead letters live apart from the queue itself.
-            q.entries.remove(&parse_id(&entry_id).unwrap_or_default());
-            q.dead.push(DeadLetter {
+            // Dead letters live apart from the queue itself; they take the
+            // next id of its clock, as XADD on the dead-letter stream would.
+            let entry_id = id_string(q.next_id());
+            q.dead.push_back(DeadLetter {
                 entry_id,
-                id,
+                id: d.id.to_owned(),
                 version: d.version,
                 error: (*error).to_owned(),
                 value: String::from_utf8_lossy(value).into_owned(),
             });
             q.remove(d.entry_ids);
+            while max_len > 0 && q.dead.len() as u64 > max_len {
+                q.dead.pop_front();
+                trimmed += 1;
+            }
         }
-        Ok(())
+        Ok(trimmed)
+    }
+
+    async fn queue_retry(
+        &self,
+        queue: &QueueKeys,
+        retries: &[Retry<'_>],
+    ) -> StoreResult<Vec<String>> {
+        let mut qs = lock(&self.inner.queues);
+        let q = qs.entry(queue.stream.clone()).or_default();
+        let ids = retries
+            .iter()
+            .map(|r| {
+                q.remove(r.entry_ids);
+                q.push(Queued {
+                    id: r.id.to_owned(),
+                    version: r.version,
+                    attempts: r.attempts,
+                    not_before_ms: r.not_before_ms,
+                })
+            })
+            .collect();
+        drop(qs);
+        self.inner.queued.notify_waiters();
+        Ok(ids)
     }
 
     async fn queue_stats(&self, queue: &QueueKeys) -> StoreResult<QueueStats> {

@@ -139,6 +139,23 @@ pub struct UpdateRequest<'a> {
     pub lifetimes: Lifetimes,
 }
 
+/// A write the database refused, to be retried later from the end of the
+/// queue (see [`Store::queue_retry`]).
+#[derive(Debug, Clone)]
+pub struct Retry<'a> {
+    /// The entity id.
+    pub id: &'a str,
+    /// The version refused.
+    pub version: u64,
+    /// Refusals so far.
+    pub attempts: u32,
+    /// Not to be retried before this time (milliseconds since the Unix
+    /// epoch).
+    pub not_before_ms: u64,
+    /// The queue entries it replaces.
+    pub entry_ids: &'a [String],
+}
+
 /// Queue entries of one entity that a flusher is done with.
 #[derive(Debug, Clone)]
 pub struct Settled<'a> {
@@ -221,12 +238,20 @@ pub enum AcceptOutcome {
         current: u64,
     },
     /// The queue is past its depth or age limit: nothing was written.
+    /// Reported only for a write whose version matched: a conflict is
+    /// reported first, being a fact about the caller's data.
     Full {
         /// Entries in the queue.
         depth: u64,
         /// Age of the oldest entry.
         oldest_age: Duration,
     },
+    /// Neither a pending copy nor a value is cached, so the expected
+    /// version cannot be compared with anything: nothing was written. The
+    /// caller reads the row again (which caches it) and retries; accepting
+    /// on a guess could acknowledge a patch of a version the database has
+    /// already replaced.
+    Uncached,
 }
 
 /// One queued write-behind notification. The value itself is the entry's
@@ -239,6 +264,12 @@ pub struct QueueEntry {
     pub id: String,
     /// The version accepted.
     pub version: u64,
+    /// How many times the database refused this version already (0 for a
+    /// new write; set by [`Store::queue_retry`]).
+    pub attempts: u32,
+    /// Not to be applied before this time (milliseconds since the Unix
+    /// epoch; 0: at once): the back-off of a retried write.
+    pub not_before_ms: u64,
 }
 
 impl QueueEntry {
@@ -422,8 +453,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// After the database committed: for each entry, drops the pending copy
-    /// if it still holds the applied version, then acknowledges and deletes
-    /// the queue entries.
+    /// if it still holds the applied version and acknowledges and deletes
+    /// the queue entries. Per entry, the two happen together (one step on
+    /// one server; on Cluster the entries are acknowledged only after their
+    /// pending copy is settled), so no pending copy is left without a queue
+    /// entry.
     async fn queue_ack(&self, queue: &QueueKeys, done: &[Settled<'_>]) -> StoreResult<()> {
         let _ = (queue, done);
         Err(StoreError::Unsupported("write-behind"))
@@ -431,13 +465,30 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Moves writes that will never be applied to the dead-letter stream
     /// with their error; their pending copies and cached values are dropped
-    /// so reads return to the database's version.
+    /// so reads return to the database's version. The dead-letter stream
+    /// is trimmed to its newest `max_len` entries (0: no bound); returns how
+    /// many older letters that trimmed.
     async fn queue_dead_letter(
         &self,
         queue: &QueueKeys,
         letters: &[(Settled<'_>, &str, Bytes)],
-    ) -> StoreResult<()> {
-        let _ = (queue, letters);
+        max_len: u64,
+    ) -> StoreResult<u64> {
+        let _ = (queue, letters, max_len);
+        Err(StoreError::Unsupported("write-behind"))
+    }
+
+    /// Puts writes the database refused back at the end of the queue with
+    /// their attempt count and back-off, acknowledging the entries they
+    /// replace, one atomic step per write; returns the new entry ids. A
+    /// refused write thus never stays at the head, where it would hold
+    /// back the queue's age limit for every other write.
+    async fn queue_retry(
+        &self,
+        queue: &QueueKeys,
+        retries: &[Retry<'_>],
+    ) -> StoreResult<Vec<String>> {
+        let _ = (queue, retries);
         Err(StoreError::Unsupported("write-behind"))
     }
 
@@ -456,6 +507,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// How durable queued writes are across a restart of the store.
     async fn durability(&self) -> StoreResult<Durability> {
         Ok(Durability::Volatile)
+    }
+
+    /// The store's eviction policy when it may evict keys without a TTL
+    /// (Redis `maxmemory-policy allkeys-*`), which would drop pending
+    /// copies and the queue itself; `None` when it never does.
+    async fn evicts_keys_without_ttl(&self) -> StoreResult<Option<String>> {
+        Ok(None)
     }
 
     /// Whether every operation of this store is already bounded in time by

@@ -1,8 +1,8 @@
 //! The Redis store: Lua scripts over one multiplexed connection, on a
 //! standalone server, a Sentinel-managed master or a Cluster.
 
-use std::collections::HashSet;
-use std::sync::{Arc, LazyLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,8 +15,8 @@ use super::redis_conn::{Conn, Timeouts};
 
 use super::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
-    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, Settled, Store, StoreResult,
-    UpdateOutcome, UpdateRequest,
+    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, Retry, Settled, Store,
+    StoreResult, UpdateOutcome, UpdateRequest,
 };
 use crate::error::StoreError;
 use crate::key::{EntryKeys, KeyPattern};
@@ -46,9 +46,11 @@ static EXTEND_LOCK: LazyLock<Script> = script!("extend_lock.lua");
 static ACCEPT: LazyLock<Script> = script!("accept.lua");
 static SETTLE: LazyLock<Script> = script!("settle.lua");
 static ACCEPT_ENTRY: LazyLock<Script> = script!("accept_entry.lua");
+static SETTLE_ACK: LazyLock<Script> = script!("settle_ack.lua");
+static RETRY: LazyLock<Script> = script!("retry.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 10] = [
+const SOURCES: [&str; 12] = [
     source!("acquire.lua"),
     source!("fill.lua"),
     source!("release.lua"),
@@ -59,7 +61,13 @@ const SOURCES: [&str; 10] = [
     source!("accept.lua"),
     source!("settle.lua"),
     source!("accept_entry.lua"),
+    source!("settle_ack.lua"),
+    source!("retry.lua"),
 ];
+
+/// Most `XAUTOCLAIM` calls per claim: each looks at up to ten times
+/// `COUNT` pending entries.
+const CLAIM_ROUNDS: usize = 16;
 
 /// `SCAN` batch size, as in the seed.
 const SCAN_COUNT: usize = 100;
@@ -119,6 +127,7 @@ impl RedisStoreBuilder {
             inner: Arc::new(Inner {
                 conn,
                 url: redact(&self.url),
+                claim_cursors: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -147,6 +156,10 @@ pub struct RedisStore {
 struct Inner {
     conn: Conn,
     url: String,
+    /// Where the last `XAUTOCLAIM` of each queue stopped (stream and group),
+    /// so the next one goes on from there instead of looking at the same
+    /// first pending entries again.
+    claim_cursors: Mutex<HashMap<(String, String), String>>,
 }
 
 /// The longest a queue read blocks on the server.
@@ -207,28 +220,57 @@ impl RedisStore {
     }
 
     async fn run_as(&self, pipe: &Pipeline, one_node: bool) -> StoreResult<Vec<Value>> {
-        let mut loaded = false;
-        loop {
-            let results = if one_node {
-                self.inner.conn.exec_together(pipe).await?
-            } else {
-                self.inner.conn.exec(pipe).await?
-            };
-            let noscript = results.iter().any(|r| {
+        self.run_results(pipe, one_node)
+            .await?
+            .into_iter()
+            .map(|r| r.map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Runs a pipeline; each command's own result. The script calls the
+    /// server did not know (`NOSCRIPT`) are run again, alone, once the
+    /// scripts are loaded: never the whole pipeline, whose other commands
+    /// (a dead-letter `XADD`, an acknowledgement) already took effect.
+    async fn run_results(
+        &self,
+        pipe: &Pipeline,
+        one_node: bool,
+    ) -> StoreResult<Vec<redis::RedisResult<Value>>> {
+        let exec = |p: &Pipeline| {
+            let conn = &self.inner.conn;
+            let p = p.clone();
+            async move {
+                if one_node {
+                    conn.exec_together(&p).await
+                } else {
+                    conn.exec(&p).await
+                }
+            }
+        };
+        let mut results = exec(pipe).await?;
+        let missing: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
                 r.as_ref().is_err_and(|e| {
                     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
                 })
-            });
-            if noscript && !loaded {
-                self.load_scripts().await?;
-                loaded = true;
-                continue;
-            }
-            return results
-                .into_iter()
-                .map(|r| r.map_err(StoreError::from))
-                .collect();
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if missing.is_empty() {
+            return Ok(results);
         }
+        self.load_scripts().await?;
+        let mut again = redis::pipe();
+        let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
+        for &i in &missing {
+            again.add_command(cmds[i].clone());
+        }
+        for (i, r) in missing.into_iter().zip(exec(&again).await?) {
+            results[i] = r;
+        }
+        Ok(results)
     }
 
     /// Loads every script (on every primary of a cluster).
@@ -353,6 +395,8 @@ fn entry_of(e: StreamId) -> Option<QueueEntry> {
     Some(QueueEntry {
         id: text("id")?,
         version: text("v")?.parse().ok()?,
+        attempts: text("a").and_then(|a| a.parse().ok()).unwrap_or(0),
+        not_before_ms: text("at").and_then(|a| a.parse().ok()).unwrap_or(0),
         entry_id: e.id.clone(),
     })
 }
@@ -381,14 +425,35 @@ fn unexpected(v: &Value) -> StoreError {
     StoreError::Server(format!("unexpected reply from script: {v:?}").into())
 }
 
-/// Builds an accept's entry-slot step (everything but the queue entry).
-fn accept_entry_invocation(pipe: &mut Pipeline, req: &AcceptRequest<'_>) {
+/// Builds an accept's entry-slot step (everything but the queue entry);
+/// `full` when the queue is past a limit (reported after the version
+/// check).
+fn accept_entry_invocation(pipe: &mut Pipeline, req: &AcceptRequest<'_>, full: bool) {
     entry_invocation(pipe, &ACCEPT_ENTRY, req.keys, |inv| {
         inv.arg(req.expected_version.to_string())
             .arg(&req.bytes[..])
             .arg(millis(req.lifetimes.ttl))
-            .arg(req.lifetimes.stale_ttl.as_millis() as u64);
+            .arg(req.lifetimes.stale_ttl.as_millis() as u64)
+            .arg(if full { "1" } else { "0" });
     });
+}
+
+/// The dead-letter `XADD` of a letter, for Cluster (elsewhere it is part
+/// of `settle_ack.lua`).
+fn push_dead_letter(pipe: &mut Pipeline, queue: &QueueKeys, d: &Settled<'_>, error: &str, value: &[u8]) {
+    pipe.cmd("XADD")
+        .arg(&queue.dead)
+        .arg("*")
+        .arg("key")
+        .arg(&d.keys.value)
+        .arg("id")
+        .arg(d.id)
+        .arg("v")
+        .arg(d.version)
+        .arg("error")
+        .arg(error)
+        .arg("value")
+        .arg(value);
 }
 
 /// Appends `WAIT` when the accept asks for replicas.
@@ -708,6 +773,7 @@ impl Store for RedisStore {
                 depth: num(1),
                 oldest_age: Duration::from_millis(num(2)),
             }),
+            Some(4) => Ok(AcceptOutcome::Uncached),
             _ => Err(unexpected(&v)),
         }
     }
@@ -718,7 +784,9 @@ impl Store for RedisStore {
 
     async fn requeue_pending(&self, pattern: &KeyPattern, queue: &QueueKeys) -> StoreResult<u64> {
         let mut requeued = 0;
-        let mut scan = self.scan(&pattern.scan_match()).await?;
+        // Pending copies have a prefix of their own: the scan returns them
+        // only, not every key of the type.
+        let mut scan = self.scan(&pattern.pending_scan_match()).await?;
         while let Some(keys) = self.scan_next(&mut scan).await? {
             let entries: Vec<(String, EntryKeys)> = keys
                 .into_iter()
@@ -806,48 +874,69 @@ impl Store for RedisStore {
         min_idle: Duration,
         count: usize,
     ) -> StoreResult<Vec<QueueEntry>> {
-        let reply: redis::RedisResult<StreamAutoClaimReply> = self
-            .inner
-            .conn
-            .query(
-                redis::cmd("XAUTOCLAIM")
-                    .arg(&queue.stream)
-                    .arg(&queue.group)
-                    .arg(consumer)
-                    .arg(min_idle.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(count),
-            )
-            .await;
-        match reply {
-            Ok(r) => Ok(r.claimed.into_iter().filter_map(entry_of).collect()),
-            Err(e) if e.code() == Some("NOGROUP") => {
-                ensure_group(&self.inner.conn, queue).await?;
-                Ok(Vec::new())
+        let at = (queue.stream.clone(), queue.group.clone());
+        let cursors = &self.inner.claim_cursors;
+        let cursor_of = || {
+            cursors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&at)
+                .cloned()
+                .unwrap_or_else(|| "0-0".to_owned())
+        };
+        let mut cursor = cursor_of();
+        let mut out = Vec::new();
+        // Each call looks at no more than 10 × COUNT pending entries: go on
+        // from where the last one stopped, within this claim and across
+        // claims, so idle entries behind many busy ones are reached too.
+        for _ in 0..CLAIM_ROUNDS {
+            let reply: redis::RedisResult<StreamAutoClaimReply> = self
+                .inner
+                .conn
+                .query(
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(&queue.stream)
+                        .arg(&queue.group)
+                        .arg(consumer)
+                        .arg(min_idle.as_millis() as u64)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(count - out.len()),
+                )
+                .await;
+            let r = match reply {
+                Ok(r) => r,
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    ensure_group(&self.inner.conn, queue).await?;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            out.extend(r.claimed.into_iter().filter_map(entry_of));
+            let wrapped = r.next_stream_id == "0-0";
+            cursor = r.next_stream_id;
+            if wrapped || out.len() >= count {
+                break;
             }
-            Err(e) => Err(e.into()),
         }
+        cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(at, cursor);
+        Ok(out)
     }
 
     async fn queue_ack(&self, queue: &QueueKeys, done: &[Settled<'_>]) -> StoreResult<()> {
         if done.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        // The pending copy goes first: if the process dies before the
-        // acknowledgement, the entry is delivered again and finds nothing
-        // left to do, instead of a pending copy that nothing will clear.
-        for d in done {
-            entry_invocation(&mut pipe, &SETTLE, d.keys, |inv| {
-                inv.arg(d.version.to_string()).arg("applied");
-            });
+        if self.inner.conn.is_cluster() {
+            return self.settle_then_ack(queue, done, "applied").await;
         }
-        push_ack(
-            &mut pipe,
-            queue,
-            done.iter().flat_map(|d| d.entry_ids.iter()),
-        );
+        let mut pipe = redis::pipe();
+        for d in done {
+            settle_ack_invocation(&mut pipe, queue, d, "applied", None);
+        }
         self.run(&pipe).await.map(drop)
     }
 
@@ -855,35 +944,68 @@ impl Store for RedisStore {
         &self,
         queue: &QueueKeys,
         letters: &[(Settled<'_>, &str, Bytes)],
-    ) -> StoreResult<()> {
+        max_len: u64,
+    ) -> StoreResult<u64> {
         if letters.is_empty() {
-            return Ok(());
+            return Ok(0);
+        }
+        if self.inner.conn.is_cluster() {
+            // The dead-letter stream, the entries and the queue are in
+            // three slots: the letter is written first (a crash after it
+            // at worst writes it again), then each write is dropped, then
+            // acknowledged.
+            let mut pipe = redis::pipe();
+            for (d, error, value) in letters {
+                push_dead_letter(&mut pipe, queue, d, error, value);
+            }
+            self.run(&pipe).await?;
+            let trimmed = self.trim_dead(queue, max_len).await?;
+            let done: Vec<Settled<'_>> = letters.iter().map(|(d, ..)| d.clone()).collect();
+            self.settle_then_ack(queue, &done, "dropped").await?;
+            return Ok(trimmed);
         }
         let mut pipe = redis::pipe();
         for (d, error, value) in letters {
-            pipe.cmd("XADD")
-                .arg(&queue.dead)
-                .arg("*")
-                .arg("key")
-                .arg(&d.keys.value)
-                .arg("id")
-                .arg(d.id)
-                .arg("v")
-                .arg(d.version)
-                .arg("error")
-                .arg(*error)
-                .arg("value")
-                .arg(&value[..]);
-            entry_invocation(&mut pipe, &SETTLE, d.keys, |inv| {
-                inv.arg(d.version.to_string()).arg("dropped");
-            });
+            settle_ack_invocation(&mut pipe, queue, d, "dropped", Some((error, value, max_len)));
         }
-        push_ack(
-            &mut pipe,
-            queue,
-            letters.iter().flat_map(|(d, ..)| d.entry_ids.iter()),
-        );
-        self.run(&pipe).await.map(drop)
+        let mut trimmed = 0;
+        for v in self.run(&pipe).await? {
+            trimmed += as_int(&v)?.max(0) as u64;
+        }
+        Ok(trimmed)
+    }
+
+    async fn queue_retry(
+        &self,
+        queue: &QueueKeys,
+        retries: &[Retry<'_>],
+    ) -> StoreResult<Vec<String>> {
+        if retries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in retries {
+            let mut inv = RETRY.prepare_invoke();
+            inv.key(&queue.stream)
+                .arg(&queue.group)
+                .arg(r.id)
+                .arg(r.version.to_string())
+                .arg(r.attempts)
+                .arg(r.not_before_ms);
+            for id in r.entry_ids {
+                inv.arg(id);
+            }
+            pipe.invoke_script(&inv);
+        }
+        self.run_on_one_node(&pipe)
+            .await?
+            .into_iter()
+            .map(|v| match &v {
+                Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| unexpected(&v)),
+                Value::SimpleString(t) => Ok(t.clone()),
+                other => Err(unexpected(other)),
+            })
+            .collect()
     }
 
     async fn queue_stats(&self, queue: &QueueKeys) -> StoreResult<QueueStats> {
@@ -965,6 +1087,13 @@ impl Store for RedisStore {
             .collect())
     }
 
+    async fn evicts_keys_without_ttl(&self) -> StoreResult<Option<String>> {
+        let policy: Vec<String> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
+            .await?;
+        Ok(policy.get(1).filter(|p| p.starts_with("allkeys-")).cloned())
+    }
+
     async fn durability(&self) -> StoreResult<Durability> {
         let aof: Vec<String> = self
             .query(redis::cmd("CONFIG").arg("GET").arg("appendonly"))
@@ -1004,21 +1133,24 @@ impl RedisStore {
     /// leaves a pending copy with no queue entry; flushers re-queue such
     /// copies ([`Store::requeue_pending`]), so the write still lands.
     async fn accept_cluster(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
+        let mut full = None;
         if req.max_depth > 0 || !req.max_age.is_zero() {
             let stats = self.queue_stats(req.queue).await?;
-            let full = (req.max_depth > 0 && stats.depth >= req.max_depth)
+            if (req.max_depth > 0 && stats.depth >= req.max_depth)
                 || (!req.max_age.is_zero()
                     && stats.depth > 0
-                    && stats.oldest_age_ms >= req.max_age.as_millis() as u64);
-            if full {
-                return Ok(AcceptOutcome::Full {
+                    && stats.oldest_age_ms >= req.max_age.as_millis() as u64)
+            {
+                full = Some(AcceptOutcome::Full {
                     depth: stats.depth,
                     oldest_age: Duration::from_millis(stats.oldest_age_ms),
                 });
             }
         }
         let mut pipe = redis::pipe();
-        accept_entry_invocation(&mut pipe, req);
+        // The script checks the version first and reports the queue full
+        // only for a write that matched, as the one-server script does.
+        accept_entry_invocation(&mut pipe, req, full.is_some());
         // WAIT has no key: it goes with the script to the entry's primary,
         // which holds the pending copy that must survive a failover (a
         // queue entry lost with the stream's primary is re-queued from it).
@@ -1029,10 +1161,16 @@ impl RedisStore {
         let Value::Array(parts) = &v else {
             return Err(unexpected(&v));
         };
-        if parts.first().map(as_int).transpose()? == Some(2) {
-            return Ok(AcceptOutcome::Conflict {
-                current: text_at(parts, 1).and_then(|t| t.parse().ok()).unwrap_or(0),
-            });
+        match parts.first().map(as_int).transpose()? {
+            Some(1) => {}
+            Some(2) => {
+                return Ok(AcceptOutcome::Conflict {
+                    current: text_at(parts, 1).and_then(|t| t.parse().ok()).unwrap_or(0),
+                });
+            }
+            Some(3) => return full.ok_or_else(|| unexpected(&v)),
+            Some(4) => return Ok(AcceptOutcome::Uncached),
+            _ => return Err(unexpected(&v)),
         }
         let entry_id: String = self
             .query(
@@ -1050,6 +1188,89 @@ impl RedisStore {
             replicated,
         })
     }
+}
+
+impl RedisStore {
+    /// Cluster: settles each entity's pending copy, then acknowledges the
+    /// queue entries of those whose settle step ran; an entity whose step
+    /// failed keeps its entries queued, to be delivered again.
+    async fn settle_then_ack(
+        &self,
+        queue: &QueueKeys,
+        done: &[Settled<'_>],
+        mode: &str,
+    ) -> StoreResult<()> {
+        let mut pipe = redis::pipe();
+        for d in done {
+            entry_invocation(&mut pipe, &SETTLE, d.keys, |inv| {
+                inv.arg(d.version.to_string()).arg(mode);
+            });
+        }
+        let results = self.run_results(&pipe, false).await?;
+        let mut first_error = None;
+        let mut settled = Vec::new();
+        for (d, r) in done.iter().zip(results) {
+            match r {
+                Ok(_) => settled.push(d),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let mut ack = redis::pipe();
+        push_ack(&mut ack, queue, settled.iter().flat_map(|d| d.entry_ids.iter()));
+        if !ack.is_empty() {
+            self.run(&ack).await?;
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Cluster: bounds the dead-letter stream; returns how many it trimmed.
+    async fn trim_dead(&self, queue: &QueueKeys, max_len: u64) -> StoreResult<u64> {
+        if max_len == 0 {
+            return Ok(0);
+        }
+        let n: u64 = self
+            .query(redis::cmd("XTRIM").arg(&queue.dead).arg("MAXLEN").arg(max_len))
+            .await?;
+        Ok(n)
+    }
+}
+
+/// Builds the one-server step that settles an entity and acknowledges its
+/// queue entries (`settle_ack.lua`); a dead letter carries its error, value
+/// and the dead-letter stream's bound.
+fn settle_ack_invocation(
+    pipe: &mut Pipeline,
+    queue: &QueueKeys,
+    d: &Settled<'_>,
+    mode: &str,
+    letter: Option<(&str, &Bytes, u64)>,
+) {
+    let mut inv = SETTLE_ACK.prepare_invoke();
+    for k in d.keys.as_array() {
+        inv.key(k);
+    }
+    inv.key(&queue.stream)
+        .key(&queue.dead)
+        .arg(d.version.to_string())
+        .arg(mode)
+        .arg(&queue.group)
+        .arg(d.entry_ids.len());
+    for id in d.entry_ids {
+        inv.arg(id);
+    }
+    if let Some((error, value, max_len)) = letter {
+        inv.arg(&d.keys.value)
+            .arg(d.id)
+            .arg(error)
+            .arg(&value[..])
+            .arg(max_len);
+    }
+    pipe.invoke_script(&inv);
 }
 
 #[cfg(test)]

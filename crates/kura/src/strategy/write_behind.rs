@@ -13,16 +13,24 @@
 //!   *pending copy* without TTL, and as a queue entry (a Redis Stream with a
 //!   consumer group). The step compares the version first, so two
 //!   concurrent patches of one key both survive: the second is re-based on
-//!   the first and retried.
+//!   the first and retried. An accept that finds nothing cached to compare
+//!   with (the value expired or was evicted, and no write is pending) is
+//!   not acknowledged on a guess: the row is read again from the database
+//!   (which caches it) and the patch is re-based on it.
 //! - **Read-your-writes**: the pending copy outlives the value's TTL and any
 //!   invalidation; a read that misses the value finds it and puts it back.
 //! - **Flush** ([`Flusher`]): batches entries by size and time, coalesces
 //!   several writes of one key into the newest (the pending copy), applies
 //!   the batch through a [`Sink`] with a version guard
 //!   (`... WHERE version < $new`, so a replay is a no-op), and acknowledges
-//!   only after the commit. Entries a dead flusher had claimed are
-//!   reclaimed after an idle time; an entry the database rejects
-//!   `max_attempts` times goes to a dead-letter stream with its error.
+//!   only after the commit (settling the pending copy and acknowledging its
+//!   entries in one step). Entries a dead flusher had claimed are
+//!   reclaimed after an idle time. A row the database refuses is put back
+//!   at the end of the queue and retried with a growing back-off
+//!   ([`Flusher::retry_backoff`]), so it never holds back the rows behind
+//!   it nor the queue's age limit; refused `max_attempts` times it goes to a
+//!   dead-letter stream with its error. That stream keeps the newest
+//!   [`BehindLimits::dead_letter_max`] letters.
 //! - **Back-pressure**: past a depth or age limit the accept is refused
 //!   ([`BehindError::Full`]); the caller writes through instead or answers
 //!   503.
@@ -35,6 +43,15 @@
 //! when Redis restarts. [`WriteBehind::durability`] tells which. The memory
 //! store keeps the queue for the life of the process only.
 //!
+//! A Redis whose `maxmemory-policy` is `allkeys-*` may evict keys without
+//! a TTL, that is pending copies and the queue itself, losing acknowledged
+//! writes: accepts are refused there ([`BehindError::Evicting`]) unless
+//! [`BehindLimits::allow_eviction`] says otherwise.
+//!
+//! Replication is asynchronous: with [`BehindLimits::min_replicas`] at 0, a
+//! failover to a replica loses the writes the old primary acknowledged and
+//! had not yet sent to it (usually well under a second's worth).
+//!
 //! # Mixing strategies
 //!
 //! A write-through write to a key with a pending write-behind write can
@@ -45,7 +62,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -58,7 +75,7 @@ use crate::key::{EntryKeys, KeyError};
 use crate::source::{CacheValue, Source, Versioned};
 use crate::store::{
     AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats,
-    Settled,
+    Retry, Settled,
 };
 use crate::strategy::{CacheAside, Status};
 
@@ -151,6 +168,15 @@ pub enum BehindError {
     /// its version did not increase.
     #[error("invalid patch: {0}")]
     Invalid(String),
+    /// The cache server may evict keys without a TTL (Redis
+    /// `maxmemory-policy allkeys-*`), which would lose acknowledged writes:
+    /// nothing was accepted; the caller should write through (or set
+    /// [`BehindLimits::allow_eviction`]).
+    #[error("the cache server may evict queued writes (maxmemory-policy {policy})")]
+    Evicting {
+        /// The eviction policy.
+        policy: String,
+    },
 }
 
 /// An accepted write.
@@ -183,6 +209,11 @@ pub struct BehindLimits {
     /// How long to wait for those replicas before refusing the
     /// acknowledgement ([`BehindError::NotReplicated`]).
     pub replica_timeout: Duration,
+    /// Dead letters kept (the oldest are trimmed past it; 0: no bound).
+    pub dead_letter_max: u64,
+    /// Accept writes even on a cache server that may evict keys without a
+    /// TTL (off by default: such a server can drop queued writes).
+    pub allow_eviction: bool,
 }
 
 impl Default for BehindLimits {
@@ -201,7 +232,27 @@ impl BehindLimits {
             cas_attempts: 16,
             min_replicas: 0,
             replica_timeout: Duration::from_millis(500),
+            dead_letter_max: Self::DEFAULT_DEAD_LETTER_MAX,
+            allow_eviction: false,
         }
+    }
+
+    /// Dead letters kept by default.
+    pub const DEFAULT_DEAD_LETTER_MAX: u64 = 10_000;
+
+    /// Keeps the newest `n` dead letters (0: no bound).
+    #[must_use]
+    pub const fn dead_letter_max(mut self, n: u64) -> Self {
+        self.dead_letter_max = n;
+        self
+    }
+
+    /// Accepts writes even on a cache server that may evict keys without a
+    /// TTL (Redis `maxmemory-policy allkeys-*`), at the risk of losing them.
+    #[must_use]
+    pub const fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
     }
 
     /// Requires `n` replicas to confirm each write, waiting up to `timeout`.
@@ -251,6 +302,7 @@ pub struct WriteBehind<S: Source> {
     aside: CacheAside<S>,
     queue: Arc<QueueKeys>,
     limits: BehindLimits,
+    eviction: Arc<EvictionCheck>,
 }
 
 impl<S: Source> Clone for WriteBehind<S> {
@@ -259,8 +311,19 @@ impl<S: Source> Clone for WriteBehind<S> {
             aside: self.aside.clone(),
             queue: self.queue.clone(),
             limits: self.limits,
+            eviction: self.eviction.clone(),
         }
     }
+}
+
+/// How often accepts look at the server's eviction policy again (it can be
+/// changed at run time).
+const EVICTION_RECHECK: Duration = Duration::from_secs(10);
+
+/// The last answer about the server's eviction policy.
+#[derive(Debug, Default)]
+struct EvictionCheck {
+    last: Mutex<Option<(Instant, Option<String>)>>,
 }
 
 impl<S: Source> std::fmt::Debug for WriteBehind<S> {
@@ -287,6 +350,7 @@ impl<S: Source> CacheAside<S> {
                 group: "kura".to_owned(),
             }),
             limits: BehindLimits::default(),
+            eviction: Arc::default(),
         }
     }
 }
@@ -301,6 +365,12 @@ impl<S: Source> WriteBehind<S> {
         metrics::gauge!("cache_wb_limit_age_seconds", "cache_type" => self.aside.kind().name())
             .set(limits.max_age.as_secs_f64());
         self
+    }
+
+    /// The limits in force.
+    #[must_use]
+    pub fn configured_limits(&self) -> BehindLimits {
+        self.limits
     }
 
     /// The queue's keys.
@@ -333,8 +403,9 @@ impl<S: Source> WriteBehind<S> {
     ///
     /// [`BehindError::NotFound`] for an unknown id, [`BehindError::Full`]
     /// under back-pressure, [`BehindError::Unavailable`] when the cache
-    /// server cannot be reached (write through instead), and the others as
-    /// documented on [`BehindError`].
+    /// server cannot be reached (write through instead),
+    /// [`BehindError::Evicting`] on a server that may evict queued writes,
+    /// and the others as documented on [`BehindError`].
     pub async fn accept(
         &self,
         id: &str,
@@ -343,6 +414,7 @@ impl<S: Source> WriteBehind<S> {
         let c = self.cache();
         let kind = self.aside.kind();
         let entry = c.keys.entry(&kind, id)?;
+        self.check_eviction().await?;
         let policy = c.policy.get(kind.name());
         for _ in 0..self.limits.cas_attempts.max(1) {
             let current = self.aside.get(id).await.map_err(BehindError::Read)?;
@@ -404,6 +476,13 @@ impl<S: Source> WriteBehind<S> {
                     metrics::counter!("cache_wb_conflicts_total", "cache_type" => self.label())
                         .increment(1);
                 }
+                // Nothing cached to compare the version with: the next round
+                // reads the row again from the database (caching it), so
+                // the patch is re-based on what the database has.
+                Ok(AcceptOutcome::Uncached) => {
+                    metrics::counter!("cache_wb_uncached_total", "cache_type" => self.label())
+                        .increment(1);
+                }
                 Ok(AcceptOutcome::Full { depth, oldest_age }) => {
                     metrics::counter!("cache_wb_refused_total", "cache_type" => self.label())
                         .increment(1);
@@ -413,6 +492,65 @@ impl<S: Source> WriteBehind<S> {
             }
         }
         Err(BehindError::Contended)
+    }
+
+    /// Refuses writes on a server that may evict keys without a TTL, unless
+    /// allowed. The answer is kept for [`EVICTION_RECHECK`]; a server that
+    /// will not tell (`CONFIG` disabled) is taken not to evict.
+    async fn check_eviction(&self) -> Result<(), BehindError> {
+        if self.limits.allow_eviction {
+            return Ok(());
+        }
+        let known = self
+            .eviction
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < EVICTION_RECHECK)
+            .map(|(_, p)| p.clone());
+        let policy = match known {
+            Some(p) => p,
+            None => {
+                let c = self.cache();
+                let p = match c.call(None, c.store.evicts_keys_without_ttl()).await {
+                    Ok(p) => p,
+                    Err(e) if e.is_outage() => return Err(BehindError::Unavailable(e)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read the cache server's eviction policy");
+                        None
+                    }
+                };
+                *self
+                    .eviction
+                    .last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((Instant::now(), p.clone()));
+                p
+            }
+        };
+        match policy {
+            Some(policy) => {
+                metrics::counter!("cache_wb_refused_evicting_total", "cache_type" => self.label())
+                    .increment(1);
+                Err(BehindError::Evicting { policy })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The cache server's eviction policy when it may evict queued writes
+    /// (keys without a TTL), as [`WriteBehind::accept`] checks it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the store cannot be asked.
+    pub async fn eviction_policy(&self) -> Result<Option<String>, Error> {
+        let c = self.cache();
+        c.call(None, c.store.evicts_keys_without_ttl())
+            .await
+            .map_err(Error::Unavailable)
     }
 
     /// Whether `id` has a write not yet in the database.
@@ -495,11 +633,23 @@ impl<S: Source> WriteBehind<S> {
             block: Duration::from_secs(1),
             claim_idle: Duration::from_secs(30),
             max_attempts: 5,
-            rejections: HashMap::new(),
+            retry_backoff: Duration::from_secs(1),
+            held: Vec::new(),
             sweep_every: Duration::from_secs(60),
             last_sweep: None,
         }
     }
+}
+
+/// The longest back-off of a refused row.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Milliseconds since the Unix epoch (retry times travel with the queue
+/// entry, so every flusher honours them).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a flusher did.
@@ -516,6 +666,9 @@ pub struct FlushReport {
     pub coalesced: u64,
     /// Batch retries after the database was unavailable.
     pub retried: u64,
+    /// Rows the database refused, put back at the end of the queue for a
+    /// later attempt.
+    pub requeued: u64,
     /// Rows moved to the dead-letter stream.
     pub dead_lettered: u64,
 }
@@ -529,6 +682,7 @@ impl std::ops::AddAssign for FlushReport {
         self.superseded += o.superseded;
         self.coalesced += o.coalesced;
         self.retried += o.retried;
+        self.requeued += o.requeued;
         self.dead_lettered += o.dead_lettered;
     }
 }
@@ -546,8 +700,10 @@ pub struct Flusher<S: Source, K: Sink<Value = S::Value>> {
     block: Duration,
     claim_idle: Duration,
     max_attempts: u32,
-    /// Rejections per entity id and version, for the dead-letter rule.
-    rejections: HashMap<(String, u64), u32>,
+    retry_backoff: Duration,
+    /// Entries delivered to this flusher that wait for their retry time
+    /// (still pending for it in the queue).
+    held: Vec<QueueEntry>,
     /// How often pending copies are re-queued on stores whose accept is
     /// not atomic.
     sweep_every: Duration,
@@ -610,6 +766,69 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n.max(1);
         self
+    }
+
+    /// The wait before the first retry of a row the database refused
+    /// (default 1 s), doubled at each further refusal. It is kept below
+    /// half the claim idle time and half the queue's age limit (and 30 s),
+    /// so a waiting row is neither taken over by another flusher nor, being
+    /// back at the end of the queue, ever the reason the queue is refused.
+    pub fn retry_backoff(mut self, d: Duration) -> Self {
+        self.retry_backoff = d;
+        self
+    }
+
+    /// The back-off after the `attempt`-th refusal.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let mut cap = MAX_RETRY_BACKOFF.min(self.claim_idle / 2);
+        let max_age = self.wb.limits.max_age;
+        if !max_age.is_zero() {
+            cap = cap.min(max_age / 2);
+        }
+        self.retry_backoff
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+            .min(cap)
+    }
+
+    /// Splits entries read from the queue into those due now (`into`) and
+    /// those to hold until their retry time.
+    fn sort_in(&mut self, got: Vec<QueueEntry>, into: &mut Vec<QueueEntry>) {
+        let now = epoch_ms();
+        let cap = self.backoff(u32::MAX).as_millis() as u64;
+        for mut e in got {
+            if self.held.iter().any(|h| h.entry_id == e.entry_id)
+                || into.iter().any(|h| h.entry_id == e.entry_id)
+            {
+                continue;
+            }
+            if e.not_before_ms > now {
+                // A clock far ahead on the flusher that set it must not
+                // park the row for longer than a back-off.
+                e.not_before_ms = e.not_before_ms.min(now + cap);
+                self.held.push(e);
+            } else {
+                into.push(e);
+            }
+        }
+    }
+
+    /// Held entries whose retry time has come.
+    fn take_due(&mut self) -> Vec<QueueEntry> {
+        let now = epoch_ms();
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|e| e.not_before_ms <= now);
+        self.held = wait;
+        due
+    }
+
+    /// How long until the first held entry is due.
+    fn next_due(&self) -> Option<Duration> {
+        let now = epoch_ms();
+        self.held
+            .iter()
+            .map(|e| Duration::from_millis(e.not_before_ms.saturating_sub(now)))
+            .min()
     }
 
     /// Runs until `shutdown` completes, then finishes the batch in hand
@@ -693,25 +912,27 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                 Err(e) => tracing::warn!(error = %e, "could not re-queue pending copies"),
             }
         }
-        let mut entries = Vec::new();
+        let mut entries = self.take_due();
         if claim {
-            entries = c
+            let claimed = c
                 .call(
                     None,
                     store.queue_claim(q, &self.consumer, self.claim_idle, self.batch_size),
                 )
                 .await
                 .map_err(Error::Unavailable)?;
-            if !entries.is_empty() {
+            if !claimed.is_empty() {
                 tracing::info!(
-                    n = entries.len(),
+                    n = claimed.len(),
                     "reclaimed write-behind entries of a stalled flusher"
                 );
             }
+            self.sort_in(claimed, &mut entries);
         }
         if entries.len() < self.batch_size {
             let block = if entries.is_empty() {
-                self.block
+                // Wake up for the first held retry.
+                self.next_due().map_or(self.block, |d| d.min(self.block))
             } else {
                 Duration::ZERO
             };
@@ -725,7 +946,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                 )
                 .await
                 .map_err(Error::Unavailable)?;
-            entries.extend(more);
+            self.sort_in(more, &mut entries);
         }
         // Batch by time as well as size: let a trickle fill the batch.
         let until = Instant::now() + self.linger;
@@ -742,7 +963,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
             if more.is_empty() {
                 break;
             }
-            entries.extend(more);
+            self.sort_in(more, &mut entries);
         }
         if entries.is_empty() {
             if let Ok(s) = c.call(None, store.queue_stats(q)).await {
@@ -771,8 +992,12 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         };
         // Coalesce: one row per entity, whatever number of entries.
         let mut by_id: Vec<(String, EntryKeys, Vec<String>)> = Vec::new();
+        // Refusals so far of each (entity, version) in the batch.
+        let mut attempts: HashMap<(String, u64), u32> = HashMap::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for e in entries {
+            let n = attempts.entry((e.id.clone(), e.version)).or_insert(0);
+            *n = (*n).max(e.attempts);
             match index.get(&e.id) {
                 Some(&i) => {
                     by_id[i].2.push(e.entry_id);
@@ -797,6 +1022,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         let mut row_meta: Vec<(usize, u64, Bytes)> = Vec::new();
         let mut settled: Vec<(usize, u64)> = Vec::new();
         let mut dead: Vec<(usize, u64, String, Bytes)> = Vec::new();
+        let mut retries: Vec<(usize, u64, u32)> = Vec::new();
         for (i, copy) in copies.into_iter().enumerate() {
             match copy {
                 None => settled.push((i, 0)),
@@ -851,21 +1077,21 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                         settled.push((i, version));
                     }
                     Applied::Rejected(why) => {
-                        let n = self
-                            .rejections
-                            .entry((by_id[i].0.clone(), version))
-                            .or_insert(0);
-                        *n += 1;
-                        if *n >= self.max_attempts {
-                            self.rejections.remove(&(by_id[i].0.clone(), version));
+                        let n = attempts
+                            .get(&(by_id[i].0.clone(), version))
+                            .copied()
+                            .unwrap_or(0)
+                            + 1;
+                        if n >= self.max_attempts {
                             dead.push((i, version, why, bytes));
                         } else {
                             tracing::warn!(
                                 id = by_id[i].0,
-                                attempt = *n,
+                                attempt = n,
                                 error = why,
                                 "write-behind row rejected; will retry"
                             );
+                            retries.push((i, version, n));
                         }
                     }
                 }
@@ -883,6 +1109,23 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         c.call(None, c.store.queue_ack(&self.wb.queue, &acks))
             .await
             .map_err(Error::Unavailable)?;
+        if !retries.is_empty() {
+            let now = epoch_ms();
+            let again: Vec<Retry<'_>> = retries
+                .iter()
+                .map(|&(i, version, n)| Retry {
+                    id: &by_id[i].0,
+                    version,
+                    attempts: n,
+                    not_before_ms: now + self.backoff(n).as_millis() as u64,
+                    entry_ids: &by_id[i].2,
+                })
+                .collect();
+            c.call(None, c.store.queue_retry(&self.wb.queue, &again))
+                .await
+                .map_err(Error::Unavailable)?;
+            report.requeued += retries.len() as u64;
+        }
         if !dead.is_empty() {
             let letters: Vec<(Settled<'_>, &str, Bytes)> = dead
                 .iter()
@@ -905,10 +1148,27 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                     )
                 })
                 .collect();
-            c.call(None, c.store.queue_dead_letter(&self.wb.queue, &letters))
+            let trimmed = c
+                .call(
+                    None,
+                    c.store.queue_dead_letter(
+                        &self.wb.queue,
+                        &letters,
+                        self.wb.limits.dead_letter_max,
+                    ),
+                )
                 .await
                 .map_err(Error::Unavailable)?;
             report.dead_lettered += dead.len() as u64;
+            if trimmed > 0 {
+                tracing::warn!(
+                    trimmed,
+                    max = self.wb.limits.dead_letter_max,
+                    "oldest write-behind dead letters trimmed"
+                );
+                metrics::counter!("cache_wb_dead_letters_trimmed_total", "cache_type" => label)
+                    .increment(trimmed);
+            }
         }
         metrics::counter!("cache_wb_flushed_total", "cache_type" => label)
             .increment(report.flushed);
@@ -916,6 +1176,8 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
             .increment(report.coalesced);
         metrics::counter!("cache_wb_dead_lettered_total", "cache_type" => label)
             .increment(report.dead_lettered);
+        metrics::counter!("cache_wb_requeued_total", "cache_type" => label)
+            .increment(report.requeued);
         Ok(report)
     }
 }

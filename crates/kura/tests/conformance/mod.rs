@@ -12,7 +12,7 @@ use kura::codec;
 use kura::key::{EntryKeys, KeyBuilder};
 use kura::store::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue,
-    Lifetimes, QueueKeys, Settled, UpdateOutcome, UpdateRequest,
+    Lifetimes, QueueKeys, Retry, Settled, UpdateOutcome, UpdateRequest,
 };
 use kura::{Kind, Store};
 
@@ -499,15 +499,18 @@ pub async fn accept_is_compare_and_set_and_durable(b: Backend) {
     let ns = ns();
     let e = entry(&*s, &ns, "u1");
     let q = queue(&ns);
-    // A load in flight is voided by the accept.
+    // Nothing cached yet: nothing to compare with, nothing written, and
+    // the load in flight may still fill.
     s.acquire(&[acq(&e, "L")]).await.unwrap();
     let out = s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
-    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    assert_eq!(out, AcceptOutcome::Uncached);
     let out = s
         .fill(&[fill_req(&e, "L", envelope("v1", 1), 1)])
         .await
         .unwrap();
-    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    let out = s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
     // Based on a stale version: refused with the current one.
     let out = s.accept(&accept_req(&e, &q, 1, "other", 2)).await.unwrap();
     assert_eq!(out, AcceptOutcome::Conflict { current: 2 });
@@ -537,6 +540,7 @@ pub async fn queue_delivers_reclaims_and_acknowledges(b: Backend) {
     let ns = ns();
     let e = entry(&*s, &ns, "u1");
     let q = queue(&ns);
+    cache_version(&*s, &e, "v0", 0).await;
     s.accept(&accept_req(&e, &q, 0, "v1", 1)).await.unwrap();
     s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
     let got = s
@@ -603,6 +607,7 @@ pub async fn dead_letters_drop_the_write(b: Backend) {
     let ns = ns();
     let e = entry(&*s, &ns, "u1");
     let q = queue(&ns);
+    cache_version(&*s, &e, "v0", 0).await;
     s.accept(&accept_req(&e, &q, 0, "bad", 1)).await.unwrap();
     let got = s
         .queue_read(&q, "c1", 10, Duration::from_millis(50))
@@ -615,7 +620,7 @@ pub async fn dead_letters_drop_the_write(b: Backend) {
         version: 1,
         entry_ids: &ids,
     };
-    s.queue_dead_letter(&q, &[(settled, "constraint failed", envelope("bad", 1))])
+    s.queue_dead_letter(&q, &[(settled, "constraint failed", envelope("bad", 1))], 0)
         .await
         .unwrap();
     assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_none());
@@ -633,11 +638,186 @@ pub async fn dead_letters_drop_the_write(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// Puts `version` in the cache as a loaded value (lease, load, fill), the
+/// way a read before a write-behind accept leaves it.
+pub async fn cache_version(s: &dyn Store, e: &EntryKeys, name: &str, version: u64) {
+    s.acquire(&[acq(e, "seed")]).await.unwrap();
+    let out = s
+        .fill(&[fill_req(e, "seed", envelope(name, version), version)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+}
+
+/// A write both based on a stale version and over the queue limit: the
+/// conflict is a fact about the caller's data (it must re-read whatever
+/// the queue holds), so both stores answer `Conflict` first.
+pub async fn conflict_is_reported_before_a_full_queue(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let q = queue(&ns);
+    let other = entry(&*s, &ns, "u0");
+    cache_version(&*s, &other, "a", 1).await;
+    let out = s.accept(&accept_req(&other, &q, 1, "b", 2)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    let e = entry(&*s, &ns, "u1");
+    cache_version(&*s, &e, "a", 2).await;
+    let mut req = accept_req(&e, &q, 1, "stale", 2);
+    req.max_depth = 1;
+    let out = s.accept(&req).await.unwrap();
+    assert_eq!(out, AcceptOutcome::Conflict { current: 2 });
+    // Based on the current version, the same write is refused as full.
+    let mut req = accept_req(&e, &q, 2, "fresh", 3);
+    req.max_depth = 1;
+    let out = s.accept(&req).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Full { depth: 1, .. }), "{out:?}");
+    cleanup(&ns).await;
+}
+
+/// A dead letter names the entity the settle request carries, whatever the
+/// key layout (document metadata keys end in `:metadata`, not the id).
+pub async fn dead_letter_names_the_entity_of_the_request(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let q = queue(&ns);
+    let e = keys(&*s, &ns).entry(&Kind::DOCUMENT_META, "d1").unwrap();
+    cache_version(&*s, &e, "a", 1).await;
+    let mut req = accept_req(&e, &q, 1, "bad", 2);
+    req.id = "d1";
+    let out = s.accept(&req).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    let got = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(got[0].id, "d1");
+    let ids = vec![got[0].entry_id.clone()];
+    let settled = Settled {
+        id: "d1",
+        keys: &e,
+        version: 2,
+        entry_ids: &ids,
+    };
+    s.queue_dead_letter(&q, &[(settled, "constraint failed", envelope("bad", 2))], 0)
+        .await
+        .unwrap();
+    let dead = s.dead_letters(&q, 5).await.unwrap();
+    assert_eq!((dead[0].id.as_str(), dead[0].version), ("d1", 2));
+    cleanup(&ns).await;
+}
+
+/// With neither a pending copy nor a value cached there is nothing to
+/// compare the expected version with: the accept must not be acknowledged
+/// on a guess, and nothing is stored or queued.
+pub async fn accept_without_a_cached_version_is_not_acknowledged(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let q = queue(&ns);
+    let e = entry(&*s, &ns, "u1");
+    let out = s.accept(&accept_req(&e, &q, 5, "guess", 6)).await.unwrap();
+    assert!(
+        !matches!(out, AcceptOutcome::Accepted { .. }),
+        "acknowledged on a guess: {out:?}"
+    );
+    assert!(s.pending_copies(&[&e]).await.unwrap()[0].is_none());
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    assert_eq!(s.queue_stats(&q).await.unwrap().depth, 0);
+    cleanup(&ns).await;
+}
+
+/// The dead-letter stream keeps its newest `max_len` letters; the step
+/// says how many older ones it trimmed.
+pub async fn dead_letters_are_bounded(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let q = queue(&ns);
+    let mut trimmed = 0;
+    for i in 0..5u64 {
+        let id = format!("u{i}");
+        let e = entry(&*s, &ns, &id);
+        let settled = Settled {
+            id: &id,
+            keys: &e,
+            version: i + 1,
+            entry_ids: &[],
+        };
+        trimmed += s
+            .queue_dead_letter(&q, &[(settled, "refused", envelope("x", i + 1))], 3)
+            .await
+            .unwrap();
+    }
+    assert_eq!(trimmed, 2);
+    let st = s.queue_stats(&q).await.unwrap();
+    assert_eq!(st.dead_letters, 3);
+    let dead = s.dead_letters(&q, 10).await.unwrap();
+    let ids: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["u4", "u3", "u2"], "newest first, oldest trimmed");
+    cleanup(&ns).await;
+}
+
+/// A refused write put back for a retry goes to the end of the queue with
+/// its attempt count and retry time, in place of the entries it replaces:
+/// the head (and so the queue's age) is what waits behind it.
+pub async fn a_retried_write_goes_to_the_end_of_the_queue(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let q = queue(&ns);
+    let e1 = entry(&*s, &ns, "u1");
+    let e2 = entry(&*s, &ns, "u2");
+    cache_version(&*s, &e1, "a", 1).await;
+    cache_version(&*s, &e2, "a", 1).await;
+    s.accept(&accept_req(&e1, &q, 1, "b", 2)).await.unwrap();
+    let mut req = accept_req(&e2, &q, 1, "b", 2);
+    req.id = "u2";
+    s.accept(&req).await.unwrap();
+    let got = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].id.as_str(), got[0].attempts), ("u1", 0));
+    let old = vec![got[0].entry_id.clone()];
+    let new = s
+        .queue_retry(
+            &q,
+            &[Retry {
+                id: "u1",
+                version: 2,
+                attempts: 1,
+                not_before_ms: 42,
+                entry_ids: &old,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(new.len(), 1);
+    let st = s.queue_stats(&q).await.unwrap();
+    assert_eq!((st.depth, st.in_flight), (2, 1), "{st:?}");
+    let again = s
+        .queue_read(&q, "c1", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    let r = &again[0];
+    assert_eq!(
+        (r.entry_id.as_str(), r.id.as_str(), r.version, r.attempts, r.not_before_ms),
+        (new[0].as_str(), "u1", 2, 1, 42)
+    );
+    assert!(r.added_ms() >= got[1].added_ms(), "behind u2's entry");
+    assert!(s.pending_copies(&[&e1]).await.unwrap()[0].is_some(), "still pending");
+    cleanup(&ns).await;
+}
+
 /// Every case, one after another, against one backend.
 pub async fn run_all(b: Backend) {
     accept_is_compare_and_set_and_durable(b.clone()).await;
     queue_delivers_reclaims_and_acknowledges(b.clone()).await;
     dead_letters_drop_the_write(b.clone()).await;
+    conflict_is_reported_before_a_full_queue(b.clone()).await;
+    dead_letter_names_the_entity_of_the_request(b.clone()).await;
+    accept_without_a_cached_version_is_not_acknowledged(b.clone()).await;
+    dead_letters_are_bounded(b.clone()).await;
+    a_retried_write_goes_to_the_end_of_the_queue(b.clone()).await;
     lease_is_exclusive_and_reentrant(b.clone()).await;
     fill_lands_only_under_the_lease(b.clone()).await;
     invalidation_voids_the_lease(b.clone()).await;

@@ -2,7 +2,11 @@
 -- KEYS: value, lease, stale, absent, pending, stream
 -- ARGV: expected_version, bytes, version, ttl_ms, stale_ms, id, max_depth, max_age_ms
 -- Returns {1, entry_id} accepted | {2, current_version} version changed
---       | {3, depth, oldest_age_ms} queue full
+--       | {3, depth, oldest_age_ms} queue full | {4} nothing cached to compare with
+-- The version is checked before the queue's limits: a conflict is a fact
+-- about the caller's data, whatever the queue holds.
+local refused = check_version(ARGV[1])
+if refused then return refused end
 local depth = redis.call('XLEN', KEYS[6])
 local max_depth = tonumber(ARGV[7])
 if max_depth > 0 and depth >= max_depth then return {3, depth, 0} end
@@ -16,6 +20,5 @@ if max_age > 0 and depth > 0 then
     if age >= max_age then return {3, depth, age} end
   end
 end
-local conflict = accept_entry(ARGV[1], ARGV[2], ARGV[4], ARGV[5])
-if conflict then return conflict end
+store_accepted(ARGV[2], ARGV[4], ARGV[5])
 return {1, redis.call('XADD', KEYS[6], '*', 'id', ARGV[6], 'v', ARGV[3])}

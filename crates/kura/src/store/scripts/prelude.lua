@@ -32,20 +32,41 @@ local function keep_stale(k, bytes, ms)
   end
 end
 
--- The entry half of a write-behind accept. KEYS[1..5] are the entry's
+-- The version check of a write-behind accept. KEYS[1..5] are the entry's
 -- keys. Compares the current version (pending copy, else value) with the
--- expected one; on a match voids leases and stores the value, the stale
--- copy and the pending copy (no TTL: it must outlive everything until the
--- database has it). Returns nil, or {2, current_version} on a mismatch.
-local function accept_entry(expected, bytes, ttl_ms, stale_ms)
+-- expected one. Returns nil on a match, {2, current_version} on a
+-- mismatch, or {4} when neither is cached: there is nothing to compare
+-- with, and a guess could acknowledge a patch of a version the database
+-- has already replaced, so the caller reads the row again.
+local function check_version(expected)
   local cur = read(KEYS[5]) or read(KEYS[1])
-  if cur then
-    local cv = string.match(cur, '^{"_v":(%d+)') or '0'
-    if cv ~= expected then return {2, cv} end
-  end
+  if not cur then return {4} end
+  local cv = string.match(cur, '^{"_v":(%d+)') or '0'
+  if cv ~= expected then return {2, cv} end
+  return nil
+end
+
+-- The entry half of an accepted write: voids leases and stores the value,
+-- the stale copy and the pending copy (no TTL: it must outlive everything
+-- until the database has it).
+local function store_accepted(bytes, ttl_ms, stale_ms)
   redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('SET', KEYS[1], bytes, 'PX', ttl_ms)
   keep_stale(KEYS[3], bytes, stale_ms)
   redis.call('SET', KEYS[5], bytes)
-  return nil
+end
+
+-- After the database committed `version` (or gave up on it): drops the
+-- pending copy unless a newer write replaced it meanwhile; a dropped
+-- write also stops being served. Returns 1 if the copy was dropped.
+local function settle(version, mode)
+  local p = read(KEYS[5])
+  if p and string.match(p, '^{"_v":(%d+)') == version then
+    redis.call('DEL', KEYS[5])
+    if mode == 'dropped' then
+      redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
+    end
+    return 1
+  end
+  return 0
 end
