@@ -248,6 +248,15 @@ pub struct WriteBehindArgs {
     /// 503 (it stays queued and may still be applied; a retry is safe).
     #[arg(long, env = "KURA_WB_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub wb_replica_timeout: Duration,
+    /// Dead letters kept in the dead-letter stream (the oldest are trimmed
+    /// past it; 0: no bound).
+    #[arg(long, env = "KURA_WB_DEAD_LETTER_MAX", default_value_t = kura::BehindLimits::DEFAULT_DEAD_LETTER_MAX)]
+    pub wb_dead_letter_max: u64,
+    /// Take `behind` writes even on a Redis whose `maxmemory-policy` may
+    /// evict keys without a TTL (`allkeys-*`), which can drop queued writes
+    /// (without it such writes are written through).
+    #[arg(long, env = "KURA_WB_ALLOW_EVICTION")]
+    pub wb_allow_eviction: bool,
 }
 
 impl WriteBehindArgs {
@@ -265,6 +274,8 @@ impl WriteBehindArgs {
             max_attempts: self.wb_max_attempts.max(1),
             min_replicas: self.wb_min_replicas,
             replica_timeout: self.wb_replica_timeout,
+            dead_letter_max: self.wb_dead_letter_max,
+            allow_eviction: self.wb_allow_eviction,
         }
     }
 }
@@ -293,6 +304,10 @@ pub struct WbConfig {
     pub min_replicas: u32,
     /// How long to wait for them.
     pub replica_timeout: Duration,
+    /// Dead letters kept (0: no bound).
+    pub dead_letter_max: u64,
+    /// Take `behind` writes on a Redis that may evict keys without a TTL.
+    pub allow_eviction: bool,
 }
 
 impl WbConfig {
@@ -301,6 +316,8 @@ impl WbConfig {
     pub fn limits(&self) -> kura::BehindLimits {
         kura::BehindLimits::new(self.max_depth, self.max_age)
             .replicas(self.min_replicas, self.replica_timeout)
+            .dead_letter_max(self.dead_letter_max)
+            .allow_eviction(self.allow_eviction)
     }
 }
 
@@ -317,6 +334,8 @@ impl Default for WbConfig {
             max_attempts: 5,
             min_replicas: 0,
             replica_timeout: Duration::from_secs(1),
+            dead_letter_max: kura::BehindLimits::DEFAULT_DEAD_LETTER_MAX,
+            allow_eviction: false,
         }
     }
 }

@@ -15,10 +15,22 @@
 //! | `appendonly yes`, `appendfsync everysec` | up to one second of accepted writes (on a power failure or kernel crash; a killed Redis process loses nothing) |
 //! | `appendonly no` (RDB snapshots only, or none) | everything queued since the last snapshot |
 //!
-//! `kura serve` checks this at start when `behind` is the default strategy
-//! or it runs flushers, and logs a warning on a Redis without AOF (and on
-//! the embedded memory store, whose queue lives only as long as the
-//! process).
+//! Two more settings decide whether acknowledged writes survive:
+//!
+//! - `maxmemory-policy`: an `allkeys-*` policy may evict keys without a TTL,
+//!   that is the pending copies and the queue stream themselves. On such a
+//!   Redis `behind` writes are written through instead, unless
+//!   `--wb-allow-eviction` accepts the risk.
+//! - Replication is asynchronous: with `--wb-min-replicas 0` a failover to a
+//!   replica loses the writes the old primary had acknowledged and not yet
+//!   sent to it (usually well under a second's worth); with 1, a write is
+//!   acknowledged only once a replica has it.
+//!
+//! `kura serve` checks all this at start when `behind` is the default
+//! strategy or it runs flushers, and so does `kura flush`: it logs a
+//! warning on a Redis without AOF or with an evicting policy (and on the
+//! embedded memory store, whose queue lives only as long as the process),
+//! and says what a failover can lose.
 
 use std::time::Duration;
 
@@ -115,8 +127,14 @@ impl Flushers {
 #[must_use]
 pub fn describe(r: &FlushReport) -> String {
     format!(
-        "{} queued writes read: {} rows written, {} coalesced into newer writes, {} already in the database, {} dead-lettered; {} batch retries",
-        r.entries, r.flushed, r.coalesced, r.superseded, r.dead_lettered, r.retried
+        "{} queued writes read: {} rows written, {} coalesced into newer writes, {} already in the database, {} dead-lettered, {} refused and queued again; {} batch retries",
+        r.entries,
+        r.flushed,
+        r.coalesced,
+        r.superseded,
+        r.dead_lettered,
+        r.requeued,
+        r.retried
     )
 }
 
@@ -149,12 +167,64 @@ pub fn durability_warning(d: &Durability, memory_store: bool) -> Option<String> 
     }
 }
 
+/// The warning for a Redis that may evict keys without a TTL.
+#[must_use]
+pub fn eviction_warning(policy: &str, allowed: bool) -> String {
+    let what = if allowed {
+        "behind writes are taken anyway (--wb-allow-eviction): an evicted pending copy or \
+         queue loses acknowledged writes"
+    } else {
+        "behind writes are written through instead; set maxmemory-policy to noeviction or a \
+         volatile-* policy, or accept the risk with --wb-allow-eviction"
+    };
+    format!(
+        "Redis runs with maxmemory-policy {policy}: under memory pressure it may evict keys \
+         without a TTL, which are the write-behind pending copies and queue; {what}"
+    )
+}
+
+/// What a failover can lose with `min_replicas` confirmations per write.
+#[must_use]
+pub fn failover_note(min_replicas: u32) -> String {
+    if min_replicas == 0 {
+        "write-behind writes are acknowledged once the Redis primary has them \
+         (--wb-min-replicas 0): replication is asynchronous, so a failover to a replica loses \
+         the writes it had not received yet (usually under a second's worth); \
+         --wb-min-replicas 1 acknowledges a write only once a replica has it"
+            .to_owned()
+    } else {
+        format!(
+            "write-behind writes are acknowledged once {min_replicas} Redis replica(s) have \
+             them (--wb-min-replicas): a failover to one of them loses none"
+        )
+    }
+}
+
 /// Checks how durable the queue is and logs a warning if queued writes
-/// would not survive a restart of the store. Returns the warning.
+/// would not survive a restart of the store or could be evicted; on Redis
+/// also says what a failover can lose. Returns the warnings, joined.
 pub async fn check_durability<S: Source>(
     wb: &WriteBehind<S>,
     memory_store: bool,
 ) -> Option<String> {
+    let mut warnings: Vec<String> = Vec::new();
+    if !memory_store {
+        let limits = wb.configured_limits();
+        match wb.eviction_policy().await {
+            Ok(Some(policy)) => warnings.push(eviction_warning(&policy, limits.allow_eviction)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read Redis's maxmemory-policy; make sure it is noeviction or volatile-*"
+            ),
+        }
+        let note = failover_note(limits.min_replicas);
+        if limits.min_replicas == 0 {
+            tracing::warn!("{note}");
+        } else {
+            tracing::info!("{note}");
+        }
+    }
     let warning = if memory_store {
         durability_warning(&Durability::Volatile, true)
     } else {
@@ -174,7 +244,11 @@ pub async fn check_durability<S: Source>(
     if let Some(w) = &warning {
         tracing::warn!("{w}");
     }
-    warning
+    for w in &warnings {
+        tracing::error!("{w}");
+    }
+    warnings.extend(warning);
+    (!warnings.is_empty()).then(|| warnings.join("; "))
 }
 
 /// A dead letter as `kura wb status` shows it.

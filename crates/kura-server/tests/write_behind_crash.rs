@@ -674,3 +674,40 @@ async fn warns_when_the_queue_is_not_durable() {
     let log = service.log_text();
     assert!(log.contains("embedded memory store"), "{log}");
 }
+
+/// A Redis whose `maxmemory-policy` may evict keys without a TTL
+/// (`allkeys-lru` here) can drop pending copies and the queue: `kura serve`
+/// warns at start, says what a failover can lose without
+/// `--wb-min-replicas`, and writes `behind` requests through, unless
+/// `--wb-allow-eviction` accepts the risk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_takes_no_behind_writes_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite:{}", dir.path().join("kura.db").display());
+    let redis =
+        RedisServer::start_with(aof_redis().args(["--maxmemory-policy", "allkeys-lru"])).await;
+    let env = Env::new(sqlite, redis.url());
+    let ids = env.seed(1);
+    let http = reqwest::Client::new();
+    let token = env.token();
+    let put = |phone: &'static str| {
+        http.put(format!("{}/api/v1/profiles/{}", env.url(), ids[0]))
+            .bearer_auth(&token)
+            .json(&json!({ "phone": phone }))
+            .send()
+    };
+    let service = Service::start(&env, 1, &["--wb-flushers", "0"]).await;
+    let log = service.log_text();
+    assert!(log.contains("maxmemory-policy allkeys-lru"), "{log}");
+    assert!(log.contains("--wb-min-replicas"), "{log}");
+    let r = put("080-0000-0001").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-write"], "through");
+    assert_eq!(env.status()["depth"], 0, "nothing queued");
+    drop(service);
+    let _service = Service::start(&env, 2, &["--wb-flushers", "0", "--wb-allow-eviction"]).await;
+    let r = put("080-0000-0002").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-write"], "behind");
+    assert_eq!(env.status()["depth"], 1);
+}

@@ -59,12 +59,14 @@ const QUEUED_WAIT: Duration = Duration::from_secs(5);
 
 /// The write-behind metrics the library emits for profiles, registered at
 /// zero so that `/metrics` shows them before the first event.
-const WB_COUNTERS: [&str; 5] = [
+const WB_COUNTERS: [&str; 7] = [
     "cache_wb_accepted_total",
     "cache_wb_flushed_total",
     "cache_wb_coalesced_total",
     "cache_wb_retried_total",
+    "cache_wb_requeued_total",
     "cache_wb_dead_lettered_total",
+    "cache_wb_dead_letters_trimmed_total",
 ];
 const WB_GAUGES: [&str; 3] = [
     "cache_wb_queue_depth",
@@ -287,6 +289,13 @@ impl ProfileService {
                     tracing::warn!(user_id = id, error = %e, "write-behind unavailable: writing through");
                     return self
                         .write_through_instead(user_id, &id, patch, tried, "unavailable")
+                        .await;
+                }
+                // Redis may evict queued writes (the start-up check said so
+                // loudly): nothing was accepted, the write goes through.
+                Err(BehindError::Evicting { .. }) => {
+                    return self
+                        .write_through_instead(user_id, &id, patch, tried, "evicting")
                         .await;
                 }
                 Err(BehindError::Read(e)) => return Err(e.into()),
