@@ -128,13 +128,7 @@ impl Flushers {
 pub fn describe(r: &FlushReport) -> String {
     format!(
         "{} queued writes read: {} rows written, {} coalesced into newer writes, {} already in the database, {} dead-lettered, {} refused and queued again; {} batch retries",
-        r.entries,
-        r.flushed,
-        r.coalesced,
-        r.superseded,
-        r.dead_lettered,
-        r.requeued,
-        r.retried
+        r.entries, r.flushed, r.coalesced, r.superseded, r.dead_lettered, r.requeued, r.retried
     )
 }
 

@@ -423,10 +423,7 @@ async fn a_refused_row_does_not_hold_back_the_others(b: Backend) {
         let id = format!("u{}", n % 10);
         match wb.accept(&id, rename("x")).await {
             Ok(_) => {}
-            Err(e) => panic!(
-                "write {n} of {id} refused after {:?}: {e}",
-                start.elapsed()
-            ),
+            Err(e) => panic!("write {n} of {id} refused after {:?}: {e}", start.elapsed()),
         }
         n += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -600,6 +597,58 @@ async fn a_settle_that_cannot_run_leaves_the_write_queued() {
     assert_eq!(db.get("u1").unwrap().name, "ab");
 }
 
+/// Redis restarts (AOF on: the data is back, the scripts are not) between
+/// the accept and the flush: the flush lands the write, and no pending copy
+/// is left without a queue entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_between_accept_and_flush_leaves_no_orphan() {
+    let mut srv = kura_testkit::RedisServer::start_with(
+        kura_testkit::RedisOptions::default().appendonly(true),
+    )
+    .await;
+    let cache = cache_at(&srv.url());
+    let db = TestDb::new();
+    for i in 0..10 {
+        db.put(&format!("u{i}"), "a");
+    }
+    db.put("poison", "a");
+    db.reject("poison");
+    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    for i in 0..10 {
+        wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
+    }
+    wb.accept("poison", rename("b")).await.unwrap();
+    srv.stop().await;
+    srv.restart().await;
+    let mut f = wb
+        .flusher(Db(db.clone()))
+        .max_attempts(1)
+        .claim_idle(Duration::ZERO)
+        .linger(Duration::ZERO)
+        .block(Duration::from_millis(50));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut report = kura::strategy::write_behind::FlushReport::default();
+    while report.flushed + report.dead_lettered < 11 {
+        assert!(std::time::Instant::now() < deadline, "{report:?}");
+        match f.flush_once(true).await {
+            Ok(r) => report += r,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(
+        (report.flushed, report.dead_lettered),
+        (10, 1),
+        "{report:?}"
+    );
+    for i in 0..10 {
+        assert!(!wb.is_pending(&format!("u{i}")).await.unwrap());
+        assert_eq!(db.get(&format!("u{i}")).unwrap().name, "ab");
+    }
+    assert!(!wb.is_pending("poison").await.unwrap());
+    let s = wb.status().await.unwrap();
+    assert_eq!((s.depth, s.dead_letters), (0, 1), "{s:?}");
+}
+
 /// `XAUTOCLAIM` looks at no more than ten times `COUNT` pending entries per
 /// call: the claims must go on from where the last one stopped, or entries
 /// of a dead flusher behind many live ones are never taken over.
@@ -643,11 +692,15 @@ async fn claims_go_on_past_live_entries() {
         );
     }
     assert!(
-        claimed.iter().any(|c| dead.iter().any(|d| d.entry_id == c.entry_id)),
+        claimed
+            .iter()
+            .any(|c| dead.iter().any(|d| d.entry_id == c.entry_id)),
         "the dead flusher's entries were never reached: {claimed:?}"
     );
     assert!(
-        claimed.iter().all(|c| !live.iter().any(|l| l.entry_id == c.entry_id)),
+        claimed
+            .iter()
+            .all(|c| !live.iter().any(|l| l.entry_id == c.entry_id)),
         "a live entry was taken"
     );
 }

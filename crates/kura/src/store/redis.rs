@@ -15,8 +15,8 @@ use super::redis_conn::{Conn, Timeouts};
 
 use super::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
-    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, Retry, Settled, Store,
-    StoreResult, UpdateOutcome, UpdateRequest,
+    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, Retry, Settled, Store, StoreResult,
+    UpdateOutcome, UpdateRequest,
 };
 use crate::error::StoreError;
 use crate::key::{EntryKeys, KeyPattern};
@@ -440,7 +440,13 @@ fn accept_entry_invocation(pipe: &mut Pipeline, req: &AcceptRequest<'_>, full: b
 
 /// The dead-letter `XADD` of a letter, for Cluster (elsewhere it is part
 /// of `settle_ack.lua`).
-fn push_dead_letter(pipe: &mut Pipeline, queue: &QueueKeys, d: &Settled<'_>, error: &str, value: &[u8]) {
+fn push_dead_letter(
+    pipe: &mut Pipeline,
+    queue: &QueueKeys,
+    d: &Settled<'_>,
+    error: &str,
+    value: &[u8],
+) {
     pipe.cmd("XADD")
         .arg(&queue.dead)
         .arg("*")
@@ -966,7 +972,13 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for (d, error, value) in letters {
-            settle_ack_invocation(&mut pipe, queue, d, "dropped", Some((error, value, max_len)));
+            settle_ack_invocation(
+                &mut pipe,
+                queue,
+                d,
+                "dropped",
+                Some((error, value, max_len)),
+            );
         }
         let mut trimmed = 0;
         for v in self.run(&pipe).await? {
@@ -1218,7 +1230,11 @@ impl RedisStore {
             }
         }
         let mut ack = redis::pipe();
-        push_ack(&mut ack, queue, settled.iter().flat_map(|d| d.entry_ids.iter()));
+        push_ack(
+            &mut ack,
+            queue,
+            settled.iter().flat_map(|d| d.entry_ids.iter()),
+        );
         if !ack.is_empty() {
             self.run(&ack).await?;
         }
@@ -1234,7 +1250,12 @@ impl RedisStore {
             return Ok(0);
         }
         let n: u64 = self
-            .query(redis::cmd("XTRIM").arg(&queue.dead).arg("MAXLEN").arg(max_len))
+            .query(
+                redis::cmd("XTRIM")
+                    .arg(&queue.dead)
+                    .arg("MAXLEN")
+                    .arg(max_len),
+            )
             .await?;
         Ok(n)
     }

@@ -62,8 +62,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -74,8 +74,8 @@ use crate::error::{BoxError, Error, StoreError};
 use crate::key::{EntryKeys, KeyError};
 use crate::source::{CacheValue, Source, Versioned};
 use crate::store::{
-    AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats,
-    Retry, Settled,
+    AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats, Retry,
+    Settled,
 };
 use crate::strategy::{CacheAside, Status};
 

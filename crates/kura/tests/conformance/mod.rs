@@ -670,7 +670,10 @@ pub async fn conflict_is_reported_before_a_full_queue(b: Backend) {
     let mut req = accept_req(&e, &q, 2, "fresh", 3);
     req.max_depth = 1;
     let out = s.accept(&req).await.unwrap();
-    assert!(matches!(out, AcceptOutcome::Full { depth: 1, .. }), "{out:?}");
+    assert!(
+        matches!(out, AcceptOutcome::Full { depth: 1, .. }),
+        "{out:?}"
+    );
     cleanup(&ns).await;
 }
 
@@ -800,11 +803,20 @@ pub async fn a_retried_write_goes_to_the_end_of_the_queue(b: Backend) {
     assert_eq!(again.len(), 1);
     let r = &again[0];
     assert_eq!(
-        (r.entry_id.as_str(), r.id.as_str(), r.version, r.attempts, r.not_before_ms),
+        (
+            r.entry_id.as_str(),
+            r.id.as_str(),
+            r.version,
+            r.attempts,
+            r.not_before_ms
+        ),
         (new[0].as_str(), "u1", 2, 1, 42)
     );
     assert!(r.added_ms() >= got[1].added_ms(), "behind u2's entry");
-    assert!(s.pending_copies(&[&e1]).await.unwrap()[0].is_some(), "still pending");
+    assert!(
+        s.pending_copies(&[&e1]).await.unwrap()[0].is_some(),
+        "still pending"
+    );
     cleanup(&ns).await;
 }
 
