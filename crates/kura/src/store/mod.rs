@@ -397,7 +397,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Write-behind: if the entry's current version (pending copy, else
     /// value) is the expected one and the queue has room, stores the new
     /// value as value, stale copy and pending copy (no TTL), voids any
-    /// lease, and appends a queue entry, in one atomic step.
+    /// lease, and appends a queue entry, in one atomic step. The version is
+    /// checked first ([`AcceptOutcome::Conflict`] before
+    /// [`AcceptOutcome::Full`]); with nothing cached to compare it with,
+    /// nothing is written ([`AcceptOutcome::Uncached`]).
     async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
         let _ = req;
         Err(StoreError::Unsupported("write-behind"))
