@@ -14,7 +14,7 @@
 //! ```text
 //! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
 //!        │                                    │             │
-//!        └──────────────── cache (Cache: breaker, timeouts, pending invalidations, counters)
+//!        └──────────────── cache/{mod, builder, journal, counters, maintenance, owned}
 //!                              │
 //!     key   codec   ttl   metrics   source        store/{redis, memory} (+ scripts/*.lua)
 //! ```
@@ -25,7 +25,13 @@
 //! - [`source`]: the system of record ([`Source`]) and row versions ([`Versioned`]).
 //! - [`store`]: the seam to the cache server ([`Store`]) and its Redis and
 //!   in-process implementations, which pass one conformance suite.
-//! - [`Cache`]: the shared core every strategy handle works through.
+//! - [`Cache`] (`cache/`): the shared core every strategy handle works
+//!   through. `mod.rs` holds [`Cache`] and the one way to a store step
+//!   (circuit breaker, journal gate, operation timeout); `builder.rs`
+//!   [`CacheBuilder`]; `journal.rs` the invalidations that could not reach
+//!   the store and their replay; `counters.rs` hit/miss counting and the
+//!   shared counters; `maintenance.rs` the background task; `owned.rs`
+//!   values the cache owns ([`Cache::put`], [`Cache::peek`]).
 //! - [`strategy`]: [`CacheAside`], [`WriteThrough`] and [`WriteBehind`] (with its [`Flusher`]).
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
