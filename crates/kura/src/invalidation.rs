@@ -78,7 +78,13 @@ impl Cache {
             c.kind_metrics(k).invalidations.increment(1);
         }
         let refs: Vec<&EntryKeys> = entries.iter().map(|(_, e)| e).collect();
-        match c.call(None, c.store.invalidate(&refs)).await {
+        let r = c.call(None, c.store.invalidate(&refs)).await;
+        // From here no new reader in this process joins a load that began
+        // before this invalidation.
+        for (_, e) in &entries {
+            c.epochs.bump(&e.value);
+        }
+        match r {
             Ok(deleted) => Invalidated {
                 deleted,
                 deferred: false,
@@ -147,6 +153,7 @@ impl Cache {
                 c.store.invalidate_matching(&pattern),
             )
             .await;
+        c.epochs.bump_all();
         match r {
             Ok(n) => {
                 m.invalidations.increment(n);

@@ -42,7 +42,7 @@
 //! | strategy | guarantee |
 //! |---|---|
 //! | cache-aside read | a hit is one round trip; a cold key is loaded once per fleet (lease + in-process single-flight); a fill that an invalidation or update overtook is rejected |
-//! | write-through `invalidate` | after it returns, no reader gets the pre-commit value from the cache (or, with Redis down, from this process once it is back) |
+//! | write-through `invalidate` | after it returns, no reader gets the pre-commit value from the cache (or, with Redis down, from this process once it is back), nor joins a load in this process that began before it |
 //! | write-through `update` | the cache holds the committed version, a newer one, or nothing; never an older one |
 //! | invalidation | deletes value, lease and stale copy; patterns by `SCAN COUNT 100`, never `KEYS` |
 //! | write-behind | every acknowledged write reaches the database (version-guarded, coalesced, batched) or the dead-letter stream; until then every read sees it |

@@ -258,7 +258,7 @@ impl Hasher for Prehashed {
 
 /// A multiply-rotate hash taking eight bytes at a step: fast on the short
 /// keys it sees, and good enough to spread them over shards and buckets.
-fn key_hash(key: &str) -> u64 {
+pub(crate) fn key_hash(key: &str) -> u64 {
     const K: u64 = 0x517c_c1b7_2722_0a95;
     let mut h: u64 = key.len() as u64;
     let mut chunks = key.as_bytes().chunks_exact(8);

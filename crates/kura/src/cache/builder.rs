@@ -16,7 +16,7 @@ use crate::ttl::{ReadCounter, TtlPolicy};
 
 use super::journal::Pending;
 use super::maintenance::maintenance;
-use super::{Cache, CacheInner};
+use super::{Cache, CacheInner, Epochs};
 
 /// Builds a [`Cache`].
 ///
@@ -182,6 +182,7 @@ impl CacheBuilder {
             pending_limit: self.pending_limit,
             replaying: tokio::sync::Mutex::new(()),
             kind_metrics: Mutex::new(HashMap::new()),
+            epochs: Epochs::default(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(maintenance(Arc::downgrade(&inner), self.flush_interval));

@@ -28,11 +28,13 @@ use crate::ttl::{ReadCounter, TtlPolicy, TypePolicy};
 
 mod builder;
 mod counters;
+mod epochs;
 mod journal;
 mod maintenance;
 mod owned;
 
 pub use self::builder::CacheBuilder;
+pub(crate) use self::epochs::{Epoch, Epochs};
 use self::journal::Pending;
 
 /// A cache over one store and namespace; cheap to clone, shared by all the
@@ -79,6 +81,8 @@ pub(crate) struct CacheInner {
     pending_limit: usize,
     replaying: tokio::sync::Mutex<()>,
     kind_metrics: Mutex<HashMap<&'static str, KindMetrics>>,
+    /// Bumped by every write before it returns; see [`Epochs`].
+    pub(crate) epochs: Epochs,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

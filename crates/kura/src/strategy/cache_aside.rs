@@ -8,7 +8,10 @@
 //! before a write can never be cached after that write's invalidation: the
 //! seed's stale-set race is closed. Within one process, concurrent callers
 //! for one key share one load (single-flight); across processes, the lease
-//! makes the others wait for the fill (or take the stale copy).
+//! makes the others wait for the fill (or take the stale copy). A caller
+//! that starts after a write-through invalidation or update of the key
+//! returned never joins a load that began before it: each load records the
+//! key's write epoch, and only loads of the current epoch are joined.
 //!
 //! # Failure modes
 //!
@@ -19,6 +22,7 @@
 //! - Bad bytes at the key: counted as a miss, removed, reloaded.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +30,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::cache::{Cache, CacheInner};
+use crate::cache::{Cache, CacheInner, Epoch};
 use crate::codec::{self, CodecError};
 use crate::error::{Error, StoreError};
 use crate::key::{EntryKeys, Kind};
@@ -202,15 +206,32 @@ pub struct Batch<T> {
 
 type Flight<T> = Shared<BoxFuture<'static, Result<Fetched<T>, Error>>>;
 
-/// Removes a finished flight from the map when dropped.
-struct Leave<'a, T>(&'a Mutex<HashMap<String, Flight<T>>>, String);
+/// A load in flight, as the single-flight map keeps it.
+struct InFlight<T> {
+    /// Tells this flight from a later one of the same key.
+    seq: u64,
+    /// The key's write epoch when the flight started: a caller joins only
+    /// while it is current, so no caller that starts after a write returned
+    /// is handed a load that began before it.
+    epoch: Epoch,
+    result: Flight<T>,
+}
+
+type Flights<T> = Mutex<HashMap<String, InFlight<T>>>;
+
+/// Removes a finished flight from the map when dropped, unless a later
+/// flight of the key has taken its place.
+struct Leave<'a, T>(&'a Flights<T>, String, u64);
 
 impl<T> Drop for Leave<'_, T> {
     fn drop(&mut self) {
-        self.0
+        let mut flights = self
+            .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.1);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights.get(&self.1).is_some_and(|f| f.seq == self.2) {
+            flights.remove(&self.1);
+        }
     }
 }
 
@@ -248,7 +269,11 @@ impl<T> Drop for Leave<'_, T> {
 /// load; across processes sharing a Redis, one process loads while the
 /// others wait for its fill (up to the cache's `lease_wait`). The load runs
 /// as a task of its own, so a caller that is cancelled cancels neither the
-/// load nor the fill.
+/// load nor the fill. A `get` that starts after an invalidation or update of
+/// its key returned does not join a load that began before that write.
+///
+/// A cancelled [`get_many`](Self::get_many) releases the leases it took and
+/// had not filled yet, so other readers do not wait for them to expire.
 pub struct CacheAside<S: Source> {
     inner: Arc<Aside<S>>,
 }
@@ -277,7 +302,7 @@ pub(crate) struct Aside<S: Source> {
     /// The type's policy, looked up once: the policy table does not change
     /// after the cache is built.
     policy: TypePolicy,
-    flights: Mutex<HashMap<String, Flight<S::Value>>>,
+    flights: Flights<S::Value>,
 }
 
 impl<S: Source> CacheAside<S> {
@@ -433,40 +458,57 @@ impl<S: Source> CacheAside<S> {
         key: String,
         use_cache: bool,
     ) -> Result<Fetched<S::Value>, Error> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let epochs = &self.inner.cache.inner.epochs;
         let fut = {
             let mut flights = self
                 .inner
                 .flights
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(f) = flights.get(&key) {
-                f.clone()
-            } else {
-                let a = self.inner.clone();
-                let id = id.to_owned();
-                let k = key.clone();
-                // The load runs as a task of its own: a caller that gives up
-                // (request timeout, client gone) does not strand it holding a
-                // lease and a database connection, and the others still get
-                // its result.
-                let task = tokio::spawn(async move {
-                    // Leaves the map however the load ends, a panic included.
-                    let _leave = Leave(&a.flights, k);
-                    if use_cache {
-                        a.resolve(&id).await
-                    } else {
-                        a.load_only(&id, Status::Bypass).await
+            // Read under the map's lock, so a flight started here records
+            // an epoch no older than what a caller checking later compares.
+            let epoch = epochs.of(&key);
+            match flights.get(&key) {
+                Some(f) if f.epoch == epoch => f.result.clone(),
+                // None, or one that began before a write returned: its
+                // callers keep it, new ones get a load of their own.
+                _ => {
+                    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+                    let a = self.inner.clone();
+                    let id = id.to_owned();
+                    let k = key.clone();
+                    // The load runs as a task of its own: a caller that gives
+                    // up (request timeout, client gone) does not strand it
+                    // holding a lease and a database connection, and the
+                    // others still get its result.
+                    let task = tokio::spawn(async move {
+                        // Leaves the map however the load ends, a panic
+                        // included.
+                        let _leave = Leave(&a.flights, k, seq);
+                        if use_cache {
+                            a.resolve(&id).await
+                        } else {
+                            a.load_only(&id, Status::Bypass).await
+                        }
+                    });
+                    let f = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(Error::source_error(format!("the load task failed: {e}")))
+                        })
                     }
-                });
-                let f = async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(Error::source_error(format!("the load task failed: {e}")))
-                    })
+                    .boxed()
+                    .shared();
+                    flights.insert(
+                        key,
+                        InFlight {
+                            seq,
+                            epoch,
+                            result: f.clone(),
+                        },
+                    );
+                    f
                 }
-                .boxed()
-                .shared();
-                flights.insert(key, f.clone());
-                f
             }
         };
         fut.await

@@ -7,6 +7,9 @@
 //!
 //! - both delete the key's lease, so a load that read the row before the
 //!   commit cannot fill afterwards;
+//! - both bump the key's write epoch before returning, so a read in this
+//!   process that starts afterwards never joins a single-flight load that
+//!   began before (it may have read the row before the commit);
 //! - `update` replaces a cached value only with a strictly newer version,
 //!   so two writers finishing out of order leave the newer value (or
 //!   nothing) cached, never the older;
@@ -103,10 +106,13 @@ impl WriteThrough {
         let c = &self.cache.inner;
         let entry = c.keys.entry(&self.kind, id)?;
         self.metrics.invalidations.increment(1);
-        match c
+        let r = c
             .call(Some(&self.metrics), c.store.invalidate(&[&entry]))
-            .await
-        {
+            .await;
+        // From here no new reader in this process joins a load that began
+        // before this write.
+        c.epochs.bump(&entry.value);
+        match r {
             Ok(_) => Ok(WriteOutcome::Invalidated),
             Err(e) => {
                 tracing::warn!(key = entry.value, error = %e, "invalidation deferred");
@@ -149,7 +155,9 @@ impl WriteThrough {
             version,
             lifetimes: c.lifetimes(&entry.value, &policy),
         };
-        match c.call(Some(&self.metrics), c.store.update(&[req])).await {
+        let r = c.call(Some(&self.metrics), c.store.update(&[req])).await;
+        c.epochs.bump(&entry.value);
+        match r {
             Ok(v) => Ok(match v.first() {
                 Some(UpdateOutcome::Stored) => WriteOutcome::Updated,
                 Some(UpdateOutcome::NotNewer) => WriteOutcome::NotNewer,
