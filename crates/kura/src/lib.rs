@@ -53,7 +53,7 @@
 //! | failure | behaviour |
 //! |---|---|
 //! | Redis down, slow or partitioned | every store call is bounded by the operation timeout; after a few failures the circuit opens and reads go straight to the source ([`Status::Bypass`]); a probe closes it again |
-//! | invalidation while Redis is unreachable | kept in-process and applied before this process uses the cache again |
+//! | invalidation while Redis is unreachable | kept in-process (each entry or pattern once) and replayed in the background, each replay bounded (60 s by default) and started at most once per flush interval after a failure; until then this process reads the keys it covers (every key of the type, for a pattern) from the source, and all other keys from the cache as usual |
 //! | source fails | a stale copy (if the type keeps one) is served as [`Status::Stale`]; otherwise [`Error::Source`] |
 //! | bad bytes at a key (garbage, wrong type, truncated JSON) | treated as a miss, removed and reloaded |
 //! | value over the size limit | served, not cached |

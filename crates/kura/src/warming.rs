@@ -251,11 +251,16 @@ impl<S: Source> Warmer<S> {
         let entries: Vec<String> = ids
             .into_iter()
             .filter(|id| {
-                let valid = c.keys.entry(&a.kind, id).is_ok();
-                if !valid {
+                // Invalid ids, and keys with an invalidation pending (not to
+                // be cached before the replay applied it), are skipped.
+                let warm = c
+                    .keys
+                    .entry(&a.kind, id)
+                    .is_ok_and(|e| !c.distrusts(&a.kind, &e.value));
+                if !warm {
                     skipped += 1;
                 }
-                valid
+                warm
             })
             .collect();
         let ids: Vec<&str> = entries.iter().map(String::as_str).collect();

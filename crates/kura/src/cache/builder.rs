@@ -47,6 +47,7 @@ pub struct CacheBuilder {
     stale_while_loading: bool,
     flush_interval: Duration,
     pending_limit: usize,
+    replay_timeout: Duration,
     read_counter_capacity: usize,
     hash_tags: Option<bool>,
     force_timer: bool,
@@ -143,6 +144,15 @@ impl CacheBuilder {
         self
     }
 
+    /// The bound of one replay of pending invalidations as a whole (default
+    /// 60 s). What a replay applied before the bound is forgotten; the rest
+    /// waits for the next replay, a flush interval later. Keys and types
+    /// with pending invalidations skip the cache until then.
+    pub fn replay_timeout(mut self, d: Duration) -> Self {
+        self.replay_timeout = d;
+        self
+    }
+
     /// Forces Redis Cluster hash tags on or off (default: as the store needs).
     pub fn hash_tags(mut self, yes: bool) -> Self {
         self.hash_tags = Some(yes);
@@ -163,7 +173,7 @@ impl CacheBuilder {
         let keys = KeyBuilder::new(&self.namespace, hash_tags)?;
         let counter_keys = keys.counter_keys();
         let self_bounded = self.store.bounds_own_latency() && !self.force_timer;
-        let inner = Arc::new(CacheInner {
+        let inner = Arc::new_cyclic(|me| CacheInner {
             self_bounded,
             store: self.store,
             keys,
@@ -180,7 +190,11 @@ impl CacheBuilder {
             pending: Mutex::new(Pending::default()),
             has_pending: AtomicBool::new(false),
             pending_limit: self.pending_limit,
-            replaying: tokio::sync::Mutex::new(()),
+            replay_running: AtomicBool::new(false),
+            replay_not_before: Mutex::new(None),
+            replay_timeout: self.replay_timeout,
+            flush_interval: self.flush_interval,
+            me: me.clone(),
             kind_metrics: Mutex::new(HashMap::new()),
             epochs: Epochs::default(),
         });
@@ -211,6 +225,7 @@ impl Cache {
             stale_while_loading: true,
             flush_interval: Duration::from_secs(1),
             pending_limit: 100_000,
+            replay_timeout: Duration::from_secs(60),
             read_counter_capacity: 1_000_000,
             hash_tags: None,
             force_timer: false,

@@ -17,10 +17,9 @@ pub(super) async fn maintenance(cache: Weak<CacheInner>, every: Duration) {
         let Some(inner) = cache.upgrade() else { return };
         let started = Instant::now();
         if inner.has_pending.load(Ordering::Acquire) && inner.breaker.allow() {
-            match inner.replay().await {
-                Ok(()) => inner.breaker.success(),
-                Err(e) => tracing::debug!(error = %e, "pending invalidations kept"),
-            }
+            // Not waited for: counters keep being flushed during a long
+            // replay.
+            drop(inner.start_replay());
         }
         let _ = inner.flush_counters().await;
         tracing::trace!(elapsed = ?started.elapsed(), "cache maintenance");

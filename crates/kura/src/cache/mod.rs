@@ -8,11 +8,11 @@
 //! - `maintenance`: the background task (counter flushes, replays).
 //! - `owned`: values the cache owns ([`Cache::put`], [`Cache::peek`]).
 //! - here: [`Cache`], and [`CacheInner::call`], the one way to a store step
-//!   (breaker, journal gate, operation timeout).
+//!   (breaker, operation timeout).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -79,7 +79,15 @@ pub(crate) struct CacheInner {
     pending: Mutex<Pending>,
     has_pending: AtomicBool,
     pending_limit: usize,
-    replaying: tokio::sync::Mutex<()>,
+    /// A replay task is running.
+    replay_running: AtomicBool,
+    /// After a failed replay, store calls do not start another before this.
+    replay_not_before: Mutex<Option<tokio::time::Instant>>,
+    /// The bound of one replay as a whole.
+    replay_timeout: Duration,
+    flush_interval: Duration,
+    /// This cache, for the replay task to hold.
+    me: Weak<CacheInner>,
     kind_metrics: Mutex<HashMap<&'static str, KindMetrics>>,
     /// Bumped by every write before it returns; see [`Epochs`].
     pub(crate) epochs: Epochs,
@@ -142,11 +150,14 @@ impl Cache {
     }
 
     /// Checks the store answers within the operation timeout. A success also
-    /// closes an open breaker and replays pending invalidations.
+    /// closes an open breaker and, with invalidations pending, starts their
+    /// replay and waits for it at most one more operation timeout (the
+    /// replay goes on in the background if it takes longer).
     ///
     /// # Errors
     ///
-    /// The store's error or [`StoreError::Timeout`].
+    /// The store's error or [`StoreError::Timeout`], from the ping alone: a
+    /// replay that fails or is still running does not fail it.
     pub async fn ping(&self) -> StoreResult<()> {
         let r = tokio::time::timeout(self.inner.op_timeout, self.inner.store.ping())
             .await
@@ -155,7 +166,9 @@ impl Cache {
             Ok(()) => {
                 self.inner.breaker.success();
                 if self.inner.has_pending.load(Ordering::Acquire) {
-                    self.inner.replay().await?;
+                    if let Some(replay) = self.inner.start_replay() {
+                        let _ = tokio::time::timeout(self.inner.op_timeout, replay).await;
+                    }
                 }
             }
             Err(_) => self.inner.breaker.failure(),
@@ -165,8 +178,10 @@ impl Cache {
 }
 
 impl CacheInner {
-    /// Runs one store operation behind the breaker, the pending-invalidation
-    /// gate and the operation timeout.
+    /// Runs one store operation behind the breaker and the operation
+    /// timeout. With invalidations pending, it also starts their replay in
+    /// the background (it does not wait for it: the keys they cover are
+    /// kept from the cache by [`CacheInner::distrusts`] meanwhile).
     pub(crate) async fn call<T>(
         &self,
         metrics: Option<&KindMetrics>,
@@ -186,10 +201,8 @@ impl CacheInner {
         if !self.breaker.allow() {
             return Err(StoreError::Unavailable);
         }
-        // The cache is not trusted until what this process failed to
-        // invalidate has been applied.
         if self.has_pending.load(Ordering::Acquire) {
-            self.replay().await?;
+            self.kick_replay();
         }
         let r = if self.self_bounded && timeout == self.op_timeout {
             op.await

@@ -20,7 +20,9 @@ impl Cache {
     ///
     /// [`Error::Key`] for a bad id, [`Error::Codec`] for a value that is not
     /// a JSON object, [`Error::Unavailable`] when the store cannot be
-    /// reached (the caller decides whether that matters).
+    /// reached, or while a pattern invalidation of the type is pending (its
+    /// replay would delete the value); the caller decides whether that
+    /// matters. An invalidation pending for the key itself is applied first.
     pub async fn put<T: Serialize + ?Sized>(
         &self,
         kind: Kind,
@@ -67,6 +69,11 @@ impl Cache {
             return Ok(());
         }
         let enc = codec::encode(value, 0, self.inner.max_value_bytes)?;
+        // A replay after this write would delete it.
+        self.inner
+            .apply_pending_of(&kind, &key)
+            .await
+            .map_err(Error::Unavailable)?;
         self.inner
             .call(None, self.inner.store.set(&key, enc.envelope, ttl))
             .await
@@ -74,7 +81,8 @@ impl Cache {
     }
 
     /// Reads a value stored with [`Cache::put`]; `None` when absent, on a
-    /// store error, or when the bytes do not decode.
+    /// store error, when the bytes do not decode, or while an invalidation
+    /// of the key (or a pattern over its type) is pending.
     ///
     /// # Errors
     ///
@@ -85,6 +93,10 @@ impl Cache {
         id: &str,
     ) -> Result<Option<T>, Error> {
         let key = self.inner.keys.value_key(&kind, id)?;
+        // An invalidation pending for the key deletes its value.
+        if self.inner.distrusts(&kind, &key) {
+            return Ok(None);
+        }
         Ok(
             match self
                 .inner

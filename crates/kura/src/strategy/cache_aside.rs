@@ -427,7 +427,9 @@ impl<S: Source> CacheAside<S> {
         let c = &a.cache.inner;
         let key = c.keys.value_key(&a.kind, id)?;
         let policy = &a.policy;
-        if !policy.enabled() {
+        // A key with an invalidation pending is read from the source until
+        // the replay applied it.
+        if !policy.enabled() || c.distrusts(&a.kind, &key) {
             return Box::pin(self.flight(id, key, false)).await.map(miss);
         }
         let refresh = c.adaptive_refresh(&key, policy, now);
@@ -755,8 +757,15 @@ impl<S: Source> Aside<S> {
                 _ => use_cache = false,
             }
         }
+        // Keys with an invalidation pending are read from the source until
+        // the replay applied it.
+        let distrusted: Vec<bool> = keys.iter().map(|k| c.distrusts(&self.kind, k)).collect();
         let mut missing = Vec::new();
         for (i, slot) in cached.into_iter().enumerate() {
+            if distrusted[i] {
+                missing.push(i);
+                continue;
+            }
             match slot.map(|b| (codec::decode(&b), b)) {
                 Some((Ok(d), _)) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
                 Some((Err(_), b)) => {
@@ -768,7 +777,10 @@ impl<S: Source> Aside<S> {
         }
         if !missing.is_empty() {
             let ids: Vec<&str> = missing.iter().map(|&i| order[i]).collect();
-            let cacheable = vec![use_cache; ids.len()];
+            let cacheable: Vec<bool> = missing
+                .iter()
+                .map(|&i| use_cache && !distrusted[i])
+                .collect();
             let slots = self
                 .lease_load_fill(&ids, &cacheable, BatchMode::Read)
                 .await?;

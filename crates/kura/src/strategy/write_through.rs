@@ -13,9 +13,10 @@
 //! - `update` replaces a cached value only with a strictly newer version,
 //!   so two writers finishing out of order leave the newer value (or
 //!   nothing) cached, never the older;
-//! - if the store cannot be reached, the invalidation is kept in-process and
-//!   applied before this process uses the cache again (and retried every
-//!   flush interval), and the call still returns normally.
+//! - if the store cannot be reached, the invalidation is kept in-process
+//!   and replayed in the background (bounded, retried every flush interval);
+//!   until then this process reads the key from the source, not the cache,
+//!   and the call still returns normally.
 //!
 //! `invalidate` is the seed's recommended default: the next read loads the
 //! committed row. `update` keeps a hot key warm; it only replaces a value
@@ -42,8 +43,8 @@ pub enum WriteOutcome {
     NotCached,
     /// A same-or-newer version was already cached.
     NotNewer,
-    /// The store was unavailable: the invalidation is pending and will be
-    /// applied before this process uses the cache again.
+    /// The store was unavailable: the invalidation is pending, and this
+    /// process reads the key from the source until it is replayed.
     Deferred,
 }
 
