@@ -14,7 +14,7 @@
 //! ```text
 //! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
 //!        │                                    │             │
-//!        └──────────────── cache/{mod, builder, journal, counters, maintenance, owned}
+//!        └────────── cache/{mod, builder, journal, epochs, counters, maintenance, owned}
 //!                              │
 //!     key   codec   ttl   metrics   source        store/{redis, memory} (+ scripts/*.lua)
 //! ```
@@ -27,12 +27,15 @@
 //!   in-process implementations, which pass one conformance suite.
 //! - [`Cache`] (`cache/`): the shared core every strategy handle works
 //!   through. `mod.rs` holds [`Cache`] and the one way to a store step
-//!   (circuit breaker, journal gate, operation timeout); `builder.rs`
-//!   [`CacheBuilder`]; `journal.rs` the invalidations that could not reach
-//!   the store and their replay; `counters.rs` hit/miss counting and the
-//!   shared counters; `maintenance.rs` the background task; `owned.rs`
+//!   (circuit breaker, operation timeout); `builder.rs` [`CacheBuilder`];
+//!   `journal.rs` the invalidations that could not reach the store and
+//!   their replay; `epochs.rs` the write epochs that keep a read from
+//!   joining a load older than a write; `counters.rs` hit/miss counting and
+//!   the shared counters; `maintenance.rs` the background task; `owned.rs`
 //!   values the cache owns ([`Cache::put`], [`Cache::peek`]).
-//! - [`strategy`]: [`CacheAside`], [`WriteThrough`] and [`WriteBehind`] (with its [`Flusher`]).
+//! - [`strategy`]: [`CacheAside`] (with the lease-load-fill of a batch,
+//!   shared by `get_many` and warming), [`WriteThrough`] and
+//!   [`WriteBehind`] (with its [`Flusher`]).
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].

@@ -56,7 +56,8 @@ pub struct WarmProgress {
     /// Values put in the cache.
     pub cached: u64,
     /// Ids skipped: already cached, being loaded by someone else, invalid,
-    /// or gone from the source.
+    /// gone from the source, or with an invalidation pending in this
+    /// process.
     pub skipped: u64,
     /// Ids whose batch failed (source or store error).
     pub failed: u64,

@@ -149,6 +149,9 @@ impl CacheInner {
     /// Starts a replay unless one is running or a failed one ended less
     /// than a flush interval ago (a store call found something pending).
     pub(super) fn kick_replay(&self) {
+        if self.replay_running.load(Ordering::Acquire) {
+            return;
+        }
         let not_before = *lock(&self.replay_not_before);
         if not_before.is_some_and(|t| Instant::now() < t) {
             return;

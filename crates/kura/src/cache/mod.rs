@@ -4,6 +4,7 @@
 //!
 //! - `builder`: [`CacheBuilder`], the options.
 //! - `journal`: invalidations that could not reach the store, and their replay.
+//! - `epochs`: write epochs, so no read joins a load older than a write.
 //! - `counters`: hit/miss counts and the fleet's shared counters.
 //! - `maintenance`: the background task (counter flushes, replays).
 //! - `owned`: values the cache owns ([`Cache::put`], [`Cache::peek`]).
