@@ -110,4 +110,36 @@ async fn a_cancelled_get_many_releases_its_leases(b: Backend) {
     }
 }
 
-both_stores!(a_cancelled_get_many_releases_its_leases);
+/// The same for a warming run dropped while its batch load is held.
+async fn a_cancelled_warming_batch_releases_its_leases(b: Backend) {
+    let ns = ns();
+    let cache = long_lease_cache(&b, &ns);
+    let db = TestDb::new();
+    for id in ["u1", "u2"] {
+        db.put(id, "row");
+    }
+    let source = HeldBatch::new(db.clone());
+    let profiles = cache.aside(Kind::PROFILE, source.clone());
+    let ids = futures::stream::iter(vec!["u1".to_owned(), "u2".to_owned()]);
+    tokio::select! {
+        r = profiles.warmer().run(ids) => panic!("the held load returned: {r:?}"),
+        () = source.entered.notified() => {}
+    }
+    let other = cache.aside(Kind::PROFILE, Db(db.clone()));
+    for id in ["u1", "u2"] {
+        let f = tokio::time::timeout(Duration::from_secs(20), other.get(id))
+            .await
+            .unwrap_or_else(|_| panic!("{id}: waited for the cancelled warming's lease"))
+            .unwrap();
+        assert_eq!(f.status(), Status::Miss, "{id}");
+        assert_eq!(other.get(id).await.unwrap().status(), Status::Hit, "{id}");
+    }
+    if b == Backend::Redis {
+        cleanup(&ns).await;
+    }
+}
+
+both_stores!(
+    a_cancelled_get_many_releases_its_leases,
+    a_cancelled_warming_batch_releases_its_leases,
+);

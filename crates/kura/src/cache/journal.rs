@@ -262,3 +262,81 @@ impl CacheInner {
         metrics::gauge!("cache_pending_invalidations").set(p.len() as f64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use crate::Cache;
+    use crate::key::Kind;
+    use crate::store::MemoryStore;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        DeferEntry(usize),
+        DeferPattern(usize),
+        Replay,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..4usize).prop_map(Op::DeferEntry),
+            (0..3usize).prop_map(Op::DeferPattern),
+            Just(Op::Replay),
+        ]
+    }
+
+    const IDS: [&str; 4] = ["a1", "a2", "b1", "b2"];
+    const PATTERNS: [(Kind, &str); 3] = [
+        (Kind::PROFILE, "a*"),
+        (Kind::PROFILE, "*"),
+        (Kind::SETTINGS, "*"),
+    ];
+
+    proptest! {
+        /// Any sequence of failed invalidations and replays: the journal
+        /// holds each entry and pattern once, distrusts exactly the keys
+        /// with a pending entry and the types with a pending pattern, and a
+        /// replay that succeeds empties it.
+        #[test]
+        fn the_journal_matches_a_set_of_what_is_pending(ops in prop::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let cache = Cache::builder(MemoryStore::new()).namespace("j").build().unwrap();
+                let c = &cache.inner;
+                let mut entries: HashSet<&str> = HashSet::new();
+                let mut patterns: HashMap<usize, Kind> = HashMap::new();
+                for op in &ops {
+                    match *op {
+                        Op::DeferEntry(i) => {
+                            c.defer(Kind::PROFILE, [c.keys.entry(&Kind::PROFILE, IDS[i]).unwrap()]);
+                            entries.insert(IDS[i]);
+                        }
+                        Op::DeferPattern(j) => {
+                            let (kind, glob) = PATTERNS[j];
+                            c.defer_pattern(c.keys.pattern(&kind, glob).unwrap());
+                            patterns.insert(j, kind);
+                        }
+                        Op::Replay => {
+                            c.replay().await.unwrap();
+                            entries.clear();
+                            patterns.clear();
+                        }
+                    }
+                    prop_assert_eq!(cache.pending_invalidations(), entries.len() + patterns.len());
+                    for kind in [Kind::PROFILE, Kind::SETTINGS] {
+                        for id in IDS {
+                            let key = c.keys.value_key(&kind, id).unwrap();
+                            let expected = (kind == Kind::PROFILE && entries.contains(id))
+                                || patterns.values().any(|k| *k == kind);
+                            prop_assert_eq!(c.distrusts(&kind, &key), expected, "{:?} {}", kind, id);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
