@@ -16,7 +16,7 @@ pub struct Invalidated {
     /// How many values were cached and are now deleted.
     pub deleted: u64,
     /// Whether the store was unavailable and the invalidation is pending
-    /// (applied before this process uses the cache again).
+    /// (until it is replayed, this process reads the keys from the source).
     pub deferred: bool,
 }
 
@@ -78,7 +78,13 @@ impl Cache {
             c.kind_metrics(k).invalidations.increment(1);
         }
         let refs: Vec<&EntryKeys> = entries.iter().map(|(_, e)| e).collect();
-        match c.call(None, c.store.invalidate(&refs)).await {
+        let r = c.call(None, c.store.invalidate(&refs)).await;
+        // From here no new reader in this process joins a load that began
+        // before this invalidation.
+        for (_, e) in &entries {
+            c.epochs.bump(&e.value);
+        }
+        match r {
             Ok(deleted) => Invalidated {
                 deleted,
                 deferred: false,
@@ -104,8 +110,9 @@ impl Cache {
     /// # Errors
     ///
     /// [`Error::Key`] for a malformed glob; [`Error::Unavailable`] when the
-    /// store cannot be reached, in which case the pattern is kept and
-    /// applied before this process uses the cache again.
+    /// store cannot be reached, in which case the pattern is kept (once,
+    /// however often it fails) and replayed in the background; until then
+    /// this process reads every key of the type from the source.
     pub async fn invalidate_pattern(&self, kind: Kind, id_glob: &str) -> Result<u64, Error> {
         kind.validate()?;
         let pattern = self.inner.keys.pattern(&kind, id_glob)?;
@@ -147,6 +154,7 @@ impl Cache {
                 c.store.invalidate_matching(&pattern),
             )
             .await;
+        c.epochs.bump_all();
         match r {
             Ok(n) => {
                 m.invalidations.increment(n);

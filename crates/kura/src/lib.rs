@@ -14,7 +14,7 @@
 //! ```text
 //! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
 //!        │                                    │             │
-//!        └──────────────── cache (Cache: breaker, timeouts, pending invalidations, counters)
+//!        └────────── cache/{mod, builder, journal, epochs, counters, maintenance, owned}
 //!                              │
 //!     key   codec   ttl   metrics   source        store/{redis, memory} (+ scripts/*.lua)
 //! ```
@@ -25,8 +25,17 @@
 //! - [`source`]: the system of record ([`Source`]) and row versions ([`Versioned`]).
 //! - [`store`]: the seam to the cache server ([`Store`]) and its Redis and
 //!   in-process implementations, which pass one conformance suite.
-//! - [`Cache`]: the shared core every strategy handle works through.
-//! - [`strategy`]: [`CacheAside`], [`WriteThrough`] and [`WriteBehind`] (with its [`Flusher`]).
+//! - [`Cache`] (`cache/`): the shared core every strategy handle works
+//!   through. `mod.rs` holds [`Cache`] and the one way to a store step
+//!   (circuit breaker, operation timeout); `builder.rs` [`CacheBuilder`];
+//!   `journal.rs` the invalidations that could not reach the store and
+//!   their replay; `epochs.rs` the write epochs that keep a read from
+//!   joining a load older than a write; `counters.rs` hit/miss counting and
+//!   the shared counters; `maintenance.rs` the background task; `owned.rs`
+//!   values the cache owns ([`Cache::put`], [`Cache::peek`]).
+//! - [`strategy`]: [`CacheAside`] (with the lease-load-fill of a batch,
+//!   shared by `get_many` and warming), [`WriteThrough`] and
+//!   [`WriteBehind`] (with its [`Flusher`]).
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
@@ -36,7 +45,7 @@
 //! | strategy | guarantee |
 //! |---|---|
 //! | cache-aside read | a hit is one round trip; a cold key is loaded once per fleet (lease + in-process single-flight); a fill that an invalidation or update overtook is rejected |
-//! | write-through `invalidate` | after it returns, no reader gets the pre-commit value from the cache (or, with Redis down, from this process once it is back) |
+//! | write-through `invalidate` | after it returns, no reader gets the pre-commit value from the cache (or, with Redis down, from this process once it is back), nor joins a load in this process that began before it |
 //! | write-through `update` | the cache holds the committed version, a newer one, or nothing; never an older one |
 //! | invalidation | deletes value, lease and stale copy; patterns by `SCAN COUNT 100`, never `KEYS` |
 //! | write-behind | every acknowledged write reaches the database (version-guarded, coalesced, batched) or the dead-letter stream; until then every read sees it |
@@ -47,7 +56,7 @@
 //! | failure | behaviour |
 //! |---|---|
 //! | Redis down, slow or partitioned | every store call is bounded by the operation timeout; after a few failures the circuit opens and reads go straight to the source ([`Status::Bypass`]); a probe closes it again |
-//! | invalidation while Redis is unreachable | kept in-process and applied before this process uses the cache again |
+//! | invalidation while Redis is unreachable | kept in-process (each entry or pattern once) and replayed in the background, each replay bounded (60 s by default) and started at most once per flush interval after a failure; until then this process reads the keys it covers (every key of the type, for a pattern) from the source, and all other keys from the cache as usual |
 //! | source fails | a stale copy (if the type keeps one) is served as [`Status::Stale`]; otherwise [`Error::Source`] |
 //! | bad bytes at a key (garbage, wrong type, truncated JSON) | treated as a miss, removed and reloaded |
 //! | value over the size limit | served, not cached |

@@ -26,7 +26,9 @@
 //! The seed incremented `metrics:cache:hits` / `metrics:cache:misses` with one
 //! `INCR` per read. kura counts in-process and adds the totals with one
 //! pipelined `INCRBY` per second, so the counters other tools read stay
-//! current without costing the hit path a round trip.
+//! current without costing the hit path a round trip. Like the seed's, the
+//! two counters have no TTL: they are running totals (the one exception to
+//! the store's "every key has a TTL" rule, see [`crate::store`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

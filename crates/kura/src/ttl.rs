@@ -195,15 +195,33 @@ impl TtlPolicy {
         self.jitter
     }
 
-    /// `ttl` spread by the jitter fraction, never below one second.
+    /// `ttl` spread by the jitter fraction, in whole milliseconds (the
+    /// stores' resolution) and never below one: a positive TTL stays
+    /// positive, and a sub-second one stays sub-second, with or without
+    /// jitter. Zero stays zero (caching off).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use kura::TtlPolicy;
+    ///
+    /// let plain = TtlPolicy::seed().with_jitter(0.0);
+    /// assert_eq!(plain.jittered(Duration::from_millis(500)), Duration::from_millis(500));
+    /// assert_eq!(plain.jittered(Duration::from_micros(300)), Duration::from_millis(1));
+    /// let spread = TtlPolicy::seed().jittered(Duration::from_millis(500));
+    /// assert!(spread >= Duration::from_millis(450) && spread <= Duration::from_millis(550));
+    /// ```
     #[must_use]
     pub fn jittered(&self, ttl: Duration) -> Duration {
-        if self.jitter == 0.0 || ttl.is_zero() {
+        if ttl.is_zero() {
             return ttl;
         }
-        let f = rand::rng().random_range(-self.jitter..=self.jitter);
-        let ms = (ttl.as_millis() as f64 * (1.0 + f)).round() as u64;
-        Duration::from_millis(ms.max(1000))
+        let f = if self.jitter == 0.0 {
+            0.0
+        } else {
+            rand::rng().random_range(-self.jitter..=self.jitter)
+        };
+        let ms = (ttl.as_secs_f64() * 1000.0 * (1.0 + f)).round() as u64;
+        Duration::from_millis(ms.max(1))
     }
 
     /// The TTL that ends at `expires_at` (a token's `exp`), or `None` when
@@ -258,7 +276,7 @@ impl Hasher for Prehashed {
 
 /// A multiply-rotate hash taking eight bytes at a step: fast on the short
 /// keys it sees, and good enough to spread them over shards and buckets.
-fn key_hash(key: &str) -> u64 {
+pub(crate) fn key_hash(key: &str) -> u64 {
     const K: u64 = 0x517c_c1b7_2722_0a95;
     let mut h: u64 = key.len() as u64;
     let mut chunks = key.as_bytes().chunks_exact(8);
@@ -359,6 +377,38 @@ mod tests {
         }
         assert!(seen.len() > 20, "jitter should spread: {}", seen.len());
         assert_eq!(p.clone().with_jitter(0.0).jittered(base), base);
+    }
+
+    #[test]
+    fn sub_second_ttls_stay_sub_second_with_and_without_jitter() {
+        let plain = TtlPolicy::seed().with_jitter(0.0);
+        let spread = TtlPolicy::seed();
+        let half = Duration::from_millis(500);
+        assert_eq!(plain.jittered(half), half);
+        for _ in 0..1000 {
+            let t = spread.jittered(half);
+            assert!(
+                t >= Duration::from_millis(450) && t <= Duration::from_millis(550),
+                "{t:?}"
+            );
+        }
+        // Whole milliseconds, at least one, the same way with or without
+        // jitter: a positive TTL stays positive.
+        for (given, kept) in [
+            (Duration::from_micros(300), Duration::from_millis(1)),
+            (Duration::from_nanos(1), Duration::from_millis(1)),
+            (Duration::from_micros(2_400), Duration::from_millis(2)),
+        ] {
+            assert_eq!(plain.jittered(given), kept, "{given:?}");
+        }
+        for _ in 0..100 {
+            assert_eq!(
+                spread.jittered(Duration::from_micros(300)),
+                Duration::from_millis(1)
+            );
+        }
+        assert_eq!(plain.jittered(Duration::ZERO), Duration::ZERO);
+        assert_eq!(spread.jittered(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

@@ -24,10 +24,9 @@ use futures::{Stream, StreamExt};
 
 use crate::cache::CacheInner;
 use crate::error::Error;
-use crate::key::EntryKeys;
-use crate::source::{Source, Versioned};
-use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
+use crate::source::Source;
 use crate::strategy::CacheAside;
+use crate::strategy::cache_aside::BatchMode;
 
 /// Something that names an id to warm: an id string, or a row type that
 /// implements it.
@@ -57,7 +56,8 @@ pub struct WarmProgress {
     /// Values put in the cache.
     pub cached: u64,
     /// Ids skipped: already cached, being loaded by someone else, invalid,
-    /// or gone from the source.
+    /// gone from the source, or with an invalidation pending in this
+    /// process.
     pub skipped: u64,
     /// Ids whose batch failed (source or store error).
     pub failed: u64,
@@ -249,91 +249,27 @@ impl<S: Source> Warmer<S> {
             return Ok((0, ids.len() as u64));
         }
         let mut skipped = 0;
-        let entries: Vec<(String, EntryKeys)> = ids
+        let entries: Vec<String> = ids
             .into_iter()
-            .filter_map(|id| match c.keys.entry(&a.kind, &id) {
-                Ok(e) => Some((id, e)),
-                Err(_) => {
+            .filter(|id| {
+                // Invalid ids, and keys with an invalidation pending (not to
+                // be cached before the replay applied it), are skipped.
+                let warm = c
+                    .keys
+                    .entry(&a.kind, id)
+                    .is_ok_and(|e| !c.distrusts(&a.kind, &e.value));
+                if !warm {
                     skipped += 1;
-                    None
                 }
+                warm
             })
             .collect();
-        let token = CacheInner::token();
-        let reqs: Vec<AcquireRequest<'_>> = entries
-            .iter()
-            .map(|(_, keys)| AcquireRequest {
-                keys,
-                token: &token,
-                lease_ttl: c.lease_ttl,
-                value_ttl: policy.ttl,
-            })
-            .collect();
-        let acquired = c
-            .call(Some(&a.metrics), c.store.acquire(&reqs))
-            .await
-            .map_err(Error::Unavailable)?;
-        let leased: Vec<&(String, EntryKeys)> = entries
-            .iter()
-            .zip(&acquired)
-            .filter(|(_, got)| matches!(got, Acquired::Leased { .. }))
-            .map(|(e, _)| e)
-            .collect();
-        skipped += (entries.len() - leased.len()) as u64;
-        if leased.is_empty() {
-            return Ok((0, skipped));
-        }
-        let load_ids: Vec<String> = leased.iter().map(|(id, _)| id.clone()).collect();
-        a.metrics.loads.increment(load_ids.len() as u64);
-        let rows = match a.source.load_many(&load_ids).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                a.metrics.load_errors.increment(1);
-                let give_back: Vec<(&EntryKeys, &str)> =
-                    leased.iter().map(|(_, k)| (k, token.as_str())).collect();
-                let _ = c.call(None, c.store.release(&give_back)).await;
-                return Err(Error::source_error(e));
-            }
-        };
-        let mut by_id: std::collections::HashMap<String, S::Value> = rows.into_iter().collect();
-        let mut fills = Vec::with_capacity(leased.len());
-        let mut give_back = Vec::new();
-        for (id, keys) in &leased {
-            let encoded = by_id.remove(id).and_then(|v| {
-                crate::codec::encode(&v, v.version(), c.max_value_bytes)
-                    .ok()
-                    .map(|e| (e, v.version()))
-            });
-            match encoded {
-                Some((enc, version)) => fills.push(FillRequest {
-                    keys,
-                    token: &token,
-                    value: FillValue::Value {
-                        bytes: enc.envelope,
-                        version,
-                    },
-                    lifetimes: c.lifetimes(&keys.value, &policy),
-                }),
-                // Gone since the id list was read, or not cacheable.
-                None => give_back.push((keys, token.as_str())),
-            }
-        }
-        skipped += give_back.len() as u64;
-        if !give_back.is_empty() {
-            let _ = c.call(None, c.store.release(&give_back)).await;
-        }
-        let outcomes = c
-            .call(Some(&a.metrics), c.store.fill(&fills))
-            .await
-            .map_err(Error::Unavailable)?;
-        let stored = outcomes
-            .iter()
-            .filter(|o| **o == FillOutcome::Stored)
-            .count() as u64;
-        a.metrics
-            .fills_rejected
-            .increment(outcomes.len() as u64 - stored);
-        Ok((stored, skipped + (outcomes.len() as u64 - stored)))
+        let ids: Vec<&str> = entries.iter().map(String::as_str).collect();
+        let slots = a
+            .lease_load_fill(&ids, &vec![true; ids.len()], BatchMode::Warm)
+            .await?;
+        let stored = slots.iter().filter(|s| s.stored).count() as u64;
+        Ok((stored, skipped + (slots.len() as u64 - stored)))
     }
 }
 

@@ -225,6 +225,94 @@ async fn concurrent_updates_converge(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// The write a reader arriving after it must not see past.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    Invalidate,
+    Update,
+    CacheInvalidate,
+    InvalidateAll,
+}
+
+/// A load of the old row is in flight in this process when a write commits
+/// and its invalidation (or update) returns. A read that starts after that
+/// must not join the old load: it loads the committed row itself.
+async fn a_read_after_a_write_does_not_join_an_older_load(b: Backend, write: Write) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "old");
+    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let gate = db.arm_gate();
+    let first = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.get("u1").await.unwrap() })
+    };
+    gate.loaded.notified().await; // the load holds the old row
+    let row = db.put("u1", "new");
+    match write {
+        Write::Invalidate => {
+            cache
+                .write_through(Kind::PROFILE)
+                .invalidate("u1")
+                .await
+                .unwrap();
+        }
+        Write::Update => {
+            cache
+                .write_through(Kind::PROFILE)
+                .update("u1", &row)
+                .await
+                .unwrap();
+        }
+        Write::CacheInvalidate => {
+            cache.invalidate(Kind::PROFILE, "u1").await.unwrap();
+        }
+        Write::InvalidateAll => {
+            cache.invalidate_all(Kind::PROFILE).await.unwrap();
+        }
+    }
+    // The write has returned: this read starts after it.
+    let after = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.get("u1").await.unwrap() })
+    };
+    // A read that loads by itself finishes while the old load is still
+    // held. One that joined the old load waits for it: give it a bound,
+    // then let the old load go so the failure shows what it would return.
+    let got = tokio::select! {
+        r = after => r.unwrap(),
+        () = tokio::time::sleep(Duration::from_secs(5)) => {
+            gate.release.notify_one();
+            panic!("{write:?}: the read after the write joined the load of the old row");
+        }
+    };
+    assert_eq!(got.value().unwrap().name, "new", "{write:?}");
+    gate.release.notify_one();
+    assert_eq!(first.await.unwrap().value().unwrap().name, "old");
+    assert_eq!(
+        reader.get("u1").await.unwrap().value().unwrap().name,
+        "new",
+        "{write:?}"
+    );
+    cleanup(&ns).await;
+}
+
+async fn read_after_invalidate_does_not_join_an_older_load(b: Backend) {
+    a_read_after_a_write_does_not_join_an_older_load(b, Write::Invalidate).await;
+}
+
+async fn read_after_update_does_not_join_an_older_load(b: Backend) {
+    a_read_after_a_write_does_not_join_an_older_load(b, Write::Update).await;
+}
+
+async fn read_after_cache_invalidate_does_not_join_an_older_load(b: Backend) {
+    a_read_after_a_write_does_not_join_an_older_load(b, Write::CacheInvalidate).await;
+}
+
+async fn read_after_invalidate_all_does_not_join_an_older_load(b: Backend) {
+    a_read_after_a_write_does_not_join_an_older_load(b, Write::InvalidateAll).await;
+}
+
 use rand::SeedableRng;
 
 both_stores!(
@@ -233,4 +321,8 @@ both_stores!(
     out_of_order_writers_keep_the_newer,
     randomized_interleavings_never_leave_stale,
     concurrent_updates_converge,
+    read_after_invalidate_does_not_join_an_older_load,
+    read_after_update_does_not_join_an_older_load,
+    read_after_cache_invalidate_does_not_join_an_older_load,
+    read_after_invalidate_all_does_not_join_an_older_load,
 );

@@ -21,7 +21,13 @@
 //!    before a write can never put its older row back.
 //! 3. A present value is replaced only by a strictly newer version
 //!    ([`Store::update`], and fills check too).
-//! 4. Every key written has a TTL.
+//! 4. Every key written has a TTL, with one exception: the fleet's hit and
+//!    miss counters (`metrics:<namespace>:hits` / `:misses`, the seed's
+//!    `metrics:cache:*`, written by [`Store::incr`]) live until deleted.
+//!    They are long-lived totals other tools read, as in the seed, two
+//!    keys per namespace whatever the traffic, so they cannot grow the
+//!    keyspace. (The write-behind queue's keys are outside the entry
+//!    protocol and are kept until flushed.)
 
 use std::time::Duration;
 

@@ -8,7 +8,10 @@
 //! before a write can never be cached after that write's invalidation: the
 //! seed's stale-set race is closed. Within one process, concurrent callers
 //! for one key share one load (single-flight); across processes, the lease
-//! makes the others wait for the fill (or take the stale copy).
+//! makes the others wait for the fill (or take the stale copy). A caller
+//! that starts after a write-through invalidation or update of the key
+//! returned never joins a load that began before it: each load records the
+//! key's write epoch, and only loads of the current epoch are joined.
 //!
 //! # Failure modes
 //!
@@ -19,6 +22,7 @@
 //! - Bad bytes at the key: counted as a miss, removed, reloaded.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +30,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::cache::{Cache, CacheInner};
+use crate::cache::{Cache, CacheInner, Epoch};
 use crate::codec::{self, CodecError};
 use crate::error::{Error, StoreError};
 use crate::key::{EntryKeys, Kind};
@@ -202,15 +206,32 @@ pub struct Batch<T> {
 
 type Flight<T> = Shared<BoxFuture<'static, Result<Fetched<T>, Error>>>;
 
-/// Removes a finished flight from the map when dropped.
-struct Leave<'a, T>(&'a Mutex<HashMap<String, Flight<T>>>, String);
+/// A load in flight, as the single-flight map keeps it.
+struct InFlight<T> {
+    /// Tells this flight from a later one of the same key.
+    seq: u64,
+    /// The key's write epoch when the flight started: a caller joins only
+    /// while it is current, so no caller that starts after a write returned
+    /// is handed a load that began before it.
+    epoch: Epoch,
+    result: Flight<T>,
+}
+
+type Flights<T> = Mutex<HashMap<String, InFlight<T>>>;
+
+/// Removes a finished flight from the map when dropped, unless a later
+/// flight of the key has taken its place.
+struct Leave<'a, T>(&'a Flights<T>, String, u64);
 
 impl<T> Drop for Leave<'_, T> {
     fn drop(&mut self) {
-        self.0
+        let mut flights = self
+            .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.1);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights.get(&self.1).is_some_and(|f| f.seq == self.2) {
+            flights.remove(&self.1);
+        }
     }
 }
 
@@ -248,7 +269,11 @@ impl<T> Drop for Leave<'_, T> {
 /// load; across processes sharing a Redis, one process loads while the
 /// others wait for its fill (up to the cache's `lease_wait`). The load runs
 /// as a task of its own, so a caller that is cancelled cancels neither the
-/// load nor the fill.
+/// load nor the fill. A `get` that starts after an invalidation or update of
+/// its key returned does not join a load that began before that write.
+///
+/// A cancelled [`get_many`](Self::get_many) releases the leases it took and
+/// had not filled yet, so other readers do not wait for them to expire.
 pub struct CacheAside<S: Source> {
     inner: Arc<Aside<S>>,
 }
@@ -277,7 +302,7 @@ pub(crate) struct Aside<S: Source> {
     /// The type's policy, looked up once: the policy table does not change
     /// after the cache is built.
     policy: TypePolicy,
-    flights: Mutex<HashMap<String, Flight<S::Value>>>,
+    flights: Flights<S::Value>,
 }
 
 impl<S: Source> CacheAside<S> {
@@ -402,7 +427,9 @@ impl<S: Source> CacheAside<S> {
         let c = &a.cache.inner;
         let key = c.keys.value_key(&a.kind, id)?;
         let policy = &a.policy;
-        if !policy.enabled() {
+        // A key with an invalidation pending is read from the source until
+        // the replay applied it.
+        if !policy.enabled() || c.distrusts(&a.kind, &key) {
             return Box::pin(self.flight(id, key, false)).await.map(miss);
         }
         let refresh = c.adaptive_refresh(&key, policy, now);
@@ -433,40 +460,57 @@ impl<S: Source> CacheAside<S> {
         key: String,
         use_cache: bool,
     ) -> Result<Fetched<S::Value>, Error> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let epochs = &self.inner.cache.inner.epochs;
         let fut = {
             let mut flights = self
                 .inner
                 .flights
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(f) = flights.get(&key) {
-                f.clone()
-            } else {
-                let a = self.inner.clone();
-                let id = id.to_owned();
-                let k = key.clone();
-                // The load runs as a task of its own: a caller that gives up
-                // (request timeout, client gone) does not strand it holding a
-                // lease and a database connection, and the others still get
-                // its result.
-                let task = tokio::spawn(async move {
-                    // Leaves the map however the load ends, a panic included.
-                    let _leave = Leave(&a.flights, k);
-                    if use_cache {
-                        a.resolve(&id).await
-                    } else {
-                        a.load_only(&id, Status::Bypass).await
+            // Read under the map's lock, so a flight started here records
+            // an epoch no older than what a caller checking later compares.
+            let epoch = epochs.of(&key);
+            match flights.get(&key) {
+                Some(f) if f.epoch == epoch => f.result.clone(),
+                // None, or one that began before a write returned: its
+                // callers keep it, new ones get a load of their own.
+                _ => {
+                    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+                    let a = self.inner.clone();
+                    let id = id.to_owned();
+                    let k = key.clone();
+                    // The load runs as a task of its own: a caller that gives
+                    // up (request timeout, client gone) does not strand it
+                    // holding a lease and a database connection, and the
+                    // others still get its result.
+                    let task = tokio::spawn(async move {
+                        // Leaves the map however the load ends, a panic
+                        // included.
+                        let _leave = Leave(&a.flights, k, seq);
+                        if use_cache {
+                            a.resolve(&id).await
+                        } else {
+                            a.load_only(&id, Status::Bypass).await
+                        }
+                    });
+                    let f = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(Error::source_error(format!("the load task failed: {e}")))
+                        })
                     }
-                });
-                let f = async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(Error::source_error(format!("the load task failed: {e}")))
-                    })
+                    .boxed()
+                    .shared();
+                    flights.insert(
+                        key,
+                        InFlight {
+                            seq,
+                            epoch,
+                            result: f.clone(),
+                        },
+                    );
+                    f
                 }
-                .boxed()
-                .shared();
-                flights.insert(key, f.clone());
-                f
             }
         };
         fut.await
@@ -713,8 +757,15 @@ impl<S: Source> Aside<S> {
                 _ => use_cache = false,
             }
         }
+        // Keys with an invalidation pending are read from the source until
+        // the replay applied it.
+        let distrusted: Vec<bool> = keys.iter().map(|k| c.distrusts(&self.kind, k)).collect();
         let mut missing = Vec::new();
         for (i, slot) in cached.into_iter().enumerate() {
+            if distrusted[i] {
+                missing.push(i);
+                continue;
+            }
             match slot.map(|b| (codec::decode(&b), b)) {
                 Some((Ok(d), _)) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
                 Some((Err(_), b)) => {
@@ -725,8 +776,17 @@ impl<S: Source> Aside<S> {
             }
         }
         if !missing.is_empty() {
-            self.load_missing(&order, &missing, use_cache, &mut results)
+            let ids: Vec<&str> = missing.iter().map(|&i| order[i]).collect();
+            let cacheable: Vec<bool> = missing
+                .iter()
+                .map(|&i| use_cache && !distrusted[i])
+                .collect();
+            let slots = self
+                .lease_load_fill(&ids, &cacheable, BatchMode::Read)
                 .await?;
+            for (&i, slot) in missing.iter().zip(slots) {
+                results[i] = slot.fetched;
+            }
         }
         let entries: Vec<(String, Fetched<S::Value>)> = order
             .into_iter()
@@ -749,82 +809,102 @@ impl<S: Source> Aside<S> {
         })
     }
 
-    async fn load_missing(
+    /// The lease-load-fill sequence of a batch of misses, shared by
+    /// [`get_many`](CacheAside::get_many) and the warmer: one pipelined lease
+    /// request for the `cacheable` ids, one [`Source::load_many`], one
+    /// pipelined fill of the leased ones and one release of the leases that
+    /// had nothing to fill. Every lease taken is filled or released however
+    /// the call ends: a caller cancelled half-way hands the rest to a task
+    /// of its own ([`HeldLeases`]).
+    ///
+    /// The ids must be valid (checked by the caller). Ids not `cacheable`
+    /// are loaded without a lease and answered [`Status::Bypass`].
+    ///
+    /// # Errors
+    ///
+    /// [`BatchMode::Read`]: [`Error::Source`] when the source fails and some
+    /// id to load has no stale copy; [`Error::Codec`] for a value that cannot
+    /// be serialized. [`BatchMode::Warm`]: also [`Error::Unavailable`] when
+    /// the lease request or the fill fails, and any source failure.
+    pub(crate) async fn lease_load_fill(
         &self,
-        order: &[&str],
-        missing: &[usize],
-        use_cache: bool,
-        results: &mut [Option<Fetched<S::Value>>],
-    ) -> Result<(), Error> {
+        ids: &[&str],
+        cacheable: &[bool],
+        mode: BatchMode,
+    ) -> Result<Vec<Slot<S::Value>>, Error> {
+        debug_assert_eq!(ids.len(), cacheable.len());
         let c = &self.cache.inner;
         let policy = self.policy();
-        let token = CacheInner::token();
-        let entries: Vec<EntryKeys> = missing
+        let n = ids.len();
+        let entries: Arc<[EntryKeys]> = ids
             .iter()
-            .map(|&i| c.keys.entry_unchecked(&self.kind, order[i]))
+            .map(|id| c.keys.entry_unchecked(&self.kind, id))
             .collect();
-        // Which of the missing ids this caller leased (and will fill).
-        let mut leased = vec![false; missing.len()];
-        let mut stale: Vec<Option<Bytes>> = vec![None; missing.len()];
+        let mut held = HeldLeases::new(self.cache.clone(), CacheInner::token(), entries.clone());
+        let token = held.token.clone();
+        let mut slots: Vec<Slot<S::Value>> = (0..n).map(|_| Slot::default()).collect();
+        let mut stale: Vec<Option<Bytes>> = vec![None; n];
+        // Loaded values are answered `Miss` for ids the cache was asked
+        // about, `Bypass` for the others.
+        let mut asked = cacheable.to_vec();
         let mut to_load = Vec::new();
-        let status = if use_cache {
-            Status::Miss
+        let want: Vec<usize> = (0..n).filter(|&j| cacheable[j]).collect();
+        let acquired = if want.is_empty() {
+            None
         } else {
-            Status::Bypass
-        };
-        let acquired = if use_cache {
-            let reqs: Vec<AcquireRequest<'_>> = entries
+            let reqs: Vec<AcquireRequest<'_>> = want
                 .iter()
-                .map(|keys| AcquireRequest {
-                    keys,
+                .map(|&j| AcquireRequest {
+                    keys: &entries[j],
                     token: &token,
                     lease_ttl: c.lease_ttl,
                     value_ttl: policy.ttl,
                 })
                 .collect();
-            c.call(Some(&self.metrics), c.store.acquire(&reqs))
-                .await
-                .ok()
-                .filter(|v| v.len() == entries.len())
-        } else {
-            None
-        };
-        let status = if use_cache && acquired.is_none() {
-            Status::Bypass
-        } else {
-            status
+            match c.call(Some(&self.metrics), c.store.acquire(&reqs)).await {
+                Ok(v) if v.len() == want.len() => Some(v),
+                Ok(_) if mode == BatchMode::Warm => {
+                    return Err(Error::Unavailable(StoreError::Server(
+                        "lease replies do not match the requests".into(),
+                    )));
+                }
+                Err(e) if mode == BatchMode::Warm => return Err(Error::Unavailable(e)),
+                _ => None,
+            }
         };
         match acquired {
             Some(acq) => {
-                for (j, a) in acq.into_iter().enumerate() {
-                    let i = missing[j];
+                for (&j, a) in want.iter().zip(acq) {
                     match a {
-                        Acquired::Value(b) => match codec::decode(&b) {
-                            Ok(d) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
-                            Err(_) => to_load.push(j),
-                        },
-                        Acquired::Absent => results[i] = Some(Fetched::absent(Status::Hit)),
                         Acquired::Leased { stale: s } => {
-                            leased[j] = true;
+                            held.took(j);
                             stale[j] = s;
                             to_load.push(j);
                         }
+                        _ if mode == BatchMode::Warm => {}
+                        Acquired::Value(b) => match codec::decode(&b) {
+                            Ok(d) => slots[j].fetched = Some(Fetched::decoded(d, Status::Hit)),
+                            Err(_) => to_load.push(j),
+                        },
+                        Acquired::Absent => slots[j].fetched = Some(Fetched::absent(Status::Hit)),
                         Acquired::Busy { stale: s } => {
                             stale[j] = s;
                             to_load.push(j);
                         }
                     }
                 }
+                to_load.extend((0..n).filter(|&j| !cacheable[j]));
+                to_load.sort_unstable();
             }
-            None => to_load.extend(0..missing.len()),
+            None => {
+                asked = vec![false; n];
+                to_load.extend(0..n);
+            }
         }
         if to_load.is_empty() {
-            return Ok(());
+            return Ok(slots);
         }
-        let load_ids: Vec<String> = to_load
-            .iter()
-            .map(|&j| order[missing[j]].to_owned())
-            .collect();
+        let load_ids: Vec<String> = to_load.iter().map(|&j| ids[j].to_owned()).collect();
         self.metrics.loads.increment(load_ids.len() as u64);
         let t = Instant::now();
         let loaded = self.source.load_many(&load_ids).await;
@@ -833,34 +913,36 @@ impl<S: Source> Aside<S> {
             Ok(rows) => rows.into_iter().collect(),
             Err(e) => {
                 self.metrics.load_errors.increment(1);
-                let give_back: Vec<(&EntryKeys, &str)> = to_load
-                    .iter()
-                    .filter(|&&j| leased[j])
-                    .map(|&j| (&entries[j], token.as_str()))
-                    .collect();
-                let _ = c.call(None, c.store.release(&give_back)).await;
+                held.release_all().await;
                 let err = Error::source_error(e);
+                if mode == BatchMode::Warm {
+                    return Err(err);
+                }
                 for &j in &to_load {
-                    let d = stale[j].as_ref().and_then(|s| codec::decode(s).ok());
-                    match d {
-                        Some(d) => results[missing[j]] = Some(Fetched::decoded(d, Status::Stale)),
+                    match stale[j].as_ref().and_then(|s| codec::decode(s).ok()) {
+                        Some(d) => slots[j].fetched = Some(Fetched::decoded(d, Status::Stale)),
                         None => return Err(err),
                     }
                 }
-                return Ok(());
+                return Ok(slots);
             }
         };
         let mut fills = Vec::new();
+        let mut filled = Vec::new();
         let mut give_back = Vec::new();
         for &j in &to_load {
-            let i = missing[j];
-            let id = order[i];
-            match found.remove(id) {
+            let status = if asked[j] {
+                Status::Miss
+            } else {
+                Status::Bypass
+            };
+            let leased = held.holds(j);
+            match found.remove(ids[j]) {
                 Some(v) => {
                     let version = v.version();
                     match codec::encode(&v, version, c.max_value_bytes) {
                         Ok(enc) => {
-                            if leased[j] {
+                            if leased {
                                 fills.push(FillRequest {
                                     keys: &entries[j],
                                     token: &token,
@@ -870,25 +952,31 @@ impl<S: Source> Aside<S> {
                                     },
                                     lifetimes: c.lifetimes(&entries[j].value, &policy),
                                 });
+                                filled.push(j);
                             }
-                            results[i] = Some(Fetched {
+                            slots[j].fetched = Some(Fetched {
                                 value: Some(v),
                                 json: Some(enc.json),
                                 status,
                             });
                         }
-                        Err(_) => {
-                            if leased[j] {
-                                give_back.push((&entries[j], token.as_str()));
+                        Err(e) => {
+                            tracing::warn!(key = entries[j].value, error = %e, "value not cached");
+                            if leased {
+                                give_back.push(j);
                             }
-                            results[i] = Some(self.plain(v, status)?);
+                            if mode == BatchMode::Read {
+                                slots[j].fetched = Some(self.plain(v, status)?);
+                            }
                         }
                     }
                 }
+                // Gone (or never there): "not found" is remembered by a
+                // read, not by warming.
                 None => {
-                    if leased[j] {
-                        if policy.absent_ttl.is_zero() {
-                            give_back.push((&entries[j], token.as_str()));
+                    if leased {
+                        if mode == BatchMode::Warm || policy.absent_ttl.is_zero() {
+                            give_back.push(j);
                         } else {
                             fills.push(FillRequest {
                                 keys: &entries[j],
@@ -899,24 +987,153 @@ impl<S: Source> Aside<S> {
                                     stale_ttl: Duration::ZERO,
                                 },
                             });
+                            filled.push(j);
                         }
                     }
-                    results[i] = Some(Fetched::absent(status));
+                    if mode == BatchMode::Read {
+                        slots[j].fetched = Some(Fetched::absent(status));
+                    }
                 }
             }
         }
+        held.release(&give_back).await;
         if !fills.is_empty() {
-            if let Ok(outcomes) = c.call(Some(&self.metrics), c.store.fill(&fills)).await {
-                let rejected = outcomes
-                    .iter()
-                    .filter(|o| **o != FillOutcome::Stored)
-                    .count();
-                self.metrics.fills_rejected.increment(rejected as u64);
+            let r = c.call(Some(&self.metrics), c.store.fill(&fills)).await;
+            // Filled or not, these leases are settled: a fill that failed to
+            // answer may still have landed, and otherwise the lease expires.
+            held.settled(&filled);
+            match r {
+                Ok(outcomes) => {
+                    for (&j, o) in filled.iter().zip(&outcomes) {
+                        slots[j].stored = *o == FillOutcome::Stored;
+                    }
+                    let rejected = outcomes
+                        .iter()
+                        .filter(|o| **o != FillOutcome::Stored)
+                        .count();
+                    self.metrics.fills_rejected.increment(rejected as u64);
+                }
+                Err(e) if mode == BatchMode::Warm => return Err(Error::Unavailable(e)),
+                Err(_) => {}
             }
         }
-        if !give_back.is_empty() {
-            let _ = c.call(None, c.store.release(&give_back)).await;
+        Ok(slots)
+    }
+}
+
+/// How [`Aside::lease_load_fill`] treats the ids it did not lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchMode {
+    /// A read: every id gets an answer. Cached values are taken as they are;
+    /// ids another caller is loading (and undecodable values) are loaded
+    /// without caching; a failed lease request loads every id without
+    /// caching; "not found" is remembered for the type's `absent_ttl`; a
+    /// source failure falls back on the stale copies.
+    Read,
+    /// Warming: only leased ids are loaded and filled, the others are
+    /// skipped; any store or source failure fails the batch.
+    Warm,
+}
+
+/// What [`Aside::lease_load_fill`] did for one id.
+#[derive(Debug)]
+pub(crate) struct Slot<V> {
+    /// The answer (always there for [`BatchMode::Read`]; `None` for an id
+    /// warming skipped).
+    pub(crate) fetched: Option<Fetched<V>>,
+    /// Whether this call's fill stored a value or "not found" marker.
+    pub(crate) stored: bool,
+}
+
+impl<V> Default for Slot<V> {
+    fn default() -> Self {
+        Self {
+            fetched: None,
+            stored: false,
         }
-        Ok(())
+    }
+}
+
+/// The leases a batch holds and has neither filled nor released yet. If it
+/// is dropped with some still held (its caller was cancelled between the
+/// lease request and the fill), a task of its own releases them, so other
+/// readers take the lease at once instead of polling until it expires.
+struct HeldLeases {
+    cache: Cache,
+    token: String,
+    entries: Arc<[EntryKeys]>,
+    held: Vec<bool>,
+}
+
+impl HeldLeases {
+    fn new(cache: Cache, token: String, entries: Arc<[EntryKeys]>) -> Self {
+        let held = vec![false; entries.len()];
+        Self {
+            cache,
+            token,
+            entries,
+            held,
+        }
+    }
+
+    fn took(&mut self, j: usize) {
+        self.held[j] = true;
+    }
+
+    fn holds(&self, j: usize) -> bool {
+        self.held[j]
+    }
+
+    /// The leases of `js` were filled (or the fill was sent).
+    fn settled(&mut self, js: &[usize]) {
+        for &j in js {
+            self.held[j] = false;
+        }
+    }
+
+    /// Releases the leases of `js`; forgets them only once the release
+    /// answered, so a cancellation during it still releases on drop.
+    async fn release(&mut self, js: &[usize]) {
+        let js: Vec<usize> = js.iter().copied().filter(|&j| self.held[j]).collect();
+        if js.is_empty() {
+            return;
+        }
+        let c = &self.cache.inner;
+        let refs: Vec<(&EntryKeys, &str)> = js
+            .iter()
+            .map(|&j| (&self.entries[j], self.token.as_str()))
+            .collect();
+        let _ = c.call(None, c.store.release(&refs)).await;
+        self.settled(&js);
+    }
+
+    async fn release_all(&mut self) {
+        let js: Vec<usize> = (0..self.held.len()).filter(|&j| self.held[j]).collect();
+        self.release(&js).await;
+    }
+}
+
+impl Drop for HeldLeases {
+    fn drop(&mut self) {
+        let left: Vec<usize> = (0..self.held.len()).filter(|&j| self.held[j]).collect();
+        if left.is_empty() {
+            return;
+        }
+        // Outside a runtime nothing can run the release: the leases then
+        // expire by themselves.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let cache = self.cache.clone();
+        let token = std::mem::take(&mut self.token);
+        let entries = self.entries.clone();
+        rt.spawn(async move {
+            let c = &cache.inner;
+            let refs: Vec<(&EntryKeys, &str)> =
+                left.iter().map(|&j| (&entries[j], token.as_str())).collect();
+            if let Err(e) = c.call(None, c.store.release(&refs)).await {
+                tracing::debug!(error = %e, n = refs.len(), "leases of a cancelled batch left to expire");
+            }
+        });
     }
 }

@@ -7,12 +7,16 @@
 //!
 //! - both delete the key's lease, so a load that read the row before the
 //!   commit cannot fill afterwards;
+//! - both bump the key's write epoch before returning, so a read in this
+//!   process that starts afterwards never joins a single-flight load that
+//!   began before (it may have read the row before the commit);
 //! - `update` replaces a cached value only with a strictly newer version,
 //!   so two writers finishing out of order leave the newer value (or
 //!   nothing) cached, never the older;
-//! - if the store cannot be reached, the invalidation is kept in-process and
-//!   applied before this process uses the cache again (and retried every
-//!   flush interval), and the call still returns normally.
+//! - if the store cannot be reached, the invalidation is kept in-process
+//!   and replayed in the background (bounded, retried every flush interval);
+//!   until then this process reads the key from the source, not the cache,
+//!   and the call still returns normally.
 //!
 //! `invalidate` is the seed's recommended default: the next read loads the
 //! committed row. `update` keeps a hot key warm; it only replaces a value
@@ -39,8 +43,8 @@ pub enum WriteOutcome {
     NotCached,
     /// A same-or-newer version was already cached.
     NotNewer,
-    /// The store was unavailable: the invalidation is pending and will be
-    /// applied before this process uses the cache again.
+    /// The store was unavailable: the invalidation is pending, and this
+    /// process reads the key from the source until it is replayed.
     Deferred,
 }
 
@@ -103,10 +107,13 @@ impl WriteThrough {
         let c = &self.cache.inner;
         let entry = c.keys.entry(&self.kind, id)?;
         self.metrics.invalidations.increment(1);
-        match c
+        let r = c
             .call(Some(&self.metrics), c.store.invalidate(&[&entry]))
-            .await
-        {
+            .await;
+        // From here no new reader in this process joins a load that began
+        // before this write.
+        c.epochs.bump(&entry.value);
+        match r {
             Ok(_) => Ok(WriteOutcome::Invalidated),
             Err(e) => {
                 tracing::warn!(key = entry.value, error = %e, "invalidation deferred");
@@ -149,7 +156,9 @@ impl WriteThrough {
             version,
             lifetimes: c.lifetimes(&entry.value, &policy),
         };
-        match c.call(Some(&self.metrics), c.store.update(&[req])).await {
+        let r = c.call(Some(&self.metrics), c.store.update(&[req])).await;
+        c.epochs.bump(&entry.value);
+        match r {
             Ok(v) => Ok(match v.first() {
                 Some(UpdateOutcome::Stored) => WriteOutcome::Updated,
                 Some(UpdateOutcome::NotNewer) => WriteOutcome::NotNewer,

@@ -1,0 +1,234 @@
+//! [`CacheBuilder`]: the options of a [`Cache`] and the start of its
+//! maintenance task.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::breaker::{Breaker, BreakerConfig};
+use crate::codec::DEFAULT_MAX_VALUE_BYTES;
+use crate::error::Error;
+use crate::key::KeyBuilder;
+use crate::metrics::LocalCounters;
+use crate::store::Store;
+use crate::ttl::{ReadCounter, TtlPolicy};
+
+use super::journal::Pending;
+use super::maintenance::maintenance;
+use super::{Cache, CacheInner, Epochs};
+
+/// Builds a [`Cache`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use kura::{Cache, TtlPolicy, store::MemoryStore};
+///
+/// # fn main() -> Result<(), kura::Error> {
+/// let cache = Cache::builder(MemoryStore::new())
+///     .namespace("cache")
+///     .ttl_policy(TtlPolicy::seed())
+///     .op_timeout(Duration::from_millis(200))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct CacheBuilder {
+    store: Arc<dyn Store>,
+    namespace: String,
+    policy: TtlPolicy,
+    op_timeout: Duration,
+    lease_ttl: Duration,
+    lease_wait: Duration,
+    breaker: BreakerConfig,
+    max_value_bytes: usize,
+    stale_while_loading: bool,
+    flush_interval: Duration,
+    pending_limit: usize,
+    replay_timeout: Duration,
+    read_counter_capacity: usize,
+    hash_tags: Option<bool>,
+    force_timer: bool,
+}
+
+impl std::fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("store", &self.store.describe())
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheBuilder {
+    /// The key namespace (default `cache`).
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+
+    /// The TTL table (default [`TtlPolicy::seed`]).
+    pub fn ttl_policy(mut self, policy: TtlPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Upper bound on any one store operation (default 250 ms). Past it the
+    /// operation counts as a failure and the caller falls back to the source.
+    ///
+    /// A store that bounds its own operations (a single Redis server with
+    /// its response timeout, the memory store) is trusted to do so, and no
+    /// timer is armed per operation; give the Redis store a response timeout
+    /// no longer than this. [`CacheBuilder::always_time_out`] arms the timer
+    /// anyway.
+    pub fn op_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+
+    /// Arms the operation timer on every store call, even when the store
+    /// bounds its own latency.
+    pub fn always_time_out(mut self, yes: bool) -> Self {
+        self.force_timer = yes;
+        self
+    }
+
+    /// How long a load lease lives if its holder never fills (default 3 s).
+    /// Longer than a slow load; a fill after it expired is rejected.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.lease_ttl = d;
+        self
+    }
+
+    /// How long a caller waits for another process's fill before loading
+    /// itself without caching (default 3.5 s).
+    pub fn lease_wait(mut self, d: Duration) -> Self {
+        self.lease_wait = d;
+        self
+    }
+
+    /// Circuit breaker settings.
+    pub fn breaker(mut self, cfg: BreakerConfig) -> Self {
+        self.breaker = cfg;
+        self
+    }
+
+    /// Largest value cached, in bytes (default 1 MiB). Larger values are
+    /// served but not cached.
+    pub fn max_value_bytes(mut self, n: usize) -> Self {
+        self.max_value_bytes = n;
+        self
+    }
+
+    /// Whether callers that find another caller loading may take the stale
+    /// copy at once instead of waiting (default `true`; needs a type policy
+    /// with `max_stale` > 0 to have a stale copy).
+    pub fn stale_while_loading(mut self, yes: bool) -> Self {
+        self.stale_while_loading = yes;
+        self
+    }
+
+    /// How often hit/miss counts are added to the shared counters and
+    /// pending invalidations are retried (default 1 s).
+    pub fn flush_interval(mut self, d: Duration) -> Self {
+        self.flush_interval = d;
+        self
+    }
+
+    /// How many failed invalidations are remembered one by one before the
+    /// whole affected type is distrusted instead (default 100,000).
+    pub fn pending_limit(mut self, n: usize) -> Self {
+        self.pending_limit = n;
+        self
+    }
+
+    /// The bound of one replay of pending invalidations as a whole (default
+    /// 60 s). What a replay applied before the bound is forgotten; the rest
+    /// waits for the next replay, a flush interval later. Keys and types
+    /// with pending invalidations skip the cache until then.
+    pub fn replay_timeout(mut self, d: Duration) -> Self {
+        self.replay_timeout = d;
+        self
+    }
+
+    /// Forces Redis Cluster hash tags on or off (default: as the store needs).
+    pub fn hash_tags(mut self, yes: bool) -> Self {
+        self.hash_tags = Some(yes);
+        self
+    }
+
+    /// Builds the cache. Inside a Tokio runtime this also starts the
+    /// background task that flushes counters and retries invalidations; it
+    /// stops when the last handle is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] when the namespace is not `[a-z0-9_]+`.
+    pub fn build(self) -> Result<Cache, Error> {
+        let hash_tags = self
+            .hash_tags
+            .unwrap_or_else(|| self.store.needs_hash_tags());
+        let keys = KeyBuilder::new(&self.namespace, hash_tags)?;
+        let counter_keys = keys.counter_keys();
+        let self_bounded = self.store.bounds_own_latency() && !self.force_timer;
+        let inner = Arc::new_cyclic(|me| CacheInner {
+            self_bounded,
+            store: self.store,
+            keys,
+            counter_keys,
+            policy: self.policy,
+            op_timeout: self.op_timeout,
+            lease_ttl: self.lease_ttl,
+            lease_wait: self.lease_wait,
+            breaker: Breaker::new(self.breaker),
+            max_value_bytes: self.max_value_bytes,
+            stale_while_loading: self.stale_while_loading,
+            counters: LocalCounters::default(),
+            reads: ReadCounter::new(self.read_counter_capacity),
+            pending: Mutex::new(Pending::default()),
+            has_pending: AtomicBool::new(false),
+            pending_limit: self.pending_limit,
+            replay_running: AtomicBool::new(false),
+            replay_not_before: Mutex::new(None),
+            replay_timeout: self.replay_timeout,
+            flush_interval: self.flush_interval,
+            me: me.clone(),
+            kind_metrics: Mutex::new(HashMap::new()),
+            epochs: Epochs::default(),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(maintenance(Arc::downgrade(&inner), self.flush_interval));
+        }
+        Ok(Cache { inner })
+    }
+}
+
+impl Cache {
+    /// A builder over `store`.
+    pub fn builder(store: impl Store) -> CacheBuilder {
+        Self::builder_shared(Arc::new(store))
+    }
+
+    /// A builder over a shared store.
+    pub fn builder_shared(store: Arc<dyn Store>) -> CacheBuilder {
+        CacheBuilder {
+            store,
+            namespace: "cache".to_owned(),
+            policy: TtlPolicy::seed(),
+            op_timeout: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(3),
+            lease_wait: Duration::from_millis(3500),
+            breaker: BreakerConfig::default(),
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            stale_while_loading: true,
+            flush_interval: Duration::from_secs(1),
+            pending_limit: 100_000,
+            replay_timeout: Duration::from_secs(60),
+            read_counter_capacity: 1_000_000,
+            hash_tags: None,
+            force_timer: false,
+        }
+    }
+}
