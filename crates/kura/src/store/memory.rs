@@ -573,9 +573,11 @@ impl Store for MemoryStore {
                                 return FillOutcome::NotNewer;
                             }
                             slot.value = Some(timed(bytes.clone(), now, r.lifetimes.ttl));
-                            if !r.lifetimes.stale_ttl.is_zero() {
-                                slot.stale = Some(timed(bytes.clone(), now, r.lifetimes.stale_ttl));
-                            }
+                            // As `keep_stale` in the scripts: no stale copy
+                            // survives a fill that asked for none (it would
+                            // be older than the value now cached).
+                            slot.stale = (!r.lifetimes.stale_ttl.is_zero())
+                                .then(|| timed(bytes.clone(), now, r.lifetimes.stale_ttl));
                             slot.absent = None;
                             FillOutcome::Stored
                         }

@@ -96,7 +96,8 @@ pub enum FillValue {
 pub struct Lifetimes {
     /// TTL of the value (or of the "not found" marker for an absent fill).
     pub ttl: Duration,
-    /// Lifetime of the stale copy (zero: none is written).
+    /// Lifetime of the stale copy (zero: none is written, and one left by
+    /// an earlier write is dropped).
     pub stale_ttl: Duration,
 }
 
