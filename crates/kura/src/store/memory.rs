@@ -501,7 +501,13 @@ impl Store for MemoryStore {
         let found = shard.peek(key, now, tick, |slot| {
             let v = slot.value.as_mut()?;
             if let Some(ttl) = refresh {
-                v.until = now + ttl;
+                let until = timed((), now, ttl).until;
+                // The stale copy's end moves as much as the value's, as in
+                // get_refresh.lua: it still outlives the value by max_stale.
+                if let Some(st) = slot.stale.as_mut() {
+                    st.until = until + st.until.saturating_duration_since(v.until);
+                }
+                v.until = until;
             }
             Some(v.v.clone())
         });

@@ -310,7 +310,10 @@ pub enum Durability {
 /// and processes at once; atomicity is per entry, not across entries.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Reads a value key; with `refresh`, also resets its TTL (`GETEX`).
+    /// Reads a value key; with `refresh`, also resets its TTL (`GETEX`)
+    /// and moves the end of the entry's stale copy, if any, by as much, so
+    /// that it still outlives the value by the type's `max_stale`. One
+    /// round trip either way.
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>>;
 
     /// Reads many value keys (`MGET`).

@@ -46,9 +46,10 @@ static EXTEND_LOCK: LazyLock<Script> = script!("extend_lock.lua");
 static ACCEPT: LazyLock<Script> = script!("accept.lua");
 static SETTLE: LazyLock<Script> = script!("settle.lua");
 static ACCEPT_ENTRY: LazyLock<Script> = script!("accept_entry.lua");
+static GET_REFRESH: LazyLock<Script> = script!("get_refresh.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 10] = [
+const SOURCES: [&str; 11] = [
     source!("acquire.lua"),
     source!("fill.lua"),
     source!("release.lua"),
@@ -59,6 +60,7 @@ const SOURCES: [&str; 10] = [
     source!("accept.lua"),
     source!("settle.lua"),
     source!("accept_entry.lua"),
+    source!("get_refresh.lua"),
 ];
 
 /// `SCAN` batch size, as in the seed.
@@ -188,6 +190,17 @@ impl RedisStore {
     #[must_use]
     pub fn connection(&self) -> Option<ConnectionManager> {
         self.inner.conn.manager()
+    }
+
+    /// The stale-copy key of an entry's value key, when a script may use
+    /// both (on Cluster only if the key's hash tag puts them in one slot).
+    fn stale_companion(&self, key: &str) -> Option<String> {
+        let same_slot = !self.inner.conn.is_cluster()
+            || key
+                .split_once('{')
+                .and_then(|(_, r)| r.split_once('}'))
+                .is_some_and(|(tag, _)| !tag.is_empty());
+        same_slot.then(|| crate::key::stale_key_of(key)).flatten()
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
@@ -431,8 +444,20 @@ fn int_result(v: Option<&redis::RedisResult<Value>>) -> u64 {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
+        let wrong_type = |e: StoreError| match e {
+            StoreError::WrongType(_) => StoreError::WrongType(key.to_owned()),
+            other => other,
+        };
         let mut cmd = match refresh {
             Some(ttl) => {
+                if let Some(stale) = self.stale_companion(key) {
+                    // One script, still one round trip: the value's TTL
+                    // and the stale copy's end move together.
+                    let mut pipe = redis::pipe();
+                    pipe.invoke_script(GET_REFRESH.key(key).key(stale).arg(millis(ttl)));
+                    let v = self.run(&pipe).await.map_err(wrong_type)?;
+                    return Ok(v.into_iter().next().and_then(as_bytes));
+                }
                 let mut c = redis::cmd("GETEX");
                 c.arg(key).arg("PX").arg(millis(ttl));
                 c
@@ -442,15 +467,12 @@ impl Store for RedisStore {
         if refresh.is_none() {
             cmd.arg(key);
         }
-        let v: Option<Vec<u8>> =
-            self.inner
-                .conn
-                .query(&cmd)
-                .await
-                .map_err(|e| match StoreError::from(e) {
-                    StoreError::WrongType(_) => StoreError::WrongType(key.to_owned()),
-                    other => other,
-                })?;
+        let v: Option<Vec<u8>> = self
+            .inner
+            .conn
+            .query(&cmd)
+            .await
+            .map_err(|e| wrong_type(StoreError::from(e)))?;
         Ok(v.map(Bytes::from))
     }
 
