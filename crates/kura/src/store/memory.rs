@@ -428,7 +428,11 @@ impl MemoryStore {
     /// Bytes held, as charged against the bound.
     #[must_use]
     pub fn used_bytes(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).slots.bytes()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(s).slots.bytes())
+            .sum()
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
@@ -443,11 +447,7 @@ impl MemoryStore {
         #[cfg(test)]
         {
             Instant::now()
-                + Duration::from_nanos(
-                    self.inner
-                        .skew
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                )
+                + Duration::from_nanos(self.inner.skew.load(std::sync::atomic::Ordering::Relaxed))
         }
         #[cfg(not(test))]
         {
@@ -996,9 +996,21 @@ impl Slot {
     /// The size the slot would have once its expired parts are dropped (0
     /// when nothing is left).
     fn live_size(&self, key: &str, now: Instant) -> usize {
-        let value = self.value.as_ref().filter(|t| t.live(now)).map_or(0, |t| t.v.len());
-        let stale = self.stale.as_ref().filter(|t| t.live(now)).map_or(0, |t| t.v.len());
-        let lease = self.lease.as_ref().filter(|t| t.live(now)).map_or(0, |t| t.v.len());
+        let value = self
+            .value
+            .as_ref()
+            .filter(|t| t.live(now))
+            .map_or(0, |t| t.v.len());
+        let stale = self
+            .stale
+            .as_ref()
+            .filter(|t| t.live(now))
+            .map_or(0, |t| t.v.len());
+        let lease = self
+            .lease
+            .as_ref()
+            .filter(|t| t.live(now))
+            .map_or(0, |t| t.v.len());
         let pending = self.pending.as_ref().map_or(0, Bytes::len);
         let any = self.value.as_ref().is_some_and(|t| t.live(now))
             || self.stale.as_ref().is_some_and(|t| t.live(now))
@@ -1043,7 +1055,10 @@ mod tests {
     }
 
     fn envelope(version: u64, len: usize) -> Bytes {
-        Bytes::from(format!("{{\"_v\":{version},\"p\":\"{}\"}}", "x".repeat(len)))
+        Bytes::from(format!(
+            "{{\"_v\":{version},\"p\":\"{}\"}}",
+            "x".repeat(len)
+        ))
     }
 
     fn ms(n: u64) -> Duration {
@@ -1066,7 +1081,10 @@ mod tests {
     }
 
     async fn fill(s: &MemoryStore, e: &EntryKeys, version: u64, len: usize, l: Lifetimes) {
-        assert_eq!(try_fill(s, e, version, len, l).await, Some(FillOutcome::Stored));
+        assert_eq!(
+            try_fill(s, e, version, len, l).await,
+            Some(FillOutcome::Stored)
+        );
     }
 
     /// Takes the lease and fills, as a reader that missed does; `None` when
@@ -1188,20 +1206,67 @@ mod tests {
     /// One step of the property test.
     #[derive(Debug, Clone)]
     enum Op {
-        Acquire { k: usize, token: u8 },
-        Fill { k: usize, token: u8, version: u64, len: usize, ttl: u64, stale: u64 },
-        FillAbsent { k: usize, token: u8, ttl: u64 },
-        Release { k: usize, token: u8 },
-        Update { k: usize, version: u64, len: usize, ttl: u64, stale: u64 },
-        Invalidate { k: usize },
-        InvalidateMatching { all: bool },
-        Discard { k: usize },
-        Set { k: usize, len: usize, ttl: u64 },
-        Get { k: usize, refresh: Option<u64> },
-        Accept { k: usize, len: usize, ttl: u64, stale: u64 },
-        Ack { k: usize },
-        DeadLetter { k: usize },
-        Advance { ms: u64 },
+        Acquire {
+            k: usize,
+            token: u8,
+        },
+        Fill {
+            k: usize,
+            token: u8,
+            version: u64,
+            len: usize,
+            ttl: u64,
+            stale: u64,
+        },
+        FillAbsent {
+            k: usize,
+            token: u8,
+            ttl: u64,
+        },
+        Release {
+            k: usize,
+            token: u8,
+        },
+        Update {
+            k: usize,
+            version: u64,
+            len: usize,
+            ttl: u64,
+            stale: u64,
+        },
+        Invalidate {
+            k: usize,
+        },
+        InvalidateMatching {
+            all: bool,
+        },
+        Discard {
+            k: usize,
+        },
+        Set {
+            k: usize,
+            len: usize,
+            ttl: u64,
+        },
+        Get {
+            k: usize,
+            refresh: Option<u64>,
+        },
+        Accept {
+            k: usize,
+            len: usize,
+            ttl: u64,
+            stale: u64,
+        },
+        Ack {
+            k: usize,
+        },
+        DeadLetter {
+            k: usize,
+        },
+        Advance {
+            ms: u64,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1212,7 +1277,14 @@ mod tests {
         let len = 0usize..300;
         prop_oneof![
             (k.clone(), token.clone()).prop_map(|(k, token)| Op::Acquire { k, token }),
-            (k.clone(), token.clone(), 1u64..20, len.clone(), ttl.clone(), stale.clone())
+            (
+                k.clone(),
+                token.clone(),
+                1u64..20,
+                len.clone(),
+                ttl.clone(),
+                stale.clone()
+            )
                 .prop_map(|(k, token, version, len, ttl, stale)| Op::Fill {
                     k,
                     token,
@@ -1221,8 +1293,11 @@ mod tests {
                     ttl,
                     stale
                 }),
-            (k.clone(), token.clone(), ttl.clone())
-                .prop_map(|(k, token, ttl)| Op::FillAbsent { k, token, ttl }),
+            (k.clone(), token.clone(), ttl.clone()).prop_map(|(k, token, ttl)| Op::FillAbsent {
+                k,
+                token,
+                ttl
+            }),
             (k.clone(), token).prop_map(|(k, token)| Op::Release { k, token }),
             (k.clone(), 1u64..20, len.clone(), ttl.clone(), stale.clone()).prop_map(
                 |(k, version, len, ttl, stale)| Op::Update {
@@ -1239,8 +1314,12 @@ mod tests {
             (k.clone(), len.clone(), ttl.clone()).prop_map(|(k, len, ttl)| Op::Set { k, len, ttl }),
             (k.clone(), prop::option::of(ttl.clone()))
                 .prop_map(|(k, refresh)| Op::Get { k, refresh }),
-            (k.clone(), len, ttl, stale)
-                .prop_map(|(k, len, ttl, stale)| Op::Accept { k, len, ttl, stale }),
+            (k.clone(), len, ttl, stale).prop_map(|(k, len, ttl, stale)| Op::Accept {
+                k,
+                len,
+                ttl,
+                stale
+            }),
             k.clone().prop_map(|k| Op::Ack { k }),
             k.prop_map(|k| Op::DeadLetter { k }),
             (0u64..4_000).prop_map(|ms| Op::Advance { ms }),
@@ -1289,7 +1368,14 @@ mod tests {
                 .await
                 .unwrap();
             }
-            Op::Fill { k, token, version, len, ttl, stale } => {
+            Op::Fill {
+                k,
+                token,
+                version,
+                len,
+                ttl,
+                stale,
+            } => {
                 s.fill(&[FillRequest {
                     keys: &es[k],
                     token: tok(token),
@@ -1313,7 +1399,13 @@ mod tests {
                 .unwrap();
             }
             Op::Release { k, token } => s.release(&[(&es[k], tok(token))]).await.unwrap(),
-            Op::Update { k, version, len, ttl, stale } => {
+            Op::Update {
+                k,
+                version,
+                len,
+                ttl,
+                stale,
+            } => {
                 s.update(&[UpdateRequest {
                     keys: &es[k],
                     bytes: envelope(version, len),
@@ -1337,7 +1429,9 @@ mod tests {
                 }
             }
             Op::Set { k, len, ttl } => {
-                s.set(&es[k].value, envelope(0, len), ms(ttl)).await.unwrap();
+                s.set(&es[k].value, envelope(0, len), ms(ttl))
+                    .await
+                    .unwrap();
             }
             Op::Get { k, refresh } => {
                 s.get(&es[k].value, refresh.map(ms)).await.unwrap();

@@ -643,7 +643,10 @@ pub async fn fill_without_stale_drops_the_old_stale_copy(b: Backend) {
         lifetimes: life(100, 60_000),
         ..fill_req(&e, "A", envelope("old", 1), 1)
     };
-    assert_eq!(s.fill(&[with_stale]).await.unwrap(), vec![FillOutcome::Stored]);
+    assert_eq!(
+        s.fill(&[with_stale]).await.unwrap(),
+        vec![FillOutcome::Stored]
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
     match &s.acquire(&[acq(&e, "B")]).await.unwrap()[0] {
         Acquired::Leased { stale: Some(st) } => assert_eq!(name_of(st), "old"),
@@ -652,10 +655,7 @@ pub async fn fill_without_stale_drops_the_old_stale_copy(b: Backend) {
     // A fill that asks for no stale copy leaves none behind: the old one
     // is older than the value now cached.
     let new = envelope("new", 2);
-    let out = s
-        .fill(&[fill_req(&e, "B", new.clone(), 2)])
-        .await
-        .unwrap();
+    let out = s.fill(&[fill_req(&e, "B", new.clone(), 2)]).await.unwrap();
     assert_eq!(out, vec![FillOutcome::Stored]);
     s.discard(&e.value, &new).await.unwrap();
     assert_eq!(
@@ -682,7 +682,11 @@ pub async fn refresh_extends_the_stale_copy(b: Backend) {
     let v = s.get(&e.value, Some(Duration::from_secs(3))).await.unwrap();
     assert_eq!(name_of(&v.unwrap()), "v1");
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let v = s.get(&e.value, None).await.unwrap().expect("value refreshed");
+    let v = s
+        .get(&e.value, None)
+        .await
+        .unwrap()
+        .expect("value refreshed");
     // Take the value away to look at the stale copy.
     s.discard(&e.value, &v).await.unwrap();
     match &s.acquire(&[acq(&e, "B")]).await.unwrap()[0] {
@@ -748,7 +752,10 @@ pub async fn bounded_store_evicts_old_entries(s: Arc<dyn Store>, ns: &str, bound
         assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
     }
     let old: Vec<EntryKeys> = (0..200).map(|i| entry(&*s, ns, &format!("o{i}"))).collect();
-    assert_eq!(fill_all(&*s, &old, value_len, life(600_000, 0)).await, old.len());
+    assert_eq!(
+        fill_all(&*s, &old, value_len, life(600_000, 0)).await,
+        old.len()
+    );
     // Both stores' LRU clocks count seconds.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let flood: Vec<EntryKeys> = (0..4 * bound / value_len)
@@ -809,11 +816,17 @@ pub async fn clearing_and_expiry_keep_the_whole_bound(s: Arc<dyn Store>, ns: &st
     // Values and stale copies that expire between two reads.
     for _ in 0..4 {
         assert_eq!(cached(&*s, &es).await, 0);
-        assert_eq!(fill_all(&*s, &es, value_len, life(150, 300)).await, es.len());
+        assert_eq!(
+            fill_all(&*s, &es, value_len, life(150, 300)).await,
+            es.len()
+        );
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     assert_eq!(cached(&*s, &es).await, 0);
-    assert_eq!(fill_all(&*s, &es, value_len, life(600_000, 0)).await, es.len());
+    assert_eq!(
+        fill_all(&*s, &es, value_len, life(600_000, 0)).await,
+        es.len()
+    );
     assert_eq!(
         cached(&*s, &es).await,
         es.len(),
