@@ -425,7 +425,9 @@ impl MemoryStore {
         }
     }
 
-    /// Bytes held, as charged against the bound.
+    /// Bytes held, as charged against the bound: exactly the sizes of the
+    /// entries held (an expired part counts until it is dropped, on the
+    /// entry's next access or by the sampling sweep).
     #[must_use]
     pub fn used_bytes(&self) -> usize {
         self.inner
