@@ -238,6 +238,17 @@ impl Companion {
     }
 }
 
+/// The stale-copy key of the entry whose value key is `value_key`, or
+/// `None` when the key is kura's own (`<namespace>:~…`) or not of the
+/// `<namespace>:…` shape.
+pub(crate) fn stale_key_of(value_key: &str) -> Option<String> {
+    let (namespace, rest) = value_key.split_once(':')?;
+    if rest.is_empty() || rest.starts_with('~') {
+        return None;
+    }
+    Some(format!("{namespace}:{}{rest}", Companion::Stale.tag()))
+}
+
 /// Builds keys for one namespace.
 #[derive(Debug, Clone)]
 pub struct KeyBuilder {
@@ -691,6 +702,19 @@ mod tests {
 
     fn kb() -> KeyBuilder {
         KeyBuilder::new("cache", false).unwrap()
+    }
+
+    #[test]
+    fn stale_key_from_the_value_key() {
+        for tags in [false, true] {
+            let e = KeyBuilder::new("cache", tags)
+                .unwrap()
+                .entry(&Kind::DOCUMENT_META, "d1")
+                .unwrap();
+            assert_eq!(stale_key_of(&e.value).as_deref(), Some(e.stale.as_str()));
+        }
+        assert_eq!(stale_key_of("cache:~lock:warm"), None);
+        assert_eq!(stale_key_of("nocolon"), None);
     }
 
     #[test]

@@ -34,7 +34,62 @@ both_stores!(
     counters_add_up,
     locks_are_owned,
     foreign_values_without_version_are_replaceable,
+    fill_without_stale_drops_the_old_stale_copy,
+    refresh_extends_the_stale_copy,
 );
+
+/// The memory store's bound in the bounded cases.
+const MEMORY_BOUND: usize = 1 << 20;
+/// The `maxmemory` of the Redis the bounded cases start (the empty server
+/// itself takes about 1 MiB of it).
+const REDIS_BOUND: usize = 4 << 20;
+
+fn bounded_memory() -> std::sync::Arc<dyn kura::Store> {
+    std::sync::Arc::new(kura::store::MemoryStore::new().with_max_bytes(MEMORY_BOUND))
+}
+
+/// A `redis-server` of the test's own with `maxmemory` and the policy
+/// kura needs (`volatile-lru`: keys without a TTL, such as pending
+/// write-behind copies and the queue, are never evicted). Never set on
+/// the shared server.
+async fn bounded_redis() -> (kura_testkit::RedisServer, std::sync::Arc<dyn kura::Store>) {
+    let srv = kura_testkit::RedisServer::start_with(kura_testkit::RedisOptions::default().args([
+        "--maxmemory".to_owned(),
+        REDIS_BOUND.to_string(),
+        "--maxmemory-policy".to_owned(),
+        "volatile-lru".to_owned(),
+    ]))
+    .await;
+    let s = kura::store::RedisStore::open(&srv.url()).unwrap();
+    (srv, std::sync::Arc::new(s))
+}
+
+mod bounded {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_store_evicts_old_entries() {
+        bounded_store_evicts_old_entries(bounded_memory(), &ns(), MEMORY_BOUND).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_store_evicts_old_entries() {
+        let (_srv, s) = bounded_redis().await;
+        bounded_store_evicts_old_entries(s, &ns(), REDIS_BOUND).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_store_clearing_and_expiry_keep_the_whole_bound() {
+        clearing_and_expiry_keep_the_whole_bound(bounded_memory(), &ns(), MEMORY_BOUND).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_store_clearing_and_expiry_keep_the_whole_bound() {
+        let (_srv, s) = bounded_redis().await;
+        // The empty server takes about a quarter of `maxmemory`.
+        clearing_and_expiry_keep_the_whole_bound(s, &ns(), REDIS_BOUND / 2).await;
+    }
+}
 
 /// Redis only: a key of the wrong type left by someone else is repaired by
 /// the scripts, and a plain read reports it as bad data, not an outage.

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use indexmap::IndexMap;
 use rand::Rng;
 
 use super::{
@@ -103,17 +103,113 @@ enum Plain {
     Counter(i64),
 }
 
+mod slots {
+    //! The entries of one shard and the bytes they are charged, in step by
+    //! construction: the fields are private to this module, and every
+    //! change to a slot goes through [`Slots::change`], which charges the
+    //! difference it made.
+
+    use std::time::Instant;
+
+    use indexmap::IndexMap;
+
+    use super::Slot;
+
+    #[derive(Debug, Default)]
+    pub(super) struct Slots {
+        map: IndexMap<Box<str>, Slot>,
+        /// Always the sum of [`Slot::size`] over `map`.
+        bytes: usize,
+    }
+
+    impl Slots {
+        /// The bytes charged: the sizes of the slots held.
+        pub(super) fn bytes(&self) -> usize {
+            self.bytes
+        }
+
+        pub(super) fn len(&self) -> usize {
+            self.map.len()
+        }
+
+        pub(super) fn is_empty(&self) -> bool {
+            self.map.is_empty()
+        }
+
+        pub(super) fn index_of(&self, key: &str) -> Option<usize> {
+            self.map.get_index_of(key)
+        }
+
+        /// The key and slot at `i`, read-only.
+        pub(super) fn get(&self, i: usize) -> (&str, &Slot) {
+            let (k, s) = self.map.get_index(i).expect("slot index in range");
+            (k, s)
+        }
+
+        #[cfg(test)]
+        pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
+            self.map.iter().map(|(k, s)| (&**k, s))
+        }
+
+        /// The one way a slot changes: drops its expired parts, applies `f`,
+        /// charges the difference and removes the slot if nothing is left.
+        pub(super) fn change<R>(
+            &mut self,
+            i: usize,
+            now: Instant,
+            f: impl FnOnce(&mut Slot) -> R,
+        ) -> R {
+            let (k, slot) = self.map.get_index_mut(i).expect("slot index in range");
+            let before = slot.size(k);
+            slot.expire(now);
+            let r = f(slot);
+            let after = slot.size(k);
+            let empty = slot.is_empty();
+            // `before` is part of `bytes`, so this cannot underflow.
+            self.bytes = self.bytes - before + after;
+            if empty {
+                self.remove(i);
+            }
+            r
+        }
+
+        /// [`Slots::change`] on the slot of `key`, created if missing.
+        pub(super) fn upsert<R>(
+            &mut self,
+            key: &str,
+            now: Instant,
+            f: impl FnOnce(&mut Slot) -> R,
+        ) -> R {
+            let i = match self.map.get_index_of(key) {
+                Some(i) => i,
+                None => {
+                    let slot = Slot::default();
+                    self.bytes += slot.size(key);
+                    self.map.insert_full(key.into(), slot).0
+                }
+            };
+            self.change(i, now, f)
+        }
+
+        /// Removes the slot at `i`, uncharging exactly what it was charged.
+        pub(super) fn remove(&mut self, i: usize) {
+            if let Some((k, slot)) = self.map.swap_remove_index(i) {
+                self.bytes -= slot.size(&k);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shard {
-    slots: IndexMap<Box<str>, Slot>,
+    slots: slots::Slots,
     plain: HashMap<Box<str>, Plain>,
-    bytes: usize,
     ops: u32,
 }
 
 impl Shard {
-    /// Applies `f` to the live slot of `key` (created if missing), keeping
-    /// the byte count and dropping the slot if it ends up empty.
+    /// Applies `f` to the live slot of `key` (created if missing), as an
+    /// access.
     fn with_slot<R>(
         &mut self,
         key: &str,
@@ -121,38 +217,29 @@ impl Shard {
         tick: u32,
         f: impl FnOnce(&mut Slot) -> R,
     ) -> R {
-        let idx = match self.slots.get_index_of(key) {
-            Some(i) => i,
-            None => {
-                let slot = Slot {
-                    touched: tick,
-                    ..Slot::default()
-                };
-                self.bytes += slot.size(key);
-                self.slots.insert_full(key.into(), slot).0
-            }
-        };
-        let (k, slot) = self.slots.get_index_mut(idx).expect("index just found");
-        let before = slot.size(k);
-        slot.expire(now);
-        slot.touched = tick;
-        let r = f(slot);
-        let after = slot.size(k);
-        let empty = slot.is_empty();
-        self.bytes = self.bytes + after - before;
-        if empty {
-            self.slots.swap_remove_index(idx);
-            self.bytes -= after;
-        }
-        r
+        self.slots.upsert(key, now, |slot| {
+            slot.touched = tick;
+            f(slot)
+        })
     }
 
-    /// Reads a slot without creating one.
-    fn peek(&mut self, key: &str, now: Instant, tick: u32) -> Option<&mut Slot> {
-        let slot = self.slots.get_mut(key)?;
-        slot.expire(now);
-        slot.touched = tick;
-        Some(slot)
+    /// Applies `f` to the live slot of `key` if there is one (`None`
+    /// otherwise, or when its parts had all expired), as an access.
+    fn peek<R>(
+        &mut self,
+        key: &str,
+        now: Instant,
+        tick: u32,
+        f: impl FnOnce(&mut Slot) -> R,
+    ) -> Option<R> {
+        let i = self.slots.index_of(key)?;
+        let mut live = false;
+        let r = self.slots.change(i, now, |slot| {
+            live = !slot.is_empty();
+            slot.touched = tick;
+            f(slot)
+        });
+        live.then_some(r)
     }
 
     /// Drops expired entries from a random sample (Redis's active expiry,
@@ -163,18 +250,12 @@ impl Shard {
             return;
         }
         let mut rng = rand::rng();
-        for _ in 0..16.min(self.slots.len()) {
-            let i = rng.random_range(0..self.slots.len());
-            let (key, slot) = self.slots.get_index_mut(i).expect("index in range");
-            let before = slot.size(key);
-            slot.expire(now);
-            if slot.is_empty() {
-                self.bytes = self.bytes.saturating_sub(before);
-                self.slots.swap_remove_index(i);
-                if self.slots.is_empty() {
-                    break;
-                }
+        for _ in 0..16 {
+            if self.slots.is_empty() {
+                break;
             }
+            let i = rng.random_range(0..self.slots.len());
+            self.slots.change(i, now, |_| ());
         }
         self.plain.retain(|_, p| match p {
             Plain::Value(t) => t.live(now),
@@ -182,25 +263,29 @@ impl Shard {
         });
     }
 
-    /// Evicts approximately least recently used entries until under `cap`.
-    /// Entries holding a pending write-behind copy are never evicted.
-    fn evict(&mut self, cap: usize) {
+    /// Evicts approximately least recently used entries while `over` says
+    /// the store is past its bound with this shard holding `bytes`.
+    /// Entries holding a pending write-behind copy are never evicted, nor
+    /// is `spare`, the entry the step just wrote (as in Redis, a write never
+    /// evicts itself).
+    fn evict(&mut self, spare: &str, over: impl Fn(usize) -> bool) {
         let mut rng = rand::rng();
         let mut attempts = 0;
-        while self.bytes > cap && !self.slots.is_empty() && attempts < 64 {
+        while over(self.slots.bytes()) && !self.slots.is_empty() && attempts < 64 {
             attempts += 1;
-            let mut victim: Option<usize> = None;
+            let mut victim: Option<(usize, u32)> = None;
             for _ in 0..EVICTION_SAMPLES.min(self.slots.len()) {
                 let i = rng.random_range(0..self.slots.len());
-                if self.slots[i].pending.is_some() {
+                let (k, slot) = self.slots.get(i);
+                if slot.pending.is_some() || k == spare {
                     continue;
                 }
-                if victim.is_none_or(|v| self.slots[i].touched < self.slots[v].touched) {
-                    victim = Some(i);
+                if victim.is_none_or(|(_, t)| slot.touched < t) {
+                    victim = Some((i, slot.touched));
                 }
             }
-            if let Some((k, slot)) = victim.and_then(|v| self.slots.swap_remove_index(v)) {
-                self.bytes = self.bytes.saturating_sub(slot.size(&k));
+            if let Some((i, _)) = victim {
+                self.slots.remove(i);
                 attempts = 0;
             }
         }
@@ -213,7 +298,14 @@ impl Shard {
 /// (never across an `.await`). Memory is bounded: past
 /// [`MemoryStore::with_max_bytes`] the least recently used entries are
 /// evicted (sampled, as Redis does), and expired entries are dropped lazily
-/// and by sampling.
+/// and by sampling. An entry is charged its keys, its values, its lease
+/// token and 96 bytes of bookkeeping; the count is exact
+/// (every change to an entry charges the difference it made, expiry
+/// included), so a long-lived store keeps its whole bound for caching.
+/// A write never evicts the entry it wrote, and an entry holding a
+/// write-behind write not yet in the database is never evicted (as Redis's
+/// `volatile-*` policies never evict a key without a TTL). Counters and
+/// named locks are few and not charged.
 ///
 /// The memory store is the embedded default for one process. Several
 /// processes do not share it: use Redis for a fleet.
@@ -233,10 +325,19 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    cap_per_shard: usize,
+    /// The bound, over the whole store: a per-shard share would evict
+    /// from whichever shard the hash made fuller than average long before
+    /// the store as a whole is full.
+    max_bytes: usize,
+    /// The bytes of every shard, kept by [`ShardGuard`] as each holder of
+    /// a shard lock lets go.
+    total: AtomicUsize,
     started: Instant,
     queues: Mutex<HashMap<String, MemQueue>>,
     queued: tokio::sync::Notify,
+    /// How far the tests moved the entry clock forward (nanoseconds).
+    #[cfg(test)]
+    skew: std::sync::atomic::AtomicU64,
 }
 
 type EntryId = (u64, u64);
@@ -349,23 +450,75 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
-                cap_per_shard: (max_bytes / n).max(1),
+                max_bytes,
+                total: AtomicUsize::new(0),
                 started: Instant::now(),
                 queues: Mutex::new(HashMap::new()),
                 queued: tokio::sync::Notify::new(),
+                #[cfg(test)]
+                skew: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
 
-    /// Bytes held, as charged against the bound.
+    /// Bytes held, as charged against the bound: exactly the sizes of the
+    /// entries held (an expired part counts until it is dropped, on the
+    /// entry's next access or by the sampling sweep).
     #[must_use]
     pub fn used_bytes(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).bytes).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(s).slots.bytes())
+            .sum()
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+    fn shard(&self, key: &str) -> ShardGuard<'_> {
         let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-        lock(&self.inner.shards[(h as usize) % self.inner.shards.len()])
+        self.shard_at((h as usize) % self.inner.shards.len())
+    }
+
+    fn shard_at(&self, i: usize) -> ShardGuard<'_> {
+        let shard = lock(&self.inner.shards[i]);
+        ShardGuard {
+            before: shard.slots.bytes(),
+            shard,
+            total: &self.inner.total,
+        }
+    }
+
+    /// Evicts from the locked shard while the whole store is past its
+    /// bound, sparing the entry just written.
+    fn evict(&self, shard: &mut ShardGuard<'_>, spare: &str) {
+        // What the other shards hold, as of their last release.
+        let others = self.inner.total.load(Ordering::Relaxed) as isize - shard.before as isize;
+        let max = self.inner.max_bytes as isize;
+        shard
+            .shard
+            .evict(spare, |bytes| others + bytes as isize > max);
+    }
+
+    /// The clock of the entry protocol: `Instant::now()`, which the unit
+    /// tests can move forward to expire entries without sleeping.
+    #[inline]
+    fn now(&self) -> Instant {
+        #[cfg(test)]
+        {
+            Instant::now()
+                + Duration::from_nanos(self.inner.skew.load(std::sync::atomic::Ordering::Relaxed))
+        }
+        #[cfg(not(test))]
+        {
+            Instant::now()
+        }
+    }
+
+    /// Moves the entry clock forward.
+    #[cfg(test)]
+    fn advance(&self, d: Duration) {
+        self.inner
+            .skew
+            .fetch_add(d.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn tick(&self, now: Instant) -> u32 {
@@ -374,14 +527,47 @@ impl MemoryStore {
 
     /// Runs one entry step under its shard lock.
     fn step<R>(&self, keys: &EntryKeys, f: impl FnOnce(&mut Slot, Instant) -> R) -> R {
-        let now = Instant::now();
+        let now = self.now();
         let tick = self.tick(now);
         let mut shard = self.shard(&keys.value);
         shard.sweep(now);
         let r = shard.with_slot(&keys.value, now, tick, |slot| f(slot, now));
-        let cap = self.inner.cap_per_shard;
-        shard.evict(cap);
+        self.evict(&mut shard, &keys.value);
         r
+    }
+}
+
+/// A locked shard. When it is let go, the store-wide total takes the
+/// difference its holder made, so the total is the sum of the shards'
+/// counts whenever no lock is held.
+struct ShardGuard<'a> {
+    shard: MutexGuard<'a, Shard>,
+    /// The shard's bytes when the lock was taken.
+    before: usize,
+    total: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        &self.shard
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        &mut self.shard
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    fn drop(&mut self) {
+        let after = self.shard.slots.bytes();
+        if after >= self.before {
+            self.total.fetch_add(after - self.before, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.before - after, Ordering::Relaxed);
+        }
     }
 }
 
@@ -401,17 +587,24 @@ fn timed<T>(v: T, now: Instant, ttl: Duration) -> Timed<T> {
 #[async_trait]
 impl Store for MemoryStore {
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
-        let now = Instant::now();
+        let now = self.now();
         let tick = self.tick(now);
         let mut shard = self.shard(key);
-        if let Some(slot) = shard.peek(key, now, tick) {
-            if let Some(v) = slot.value.as_mut() {
-                if let Some(ttl) = refresh {
-                    v.until = now + ttl;
+        let found = shard.peek(key, now, tick, |slot| {
+            let v = slot.value.as_mut()?;
+            if let Some(ttl) = refresh {
+                let until = timed((), now, ttl).until;
+                // The stale copy's end moves as much as the value's, as in
+                // get_refresh.lua: it still outlives the value by max_stale.
+                if let Some(st) = slot.stale.as_mut() {
+                    st.until = until + st.until.saturating_duration_since(v.until);
                 }
-                return Ok(Some(v.v.clone()));
+                v.until = until;
             }
-            return Ok(None);
+            Some(v.v.clone())
+        });
+        if let Some(v) = found {
+            return Ok(v);
         }
         Ok(match shard.plain.get(key) {
             Some(Plain::Value(t)) if t.live(now) => Some(t.v.clone()),
@@ -478,9 +671,11 @@ impl Store for MemoryStore {
                                 return FillOutcome::NotNewer;
                             }
                             slot.value = Some(timed(bytes.clone(), now, r.lifetimes.ttl));
-                            if !r.lifetimes.stale_ttl.is_zero() {
-                                slot.stale = Some(timed(bytes.clone(), now, r.lifetimes.stale_ttl));
-                            }
+                            // As `keep_stale` in the scripts: no stale copy
+                            // survives a fill that asked for none (it would
+                            // be older than the value now cached).
+                            slot.stale = (!r.lifetimes.stale_ttl.is_zero())
+                                .then(|| timed(bytes.clone(), now, r.lifetimes.stale_ttl));
                             slot.absent = None;
                             FillOutcome::Stored
                         }
@@ -533,28 +728,23 @@ impl Store for MemoryStore {
     }
 
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
-        let now = Instant::now();
+        let now = self.now();
         let mut n = 0;
-        for shard in self.inner.shards.iter() {
-            let mut shard = lock(shard);
-            let mut freed = 0;
-            shard.slots.retain(|k, slot| {
-                if !pattern.matches_value_key(k) {
-                    return true;
+        for i in 0..self.inner.shards.len() {
+            let mut shard = self.shard_at(i);
+            // Backwards: a removal moves the last slot into the gap, and
+            // that one has been seen already.
+            for i in (0..shard.slots.len()).rev() {
+                if pattern.matches_value_key(shard.slots.get(i).0) {
+                    n += u64::from(shard.slots.change(i, now, Slot::invalidate));
                 }
-                let before = slot.size(k);
-                slot.expire(now);
-                n += u64::from(slot.invalidate());
-                freed += before - slot.size(k);
-                !slot.is_empty()
-            });
-            shard.bytes = shard.bytes.saturating_sub(freed);
+            }
         }
         Ok(n)
     }
 
     async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
-        let now = Instant::now();
+        let now = self.now();
         let tick = self.tick(now);
         let mut shard = self.shard(key);
         shard.with_slot(key, now, tick, |slot| {
@@ -568,15 +758,14 @@ impl Store for MemoryStore {
     async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
         // A plain value lives in a slot like a cached one, so `get` and
         // `discard` see it the same way.
-        let now = Instant::now();
+        let now = self.now();
         let tick = self.tick(now);
         let mut shard = self.shard(key);
         shard.sweep(now);
         shard.with_slot(key, now, tick, |slot| {
             slot.value = Some(timed(bytes, now, ttl));
         });
-        let cap = self.inner.cap_per_shard;
-        shard.evict(cap);
+        self.evict(&mut shard, key);
         Ok(())
     }
 
@@ -603,7 +792,7 @@ impl Store for MemoryStore {
     }
 
     async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
-        let now = Instant::now();
+        let now = self.now();
         let mut shard = self.shard(key);
         let held = matches!(shard.plain.get(key), Some(Plain::Value(t)) if t.live(now));
         if held {
@@ -617,7 +806,7 @@ impl Store for MemoryStore {
     }
 
     async fn extend_lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
-        let now = Instant::now();
+        let now = self.now();
         let mut shard = self.shard(key);
         match shard.plain.get_mut(key) {
             Some(Plain::Value(t)) if t.live(now) && t.v == token.as_bytes() => {
@@ -688,15 +877,15 @@ impl Store for MemoryStore {
     }
 
     async fn pending_copies(&self, entries: &[&EntryKeys]) -> StoreResult<Vec<Option<Bytes>>> {
-        let now = Instant::now();
+        let now = self.now();
         let tick = self.tick(now);
         Ok(entries
             .iter()
             .map(|e| {
                 let mut shard = self.shard(&e.value);
                 shard
-                    .peek(&e.value, now, tick)
-                    .and_then(|slot| slot.pending.clone())
+                    .peek(&e.value, now, tick, |slot| slot.pending.clone())
+                    .flatten()
             })
             .collect())
     }
@@ -877,5 +1066,663 @@ impl Store for MemoryStore {
 
     fn describe(&self) -> &'static str {
         "memory"
+    }
+}
+
+/// What the byte count says against what the shards hold.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Audit {
+    /// The sum of the shards' byte counts.
+    accounted: usize,
+    /// The sizes of the slots held, expired parts included.
+    held: usize,
+    /// The sizes of the slots held, counting only their live parts.
+    live: usize,
+}
+
+#[cfg(test)]
+impl MemoryStore {
+    fn audit(&self) -> Audit {
+        let now = self.now();
+        let mut a = Audit {
+            accounted: 0,
+            held: 0,
+            live: 0,
+        };
+        for shard in self.inner.shards.iter() {
+            let shard = lock(shard);
+            a.accounted += shard.slots.bytes();
+            for (k, slot) in shard.slots.iter() {
+                a.held += slot.size(k);
+                a.live += slot.live_size(k, now);
+            }
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+impl Slot {
+    /// The size the slot would have once its expired parts are dropped (0
+    /// when nothing is left).
+    fn live_size(&self, key: &str, now: Instant) -> usize {
+        let value = self
+            .value
+            .as_ref()
+            .filter(|t| t.live(now))
+            .map_or(0, |t| t.v.len());
+        let stale = self
+            .stale
+            .as_ref()
+            .filter(|t| t.live(now))
+            .map_or(0, |t| t.v.len());
+        let lease = self
+            .lease
+            .as_ref()
+            .filter(|t| t.live(now))
+            .map_or(0, |t| t.v.len());
+        let pending = self.pending.as_ref().map_or(0, Bytes::len);
+        let any = self.value.as_ref().is_some_and(|t| t.live(now))
+            || self.stale.as_ref().is_some_and(|t| t.live(now))
+            || self.lease.as_ref().is_some_and(|t| t.live(now))
+            || self.absent.is_some_and(|t| t > now)
+            || self.pending.is_some();
+        if any {
+            ENTRY_OVERHEAD + key.len() + value + stale + lease + pending
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{KeyBuilder, Kind};
+    use crate::store::Lifetimes;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const IDS: [&str; 4] = ["a1", "a2", "b1", "b2"];
+
+    fn kb() -> KeyBuilder {
+        KeyBuilder::new("t", false).unwrap()
+    }
+
+    fn entries() -> Vec<EntryKeys> {
+        IDS.iter()
+            .map(|id| kb().entry(&Kind::PROFILE, id).unwrap())
+            .collect()
+    }
+
+    fn queue() -> QueueKeys {
+        QueueKeys {
+            stream: "t:~wb:profile".into(),
+            dead: "t:~wb:profile:dead".into(),
+            group: "kura".into(),
+        }
+    }
+
+    fn envelope(version: u64, len: usize) -> Bytes {
+        Bytes::from(format!(
+            "{{\"_v\":{version},\"p\":\"{}\"}}",
+            "x".repeat(len)
+        ))
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn life(ttl: u64, stale: u64) -> Lifetimes {
+        Lifetimes {
+            ttl: ms(ttl),
+            stale_ttl: ms(stale),
+        }
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    async fn fill(s: &MemoryStore, e: &EntryKeys, version: u64, len: usize, l: Lifetimes) {
+        assert_eq!(
+            try_fill(s, e, version, len, l).await,
+            Some(FillOutcome::Stored)
+        );
+    }
+
+    /// Takes the lease and fills, as a reader that missed does; `None` when
+    /// the lease was not granted (a value, a pending copy or another
+    /// holder).
+    async fn try_fill(
+        s: &MemoryStore,
+        e: &EntryKeys,
+        version: u64,
+        len: usize,
+        l: Lifetimes,
+    ) -> Option<FillOutcome> {
+        let acq = AcquireRequest {
+            keys: e,
+            token: "T",
+            lease_ttl: ms(5_000),
+            value_ttl: ms(60_000),
+        };
+        let got = s.acquire(&[acq]).await.unwrap();
+        if !matches!(got[0], Acquired::Leased { .. }) {
+            return None;
+        }
+        let mut out = s
+            .fill(&[FillRequest {
+                keys: e,
+                token: "T",
+                value: FillValue::Value {
+                    bytes: envelope(version, len),
+                    version,
+                },
+                lifetimes: l,
+            }])
+            .await
+            .unwrap();
+        out.pop()
+    }
+
+    fn assert_exact(s: &MemoryStore) {
+        let a = s.audit();
+        assert_eq!(a.accounted, a.held, "the count drifted: {a:?}");
+        assert_eq!(s.used_bytes(), a.accounted);
+        assert_eq!(
+            s.inner.total.load(Ordering::Relaxed),
+            a.accounted,
+            "the store-wide total drifted from the shards' counts"
+        );
+        assert!(a.live <= a.held, "{a:?}");
+    }
+
+    #[test]
+    fn the_bound_holds_for_the_store_as_a_whole() {
+        run(async {
+            // 64 shards: a per-shard share of the bound would evict from
+            // the shards the hash made fuller than average.
+            let s = MemoryStore::with_shards(64, 256 * 1024);
+            let es: Vec<EntryKeys> = (0..200)
+                .map(|i| kb().entry(&Kind::PROFILE, &format!("w{i}")).unwrap())
+                .collect();
+            for e in &es {
+                fill(&s, e, 1, 600, life(600_000, 0)).await;
+            }
+            assert_exact(&s);
+            // About half the bound: every entry is still there.
+            assert!(s.used_bytes() < 192 * 1024, "{}", s.used_bytes());
+            let keys: Vec<&str> = es.iter().map(|e| e.value.as_str()).collect();
+            let got = s.get_many(&keys).await.unwrap();
+            assert_eq!(
+                got.iter().flatten().count(),
+                es.len(),
+                "evicted under half the bound"
+            );
+            // Twice the bound written: the store stays near its bound.
+            let more: Vec<EntryKeys> = (0..800)
+                .map(|i| kb().entry(&Kind::PROFILE, &format!("m{i}")).unwrap())
+                .collect();
+            for e in &more {
+                fill(&s, e, 1, 600, life(600_000, 0)).await;
+            }
+            assert_exact(&s);
+            assert!(
+                s.used_bytes() <= 256 * 1024 + 4 * 1024,
+                "{}",
+                s.used_bytes()
+            );
+        });
+    }
+
+    #[test]
+    fn used_bytes_is_what_an_entry_holds() {
+        run(async {
+            let s = MemoryStore::new();
+            assert_eq!(s.used_bytes(), 0);
+            let e = &entries()[0];
+            fill(&s, e, 1, 10, life(60_000, 120_000)).await;
+            let v = envelope(1, 10).len();
+            assert_eq!(s.used_bytes(), ENTRY_OVERHEAD + e.value.len() + 2 * v);
+            s.invalidate(&[e]).await.unwrap();
+            assert_eq!(s.used_bytes(), 0);
+        });
+    }
+
+    #[test]
+    fn a_read_that_finds_everything_expired_frees_the_entry() {
+        run(async {
+            let s = MemoryStore::new();
+            let e = &entries()[0];
+            fill(&s, e, 1, 10, life(1_000, 2_000)).await;
+            s.advance(ms(3_000));
+            assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+            assert_exact(&s);
+            assert_eq!(s.used_bytes(), 0);
+        });
+    }
+
+    #[test]
+    fn a_read_that_finds_the_value_expired_frees_its_bytes() {
+        run(async {
+            let s = MemoryStore::new();
+            let e = &entries()[0];
+            fill(&s, e, 1, 100, life(1_000, 60_000)).await;
+            s.advance(ms(2_000));
+            assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+            assert_exact(&s);
+            let stale = envelope(1, 100).len();
+            assert_eq!(s.used_bytes(), ENTRY_OVERHEAD + e.value.len() + stale);
+        });
+    }
+
+    #[test]
+    fn pattern_invalidation_frees_whole_entries() {
+        run(async {
+            let s = MemoryStore::new();
+            for e in &entries() {
+                fill(&s, e, 1, 50, life(60_000, 0)).await;
+            }
+            let all = kb().pattern(&Kind::PROFILE, "*").unwrap();
+            assert_eq!(s.invalidate_matching(&all).await.unwrap(), 4);
+            assert_exact(&s);
+            assert_eq!(s.used_bytes(), 0);
+        });
+    }
+
+    #[test]
+    fn eviction_frees_what_it_charged() {
+        run(async {
+            // One shard of 1 KiB: every fill past the bound evicts.
+            let s = MemoryStore::with_shards(1, 1024);
+            let es: Vec<EntryKeys> = (0..40)
+                .map(|i| kb().entry(&Kind::PROFILE, &format!("e{i}")).unwrap())
+                .collect();
+            for (i, e) in es.iter().enumerate() {
+                fill(&s, e, 1, 100, life(1_000 + i as u64 * 50, 0)).await;
+                // Some values expire while others are still written.
+                s.advance(ms(40));
+                s.get(&es[i / 2].value, None).await.unwrap();
+                assert_exact(&s);
+                assert!(s.used_bytes() <= 1024 + 400, "{}", s.used_bytes());
+            }
+        });
+    }
+
+    /// One step of the property test.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Acquire {
+            k: usize,
+            token: u8,
+        },
+        Fill {
+            k: usize,
+            token: u8,
+            version: u64,
+            len: usize,
+            ttl: u64,
+            stale: u64,
+        },
+        FillAbsent {
+            k: usize,
+            token: u8,
+            ttl: u64,
+        },
+        Release {
+            k: usize,
+            token: u8,
+        },
+        Update {
+            k: usize,
+            version: u64,
+            len: usize,
+            ttl: u64,
+            stale: u64,
+        },
+        Invalidate {
+            k: usize,
+        },
+        InvalidateMatching {
+            all: bool,
+        },
+        Discard {
+            k: usize,
+        },
+        Set {
+            k: usize,
+            len: usize,
+            ttl: u64,
+        },
+        Get {
+            k: usize,
+            refresh: Option<u64>,
+        },
+        Accept {
+            k: usize,
+            len: usize,
+            ttl: u64,
+            stale: u64,
+        },
+        Ack {
+            k: usize,
+        },
+        DeadLetter {
+            k: usize,
+        },
+        Advance {
+            ms: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let k = 0..IDS.len();
+        let token = 0u8..3;
+        let ttl = 1u64..3_000;
+        let stale = prop_oneof![Just(0u64), 1u64..6_000];
+        let len = 0usize..300;
+        prop_oneof![
+            (k.clone(), token.clone()).prop_map(|(k, token)| Op::Acquire { k, token }),
+            (
+                k.clone(),
+                token.clone(),
+                1u64..20,
+                len.clone(),
+                ttl.clone(),
+                stale.clone()
+            )
+                .prop_map(|(k, token, version, len, ttl, stale)| Op::Fill {
+                    k,
+                    token,
+                    version,
+                    len,
+                    ttl,
+                    stale
+                }),
+            (k.clone(), token.clone(), ttl.clone()).prop_map(|(k, token, ttl)| Op::FillAbsent {
+                k,
+                token,
+                ttl
+            }),
+            (k.clone(), token).prop_map(|(k, token)| Op::Release { k, token }),
+            (k.clone(), 1u64..20, len.clone(), ttl.clone(), stale.clone()).prop_map(
+                |(k, version, len, ttl, stale)| Op::Update {
+                    k,
+                    version,
+                    len,
+                    ttl,
+                    stale
+                }
+            ),
+            k.clone().prop_map(|k| Op::Invalidate { k }),
+            any::<bool>().prop_map(|all| Op::InvalidateMatching { all }),
+            k.clone().prop_map(|k| Op::Discard { k }),
+            (k.clone(), len.clone(), ttl.clone()).prop_map(|(k, len, ttl)| Op::Set { k, len, ttl }),
+            (k.clone(), prop::option::of(ttl.clone()))
+                .prop_map(|(k, refresh)| Op::Get { k, refresh }),
+            (k.clone(), len, ttl, stale).prop_map(|(k, len, ttl, stale)| Op::Accept {
+                k,
+                len,
+                ttl,
+                stale
+            }),
+            k.clone().prop_map(|k| Op::Ack { k }),
+            k.prop_map(|k| Op::DeadLetter { k }),
+            (0u64..4_000).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    /// The version of the entry's current write (pending copy, else value).
+    async fn current(s: &MemoryStore, e: &EntryKeys) -> u64 {
+        let pending = s.pending_copies(&[e]).await.unwrap().remove(0);
+        let cur = match pending {
+            Some(p) => Some(p),
+            None => s.get(&e.value, None).await.unwrap(),
+        };
+        cur.and_then(|b| peek_version(&b)).unwrap_or(0)
+    }
+
+    async fn settle(s: &MemoryStore, e: &EntryKeys, dead: bool) {
+        let Some(p) = s.pending_copies(&[e]).await.unwrap().remove(0) else {
+            return;
+        };
+        let settled = Settled {
+            id: "x",
+            keys: e,
+            version: peek_version(&p).unwrap_or(0),
+            entry_ids: &[],
+        };
+        if dead {
+            s.queue_dead_letter(&queue(), &[(settled, "refused", p)], 0)
+                .await
+                .unwrap();
+        } else {
+            s.queue_ack(&queue(), &[settled]).await.unwrap();
+        }
+    }
+
+    async fn apply(s: &MemoryStore, es: &[EntryKeys], op: &Op) {
+        let tok = |t: u8| ["A", "B", "C"][usize::from(t)];
+        match *op {
+            Op::Acquire { k, token } => {
+                s.acquire(&[AcquireRequest {
+                    keys: &es[k],
+                    token: tok(token),
+                    lease_ttl: ms(2_000),
+                    value_ttl: ms(1_500),
+                }])
+                .await
+                .unwrap();
+            }
+            Op::Fill {
+                k,
+                token,
+                version,
+                len,
+                ttl,
+                stale,
+            } => {
+                s.fill(&[FillRequest {
+                    keys: &es[k],
+                    token: tok(token),
+                    value: FillValue::Value {
+                        bytes: envelope(version, len),
+                        version,
+                    },
+                    lifetimes: life(ttl, stale),
+                }])
+                .await
+                .unwrap();
+            }
+            Op::FillAbsent { k, token, ttl } => {
+                s.fill(&[FillRequest {
+                    keys: &es[k],
+                    token: tok(token),
+                    value: FillValue::Absent,
+                    lifetimes: life(ttl, 0),
+                }])
+                .await
+                .unwrap();
+            }
+            Op::Release { k, token } => s.release(&[(&es[k], tok(token))]).await.unwrap(),
+            Op::Update {
+                k,
+                version,
+                len,
+                ttl,
+                stale,
+            } => {
+                s.update(&[UpdateRequest {
+                    keys: &es[k],
+                    bytes: envelope(version, len),
+                    version,
+                    lifetimes: life(ttl, stale),
+                }])
+                .await
+                .unwrap();
+            }
+            Op::Invalidate { k } => {
+                s.invalidate(&[&es[k]]).await.unwrap();
+            }
+            Op::InvalidateMatching { all } => {
+                let glob = if all { "*" } else { "a*" };
+                let p = kb().pattern(&Kind::PROFILE, glob).unwrap();
+                s.invalidate_matching(&p).await.unwrap();
+            }
+            Op::Discard { k } => {
+                if let Some(v) = s.get(&es[k].value, None).await.unwrap() {
+                    s.discard(&es[k].value, &v).await.unwrap();
+                }
+            }
+            Op::Set { k, len, ttl } => {
+                s.set(&es[k].value, envelope(0, len), ms(ttl))
+                    .await
+                    .unwrap();
+            }
+            Op::Get { k, refresh } => {
+                s.get(&es[k].value, refresh.map(ms)).await.unwrap();
+            }
+            Op::Accept { k, len, ttl, stale } => {
+                let cur = current(s, &es[k]).await;
+                s.accept(&AcceptRequest {
+                    keys: &es[k],
+                    queue: &queue(),
+                    id: IDS[k],
+                    expected_version: cur,
+                    bytes: envelope(cur + 1, len),
+                    version: cur + 1,
+                    lifetimes: life(ttl, stale),
+                    max_depth: 0,
+                    max_age: Duration::ZERO,
+                    min_replicas: 0,
+                    replica_timeout: Duration::ZERO,
+                })
+                .await
+                .unwrap();
+            }
+            Op::Ack { k } => settle(s, &es[k], false).await,
+            Op::DeadLetter { k } => settle(s, &es[k], true).await,
+            Op::Advance { ms: n } => s.advance(ms(n)),
+        }
+    }
+
+    /// After everything expired and every pending copy is settled, reading
+    /// each key once (lazy expiry, nothing test-only) empties the store.
+    async fn drain(s: &MemoryStore, es: &[EntryKeys]) {
+        s.advance(Duration::from_secs(3_600));
+        for e in es {
+            settle(s, e, false).await;
+            s.get(&e.value, None).await.unwrap();
+        }
+        assert_exact(s);
+        assert_eq!(s.used_bytes(), 0, "{:?}", s.audit());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any sequence of steps and clock moves keeps the byte count equal
+        /// to the sizes of the slots held, and ends at zero once everything
+        /// expired.
+        #[test]
+        fn byte_count_is_exact(
+            ops in prop::collection::vec(op(), 1..120),
+            small in any::<bool>(),
+        ) {
+            run(async {
+                // Small: two shards of 600 bytes, so most steps evict.
+                let s = if small {
+                    MemoryStore::with_shards(2, 1_200)
+                } else {
+                    MemoryStore::with_shards(2, 1 << 20)
+                };
+                let es = entries();
+                for op in &ops {
+                    apply(&s, &es, op).await;
+                    assert_exact(&s);
+                }
+                drain(&s, &es).await;
+            });
+        }
+    }
+
+    /// A long random run over many keys with short TTLs: the count never
+    /// drifts, and it is back to zero once everything expired.
+    #[test]
+    fn soak_byte_count_stays_exact() {
+        run(async {
+            let mut rng = StdRng::seed_from_u64(11);
+            let s = MemoryStore::with_shards(8, 64 * 1024);
+            let es: Vec<EntryKeys> = (0..200)
+                .map(|i| kb().entry(&Kind::PROFILE, &format!("s{i}")).unwrap())
+                .collect();
+            let all = kb().pattern(&Kind::PROFILE, "*").unwrap();
+            for i in 0..30_000u32 {
+                let e = &es[rng.random_range(0..es.len())];
+                match rng.random_range(0..10) {
+                    0..=3 => {
+                        if s.get(&e.value, None).await.unwrap().is_none() {
+                            let v = rng.random_range(1..1_000);
+                            let l = life(rng.random_range(1..2_000), rng.random_range(0..4_000));
+                            let len = rng.random_range(0..400);
+                            try_fill(&s, e, v, len, l).await;
+                        }
+                    }
+                    4 => {
+                        let v = rng.random_range(1..1_000);
+                        s.update(&[UpdateRequest {
+                            keys: e,
+                            bytes: envelope(v, 64),
+                            version: v,
+                            lifetimes: life(1_000, 3_000),
+                        }])
+                        .await
+                        .unwrap();
+                    }
+                    5 => {
+                        s.invalidate(&[e]).await.unwrap();
+                    }
+                    6 => {
+                        let r = rng.random_range(1..3_000);
+                        s.get(&e.value, Some(ms(r))).await.unwrap();
+                    }
+                    7 => {
+                        let cur = current(&s, e).await;
+                        let req = AcceptRequest {
+                            keys: e,
+                            queue: &queue(),
+                            id: "x",
+                            expected_version: cur,
+                            bytes: envelope(cur + 1, 32),
+                            version: cur + 1,
+                            lifetimes: life(500, 0),
+                            max_depth: 0,
+                            max_age: Duration::ZERO,
+                            min_replicas: 0,
+                            replica_timeout: Duration::ZERO,
+                        };
+                        s.accept(&req).await.unwrap();
+                    }
+                    8 => settle(&s, e, rng.random_bool(0.2)).await,
+                    _ => s.advance(ms(rng.random_range(0..200))),
+                }
+                if i % 5_000 == 4_999 {
+                    s.invalidate_matching(&all).await.unwrap();
+                }
+                if i % 100 == 0 {
+                    assert_exact(&s);
+                }
+            }
+            assert_exact(&s);
+            drain(&s, &es).await;
+        });
     }
 }

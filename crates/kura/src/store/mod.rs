@@ -102,7 +102,8 @@ pub enum FillValue {
 pub struct Lifetimes {
     /// TTL of the value (or of the "not found" marker for an absent fill).
     pub ttl: Duration,
-    /// Lifetime of the stale copy (zero: none is written).
+    /// Lifetime of the stale copy (zero: none is written, and one left by
+    /// an earlier write is dropped).
     pub stale_ttl: Duration,
 }
 
@@ -346,7 +347,10 @@ pub enum Durability {
 /// and processes at once; atomicity is per entry, not across entries.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Reads a value key; with `refresh`, also resets its TTL (`GETEX`).
+    /// Reads a value key; with `refresh`, also resets its TTL (`GETEX`)
+    /// and moves the end of the entry's stale copy, if any, by as much, so
+    /// that it still outlives the value by the type's `max_stale`. One
+    /// round trip either way.
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>>;
 
     /// Reads many value keys (`MGET`).

@@ -48,9 +48,10 @@ static SETTLE: LazyLock<Script> = script!("settle.lua");
 static ACCEPT_ENTRY: LazyLock<Script> = script!("accept_entry.lua");
 static SETTLE_ACK: LazyLock<Script> = script!("settle_ack.lua");
 static RETRY: LazyLock<Script> = script!("retry.lua");
+static GET_REFRESH: LazyLock<Script> = script!("get_refresh.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 12] = [
+const SOURCES: [&str; 13] = [
     source!("acquire.lua"),
     source!("fill.lua"),
     source!("release.lua"),
@@ -63,6 +64,7 @@ const SOURCES: [&str; 12] = [
     source!("accept_entry.lua"),
     source!("settle_ack.lua"),
     source!("retry.lua"),
+    source!("get_refresh.lua"),
 ];
 
 /// Most `XAUTOCLAIM` calls per claim: each looks at up to ten times
@@ -201,6 +203,17 @@ impl RedisStore {
     #[must_use]
     pub fn connection(&self) -> Option<ConnectionManager> {
         self.inner.conn.manager()
+    }
+
+    /// The stale-copy key of an entry's value key, when a script may use
+    /// both (on Cluster only if the key's hash tag puts them in one slot).
+    fn stale_companion(&self, key: &str) -> Option<String> {
+        let same_slot = !self.inner.conn.is_cluster()
+            || key
+                .split_once('{')
+                .and_then(|(_, r)| r.split_once('}'))
+                .is_some_and(|(tag, _)| !tag.is_empty());
+        same_slot.then(|| crate::key::stale_key_of(key)).flatten()
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
@@ -502,8 +515,20 @@ fn int_result(v: Option<&redis::RedisResult<Value>>) -> u64 {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
+        let wrong_type = |e: StoreError| match e {
+            StoreError::WrongType(_) => StoreError::WrongType(key.to_owned()),
+            other => other,
+        };
         let mut cmd = match refresh {
             Some(ttl) => {
+                if let Some(stale) = self.stale_companion(key) {
+                    // One script, still one round trip: the value's TTL
+                    // and the stale copy's end move together.
+                    let mut pipe = redis::pipe();
+                    pipe.invoke_script(GET_REFRESH.key(key).key(stale).arg(millis(ttl)));
+                    let v = self.run(&pipe).await.map_err(wrong_type)?;
+                    return Ok(v.into_iter().next().and_then(as_bytes));
+                }
                 let mut c = redis::cmd("GETEX");
                 c.arg(key).arg("PX").arg(millis(ttl));
                 c
@@ -513,15 +538,12 @@ impl Store for RedisStore {
         if refresh.is_none() {
             cmd.arg(key);
         }
-        let v: Option<Vec<u8>> =
-            self.inner
-                .conn
-                .query(&cmd)
-                .await
-                .map_err(|e| match StoreError::from(e) {
-                    StoreError::WrongType(_) => StoreError::WrongType(key.to_owned()),
-                    other => other,
-                })?;
+        let v: Option<Vec<u8>> = self
+            .inner
+            .conn
+            .query(&cmd)
+            .await
+            .map_err(|e| wrong_type(StoreError::from(e)))?;
         Ok(v.map(Bytes::from))
     }
 

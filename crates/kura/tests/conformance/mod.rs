@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{Backend, Row, cleanup, ns};
@@ -820,6 +821,208 @@ pub async fn a_retried_write_goes_to_the_end_of_the_queue(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// A fill that keeps no stale copy drops the one an earlier fill left.
+pub async fn fill_without_stale_drops_the_old_stale_copy(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    let with_stale = FillRequest {
+        lifetimes: life(100, 60_000),
+        ..fill_req(&e, "A", envelope("old", 1), 1)
+    };
+    assert_eq!(
+        s.fill(&[with_stale]).await.unwrap(),
+        vec![FillOutcome::Stored]
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    match &s.acquire(&[acq(&e, "B")]).await.unwrap()[0] {
+        Acquired::Leased { stale: Some(st) } => assert_eq!(name_of(st), "old"),
+        other => panic!("expected a lease with the stale copy, got {other:?}"),
+    }
+    // A fill that asks for no stale copy leaves none behind: the old one
+    // is older than the value now cached.
+    let new = envelope("new", 2);
+    let out = s.fill(&[fill_req(&e, "B", new.clone(), 2)]).await.unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    s.discard(&e.value, &new).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "C")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }],
+        "no stale copy survives a fill that asked for none"
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn refresh_extends_the_stale_copy(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    // As Cache::lifetimes writes them: stale = ttl + max_stale (500 ms).
+    let req = FillRequest {
+        lifetimes: life(200, 700),
+        ..fill_req(&e, "A", envelope("v1", 1), 1)
+    };
+    s.fill(&[req]).await.unwrap();
+    // A read that resets the value's TTL (the adaptive rule) moves the
+    // stale copy's end too: it still outlives the value by max_stale.
+    let v = s.get(&e.value, Some(Duration::from_secs(3))).await.unwrap();
+    assert_eq!(name_of(&v.unwrap()), "v1");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let v = s
+        .get(&e.value, None)
+        .await
+        .unwrap()
+        .expect("value refreshed");
+    // Take the value away to look at the stale copy.
+    s.discard(&e.value, &v).await.unwrap();
+    match &s.acquire(&[acq(&e, "B")]).await.unwrap()[0] {
+        Acquired::Leased { stale: Some(st) } => assert_eq!(name_of(st), "v1"),
+        other => panic!("expected the stale copy to outlive the refreshed value, got {other:?}"),
+    }
+    cleanup(&ns).await;
+}
+
+/// Takes the leases of `es` and fills them with `value_len`-byte values,
+/// 100 to a round trip; returns how many were stored. A lease may be
+/// evicted between its acquire and its fill under memory pressure: that
+/// fill is lost, as after an invalidation.
+async fn fill_all(s: &dyn Store, es: &[EntryKeys], value_len: usize, l: Lifetimes) -> usize {
+    let pad = "x".repeat(value_len);
+    let mut stored = 0;
+    for chunk in es.chunks(100) {
+        let reqs: Vec<_> = chunk.iter().map(|e| acq(e, "T")).collect();
+        let got = s.acquire(&reqs).await.unwrap();
+        assert!(
+            got.iter().all(|a| matches!(a, Acquired::Leased { .. })),
+            "leases granted: {got:?}"
+        );
+        let fills: Vec<_> = chunk
+            .iter()
+            .map(|e| FillRequest {
+                lifetimes: l,
+                ..fill_req(e, "T", envelope(&pad, 1), 1)
+            })
+            .collect();
+        let out = s.fill(&fills).await.unwrap();
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, FillOutcome::Stored | FillOutcome::LeaseLost)),
+            "{out:?}"
+        );
+        stored += out.iter().filter(|o| **o == FillOutcome::Stored).count();
+    }
+    stored
+}
+
+/// How many of `es` have their value cached.
+async fn cached(s: &dyn Store, es: &[EntryKeys]) -> usize {
+    let mut n = 0;
+    for chunk in es.chunks(100) {
+        let ks: Vec<&str> = chunk.iter().map(|e| e.value.as_str()).collect();
+        n += s.get_many(&ks).await.unwrap().iter().flatten().count();
+    }
+    n
+}
+
+/// A store bounded to about `bound` bytes (the memory store's bound, or
+/// Redis's `maxmemory` with a `volatile-*` policy), written four times
+/// over: it keeps accepting and caching new entries, evicts the least
+/// recently used ones, and never a write-behind write not yet in the
+/// database.
+pub async fn bounded_store_evicts_old_entries(s: Arc<dyn Store>, ns: &str, bound: usize) {
+    let value_len = 1_000;
+    let q = queue(ns);
+    let pending: Vec<EntryKeys> = (0..5).map(|i| entry(&*s, ns, &format!("p{i}"))).collect();
+    for e in &pending {
+        cache_version(&*s, e, "a", 1).await;
+        let out = s.accept(&accept_req(e, &q, 1, "queued", 2)).await.unwrap();
+        assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    }
+    let old: Vec<EntryKeys> = (0..200).map(|i| entry(&*s, ns, &format!("o{i}"))).collect();
+    assert_eq!(
+        fill_all(&*s, &old, value_len, life(600_000, 0)).await,
+        old.len()
+    );
+    // Both stores' LRU clocks count seconds.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let flood: Vec<EntryKeys> = (0..4 * bound / value_len)
+        .map(|i| entry(&*s, ns, &format!("n{i}")))
+        .collect();
+    let stored = fill_all(&*s, &flood, value_len, life(600_000, 0)).await;
+    assert!(
+        stored >= flood.len() * 9 / 10,
+        "the store keeps accepting entries: {stored} of {} stored",
+        flood.len()
+    );
+
+    let held = cached(&*s, &flood).await;
+    assert!(held < flood.len(), "nothing was evicted: bound not applied");
+    assert!(
+        held * value_len >= bound / 4,
+        "the store stopped caching: {held} entries of {value_len} bytes under a bound of {bound}"
+    );
+    let old_held = cached(&*s, &old).await;
+    let recent_held = cached(&*s, &flood[flood.len() - old.len()..]).await;
+    assert!(
+        old_held < recent_held,
+        "older entries are evicted first: {old_held} old and {recent_held} recent of {} kept",
+        old.len()
+    );
+    let copies = s
+        .pending_copies(&pending.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(copies.iter().all(Option::is_some), "pending copies evicted");
+    for e in &pending {
+        match &s.acquire(&[acq(e, "R")]).await.unwrap()[0] {
+            Acquired::Value(v) => assert_eq!(name_of(v), "queued"),
+            other => panic!("expected the pending write, got {other:?}"),
+        }
+    }
+}
+
+/// A bounded store cleared by pattern again and again, and filled with
+/// entries that expire again and again, still holds a working set well
+/// inside its bound: clearing and expiry give back everything they
+/// charged.
+pub async fn clearing_and_expiry_keep_the_whole_bound(s: Arc<dyn Store>, ns: &str, bound: usize) {
+    let value_len = 500;
+    // About a third of the bound with per-entry overhead.
+    let es: Vec<EntryKeys> = (0..bound / 3 / (value_len + 200))
+        .map(|i| entry(&*s, ns, &format!("w{i}")))
+        .collect();
+    let all = keys(&*s, ns).pattern(&Kind::PROFILE, "*").unwrap();
+    // As a service reads (the value first, then a lease on a miss) and an
+    // operator clears the type.
+    for _ in 0..25 {
+        cached(&*s, &es).await;
+        let stored = fill_all(&*s, &es, value_len, life(600_000, 0)).await;
+        assert_eq!(stored, es.len(), "fills lost under a third of the bound");
+        s.invalidate_matching(&all).await.unwrap();
+    }
+    // Values and stale copies that expire between two reads.
+    for _ in 0..4 {
+        assert_eq!(cached(&*s, &es).await, 0);
+        assert_eq!(
+            fill_all(&*s, &es, value_len, life(150, 300)).await,
+            es.len()
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(cached(&*s, &es).await, 0);
+    assert_eq!(
+        fill_all(&*s, &es, value_len, life(600_000, 0)).await,
+        es.len()
+    );
+    assert_eq!(
+        cached(&*s, &es).await,
+        es.len(),
+        "a working set of a third of the bound is cached whole"
+    );
+}
+
 /// Every case, one after another, against one backend.
 pub async fn run_all(b: Backend) {
     accept_is_compare_and_set_and_durable(b.clone()).await;
@@ -845,4 +1048,6 @@ pub async fn run_all(b: Backend) {
     counters_add_up(b.clone()).await;
     locks_are_owned(b.clone()).await;
     foreign_values_without_version_are_replaceable(b.clone()).await;
+    fill_without_stale_drops_the_old_stale_copy(b.clone()).await;
+    refresh_extends_the_stale_copy(b.clone()).await;
 }
