@@ -49,9 +49,6 @@ pub enum ServiceError {
     /// The request is well-formed but a value is not acceptable.
     #[error("{0}")]
     Invalid(String),
-    /// The operation is not implemented yet.
-    #[error("{0}")]
-    NotImplemented(&'static str),
     /// The database failed.
     #[error(transparent)]
     Database(#[from] DbError),
