@@ -56,13 +56,16 @@ pub enum ServiceError {
     /// operations that need the cache server).
     #[error(transparent)]
     Cache(kura::Error),
-    /// The write-behind queue is past its limits and the write could not
-    /// be written through instead.
+    /// The write cannot be taken now: the write-behind queue is past its
+    /// limits and the write could not be written through instead, the
+    /// profile's queued writes did not reach the database in time, or too
+    /// few Redis replicas confirmed a `behind` write.
     #[error("{detail}")]
     QueueFull {
         /// When to try again.
         retry_after: Duration,
-        /// What is full.
+        /// What to tell the client: plain words, no figures (queue depth,
+        /// age and replica settings are logged and in the metrics).
         detail: String,
     },
     /// Too many concurrent writes to one profile.

@@ -54,10 +54,11 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(&'static str),
     /// 503 Service Unavailable with `Retry-After`: the write-behind queue
-    /// is past its limits.
+    /// is past its limits, or a write waits for queued ones. The detail is
+    /// plain words; the figures behind it are logged.
     #[error("{detail}")]
     Busy {
-        /// What is full.
+        /// What is busy.
         detail: String,
         /// The `Retry-After` value.
         retry_after: std::time::Duration,
