@@ -15,7 +15,9 @@
 //! database and keeps failed invalidations until Redis is back.
 //!
 //! Writes run to completion even when their request is cancelled (request
-//! timeout, client gone): see `Finish`.
+//! timeout, client gone): see `Finish`. Writes of one profile that mix
+//! `behind` with direct writes or deletes are ordered by a per-profile
+//! write lock in the cache store (`order`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +33,9 @@ use crate::db::{Db, DbError};
 use crate::model::{NewProfile, Profile, ProfilePatch};
 
 mod behind;
+mod order;
 pub use behind::{WritePath, Written};
+use order::WriteLock;
 
 /// The types cached per user, all removed when the user is deleted.
 pub const USER_KINDS: [Kind; 3] = [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES];
@@ -171,6 +175,13 @@ where
     }
 }
 
+/// Releases a profile write lock, if one was taken.
+async fn release(lock: Option<WriteLock>) {
+    if let Some(l) = lock {
+        l.release().await;
+    }
+}
+
 /// The cache key id of a user: the lowercase hyphenated UUID, written into
 /// a stack buffer (no allocation on the read path).
 #[must_use]
@@ -286,18 +297,44 @@ impl ProfileService {
             // Nothing to write: answer with the row as it stands.
             return self.db.fetch(user_id).await?.ok_or(ServiceError::NotFound);
         }
+        let lock = self.lock_profile(user_id).await?;
+        self.direct_update(user_id, patch, strategy, lock).await
+    }
+
+    /// A direct update under the profile's write lock (`None`: the caller
+    /// holds it, or the store cannot be reached), released once the cache
+    /// step is done. Under the lock no `behind` write can be queued, so
+    /// the wait for queued ones can only end with none left (see
+    /// `order`).
+    async fn direct_update(
+        &self,
+        user_id: Uuid,
+        patch: &ProfilePatch,
+        strategy: WriteStrategy,
+        lock: Option<WriteLock>,
+    ) -> Result<Profile, ServiceError> {
         // A queued write-behind write of the profile would be flushed over
         // this one: let it reach the database first.
-        self.wait_for_queued_writes(user_id).await?;
+        if let Err(e) = self.wait_for_queued_writes(user_id).await {
+            release(lock).await;
+            return Err(e);
+        }
         let (this, patch) = (self.clone(), patch.clone());
         Finish::new(async move {
             let updated = this.db.update(user_id, &patch).await;
             if updated.is_err() {
                 this.invalidate_unsure(user_id, false).await;
             }
-            let profile = updated?.ok_or(ServiceError::NotFound)?;
-            this.after_commit(strategy, &profile).await;
-            Ok(profile)
+            let r = match updated {
+                Ok(Some(profile)) => {
+                    this.after_commit(strategy, &profile).await;
+                    Ok(profile)
+                }
+                Ok(None) => Err(ServiceError::NotFound),
+                Err(e) => Err(e.into()),
+            };
+            release(lock).await;
+            r
         })
         .await
     }
@@ -371,18 +408,24 @@ impl ProfileService {
     /// [`ServiceError::QueueFull`] when queued writes of the profile did not
     /// reach the database in time.
     pub async fn delete(&self, user_id: Uuid) -> Result<(), ServiceError> {
-        self.wait_for_queued_writes(user_id).await?;
+        let lock = self.lock_profile(user_id).await?;
+        if let Err(e) = self.wait_for_queued_writes(user_id).await {
+            release(lock).await;
+            return Err(e);
+        }
         let this = self.clone();
         Finish::new(async move {
             let deleted = this.db.delete(user_id).await;
             if deleted.is_err() {
                 this.invalidate_unsure(user_id, true).await;
             }
-            if !deleted? {
-                return Err(ServiceError::NotFound);
-            }
-            this.invalidate_user(user_id).await?;
-            Ok(())
+            let r = match deleted {
+                Ok(true) => this.invalidate_user(user_id).await.map(drop),
+                Ok(false) => Err(ServiceError::NotFound),
+                Err(e) => Err(e.into()),
+            };
+            release(lock).await;
+            r
         })
         .await
     }

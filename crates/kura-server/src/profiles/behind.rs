@@ -20,6 +20,18 @@
 //! conflict with it), and its pending copy would keep serving a deleted
 //! profile.
 //!
+//! The wait and the write are ordered with `behind` writes by the
+//! profile's write lock (`order`: a key in the cache store, so it holds
+//! across instances): a direct write holds it from its wait to its cache
+//! step, an accept holds it around the accept, so every `behind` write of
+//! a profile is applied either before a direct write (which waits for its
+//! flush) or on top of it. A queued write that direct writes overtook all
+//! the same (the store was unreachable for the direct write, the lock
+//! expired under a stalled writer, or something outside kura wrote the
+//! row) is never applied over them nor acknowledged silently: the flush
+//! finds the row at or past its version and dead-letters it as a conflict
+//! after `--wb-max-attempts` (see [`crate::db::sink`]).
+//!
 //! # Writing through instead
 //!
 //! A write that cannot be queued is written to the database directly, as
@@ -256,7 +268,20 @@ impl ProfileService {
         })
     }
 
+    /// The accept (and any write through instead) under the profile's
+    /// write lock, so that it is ordered with direct writes (see `order`).
     async fn behind_inner(
+        &self,
+        user_id: Uuid,
+        patch: &ProfilePatch,
+    ) -> Result<Written, ServiceError> {
+        let lock = self.lock_profile(user_id).await?;
+        let r = self.behind_locked(user_id, patch).await;
+        super::release(lock).await;
+        r
+    }
+
+    async fn behind_locked(
         &self,
         user_id: Uuid,
         patch: &ProfilePatch,
@@ -409,8 +434,9 @@ impl ProfileService {
                 }
             }
         }
+        // The profile's write lock is held by the caller.
         let profile = self
-            .update(user_id, patch, Some(WriteStrategy::Through))
+            .direct_update(user_id, patch, WriteStrategy::Through, None)
             .await?;
         Ok(Written::direct(profile, WritePath::Through))
     }
