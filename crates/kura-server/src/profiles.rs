@@ -34,6 +34,7 @@ use crate::model::{NewProfile, Profile, ProfilePatch};
 
 mod behind;
 mod order;
+pub mod unsure;
 pub use behind::{WritePath, Written};
 use order::WriteLock;
 
@@ -118,6 +119,7 @@ pub struct ProfileService {
     strategy: WriteStrategy,
     behind: kura::WriteBehind<Db>,
     wb: crate::config::WbConfig,
+    unsure: std::sync::Arc<unsure::Unsure>,
 }
 
 /// A future that is finished on a task of its own if it is dropped before
@@ -205,6 +207,7 @@ impl ProfileService {
             strategy,
             behind,
             wb: crate::config::WbConfig::default(),
+            unsure: std::sync::Arc::default(),
         }
     }
 
@@ -337,34 +340,6 @@ impl ProfileService {
             r
         })
         .await
-    }
-
-    /// After a write that failed: its statement may have committed although
-    /// its answer was lost (a connection cut), and may even still be
-    /// running. So the user's cache entries (`entity`: every type, else the
-    /// profile) are invalidated now, and again once the row is free, because
-    /// a reader may have loaded the old row in between. An extra
-    /// invalidation costs one miss at most.
-    async fn invalidate_unsure(&self, user_id: Uuid, entity: bool) {
-        self.invalidate_now(user_id, entity).await;
-        let this = self.clone();
-        tokio::spawn(async move {
-            for _ in 0..30 {
-                let waited =
-                    tokio::time::timeout(Duration::from_secs(30), this.db.wait_for_row(user_id))
-                        .await;
-                match waited {
-                    Ok(Ok(())) => return this.invalidate_now(user_id, entity).await,
-                    Ok(Err(e)) => tracing::debug!(%user_id, error = %e, "row not reachable yet"),
-                    Err(_) => tracing::debug!(%user_id, "row still locked"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            tracing::warn!(
-                %user_id,
-                "a failed write's row stayed out of reach: its cached value may be stale until its TTL"
-            );
-        });
     }
 
     async fn invalidate_now(&self, user_id: Uuid, entity: bool) {

@@ -28,6 +28,14 @@ fn describe() {
         "kura_wb_write_through_total",
         "behind writes written through to the database instead, by reason (full, unavailable)."
     );
+    metrics::describe_gauge!(
+        "kura_unsure_invalidations",
+        "Profiles whose failed write may still commit, waiting for their row to be invalidated again."
+    );
+    metrics::describe_counter!(
+        "kura_unsure_dropped_total",
+        "Failed writes invalidated once only because too many were waiting for their rows."
+    );
 }
 
 /// Latency buckets in seconds, from 50 µs (a hit) to 5 s.
