@@ -299,8 +299,14 @@ async fn tokens_before_their_nbf_are_refused() {
         "token not yet valid"
     );
     // Within the clock-skew leeway, and in the past: valid.
-    assert_eq!(app.get(&path, &tok(now() + 5)).await.status(), StatusCode::OK);
-    assert_eq!(app.get(&path, &tok(now() - 60)).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.get(&path, &tok(now() + 5)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.get(&path, &tok(now() - 60)).await.status(),
+        StatusCode::OK
+    );
     let not_a_time = token_with(
         &app.secret,
         &json!({"sub": user.to_string(), "exp": now() + 600, "nbf": "soon"}),

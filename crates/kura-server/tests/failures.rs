@@ -299,7 +299,12 @@ async fn failed_writes_wait_for_their_rows_on_few_connections() {
     // Cached again from the old rows, which the failed writes might still
     // replace.
     for u in &users {
-        assert_eq!(app.get(&format!("/api/v1/profiles/{u}"), &app.admin()).await.status(), StatusCode::OK);
+        assert_eq!(
+            app.get(&format!("/api/v1/profiles/{u}"), &app.admin())
+                .await
+                .status(),
+            StatusCode::OK
+        );
         assert!(app.redis_get(&app.key(u)).await.is_some());
     }
     let mut most = 0;
@@ -315,7 +320,10 @@ async fn failed_writes_wait_for_their_rows_on_few_connections() {
         most = most.max(n);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(most <= 2, "{most} connections waited on failed writes' rows at once");
+    assert!(
+        most <= 2,
+        "{most} connections waited on failed writes' rows at once"
+    );
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     // Once the rows are free, each profile is invalidated again.
     let deadline = Instant::now() + Duration::from_secs(20);

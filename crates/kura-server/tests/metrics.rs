@@ -29,8 +29,9 @@ fn undescribed(text: &str) -> Vec<String> {
             ["_bucket", "_sum", "_count"]
                 .iter()
                 .find_map(|s| {
-                    name.strip_suffix(s)
-                        .filter(|base| helped.contains(base) || text.contains(&format!("# TYPE {base} histogram")))
+                    name.strip_suffix(s).filter(|base| {
+                        helped.contains(base) || text.contains(&format!("# TYPE {base} histogram"))
+                    })
                 })
                 .unwrap_or(name)
         })
@@ -106,7 +107,12 @@ async fn metrics_listen_serves_metrics_apart_from_the_api() {
     let r = app.call(Method::GET, "/metrics", None, None).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // On its own port, in the Prometheus text format.
-    let r = app.http.get(format!("{metrics_url}/metrics")).send().await.unwrap();
+    let r = app
+        .http
+        .get(format!("{metrics_url}/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
         r.headers()["content-type"]
@@ -128,7 +134,9 @@ async fn metrics_listen_serves_metrics_apart_from_the_api() {
     // Both listeners are closed by the shutdown.
     let gone = tokio::time::timeout(
         Duration::from_secs(5),
-        reqwest::Client::new().get(format!("{metrics_url}/metrics")).send(),
+        reqwest::Client::new()
+            .get(format!("{metrics_url}/metrics"))
+            .send(),
     )
     .await
     .expect("refused at once");

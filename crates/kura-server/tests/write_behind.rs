@@ -491,7 +491,10 @@ async fn sink_writes_only_over_older_rows(b: Backend) {
         (users[0].to_string(), at(&rows[0], 2, "080-2222-0000")),
     ];
     let r = db.apply(&stale).await.unwrap();
-    assert!(matches!(&r[0], Applied::Rejected(m) if m.contains("overtaken")), "{r:?}");
+    assert!(
+        matches!(&r[0], Applied::Rejected(m) if m.contains("overtaken")),
+        "{r:?}"
+    );
     assert_eq!(
         r[1],
         Applied::Rejected("conflicting write at version 2".into())
@@ -769,7 +772,10 @@ async fn a_behind_write_during_a_direct_write_is_ordered_after_it() {
         if n > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the direct write never reached its UPDATE");
+        assert!(
+            Instant::now() < deadline,
+            "the direct write never reached its UPDATE"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut behind = put("behind", json!({"phone": "080-7777-0000"}));
@@ -792,7 +798,11 @@ async fn a_behind_write_during_a_direct_write_is_ordered_after_it() {
         "{b}"
     );
     let v = read(&app, &user).await;
-    assert_eq!((v["name"].clone(), v["phone"].clone()), (json!("直接"), json!("080-7777-0000")), "{v}");
+    assert_eq!(
+        (v["name"].clone(), v["phone"].clone()),
+        (json!("直接"), json!("080-7777-0000")),
+        "{v}"
+    );
     let r = flush_all(&app).await;
     assert_eq!((r.flushed, r.dead_lettered), (1, 0), "{r:?}");
     let row = db_row(&app, &user).await.unwrap();
@@ -836,7 +846,10 @@ async fn a_behind_write_overtaken_by_direct_writes_is_dead_lettered(b: Backend) 
         .await
         .unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!((dead[0].id.as_str(), dead[0].version), (user.to_string().as_str(), 2));
+    assert_eq!(
+        (dead[0].id.as_str(), dead[0].version),
+        (user.to_string().as_str(), 2)
+    );
     assert!(dead[0].error.contains("version 3"), "{}", dead[0].error);
     // The row is what the direct writes left; the queued copy is gone.
     let row = db_row(&app, &user).await.unwrap();
@@ -893,7 +906,13 @@ async fn mixed_writes_of_one_profile_all_apply_in_order() {
     }
     assert!(acked > 0);
     wait_drained(&app, Duration::from_secs(30)).await;
-    let s = app.server().service().write_behind().status().await.unwrap();
+    let s = app
+        .server()
+        .service()
+        .write_behind()
+        .status()
+        .await
+        .unwrap();
     assert_eq!(s.dead_letters, 0, "{s:?}");
     let row = db_row(&app, &user).await.unwrap();
     assert_eq!(row.version, 1 + i64::from(acked), "{row:?}");

@@ -466,7 +466,9 @@ mod tests {
         assert_eq!(Guarded::Replayed.applied(), Applied::Superseded);
         assert_eq!(
             Guarded::Newer(9).applied(),
-            Applied::Rejected("conflict: overtaken by other writes, the row is at version 9".into())
+            Applied::Rejected(
+                "conflict: overtaken by other writes, the row is at version 9".into()
+            )
         );
         assert_eq!(
             Guarded::Missing.applied(),

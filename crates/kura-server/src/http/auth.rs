@@ -333,9 +333,7 @@ fn decode(token: &str, key: &DecodingKey, v: &Validation) -> Result<Claims, Auth
     match jsonwebtoken::decode::<Claims>(token, key, v) {
         Ok(t) => Ok(t.claims),
         Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthError::Expired),
-        Err(e) if matches!(e.kind(), ErrorKind::ImmatureSignature) => {
-            Err(AuthError::NotYetValid)
-        }
+        Err(e) if matches!(e.kind(), ErrorKind::ImmatureSignature) => Err(AuthError::NotYetValid),
         Err(e) => {
             tracing::debug!(error = %e, "token rejected");
             Err(AuthError::Invalid)

@@ -209,8 +209,7 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     } else {
         api
     };
-    api
-        .route("/api/v1/profiles", post(profiles::create_profile))
+    api.route("/api/v1/profiles", post(profiles::create_profile))
         .route("/api/v1/profiles/batch", post(profiles::batch))
         .route(
             "/api/v1/profiles/{user_id}",

@@ -89,7 +89,9 @@ impl Drop for WriteLock {
 async fn unlock(store: &Arc<dyn Store>, key: &str, token: &str) {
     match tokio::time::timeout(CALL_TIMEOUT, store.unlock(key, token)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(key, error = %e, "profile write lock not released: it expires"),
+        Ok(Err(e)) => {
+            tracing::warn!(key, error = %e, "profile write lock not released: it expires")
+        }
         Err(_) => tracing::warn!(key, "profile write lock release timed out: it expires"),
     }
 }
