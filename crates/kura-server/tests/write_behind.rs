@@ -780,8 +780,9 @@ async fn a_behind_write_during_a_direct_write_is_ordered_after_it() {
     }
     let mut behind = put("behind", json!({"phone": "080-7777-0000"}));
     // Give the behind write every chance to land before the commit (it
-    // waits for the direct write's lock, and this times out).
-    let early = tokio::time::timeout(Duration::from_secs(1), &mut behind).await;
+    // waits for the direct write's lock, and this times out). Longer than
+    // the lock's TTL: the direct write keeps renewing it.
+    let early = tokio::time::timeout(Duration::from_secs(4), &mut behind).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
     let (status, path, d) = direct.await.unwrap();
     assert_eq!((status, path.as_str()), (StatusCode::OK, "invalidate"));

@@ -23,13 +23,16 @@
 //!
 //! # When the lock cannot be had
 //!
-//! - The store cannot be reached: a direct write goes ahead without it (as
+//! - The store cannot be reached (or the cache's circuit breaker is open):
+//!   a direct write goes ahead without it (as
 //!   its wait for queued writes does); no `behind` write can be accepted
 //!   meanwhile either. A queued write it overtakes is caught by the
 //!   flush's version guard and dead-lettered as a conflict
 //!   ([`crate::db::Guarded`]).
-//! - It is held past [`LOCK_TTL`] (a stalled process): it expires, and the
-//!   same guard is the backstop.
+//! - Its renewal fails (the store went away mid-write) or its holder
+//!   stalls past [`LOCK_TTL`]: it expires, and the same guard is the
+//!   backstop. A release that is lost (the store failed over) keeps other
+//!   writers waiting until the TTL, not failing.
 //! - Another writer holds it for longer than [`LOCK_WAIT`]: 503 with
 //!   `Retry-After`.
 
@@ -41,10 +44,16 @@ use uuid::Uuid;
 
 use super::{ProfileService, ServiceError};
 
-/// How long the lock lives if its holder never releases it. Longer than a
-/// direct write's whole critical section: the wait for queued writes
-/// (5 s), the pool's acquire timeout and statement, and the cache step.
-pub(crate) const LOCK_TTL: Duration = Duration::from_secs(30);
+/// How long the lock lives unless its holder renews it. Its holder renews
+/// it every [`RENEW_EVERY`] for as long as it writes (a direct write's
+/// wait for queued writes alone may take 5 s), so the TTL only decides how
+/// long a lock whose release was lost (a Redis failover, a crash) keeps
+/// other writers of the profile waiting: less than [`LOCK_WAIT`], so they
+/// wait, not fail.
+pub(crate) const LOCK_TTL: Duration = Duration::from_secs(3);
+
+/// How often a holder renews its lock.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a writer waits for another writer of the profile.
 pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -60,13 +69,31 @@ pub(crate) struct WriteLock {
     key: String,
     token: String,
     released: bool,
+    renew: tokio::task::JoinHandle<()>,
 }
 
 impl WriteLock {
     /// Releases the lock (only if this holder still has it).
     pub(crate) async fn release(mut self) {
         self.released = true;
+        self.renew.abort();
         unlock(&self.store, &self.key, &self.token).await;
+    }
+}
+
+/// Renews the lock until aborted, or until it is found lost.
+async fn renew(store: Arc<dyn Store>, key: String, token: String) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        match tokio::time::timeout(CALL_TIMEOUT, store.extend_lock(&key, &token, LOCK_TTL)).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                tracing::warn!(key, "profile write lock lost before its write ended");
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(key, error = %e, "profile write lock not renewed"),
+            Err(_) => tracing::warn!(key, "profile write lock renewal timed out"),
+        }
     }
 }
 
@@ -75,6 +102,7 @@ impl Drop for WriteLock {
         if self.released {
             return;
         }
+        self.renew.abort();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (store, key, token) = (
                 self.store.clone(),
@@ -109,6 +137,11 @@ impl ProfileService {
         &self,
         user_id: Uuid,
     ) -> Result<Option<WriteLock>, ServiceError> {
+        if self.cache.breaker_state() == kura::BreakerState::Open {
+            // The cache already knows the store is down: don't pay a
+            // timeout per write to learn it again.
+            return Ok(None);
+        }
         let store = self.cache.store().clone();
         let key = self
             .cache
@@ -120,11 +153,13 @@ impl ProfileService {
         loop {
             match tokio::time::timeout(CALL_TIMEOUT, store.lock(&key, &token, LOCK_TTL)).await {
                 Ok(Ok(true)) => {
+                    let renew = tokio::spawn(renew(store.clone(), key.clone(), token.clone()));
                     return Ok(Some(WriteLock {
                         store,
                         key,
                         token,
                         released: false,
+                        renew,
                     }));
                 }
                 Ok(Ok(false)) => {}
