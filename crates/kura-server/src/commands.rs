@@ -13,33 +13,10 @@ use crate::config::{Config, ServeArgs};
 use crate::db::Db;
 use crate::http::auth::sign_hs256;
 use crate::http::{Server, serve_app};
+use crate::signal::shutdown_signal;
 
 /// How many profiles `serve --demo` creates in an empty database.
 pub const DEMO_PROFILES: u64 = 1000;
-
-/// Waits for SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-}
 
 async fn run_until_signal(server: Server) -> anyhow::Result<()> {
     shutdown_signal().await;

@@ -346,6 +346,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KURA_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Serve `/metrics` on this address, a listener of its own, and not on
+    /// the API port (unset: `/metrics` is on the API port).
+    #[arg(long, env = "KURA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Write strategy of `PUT` requests that name none.
     #[arg(long, env = "KURA_WRITE_STRATEGY", value_enum, default_value_t = WriteStrategy::Invalidate)]
     pub write_strategy: WriteStrategy,
@@ -417,6 +421,9 @@ impl AuthConfig {
 pub struct Config {
     /// Address to listen on (port 0: any free port).
     pub listen: SocketAddr,
+    /// Where `/metrics` is served apart from the API (port 0: any free
+    /// port); `None`: on the API port.
+    pub metrics_listen: Option<SocketAddr>,
     /// Database URL; `None`: SQLite at `./kura.db`.
     pub database_url: Option<String>,
     /// Database pool settings.
@@ -457,6 +464,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            metrics_listen: None,
             database_url: None,
             pool: PoolOptions::default(),
             redis_url: None,
@@ -487,6 +495,7 @@ impl Config {
     pub fn from_args(a: &ServeArgs) -> Self {
         let mut c = Config {
             listen: a.listen,
+            metrics_listen: a.metrics_listen,
             write_strategy: a.write_strategy,
             warm_on_start: a.warm_on_start,
             warm_limit: a.warm_limit,

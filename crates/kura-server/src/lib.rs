@@ -16,6 +16,7 @@
 //!   app.rs                         opens the database, the store, the TTL policy
 //!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
 //!   config.rs  telemetry.rs        flags and env, logs and Prometheus
+//!   signal.rs                      SIGINT/SIGTERM, for `serve` and `flush`
 //! migrations/{postgres,sqlite}/    embedded with `sqlx::migrate!`
 //! ```
 //!
@@ -41,6 +42,7 @@ pub mod http;
 pub mod model;
 pub mod profiles;
 pub mod seed;
+mod signal;
 pub mod telemetry;
 pub mod write_behind;
 

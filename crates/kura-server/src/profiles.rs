@@ -15,7 +15,9 @@
 //! database and keeps failed invalidations until Redis is back.
 //!
 //! Writes run to completion even when their request is cancelled (request
-//! timeout, client gone): see `Finish`.
+//! timeout, client gone): see `Finish`. Writes of one profile that mix
+//! `behind` with direct writes or deletes are ordered by a per-profile
+//! write lock in the cache store (`order`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +33,10 @@ use crate::db::{Db, DbError};
 use crate::model::{NewProfile, Profile, ProfilePatch};
 
 mod behind;
+mod order;
+pub mod unsure;
 pub use behind::{WritePath, Written};
+use order::WriteLock;
 
 /// The types cached per user, all removed when the user is deleted.
 pub const USER_KINDS: [Kind; 3] = [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES];
@@ -49,9 +54,6 @@ pub enum ServiceError {
     /// The request is well-formed but a value is not acceptable.
     #[error("{0}")]
     Invalid(String),
-    /// The operation is not implemented yet.
-    #[error("{0}")]
-    NotImplemented(&'static str),
     /// The database failed.
     #[error(transparent)]
     Database(#[from] DbError),
@@ -59,13 +61,16 @@ pub enum ServiceError {
     /// operations that need the cache server).
     #[error(transparent)]
     Cache(kura::Error),
-    /// The write-behind queue is past its limits and the write could not
-    /// be written through instead.
+    /// The write cannot be taken now: the write-behind queue is past its
+    /// limits and the write could not be written through instead, the
+    /// profile's queued writes did not reach the database in time, or too
+    /// few Redis replicas confirmed a `behind` write.
     #[error("{detail}")]
     QueueFull {
         /// When to try again.
         retry_after: Duration,
-        /// What is full.
+        /// What to tell the client: plain words, no figures (queue depth,
+        /// age and replica settings are logged and in the metrics).
         detail: String,
     },
     /// Too many concurrent writes to one profile.
@@ -114,6 +119,7 @@ pub struct ProfileService {
     strategy: WriteStrategy,
     behind: kura::WriteBehind<Db>,
     wb: crate::config::WbConfig,
+    unsure: std::sync::Arc<unsure::Unsure>,
 }
 
 /// A future that is finished on a task of its own if it is dropped before
@@ -171,6 +177,13 @@ where
     }
 }
 
+/// Releases a profile write lock, if one was taken.
+async fn release(lock: Option<WriteLock>) {
+    if let Some(l) = lock {
+        l.release().await;
+    }
+}
+
 /// The cache key id of a user: the lowercase hyphenated UUID, written into
 /// a stack buffer (no allocation on the read path).
 #[must_use]
@@ -194,6 +207,7 @@ impl ProfileService {
             strategy,
             behind,
             wb: crate::config::WbConfig::default(),
+            unsure: std::sync::Arc::default(),
         }
     }
 
@@ -286,48 +300,46 @@ impl ProfileService {
             // Nothing to write: answer with the row as it stands.
             return self.db.fetch(user_id).await?.ok_or(ServiceError::NotFound);
         }
+        let lock = self.lock_profile(user_id).await?;
+        self.direct_update(user_id, patch, strategy, lock).await
+    }
+
+    /// A direct update under the profile's write lock (`None`: the caller
+    /// holds it, or the store cannot be reached), released once the cache
+    /// step is done. Under the lock no `behind` write can be queued, so
+    /// the wait for queued ones can only end with none left (see
+    /// `order`).
+    async fn direct_update(
+        &self,
+        user_id: Uuid,
+        patch: &ProfilePatch,
+        strategy: WriteStrategy,
+        lock: Option<WriteLock>,
+    ) -> Result<Profile, ServiceError> {
         // A queued write-behind write of the profile would be flushed over
         // this one: let it reach the database first.
-        self.wait_for_queued_writes(user_id).await?;
+        if let Err(e) = self.wait_for_queued_writes(user_id).await {
+            release(lock).await;
+            return Err(e);
+        }
         let (this, patch) = (self.clone(), patch.clone());
         Finish::new(async move {
             let updated = this.db.update(user_id, &patch).await;
             if updated.is_err() {
                 this.invalidate_unsure(user_id, false).await;
             }
-            let profile = updated?.ok_or(ServiceError::NotFound)?;
-            this.after_commit(strategy, &profile).await;
-            Ok(profile)
+            let r = match updated {
+                Ok(Some(profile)) => {
+                    this.after_commit(strategy, &profile).await;
+                    Ok(profile)
+                }
+                Ok(None) => Err(ServiceError::NotFound),
+                Err(e) => Err(e.into()),
+            };
+            release(lock).await;
+            r
         })
         .await
-    }
-
-    /// After a write that failed: its statement may have committed although
-    /// its answer was lost (a connection cut), and may even still be
-    /// running. So the user's cache entries (`entity`: every type, else the
-    /// profile) are invalidated now, and again once the row is free, because
-    /// a reader may have loaded the old row in between. An extra
-    /// invalidation costs one miss at most.
-    async fn invalidate_unsure(&self, user_id: Uuid, entity: bool) {
-        self.invalidate_now(user_id, entity).await;
-        let this = self.clone();
-        tokio::spawn(async move {
-            for _ in 0..30 {
-                let waited =
-                    tokio::time::timeout(Duration::from_secs(30), this.db.wait_for_row(user_id))
-                        .await;
-                match waited {
-                    Ok(Ok(())) => return this.invalidate_now(user_id, entity).await,
-                    Ok(Err(e)) => tracing::debug!(%user_id, error = %e, "row not reachable yet"),
-                    Err(_) => tracing::debug!(%user_id, "row still locked"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            tracing::warn!(
-                %user_id,
-                "a failed write's row stayed out of reach: its cached value may be stale until its TTL"
-            );
-        });
     }
 
     async fn invalidate_now(&self, user_id: Uuid, entity: bool) {
@@ -371,18 +383,24 @@ impl ProfileService {
     /// [`ServiceError::QueueFull`] when queued writes of the profile did not
     /// reach the database in time.
     pub async fn delete(&self, user_id: Uuid) -> Result<(), ServiceError> {
-        self.wait_for_queued_writes(user_id).await?;
+        let lock = self.lock_profile(user_id).await?;
+        if let Err(e) = self.wait_for_queued_writes(user_id).await {
+            release(lock).await;
+            return Err(e);
+        }
         let this = self.clone();
         Finish::new(async move {
             let deleted = this.db.delete(user_id).await;
             if deleted.is_err() {
                 this.invalidate_unsure(user_id, true).await;
             }
-            if !deleted? {
-                return Err(ServiceError::NotFound);
-            }
-            this.invalidate_user(user_id).await?;
-            Ok(())
+            let r = match deleted {
+                Ok(true) => this.invalidate_user(user_id).await.map(drop),
+                Ok(false) => Err(ServiceError::NotFound),
+                Err(e) => Err(e.into()),
+            };
+            release(lock).await;
+            r
         })
         .await
     }

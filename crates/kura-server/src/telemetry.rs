@@ -21,13 +21,31 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// Describes the series the service emits itself (the library's are
+/// described by [`kura::metrics::describe`]).
+fn describe() {
+    metrics::describe_counter!(
+        "kura_wb_write_through_total",
+        "behind writes written through to the database instead, by reason (full, unavailable)."
+    );
+    metrics::describe_gauge!(
+        "kura_unsure_invalidations",
+        "Profiles whose failed write may still commit, waiting for their row to be invalidated again."
+    );
+    metrics::describe_counter!(
+        "kura_unsure_dropped_total",
+        "Failed writes invalidated once only because too many were waiting for their rows."
+    );
+}
+
 /// Latency buckets in seconds, from 50 µs (a hit) to 5 s.
 const BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 ];
 
-/// The process's Prometheus handle, installing the recorder on first use.
+/// The process's Prometheus handle, installing the recorder on first use
+/// and describing every series (`# HELP`).
 ///
 /// The library registers its metric handles when strategy handles are made,
 /// so this must run before them. It installs at most once per process;
@@ -47,6 +65,8 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                     return None;
                 }
             };
+            kura::metrics::describe();
+            describe();
             let upkeep = builder.clone();
             // Histograms are drained by upkeep; a plain thread keeps it off
             // the request runtime and independent of which runtime runs.

@@ -366,7 +366,7 @@ pub async fn flush(args: FlushArgs) -> anyhow::Result<()> {
         );
     } else {
         let flushers = Flushers::start(&service, config.wb.flushers.max(1), &config);
-        crate::commands::shutdown_signal().await;
+        crate::signal::shutdown_signal().await;
         tracing::info!("stopping: finishing the batches in hand");
         let total = flushers.stop(Duration::from_secs(30)).await;
         tracing::info!("{}", describe(&total));

@@ -186,14 +186,19 @@ impl TestApp {
     }
 }
 
-/// A JWKS endpoint on port 0 that counts its fetches.
+/// A JWKS endpoint on port 0 with one signing key, counting its fetches.
 async fn jwks_server(kid: &'static str) -> (String, Arc<AtomicUsize>) {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let doc = json!({"keys": [{
+    jwks_serving(json!({"keys": [{
         "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
         "n": support::RSA_N, "e": "AQAB",
-    }]});
+    }]}))
+    .await
+}
+
+/// A JWKS endpoint on port 0 serving `doc`, counting its fetches.
+async fn jwks_serving(doc: Value) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
     let app = axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || {
@@ -273,5 +278,108 @@ async fn rs256_against_a_jwks() {
     assert_eq!(d, "token expired");
     let v: Value = app.get(&path, &owner).await.json().await.unwrap();
     assert_eq!(v["user_id"], user.to_string());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_before_their_nbf_are_refused() {
+    let app = TestApp::start(Backend::SqliteMemory).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let tok = |nbf: u64| {
+        token_with(
+            &app.secret,
+            &json!({"sub": user.to_string(), "exp": now() + 7200, "nbf": nbf}),
+        )
+    };
+    let r = app.get(&path, &tok(now() + 3600)).await;
+    assert_eq!(
+        expect_detail(r, StatusCode::UNAUTHORIZED).await,
+        "token not yet valid"
+    );
+    // Within the clock-skew leeway, and in the past: valid.
+    assert_eq!(
+        app.get(&path, &tok(now() + 5)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.get(&path, &tok(now() - 60)).await.status(),
+        StatusCode::OK
+    );
+    let not_a_time = token_with(
+        &app.secret,
+        &json!({"sub": user.to_string(), "exp": now() + 600, "nbf": "soon"}),
+    );
+    expect_detail(app.get(&path, &not_a_time).await, StatusCode::UNAUTHORIZED).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_not_published_for_rs256_signatures_do_not_verify() {
+    let key = |extra: Value| {
+        let mut k = json!({"kty": "RSA", "n": support::RSA_N, "e": "AQAB"});
+        for (f, v) in extra.as_object().unwrap() {
+            k[f] = v.clone();
+        }
+        k
+    };
+    let (jwks, _) = jwks_serving(json!({"keys": [
+        key(json!({"kid": "sig", "use": "sig", "alg": "RS256"})),
+        key(json!({"kid": "bare"})),
+        key(json!({"kid": "enc", "use": "enc"})),
+        key(json!({"kid": "enc-alg", "use": "enc", "alg": "RSA-OAEP"})),
+        key(json!({"kid": "rs512", "use": "sig", "alg": "RS512"})),
+        key(json!({"kid": "ps256", "alg": "PS256"})),
+        key(json!({"kid": "ops-encrypt", "key_ops": ["encrypt", "wrapKey"]})),
+        key(json!({"kid": "ops-verify", "key_ops": ["verify"]})),
+    ]}))
+    .await;
+    let app = TestApp::start_with(Backend::SqliteMemory, |c| {
+        c.auth.jwt_secret = None;
+        c.auth.jwks_url = Some(jwks);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let admin = rs256_token(
+        Some("sig"),
+        &json!({"sub": Uuid::new_v4().to_string(), "exp": now() + 600, "roles": ["admin"]}),
+    );
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/profiles",
+            Some(&admin),
+            Some(&json!({"user_id": user})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let path = format!("/api/v1/profiles/{user}");
+    let claims = json!({"sub": user.to_string(), "exp": now() + 600});
+    for (kid, want) in [
+        ("sig", StatusCode::OK),
+        ("bare", StatusCode::OK),
+        ("ops-verify", StatusCode::OK),
+        ("enc", StatusCode::UNAUTHORIZED),
+        ("enc-alg", StatusCode::UNAUTHORIZED),
+        ("rs512", StatusCode::UNAUTHORIZED),
+        ("ps256", StatusCode::UNAUTHORIZED),
+        ("ops-encrypt", StatusCode::UNAUTHORIZED),
+    ] {
+        let r = app.get(&path, &rs256_token(Some(kid), &claims)).await;
+        assert_eq!(r.status(), want, "key {kid}");
+    }
+    app.stop().await;
+
+    // A set whose only key is for encryption has no key for tokens
+    // without `kid`.
+    let (jwks, _) = jwks_serving(json!({"keys": [key(json!({"kid": "enc", "use": "enc"}))]})).await;
+    let app = TestApp::start_with(Backend::SqliteMemory, |c| {
+        c.auth.jwt_secret = None;
+        c.auth.jwks_url = Some(jwks);
+    })
+    .await;
+    let r = app.get(&path, &rs256_token(None, &claims)).await;
+    expect_detail(r, StatusCode::UNAUTHORIZED).await;
     app.stop().await;
 }

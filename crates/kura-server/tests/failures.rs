@@ -240,3 +240,98 @@ async fn slow_requests_answer_504() {
     );
     app.stop().await;
 }
+
+/// A write that fails may still commit later, so its profile is
+/// invalidated again once its row is free. With many failed writes (here
+/// every row is locked by another transaction and the service's
+/// statements give up after `lock_timeout`), those waits are few at a
+/// time: at most two connections wait on a row lock for them at any
+/// moment, however many writes failed; and they still invalidate every
+/// profile once the rows are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_wait_for_their_rows_on_few_connections() {
+    use sqlx::Connection as _;
+    let db = TestDb::create().await;
+    let url = format!("{}?options=-c%20lock_timeout%3D200", db.url);
+    let app = TestApp::start_with(Backend::PgRedis, |c| {
+        c.database_url = Some(url.clone());
+        c.wb.flushers = 0;
+    })
+    .await;
+    let users: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        app.create(u).await;
+    }
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut watcher = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM profiles WHERE user_id = ANY($1) FOR UPDATE")
+        .bind(&users)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let writes: Vec<_> = users
+        .iter()
+        .chain(users.iter())
+        .map(|u| {
+            let (http, url, token) = (
+                app.http.clone(),
+                format!("{}/api/v1/profiles/{u}", app.url),
+                app.admin(),
+            );
+            tokio::spawn(async move {
+                http.put(url)
+                    .bearer_auth(token)
+                    .json(&json!({"name": "失敗"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for w in writes {
+        assert!(w.await.unwrap().is_server_error());
+    }
+    // Two failures per profile, one entry each.
+    let waiting = app.server().service().unsure_pending();
+    assert!((1..=12).contains(&waiting), "{waiting} waiting");
+    // Cached again from the old rows, which the failed writes might still
+    // replace.
+    for u in &users {
+        assert_eq!(
+            app.get(&format!("/api/v1/profiles/{u}"), &app.admin())
+                .await
+                .status(),
+            StatusCode::OK
+        );
+        assert!(app.redis_get(&app.key(u)).await.is_some());
+    }
+    let mut most = 0;
+    for _ in 0..60 {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE'",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        most = most.max(n);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        most <= 2,
+        "{most} connections waited on failed writes' rows at once"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    // Once the rows are free, each profile is invalidated again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for u in &users {
+        while app.redis_get(&app.key(u)).await.is_some() {
+            assert!(Instant::now() < deadline, "{u} still cached");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    app.stop().await;
+}

@@ -19,6 +19,10 @@
 //! | `cache_breaker_opened_total` | counter | |
 //! | `cache_pending_invalidations` | gauge | |
 //!
+//! The write-behind series (`cache_wb_*`) are listed on
+//! [`crate::strategy::write_behind`]. [`describe`] gives every series its
+//! help text (the `# HELP` line of a Prometheus scrape).
+//!
 //! Handles are registered once per strategy handle, so recording costs an
 //! atomic add, not a registry lookup. Install the recorder (for example
 //! `metrics-exporter-prometheus`) before building strategy handles.
@@ -34,6 +38,123 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{Counter, Histogram};
 use serde::{Deserialize, Serialize};
+
+/// Describes every series the library emits to the installed recorder, so
+/// that exporters can show help text (Prometheus: `# HELP`). Call it once
+/// after installing the recorder; a series added to the library gets its
+/// line here.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    // Reads and loads, per `cache_type`.
+    describe_counter!("cache_hits_total", "Reads answered from the cache.");
+    describe_counter!(
+        "cache_misses_total",
+        "Reads that went to the source (database)."
+    );
+    describe_counter!(
+        "cache_stale_served_total",
+        "Reads answered with a stale copy because the source failed."
+    );
+    describe_counter!(
+        "cache_bypass_total",
+        "Reads that skipped the cache because it was unavailable (breaker open or error)."
+    );
+    describe_counter!("cache_loads_total", "Loads from the source after a miss.");
+    describe_counter!(
+        "cache_load_errors_total",
+        "Loads from the source that failed."
+    );
+    describe_counter!(
+        "cache_fills_rejected_total",
+        "Loaded values not cached because a newer write or invalidation got in first."
+    );
+    describe_counter!(
+        "cache_redis_errors_total",
+        "Cache store operations that failed or timed out."
+    );
+    describe_counter!(
+        "cache_invalidations_total",
+        "Invalidations requested after writes."
+    );
+    describe_histogram!(
+        "cache_get_duration_seconds",
+        Unit::Seconds,
+        "Time of a cached read, hit or miss, including the load on a miss."
+    );
+    describe_histogram!(
+        "cache_load_duration_seconds",
+        Unit::Seconds,
+        "Time of a load from the source."
+    );
+    // The circuit breaker and deferred invalidations.
+    describe_gauge!(
+        "cache_breaker_state",
+        "Circuit breaker of the cache store: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        "cache_breaker_opened_total",
+        "Times the circuit breaker opened."
+    );
+    describe_gauge!(
+        "cache_pending_invalidations",
+        "Invalidations kept in this process until the cache store is reachable again."
+    );
+    // Write-behind, per `cache_type`.
+    describe_counter!(
+        "cache_wb_accepted_total",
+        "Write-behind writes accepted into the queue."
+    );
+    describe_counter!(
+        "cache_wb_flushed_total",
+        "Write-behind rows written to the database."
+    );
+    describe_counter!(
+        "cache_wb_coalesced_total",
+        "Queue entries folded into a newer write of the same key."
+    );
+    describe_counter!(
+        "cache_wb_retried_total",
+        "Write-behind batches retried because the database was unavailable."
+    );
+    describe_counter!(
+        "cache_wb_dead_lettered_total",
+        "Write-behind writes moved to the dead-letter stream."
+    );
+    describe_counter!(
+        "cache_wb_conflicts_total",
+        "Write-behind accepts retried because the version changed under them."
+    );
+    describe_counter!(
+        "cache_wb_refused_total",
+        "Write-behind writes refused because the queue was past a limit."
+    );
+    describe_counter!(
+        "cache_wb_unreplicated_total",
+        "Write-behind writes not confirmed by enough replicas in time."
+    );
+    describe_gauge!(
+        "cache_wb_queue_depth",
+        "Write-behind writes queued, not yet in the database."
+    );
+    describe_gauge!(
+        "cache_wb_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest queued write-behind write."
+    );
+    describe_gauge!(
+        "cache_wb_dead_letters",
+        "Entries in the write-behind dead-letter stream."
+    );
+    describe_gauge!(
+        "cache_wb_limit_depth",
+        "Queue depth past which write-behind writes are refused (0: no limit)."
+    );
+    describe_gauge!(
+        "cache_wb_limit_age_seconds",
+        Unit::Seconds,
+        "Oldest-entry age past which write-behind writes are refused (0: no limit)."
+    );
+}
 
 /// Handles of one data type.
 #[derive(Debug, Clone)]

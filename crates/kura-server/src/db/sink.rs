@@ -13,6 +13,17 @@
 //! acknowledgement, a batch retried after a lost answer) changes nothing.
 //! A row that was not written is looked at to say why ([`Guarded`]).
 //!
+//! Only the same version with the same fields counts as a replay. A row
+//! already past the queued version was moved there by writes that did not
+//! build on the queued one (direct writes that overtook it: the flusher
+//! writes a key's newest pending copy, so the queue's own later writes
+//! include it), so the queued write was never applied: it is rejected as
+//! a conflict and, after `--wb-max-attempts`, dead-lettered, never
+//! acknowledged silently. (A flusher that read a pending copy just before
+//! a newer one was flushed by another gets the same answer for that older
+//! copy; on its retry the copy is gone and the entry is only
+//! acknowledged.)
+//!
 //! PostgreSQL applies a whole batch as one `UPDATE … FROM UNNEST(…)`
 //! statement (one round trip, its own transaction); SQLite runs one
 //! `UPDATE` per row in one transaction. If a row makes the database raise
@@ -41,7 +52,7 @@ pub enum Guarded {
     Written,
     /// The row already holds this version with the same fields (a replay).
     Replayed,
-    /// The row holds a newer version.
+    /// The row holds a newer version: other writes overtook this one.
     Newer(i64),
     /// The row holds this version with other fields: another write took
     /// the same version number.
@@ -54,13 +65,17 @@ pub enum Guarded {
 }
 
 impl Guarded {
-    /// The flusher's view: a replay or a newer row is [`Applied::Superseded`],
-    /// anything else not written is [`Applied::Rejected`] with a reason.
+    /// The flusher's view: a replay is [`Applied::Superseded`], anything
+    /// else not written (a newer row included: see the module docs) is
+    /// [`Applied::Rejected`] with a reason.
     #[must_use]
     pub fn applied(&self) -> Applied {
         match self {
             Guarded::Written => Applied::Written,
-            Guarded::Replayed | Guarded::Newer(_) => Applied::Superseded,
+            Guarded::Replayed => Applied::Superseded,
+            Guarded::Newer(v) => Applied::Rejected(format!(
+                "conflict: overtaken by other writes, the row is at version {v}"
+            )),
             Guarded::Conflict(v) => Applied::Rejected(format!("conflicting write at version {v}")),
             Guarded::Missing => Applied::Rejected("profile no longer exists".to_owned()),
             Guarded::Refused(why) => Applied::Rejected(why.clone()),
@@ -449,7 +464,12 @@ mod tests {
             Guarded::Refused(_)
         ));
         assert_eq!(Guarded::Replayed.applied(), Applied::Superseded);
-        assert_eq!(Guarded::Newer(9).applied(), Applied::Superseded);
+        assert_eq!(
+            Guarded::Newer(9).applied(),
+            Applied::Rejected(
+                "conflict: overtaken by other writes, the row is at version 9".into()
+            )
+        );
         assert_eq!(
             Guarded::Missing.applied(),
             Applied::Rejected("profile no longer exists".into())

@@ -1,11 +1,16 @@
 //! Bearer tokens: HS256 with a shared secret, or RS256 against a JWKS.
 //!
-//! `exp` is required; `iss` and `aud` are checked when configured; roles
-//! come from a `roles` array claim. The algorithm is pinned per key kind, so
-//! `alg: none` and algorithm swaps (an RS256 public key used as an HS256
-//! secret) are rejected.
+//! `exp` is required; `nbf` is checked when present (a token is refused
+//! before it, with the same clock-skew leeway as `exp`); `iss` and `aud` are
+//! checked when configured; roles come from a `roles` array claim. The
+//! algorithm is pinned per key kind, so `alg: none` and algorithm swaps (an
+//! RS256 public key used as an HS256 secret) are rejected.
 //!
-//! JWKS keys are cached by `kid`; a token with an unknown `kid` triggers a
+//! Only JWKS keys published for RS256 signatures verify tokens: an RSA key
+//! whose `use` (when given) is `sig`, whose `alg` (when given) is `RS256`,
+//! and whose `key_ops` (when given) include `verify`. A key published for
+//! encryption or another algorithm is skipped, so a token naming it by
+//! `kid` is refused. JWKS keys are cached by `kid`; a token with an unknown `kid` triggers a
 //! refetch, at most once per minimum interval, so a flood of made-up key ids
 //! cannot turn into a flood of fetches.
 
@@ -17,7 +22,9 @@ use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, Jwk, JwkSet, KeyAlgorithm, KeyOperations, PublicKeyUse,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -60,6 +67,9 @@ pub enum AuthError {
     /// `exp` has passed.
     #[error("token expired")]
     Expired,
+    /// `nbf` has not come yet.
+    #[error("token not yet valid")]
+    NotYetValid,
 }
 
 impl From<AuthError> for ApiError {
@@ -68,6 +78,7 @@ impl From<AuthError> for ApiError {
             AuthError::Missing => "missing bearer token",
             AuthError::Invalid => "invalid token",
             AuthError::Expired => "token expired",
+            AuthError::NotYetValid => "token not yet valid",
         })
     }
 }
@@ -160,7 +171,7 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Clock skew allowed on `exp`.
+/// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 30;
 /// How long a verified token is remembered.
 const VERIFIED_MAX_AGE_SECS: u64 = 60;
@@ -224,6 +235,7 @@ fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
     let mut v = Validation::new(alg);
     v.set_required_spec_claims(&["exp"]);
     v.leeway = LEEWAY_SECS;
+    v.validate_nbf = true;
     if let Some(iss) = &cfg.issuer {
         v.set_issuer(&[iss]);
         v.required_spec_claims.insert("iss".into());
@@ -279,7 +291,8 @@ impl Auth {
     ///
     /// # Errors
     ///
-    /// [`AuthError::Invalid`] or [`AuthError::Expired`].
+    /// [`AuthError::Invalid`], [`AuthError::Expired`] or
+    /// [`AuthError::NotYetValid`].
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(c) = self.verified.get(token, now) {
@@ -320,6 +333,7 @@ fn decode(token: &str, key: &DecodingKey, v: &Validation) -> Result<Claims, Auth
     match jsonwebtoken::decode::<Claims>(token, key, v) {
         Ok(t) => Ok(t.claims),
         Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthError::Expired),
+        Err(e) if matches!(e.kind(), ErrorKind::ImmatureSignature) => Err(AuthError::NotYetValid),
         Err(e) => {
             tracing::debug!(error = %e, "token rejected");
             Err(AuthError::Invalid)
@@ -408,6 +422,10 @@ impl Jwks {
         let mut out = KeySet::default();
         let mut usable = Vec::new();
         for jwk in &set.keys {
+            if let Err(why) = verifies_rs256(jwk) {
+                tracing::debug!(kid = ?jwk.common.key_id, why, "JWKS key skipped");
+                continue;
+            }
             match DecodingKey::from_jwk(jwk) {
                 Ok(k) => {
                     let k = Arc::new(k);
@@ -423,6 +441,28 @@ impl Jwks {
             out.only = usable.pop();
         }
         Ok(out)
+    }
+}
+
+/// Whether a JWKS key is published for verifying RS256 signatures (absent
+/// `use`, `alg` and `key_ops` say nothing against it).
+fn verifies_rs256(jwk: &Jwk) -> Result<(), &'static str> {
+    if !matches!(jwk.algorithm, AlgorithmParameters::RSA(_)) {
+        return Err("not an RSA key");
+    }
+    match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => {}
+        Some(_) => return Err("not published for signatures (use)"),
+    }
+    match &jwk.common.key_algorithm {
+        None | Some(KeyAlgorithm::RS256) => {}
+        Some(_) => return Err("published for another algorithm (alg)"),
+    }
+    match &jwk.common.key_operations {
+        Some(ops) if !ops.contains(&KeyOperations::Verify) => {
+            Err("not published for verifying (key_ops)")
+        }
+        _ => Ok(()),
     }
 }
 

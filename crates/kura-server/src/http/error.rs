@@ -49,18 +49,16 @@ pub enum ApiError {
     /// 500 Internal Server Error (details logged).
     #[error("internal error")]
     Internal,
-    /// 501 Not Implemented.
-    #[error("{0}")]
-    NotImplemented(&'static str),
     /// 503 Service Unavailable: the database (or, for admin cache
     /// operations, the cache server) cannot be reached.
     #[error("{0}")]
     Unavailable(&'static str),
     /// 503 Service Unavailable with `Retry-After`: the write-behind queue
-    /// is past its limits.
+    /// is past its limits, or a write waits for queued ones. The detail is
+    /// plain words; the figures behind it are logged.
     #[error("{detail}")]
     Busy {
-        /// What is full.
+        /// What is busy.
         detail: String,
         /// The `Retry-After` value.
         retry_after: std::time::Duration,
@@ -85,7 +83,6 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Unavailable(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -153,7 +150,6 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound => ApiError::NotFound("profile not found"),
             ServiceError::AlreadyExists => ApiError::Conflict("profile already exists"),
             ServiceError::Invalid(m) => ApiError::Unprocessable(m),
-            ServiceError::NotImplemented(m) => ApiError::NotImplemented(m),
             ServiceError::QueueFull {
                 retry_after,
                 detail,

@@ -8,7 +8,12 @@
 //! | `POST /api/v1/profiles/batch` | `admin` |
 //! | `GET/PUT /api/v1/profile` | the caller (JWT `sub`) |
 //! | `/api/v1/admin/cache/…` | `admin` |
-//! | `GET /healthz`, `GET /metrics`, `GET /openapi.json` | anyone |
+//! | `GET /healthz`, `GET /openapi.json` | anyone |
+//! | `GET /metrics` | anyone who reaches its port: the API port, or with `--metrics-listen` only that listener |
+//!
+//! `/metrics` follows the Prometheus convention of a listener of its own
+//! when `--metrics-listen` is set, so that it can be kept off the network
+//! the API is exposed to; the API port then answers it 404.
 //!
 //! The hot path (`GET /api/v1/profiles/{id}` on a hit) is: one HS256
 //! verification, one Redis `GET`, and the cached JSON bytes sent as they
@@ -195,10 +200,16 @@ impl utoipa::Modify for BearerScheme {
     }
 }
 
-/// The router over `state`.
+/// The router over `state`: the API, and `/metrics` unless it has a
+/// listener of its own ([`Config::metrics_listen`]).
 pub fn router(state: Arc<AppState>, config: &Config) -> Router {
-    Router::new()
-        .route("/api/v1/profiles", post(profiles::create_profile))
+    let api = Router::new();
+    let api = if config.metrics_listen.is_none() {
+        api.route("/metrics", get(health::metrics))
+    } else {
+        api
+    };
+    api.route("/api/v1/profiles", post(profiles::create_profile))
         .route("/api/v1/profiles/batch", post(profiles::batch))
         .route(
             "/api/v1/profiles/{user_id}",
@@ -221,13 +232,73 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         )
         .route("/api/v1/admin/cache/metrics", get(admin::cache_metrics))
         .route("/healthz", get(health::health))
-        .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(health::openapi))
         .fallback(|| async { ApiError::NotFound("not found") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(RequestTimeoutLayer(config.request_timeout))
         .with_state(state)
+}
+
+/// The router of the `--metrics-listen` listener: `/metrics` only.
+pub fn metrics_router(state: Arc<AppState>, config: &Config) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::NotFound("not found") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(RequestTimeoutLayer(config.request_timeout))
+        .with_state(state)
+}
+
+/// A listener serving a router until told to stop.
+#[derive(Debug)]
+struct Listener {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Listener {
+    async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops accepting and waits up to `grace` for requests in flight.
+    async fn stop(mut self, grace: Duration) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(r) => r??,
+            Err(_) => {
+                tracing::warn!(addr = %self.addr, ?grace, "requests still running after the grace period: stopped");
+                self.task.abort();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `http://<addr>`, with an unspecified address shown as loopback.
+fn url_of(mut a: SocketAddr) -> String {
+    if a.ip().is_unspecified() {
+        a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{a}")
 }
 
 /// Answers 504 `{"detail": "request timed out"}` when the inner service
@@ -306,10 +377,9 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for TimeoutFuture<
 /// A running server: its address and a handle to stop it.
 #[derive(Debug)]
 pub struct Server {
-    addr: SocketAddr,
+    api: Listener,
+    metrics: Option<Listener>,
     state: Arc<AppState>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
     flushers: Option<crate::write_behind::Flushers>,
 }
@@ -318,18 +388,27 @@ impl Server {
     /// The bound address.
     #[must_use]
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.api.addr
     }
 
     /// `http://<addr>`, with an unspecified listen address shown as
     /// loopback.
     #[must_use]
     pub fn url(&self) -> String {
-        let mut a = self.addr;
-        if a.ip().is_unspecified() {
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        format!("http://{a}")
+        url_of(self.api.addr)
+    }
+
+    /// The address of the `--metrics-listen` listener, when there is one.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr)
+    }
+
+    /// `http://<metrics addr>` (as [`Server::url`]), when `/metrics` has a
+    /// listener of its own.
+    #[must_use]
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_addr().map(url_of)
     }
 
     /// The service layer (for tests and embedding).
@@ -347,16 +426,11 @@ impl Server {
     ///
     /// When the server task failed.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        let api = self.api.stop(self.grace).await;
+        if let Some(m) = self.metrics.take() {
+            m.stop(self.grace).await?;
         }
-        match tokio::time::timeout(self.grace, &mut self.task).await {
-            Ok(r) => r??,
-            Err(_) => {
-                tracing::warn!(grace = ?self.grace, "requests still running after the grace period: stopped");
-                self.task.abort();
-            }
-        }
+        api?;
         if let Some(f) = self.flushers.take().filter(|f| !f.is_empty()) {
             let r = f.stop(self.grace).await;
             tracing::info!(
@@ -406,17 +480,16 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         memory_store: app.memory_store,
         openapi,
     });
-    let listener = TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
-    let router = router(state.clone(), config);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
+    let metrics = match config.metrics_listen {
+        Some(a) => {
+            let m = Listener::bind(a, metrics_router(state.clone(), config)).await?;
+            tracing::info!(addr = %m.addr, "serving /metrics");
+            Some(m)
+        }
+        None => None,
+    };
+    let addr = api.addr;
     tracing::info!(%addr, database = state.service.db().backend(), cache = if state.memory_store { "memory" } else { "redis" }, "listening");
     if config.write_strategy == crate::config::WriteStrategy::Behind || config.wb.flushers > 0 {
         crate::write_behind::check_durability(state.service.write_behind(), state.memory_store)
@@ -438,10 +511,9 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         });
     }
     Ok(Server {
-        addr,
+        api,
+        metrics,
         state,
-        stop: Some(stop),
-        task,
         grace: config.shutdown_grace,
         flushers: Some(flushers),
     })

@@ -20,6 +20,18 @@
 //! conflict with it), and its pending copy would keep serving a deleted
 //! profile.
 //!
+//! The wait and the write are ordered with `behind` writes by the
+//! profile's write lock (`order`: a key in the cache store, so it holds
+//! across instances): a direct write holds it from its wait to its cache
+//! step, an accept holds it around the accept, so every `behind` write of
+//! a profile is applied either before a direct write (which waits for its
+//! flush) or on top of it. A queued write that direct writes overtook all
+//! the same (the store was unreachable for the direct write, the lock
+//! expired under a stalled writer, or something outside kura wrote the
+//! row) is never applied over them nor acknowledged silently: the flush
+//! finds the row at or past its version and dead-letters it as a conflict
+//! after `--wb-max-attempts` (see [`crate::db::sink`]).
+//!
 //! # Writing through instead
 //!
 //! A write that cannot be queued is written to the database directly, as
@@ -56,6 +68,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a direct write or a delete waits for the profile's queued
 /// writes to reach the database.
 const QUEUED_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer when a profile's queued writes keep a write waiting.
+const QUEUED: &str = "the profile has writes waiting for the database; retry later";
 
 /// The write-behind metrics the library emits for profiles, registered at
 /// zero so that `/metrics` shows them before the first event.
@@ -255,7 +270,20 @@ impl ProfileService {
         })
     }
 
+    /// The accept (and any write through instead) under the profile's
+    /// write lock, so that it is ordered with direct writes (see `order`).
     async fn behind_inner(
+        &self,
+        user_id: Uuid,
+        patch: &ProfilePatch,
+    ) -> Result<Written, ServiceError> {
+        let lock = self.lock_profile(user_id).await?;
+        let r = self.behind_locked(user_id, patch).await;
+        super::release(lock).await;
+        r
+    }
+
+    async fn behind_locked(
         &self,
         user_id: Uuid,
         patch: &ProfilePatch,
@@ -302,14 +330,18 @@ impl ProfileService {
                 Err(BehindError::Invalid(m)) => return Err(ServiceError::Invalid(m)),
                 Err(BehindError::Key(k)) => return Err(kura::Error::Key(k).into()),
                 Err(BehindError::NotReplicated { replicas }) => {
+                    tracing::warn!(
+                        user_id = id,
+                        replicas,
+                        required = self.wb.min_replicas,
+                        timeout = ?self.wb.replica_timeout,
+                        "behind write not confirmed by enough Redis replicas in time: 503"
+                    );
                     return Err(ServiceError::QueueFull {
                         retry_after: RETRY_AFTER,
-                        detail: format!(
-                            "the write was confirmed by {replicas} of the {} Redis replica(s) required \
-                             within {:.1} s; it is queued and may still be applied; retrying is safe",
-                            self.wb.min_replicas,
-                            self.wb.replica_timeout.as_secs_f64()
-                        ),
+                        detail: "the write was not confirmed in time; it is queued and may still \
+                                 be applied, so retrying is safe"
+                            .to_owned(),
                     });
                 }
                 Err(BehindError::Contended) => {
@@ -331,25 +363,34 @@ impl ProfileService {
         depth: u64,
         oldest_age: Duration,
     ) -> Result<Written, ServiceError> {
-        let full = |why: &str| ServiceError::QueueFull {
-            retry_after: RETRY_AFTER,
-            detail: format!(
-                "write-behind queue is full ({depth} writes queued, oldest {:.1} s){why}; retry later",
-                oldest_age.as_secs_f64()
-            ),
+        // The figures go to the log (and the queue gauges), not to the
+        // client.
+        let full = |detail: &'static str, why: &str| {
+            tracing::warn!(
+                user_id = id,
+                depth,
+                oldest_age = ?oldest_age,
+                why,
+                "write-behind queue past its limits: 503"
+            );
+            ServiceError::QueueFull {
+                retry_after: RETRY_AFTER,
+                detail: detail.to_owned(),
+            }
         };
+        const FULL: &str = "the write queue is full; retry later";
         if self.wb.on_full == OnFull::Reject {
-            return Err(full(""));
+            return Err(full(FULL, "--wb-on-full reject"));
         }
         match self.behind.is_pending(id).await {
             Ok(false) => {
                 self.write_through_instead(user_id, id, patch, tried, "full")
                     .await
             }
-            Ok(true) => Err(full(" and this profile has writes in it")),
+            Ok(true) => Err(full(QUEUED, "the profile has queued writes")),
             Err(e) => {
                 tracing::warn!(user_id = id, error = %e, "cannot tell whether the profile has queued writes");
-                Err(full(""))
+                Err(full(FULL, "queued writes unknown"))
             }
         }
     }
@@ -365,10 +406,10 @@ impl ProfileService {
             match self.behind.is_pending(&id).await {
                 Ok(false) | Err(_) => return Ok(()),
                 Ok(true) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(user_id = id, waited = ?QUEUED_WAIT, "queued writes of the profile still not in the database: 503");
                     return Err(ServiceError::QueueFull {
                         retry_after: RETRY_AFTER,
-                        detail: "the profile has writes waiting for the database; retry later"
-                            .to_owned(),
+                        detail: QUEUED.to_owned(),
                     });
                 }
                 Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -402,8 +443,9 @@ impl ProfileService {
                 }
             }
         }
+        // The profile's write lock is held by the caller.
         let profile = self
-            .update(user_id, patch, Some(WriteStrategy::Through))
+            .direct_update(user_id, patch, WriteStrategy::Through, None)
             .await?;
         Ok(Written::direct(profile, WritePath::Through))
     }
