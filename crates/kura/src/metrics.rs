@@ -117,6 +117,14 @@ pub fn describe() {
         "Write-behind batches retried because the database was unavailable."
     );
     describe_counter!(
+        "cache_wb_requeued_total",
+        "Write-behind writes the database refused, put back at the end of the queue for a retry after a back-off."
+    );
+    describe_counter!(
+        "cache_wb_dead_letters_trimmed_total",
+        "Oldest dead letters dropped to keep the dead-letter stream within its bound."
+    );
+    describe_counter!(
         "cache_wb_dead_lettered_total",
         "Write-behind writes moved to the dead-letter stream."
     );
