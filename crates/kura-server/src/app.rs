@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Adaptive, Cache, Store, TtlPolicy};
+use kura::{Adaptive, Cache, QueueStore, QueuedCache, TtlPolicy};
 
 use crate::config::Config;
 use crate::db::Db;
@@ -48,8 +48,8 @@ pub fn ttl_policy(config: &Config) -> TtlPolicy {
 ///
 /// A malformed Redis URL or namespace. An unreachable Redis is not an
 /// error: the store connects lazily and the database answers meanwhile.
-pub fn open_cache(config: &Config) -> anyhow::Result<(Cache, bool)> {
-    let (store, memory): (Arc<dyn Store>, bool) = match &config.redis_url {
+pub fn open_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
+    let (store, memory): (Arc<dyn QueueStore>, bool) = match &config.redis_url {
         Some(url) => (
             Arc::new(
                 RedisStore::builder(url.as_str())
@@ -65,7 +65,7 @@ pub fn open_cache(config: &Config) -> anyhow::Result<(Cache, bool)> {
             true,
         ),
     };
-    let cache = Cache::builder_shared(store)
+    let cache = Cache::queued_shared(store)
         .namespace(config.namespace.as_str())
         .ttl_policy(ttl_policy(config))
         .op_timeout(config.redis_timeout)

@@ -25,7 +25,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::Utc;
-use kura::{Batch, Cache, CacheAside, Fetched, Kind, Stats, WarmProgress, WriteThrough};
+use kura::{
+    Batch, Cache, CacheAside, Fetched, Kind, QueuedCache, Stats, WarmProgress, WriteThrough,
+};
 use uuid::Uuid;
 
 use crate::config::WriteStrategy;
@@ -113,7 +115,7 @@ pub struct Removed {
 #[derive(Debug, Clone)]
 pub struct ProfileService {
     db: Db,
-    cache: Cache,
+    cache: QueuedCache,
     profiles: CacheAside<Db>,
     writes: WriteThrough,
     strategy: WriteStrategy,
@@ -195,10 +197,10 @@ impl ProfileService {
     /// A service over `db` and `cache`. Build it after the metrics recorder
     /// is installed: the library registers its metric handles here.
     #[must_use]
-    pub fn new(db: Db, cache: Cache, strategy: WriteStrategy) -> Self {
+    pub fn new(db: Db, cache: QueuedCache, strategy: WriteStrategy) -> Self {
         let profiles = cache.aside(Kind::PROFILE, db.clone());
         let writes = cache.write_through(Kind::PROFILE);
-        let behind = profiles.write_behind();
+        let behind = cache.write_behind(&profiles);
         Self {
             db,
             cache,

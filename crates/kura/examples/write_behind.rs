@@ -38,11 +38,11 @@ impl Sink for common::Db {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = common::Db::default();
     db.upsert("u1", "太郎");
-    let cache = Cache::builder_shared(common::store())
+    let cache = Cache::queued_shared(common::store())
         .namespace("example_wb")
         .build()?;
     let profiles = cache.aside(Kind::PROFILE, db.clone());
-    let writes = profiles.write_behind();
+    let writes = cache.write_behind(&profiles);
 
     // Three quick edits: each is acknowledged without touching the database.
     for suffix in ["!", "!!", "!!!"] {

@@ -27,9 +27,6 @@ pub enum StoreError {
     /// The circuit breaker is open: the store was not asked.
     #[error("cache unavailable (circuit open)")]
     Unavailable,
-    /// The store cannot do this operation in its current topology.
-    #[error("unsupported by this store: {0}")]
-    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -37,7 +34,7 @@ impl StoreError {
     /// circuit breaker), as opposed to bad data at one key.
     #[must_use]
     pub fn is_outage(&self) -> bool {
-        !matches!(self, StoreError::WrongType(_) | StoreError::Unsupported(_))
+        !matches!(self, StoreError::WrongType(_))
     }
 }
 

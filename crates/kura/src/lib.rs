@@ -14,20 +14,26 @@
 //! ```text
 //! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
 //!        │                                    │             │
-//!        └────────── cache/{mod, builder, journal, epochs, counters, maintenance, owned}
+//!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned}
 //!                              │
-//!     key   codec   ttl   metrics   source        store/{redis, memory} (+ scripts/*.lua)
+//!     key   codec   ttl   metrics   source   store/{mod, queue, redis, memory} (+ scripts/*.lua)
 //! ```
 //!
 //! - [`key`]: key naming (`cache:<type>:<id>[:<sub>]`), id validation, glob escaping.
 //! - [`codec`]: the JSON envelope (`_v` version and `cached_at`), size limit.
 //! - [`ttl`]: the per-type TTL table, jitter, adaptive TTL, TTL from an expiry.
 //! - [`source`]: the system of record ([`Source`]) and row versions ([`Versioned`]).
-//! - [`store`]: the seam to the cache server ([`Store`]) and its Redis and
-//!   in-process implementations, which pass one conformance suite.
+//! - [`store`]: the seam to the cache server, split by capability: the
+//!   entry protocol every store has ([`Store`]) and the write-behind queue
+//!   ([`QueueStore`], `store/queue.rs`); its Redis and in-process
+//!   implementations have both and pass one conformance suite.
 //! - [`Cache`] (`cache/`): the shared core every strategy handle works
 //!   through. `mod.rs` holds [`Cache`] and the one way to a store step
 //!   (circuit breaker, operation timeout); `builder.rs` [`CacheBuilder`];
+//!   `queued.rs` [`QueuedCache`], a cache whose store has the queue, the
+//!   only one that hands out [`WriteBehind`] writers (checked at compile
+//!   time: [`Cache::builder`] over a [`Store`] builds a [`Cache`],
+//!   [`Cache::queued`] over a [`QueueStore`] a [`QueuedCache`]);
 //!   `journal.rs` the invalidations that could not reach the store and
 //!   their replay; `epochs.rs` the write epochs that keep a read from
 //!   joining a load older than a write; `counters.rs` hit/miss counting and
@@ -90,6 +96,35 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Write-behind needs a store with the queue capability, so the cache is
+//! built with [`Cache::queued`]:
+//!
+//! ```
+//! # use kura::{Cache, Kind, Source, Versioned, store::MemoryStore};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Clone, Serialize, Deserialize)]
+//! # struct Profile { user_id: String, name: String, version: u64 }
+//! # impl Versioned for Profile { fn version(&self) -> u64 { self.version } }
+//! # struct Db;
+//! # impl Source for Db {
+//! #     type Value = Profile;
+//! #     type Error = std::io::Error;
+//! #     async fn load(&self, id: &str) -> Result<Option<Profile>, std::io::Error> {
+//! #         Ok(Some(Profile { user_id: id.into(), name: "山田".into(), version: 1 }))
+//! #     }
+//! # }
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cache = Cache::queued(MemoryStore::new()).build()?; // a QueuedCache
+//! let writes = cache.behind(Kind::PROFILE, Db);
+//! let accepted = writes
+//!     .accept("u1", |cur| Profile { name: "花子".into(), version: cur.version + 1, ..cur.clone() })
+//!     .await?;
+//! assert_eq!(accepted.value.version, 2);
+//! // Every other strategy works on it as on a Cache (Deref).
+//! cache.write_through(Kind::PROFILE).invalidate("u2").await?;
+//! # Ok(()) }
+//! ```
+//!
 //! More in `examples/`: one runnable program per strategy.
 
 pub mod breaker;
@@ -106,13 +141,13 @@ pub mod ttl;
 pub mod warming;
 
 pub use breaker::{BreakerConfig, BreakerState};
-pub use cache::{Cache, CacheBuilder};
+pub use cache::{Cache, CacheBuilder, QueuedCache};
 pub use error::{BoxError, Error, StoreError};
 pub use invalidation::Invalidated;
 pub use key::{KeyError, Kind};
 pub use metrics::Stats;
 pub use source::{CacheValue, Source, Versioned};
-pub use store::Store;
+pub use store::{QueueStore, Store};
 pub use strategy::{
     Applied, Batch, BehindError, BehindLimits, CacheAside, Fetched, FetchedJson, Flusher, Sink,
     Status, WriteBehind, WriteOutcome, WriteThrough,

@@ -44,7 +44,7 @@ const MEMORY_BOUND: usize = 1 << 20;
 /// itself takes about 1 MiB of it).
 const REDIS_BOUND: usize = 4 << 20;
 
-fn bounded_memory() -> std::sync::Arc<dyn kura::Store> {
+fn bounded_memory() -> std::sync::Arc<dyn kura::QueueStore> {
     std::sync::Arc::new(kura::store::MemoryStore::new().with_max_bytes(MEMORY_BOUND))
 }
 
@@ -52,7 +52,10 @@ fn bounded_memory() -> std::sync::Arc<dyn kura::Store> {
 /// kura needs (`volatile-lru`: keys without a TTL, such as pending
 /// write-behind copies and the queue, are never evicted). Never set on
 /// the shared server.
-async fn bounded_redis() -> (kura_testkit::RedisServer, std::sync::Arc<dyn kura::Store>) {
+async fn bounded_redis() -> (
+    kura_testkit::RedisServer,
+    std::sync::Arc<dyn kura::QueueStore>,
+) {
     let srv = kura_testkit::RedisServer::start_with(kura_testkit::RedisOptions::default().args([
         "--maxmemory".to_owned(),
         REDIS_BOUND.to_string(),

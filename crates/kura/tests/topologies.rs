@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kura::{BehindLimits, Cache, Kind, Status, TtlPolicy};
+use kura::{BehindLimits, Cache, Kind, QueuedCache, Status, TtlPolicy};
 use kura_testkit::{RedisCluster, RedisOptions, RedisSentinelGroup};
-use support::{Backend, Db, Row, TestDb, cache_on, ns};
+use support::{Backend, Db, Row, TestDb, ns, queued_on};
 
 /// Strategy-level checks on a shared topology: the fleet-wide stampede
 /// guard, pattern invalidation counted across every primary, warming once
@@ -24,7 +24,7 @@ async fn strategies(b: Backend) {
     for id in &ids {
         db.put(id, "x");
     }
-    let caches: Vec<Cache> = b.fleet(3).into_iter().map(|s| cache_on(s, &ns)).collect();
+    let caches: Vec<QueuedCache> = b.fleet(3).into_iter().map(|s| queued_on(s, &ns)).collect();
     assert_eq!(
         caches[0].keys().hash_tags(),
         caches[0].store().needs_hash_tags()
@@ -87,7 +87,11 @@ async fn strategies(b: Backend) {
     assert_eq!(caches[0].invalidate_all(Kind::PROFILE).await.unwrap(), 189);
 
     // Write-behind: concurrent patches from three instances, one flush.
-    let writers: Vec<_> = readers.iter().map(|r| r.write_behind()).collect();
+    let writers: Vec<_> = readers
+        .iter()
+        .zip(&caches)
+        .map(|(r, c)| c.write_behind(r))
+        .collect();
     let tasks: Vec<_> = (0..30)
         .map(|i| {
             let w = writers[i % 3].clone();
@@ -242,14 +246,14 @@ async fn write_behind_through_a_failover(url: String, fail: impl AsyncFnOnce()) 
         .connect_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
-    let cache = Cache::builder(store)
+    let cache = Cache::queued(store)
         .namespace(&ns)
         .op_timeout(Duration::from_millis(1500))
         .build()
         .unwrap();
     let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let wb = reader
-        .write_behind()
+    let wb = cache
+        .write_behind(&reader)
         .limits(BehindLimits::new(0, Duration::ZERO).replicas(1, Duration::from_secs(1)));
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<

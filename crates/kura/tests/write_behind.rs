@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kura::{BehindError, BehindLimits, Cache, Kind, Status, TtlPolicy, TypePolicy};
-use support::{Backend, Db, Row, TestDb, cache_on, cleanup, ns};
+use kura::{BehindError, BehindLimits, Cache, Kind, QueuedCache, Status, TtlPolicy, TypePolicy};
+use support::{Backend, Db, Row, TestDb, cleanup, ns, queued_on};
 
 fn rename(suffix: &'static str) -> impl FnMut(&Row) -> Row {
     move |cur| Row {
@@ -19,9 +19,9 @@ fn rename(suffix: &'static str) -> impl FnMut(&Row) -> Row {
 }
 
 async fn unknown_ids_are_refused(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     let r = wb.accept("nobody", rename("x")).await;
     assert!(matches!(r, Err(BehindError::NotFound)), "{r:?}");
     assert!(matches!(
@@ -38,7 +38,7 @@ async fn reads_see_the_write_before_the_flush(b: Backend) {
         .with_jitter(0.0)
         .with_type("profile", TypePolicy::new(Duration::from_millis(1000)));
     let fleet = b.fleet(2);
-    let cache = Cache::builder_shared(fleet[0].clone())
+    let cache = Cache::queued_shared(fleet[0].clone())
         .namespace(&ns)
         .ttl_policy(policy.clone())
         .build()
@@ -51,7 +51,7 @@ async fn reads_see_the_write_before_the_flush(b: Backend) {
     let db = TestDb::new();
     db.put("u1", "a");
     let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let wb = reader.write_behind();
+    let wb = cache.write_behind(&reader);
     let acc = wb.accept("u1", rename("b")).await.unwrap();
     assert_eq!(acc.value.name, "ab");
     assert_eq!(acc.value.version, 2);
@@ -94,11 +94,7 @@ async fn concurrent_patches_both_survive(b: Backend) {
     let fleet = b.fleet(3);
     let writers: Vec<_> = fleet
         .into_iter()
-        .map(|s| {
-            cache_on(s, &ns)
-                .aside(Kind::PROFILE, Db(db.clone()))
-                .write_behind()
-        })
+        .map(|s| queued_on(s, &ns).behind(Kind::PROFILE, Db(db.clone())))
         .collect();
     let letters = "ABCDEFGHIJKLMNOPQRST";
     let tasks: Vec<_> = letters
@@ -142,12 +138,12 @@ async fn concurrent_patches_both_survive(b: Backend) {
 }
 
 async fn flush_applies_acks_and_replays_are_no_ops(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     for i in 0..50 {
         db.put(&format!("u{i}"), "a");
     }
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     for i in 0..50 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
     }
@@ -179,13 +175,13 @@ async fn flush_applies_acks_and_replays_are_no_ops(b: Backend) {
 }
 
 async fn entries_of_a_dead_flusher_are_reclaimed(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("u1", "a");
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     wb.accept("u1", rename("b")).await.unwrap();
     // A flusher takes the entry and dies before applying it.
-    let store = cache.store().clone();
+    let store = cache.queue_store().clone();
     let taken = store
         .queue_read(wb.queue(), "dead-one", 10, Duration::from_millis(100))
         .await
@@ -210,12 +206,12 @@ async fn entries_of_a_dead_flusher_are_reclaimed(b: Backend) {
 }
 
 async fn database_down_for_a_while_loses_nothing(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     for i in 0..20 {
         db.put(&format!("u{i}"), "a");
     }
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let flusher = wb
         .flusher(Db(db.clone()))
@@ -259,13 +255,13 @@ async fn database_down_for_a_while_loses_nothing(b: Backend) {
 }
 
 async fn rejected_writes_go_to_dead_letters(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("good", "a");
     db.put("poison", "a");
     db.reject("poison");
     let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let wb = reader.write_behind();
+    let wb = cache.write_behind(&reader);
     wb.accept("good", rename("b")).await.unwrap();
     wb.accept("poison", rename("b")).await.unwrap();
     let mut f = wb
@@ -298,14 +294,13 @@ async fn rejected_writes_go_to_dead_letters(b: Backend) {
 }
 
 async fn back_pressure_refuses_past_the_limit(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     for i in 0..5 {
         db.put(&format!("u{i}"), "a");
     }
     let wb = cache
-        .aside(Kind::PROFILE, Db(db.clone()))
-        .write_behind()
+        .behind(Kind::PROFILE, Db(db.clone()))
         .limits(BehindLimits::new(3, Duration::ZERO));
     for i in 0..3 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
@@ -319,8 +314,7 @@ async fn back_pressure_refuses_past_the_limit(b: Backend) {
         "a"
     );
     let aged = cache
-        .aside(Kind::PROFILE, Db(db.clone()))
-        .write_behind()
+        .behind(Kind::PROFILE, Db(db.clone()))
         .limits(BehindLimits::new(0, Duration::from_millis(100)));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(matches!(
@@ -336,12 +330,12 @@ async fn back_pressure_refuses_past_the_limit(b: Backend) {
 /// with, it must not be acknowledged as a patch of v1: it is re-based on
 /// what the database has (B2's v2).
 async fn a_write_based_on_a_version_no_longer_cached_is_re_based(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("u1", "a");
     let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let b1 = reader.write_behind();
-    let b2 = reader.write_behind();
+    let b1 = cache.write_behind(&reader);
+    let b2 = cache.write_behind(&reader);
     let interleave = {
         let (cache, db, b2) = (cache.clone(), db.clone(), b2.clone());
         move || {
@@ -394,7 +388,7 @@ async fn a_write_based_on_a_version_no_longer_cached_is_re_based(b: Backend) {
 /// writes of other rows keep being accepted for longer than the age limit
 /// while the refused row is retried and finally dead-lettered.
 async fn a_refused_row_does_not_hold_back_the_others(b: Backend) {
-    let (cache, ns) = b.cache();
+    let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("poison", "a");
     for i in 0..10 {
@@ -403,8 +397,7 @@ async fn a_refused_row_does_not_hold_back_the_others(b: Backend) {
     db.reject("poison");
     let max_age = Duration::from_millis(3000);
     let wb = cache
-        .aside(Kind::PROFILE, Db(db.clone()))
-        .write_behind()
+        .behind(Kind::PROFILE, Db(db.clone()))
         .limits(BehindLimits::new(100_000, max_age));
     let flusher = wb
         .flusher(Db(db.clone()))
@@ -470,10 +463,10 @@ async fn unreachable_redis_refuses_so_the_caller_writes_through() {
         .connect_timeout(Duration::from_millis(100))
         .build()
         .unwrap();
-    let cache = Cache::builder(store).build().unwrap();
+    let cache = Cache::queued(store).build().unwrap();
     let db = TestDb::new();
     db.put("u1", "a");
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     let r = wb.accept("u1", rename("b")).await;
     assert!(matches!(r, Err(BehindError::Unavailable(_))), "{r:?}");
     let _ = Arc::new(());
@@ -481,9 +474,9 @@ async fn unreachable_redis_refuses_so_the_caller_writes_through() {
 
 #[tokio::test]
 async fn durability_is_reported() {
-    let (cache, _) = Backend::Memory.cache();
+    let (cache, _) = Backend::Memory.queued();
     let db = TestDb::new();
-    let wb = cache.aside(Kind::PROFILE, Db(db)).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db));
     assert_eq!(
         wb.durability().await.unwrap(),
         kura::store::Durability::Volatile
@@ -492,10 +485,10 @@ async fn durability_is_reported() {
         kura_testkit::RedisOptions::default().appendonly(true),
     )
     .await;
-    let cache = Cache::builder(kura::store::RedisStore::open(&aof.url()).unwrap())
+    let cache = Cache::queued(kura::store::RedisStore::open(&aof.url()).unwrap())
         .build()
         .unwrap();
-    let wb = cache.aside(Kind::PROFILE, Db(TestDb::new())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(TestDb::new()));
     assert!(matches!(
         wb.durability().await.unwrap(),
         kura::store::Durability::Logged { .. }
@@ -503,8 +496,8 @@ async fn durability_is_reported() {
 }
 
 /// A cache over a Redis server the test started.
-fn cache_at(url: &str) -> Cache {
-    Cache::builder(kura::store::RedisStore::open(url).unwrap())
+fn cache_at(url: &str) -> QueuedCache {
+    Cache::queued(kura::store::RedisStore::open(url).unwrap())
         .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
         .build()
         .unwrap()
@@ -531,7 +524,7 @@ async fn scripts_lost_before_a_dead_letter_write_it_once() {
     let db = TestDb::new();
     db.put("poison", "a");
     db.reject("poison");
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     wb.accept("poison", rename("b")).await.unwrap();
     admin(&srv, &["SCRIPT", "FLUSH"]).await;
     let mut f = wb
@@ -568,12 +561,10 @@ async fn a_settle_that_cannot_run_leaves_the_write_queued() {
     let db = TestDb::new();
     db.put("u1", "a");
     db.put("u2", "a");
-    let wb = writer.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = writer.behind(Kind::PROFILE, Db(db.clone()));
     wb.accept("u1", rename("b")).await.unwrap();
     admin(&srv, &["SCRIPT", "FLUSH"]).await;
-    let fwb = flusher_cache
-        .aside(Kind::PROFILE, Db(db.clone()))
-        .write_behind();
+    let fwb = flusher_cache.behind(Kind::PROFILE, Db(db.clone()));
     let mut f = fwb
         .flusher(Db(db.clone()))
         .claim_idle(Duration::ZERO)
@@ -613,7 +604,7 @@ async fn a_redis_restart_between_accept_and_flush_leaves_no_orphan() {
     }
     db.put("poison", "a");
     db.reject("poison");
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     for i in 0..10 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
     }
@@ -654,7 +645,7 @@ async fn a_redis_restart_between_accept_and_flush_leaves_no_orphan() {
 /// of a dead flusher behind many live ones are never taken over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_go_on_past_live_entries() {
-    use kura::Store;
+    use kura::QueueStore;
     let srv = kura_testkit::RedisServer::start().await;
     let store = kura::store::RedisStore::open(&srv.url()).unwrap();
     let cache = cache_at(&srv.url());
@@ -662,7 +653,7 @@ async fn claims_go_on_past_live_entries() {
     for i in 0..40 {
         db.put(&format!("u{i}"), "a");
     }
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     for i in 0..40 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
     }
@@ -716,7 +707,7 @@ async fn an_evicting_redis_refuses_write_behind() {
     let cache = cache_at(&srv.url());
     let db = TestDb::new();
     db.put("u1", "a");
-    let wb = cache.aside(Kind::PROFILE, Db(db.clone())).write_behind();
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
     let r = wb.accept("u1", rename("b")).await;
     match &r {
         Err(BehindError::Evicting { policy }) => assert_eq!(policy, "allkeys-lru"),

@@ -189,10 +189,9 @@ impl ProfileService {
     /// reads behind the first one's wait, time out, and leave the entries
     /// Redis had handed it to be reclaimed only after the claim-idle time.
     /// So each flusher of a process gets a cache of its own.
-    pub fn flusher_on(&self, cache: &kura::Cache) -> Flusher<Db, Db> {
+    pub fn flusher_on(&self, cache: &kura::QueuedCache) -> Flusher<Db, Db> {
         let wb = cache
-            .aside(Kind::PROFILE, self.db.clone())
-            .write_behind()
+            .behind(Kind::PROFILE, self.db.clone())
             .limits(self.wb.limits());
         self.configure(wb.flusher(self.db.clone()))
     }

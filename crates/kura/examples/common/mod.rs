@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kura::{Store, Versioned};
+use kura::{QueueStore, Versioned};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,7 +58,7 @@ impl kura::Source for Db {
 }
 
 /// Redis when `REDIS_URL` is set, otherwise the embedded memory store.
-pub fn store() -> Arc<dyn Store> {
+pub fn store() -> Arc<dyn QueueStore> {
     match std::env::var("REDIS_URL") {
         Ok(url) => Arc::new(kura::store::RedisStore::open(&url).expect("REDIS_URL")),
         Err(_) => Arc::new(kura::store::MemoryStore::new()),

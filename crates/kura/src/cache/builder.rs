@@ -1,5 +1,5 @@
-//! [`CacheBuilder`]: the options of a [`Cache`] and the start of its
-//! maintenance task.
+//! [`CacheBuilder`]: the options of a [`Cache`] (or a [`QueuedCache`]) and
+//! the start of its maintenance task.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -11,14 +11,19 @@ use crate::codec::DEFAULT_MAX_VALUE_BYTES;
 use crate::error::Error;
 use crate::key::KeyBuilder;
 use crate::metrics::LocalCounters;
-use crate::store::Store;
+use crate::store::{QueueStore, Store};
 use crate::ttl::{ReadCounter, TtlPolicy};
 
 use super::journal::Pending;
 use super::maintenance::maintenance;
-use super::{Cache, CacheInner, Epochs};
+use super::{Cache, CacheInner, Epochs, QueuedCache};
 
-/// Builds a [`Cache`].
+/// Builds a [`Cache`], or a [`QueuedCache`] when made by [`Cache::queued`].
+///
+/// The type parameter records the store's capabilities beyond [`Store`]:
+/// `()` for [`Cache::builder`] (its `build` makes a [`Cache`]), and
+/// `Arc<dyn QueueStore>` for [`Cache::queued`] (its `build` makes a
+/// [`QueuedCache`], which can also write behind). The options are the same.
 ///
 /// # Examples
 ///
@@ -35,8 +40,10 @@ use super::{Cache, CacheInner, Epochs};
 /// # Ok(()) }
 /// ```
 #[must_use]
-pub struct CacheBuilder {
+pub struct CacheBuilder<Q = ()> {
     store: Arc<dyn Store>,
+    /// The capabilities beyond [`Store`] (see the type's docs).
+    queue: Q,
     namespace: String,
     policy: TtlPolicy,
     op_timeout: Duration,
@@ -53,7 +60,7 @@ pub struct CacheBuilder {
     force_timer: bool,
 }
 
-impl std::fmt::Debug for CacheBuilder {
+impl<Q> std::fmt::Debug for CacheBuilder<Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheBuilder")
             .field("store", &self.store.describe())
@@ -62,7 +69,7 @@ impl std::fmt::Debug for CacheBuilder {
     }
 }
 
-impl CacheBuilder {
+impl<Q> CacheBuilder<Q> {
     /// The key namespace (default `cache`).
     pub fn namespace(mut self, ns: impl Into<String>) -> Self {
         self.namespace = ns.into();
@@ -159,14 +166,8 @@ impl CacheBuilder {
         self
     }
 
-    /// Builds the cache. Inside a Tokio runtime this also starts the
-    /// background task that flushes counters and retries invalidations; it
-    /// stops when the last handle is dropped.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Key`] when the namespace is not `[a-z0-9_]+`.
-    pub fn build(self) -> Result<Cache, Error> {
+    /// The cache, and what the builder keeps besides.
+    fn build_parts(self) -> Result<(Cache, Q), Error> {
         let hash_tags = self
             .hash_tags
             .unwrap_or_else(|| self.store.needs_hash_tags());
@@ -201,7 +202,34 @@ impl CacheBuilder {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(maintenance(Arc::downgrade(&inner), self.flush_interval));
         }
-        Ok(Cache { inner })
+        Ok((Cache { inner }, self.queue))
+    }
+}
+
+impl CacheBuilder<()> {
+    /// Builds the cache. Inside a Tokio runtime this also starts the
+    /// background task that flushes counters and retries invalidations; it
+    /// stops when the last handle is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] when the namespace is not `[a-z0-9_]+`.
+    pub fn build(self) -> Result<Cache, Error> {
+        self.build_parts().map(|(cache, ())| cache)
+    }
+}
+
+impl CacheBuilder<Arc<dyn QueueStore>> {
+    /// Builds the cache with its write-behind queue. Inside a Tokio runtime
+    /// this also starts the background task that flushes counters and
+    /// retries invalidations; it stops when the last handle is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] when the namespace is not `[a-z0-9_]+`.
+    pub fn build(self) -> Result<QueuedCache, Error> {
+        self.build_parts()
+            .map(|(cache, queue)| QueuedCache::new(cache, queue))
     }
 }
 
@@ -213,8 +241,35 @@ impl Cache {
 
     /// A builder over a shared store.
     pub fn builder_shared(store: Arc<dyn Store>) -> CacheBuilder {
+        Self::builder_with(store, ())
+    }
+
+    /// A builder over `store` that also writes behind: its `build` makes a
+    /// [`QueuedCache`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kura::{Cache, store::MemoryStore};
+    ///
+    /// # fn main() -> Result<(), kura::Error> {
+    /// let cache = Cache::queued(MemoryStore::new()).namespace("cache").build()?;
+    /// assert_eq!(cache.store().describe(), "memory");
+    /// # Ok(()) }
+    /// ```
+    pub fn queued(store: impl QueueStore) -> CacheBuilder<Arc<dyn QueueStore>> {
+        Self::queued_shared(Arc::new(store))
+    }
+
+    /// [`Cache::queued`] over a shared store.
+    pub fn queued_shared(store: Arc<dyn QueueStore>) -> CacheBuilder<Arc<dyn QueueStore>> {
+        Self::builder_with(store.clone(), store)
+    }
+
+    fn builder_with<Q>(store: Arc<dyn Store>, queue: Q) -> CacheBuilder<Q> {
         CacheBuilder {
             store,
+            queue,
             namespace: "cache".to_owned(),
             policy: TtlPolicy::seed(),
             op_timeout: Duration::from_millis(250),

@@ -3,6 +3,8 @@
 //! invalidations and the metric counters.
 //!
 //! - `builder`: [`CacheBuilder`], the options.
+//! - `queued`: [`QueuedCache`], a cache whose store also has the
+//!   write-behind queue ([`crate::store::QueueStore`]).
 //! - `journal`: invalidations that could not reach the store, and their replay.
 //! - `epochs`: write epochs, so no read joins a load older than a write.
 //! - `counters`: hit/miss counts and the fleet's shared counters.
@@ -33,10 +35,12 @@ mod epochs;
 mod journal;
 mod maintenance;
 mod owned;
+mod queued;
 
 pub use self::builder::CacheBuilder;
 pub(crate) use self::epochs::{Epoch, Epochs};
 use self::journal::Pending;
+pub use self::queued::QueuedCache;
 
 /// A cache over one store and namespace; cheap to clone, shared by all the
 /// strategy handles made from it.

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use rand::Rng;
 
 use super::{
-    AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, FillOutcome, FillRequest,
-    FillValue, QueueEntry, QueueKeys, QueueStats, Retry, Settled, Store, StoreResult,
-    UpdateOutcome, UpdateRequest, version_newer,
+    AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
+    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, QueueStore, Retry, Settled, Store,
+    StoreResult, UpdateOutcome, UpdateRequest, version_newer,
 };
 use crate::codec::peek_version;
 use crate::key::{EntryKeys, KeyPattern};
@@ -829,6 +829,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn bounds_own_latency(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[async_trait]
+impl QueueStore for MemoryStore {
     async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
         let queues = &self.inner.queues;
         let out = self.step(req.keys, |slot, now| {
@@ -1060,12 +1071,19 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
-    fn bounds_own_latency(&self) -> bool {
-        true
+    async fn requeue_pending(&self, _pattern: &KeyPattern, _queue: &QueueKeys) -> StoreResult<u64> {
+        // Accept stores the pending copy and the queue entry in one step, so
+        // no pending copy is ever without its queue entry.
+        Ok(0)
     }
 
-    fn describe(&self) -> &'static str {
-        "memory"
+    async fn durability(&self) -> StoreResult<Durability> {
+        Ok(Durability::Volatile)
+    }
+
+    async fn evicts_keys_without_ttl(&self) -> StoreResult<Option<String>> {
+        // Eviction never drops a pending copy or a queue.
+        Ok(None)
     }
 }
 

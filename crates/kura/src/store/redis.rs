@@ -15,8 +15,8 @@ use super::redis_conn::{Conn, Timeouts};
 
 use super::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
-    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, Retry, Settled, Store, StoreResult,
-    UpdateOutcome, UpdateRequest,
+    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, QueueStore, Retry, Settled, Store,
+    StoreResult, UpdateOutcome, UpdateRequest,
 };
 use crate::error::StoreError;
 use crate::key::{EntryKeys, KeyPattern};
@@ -760,6 +760,24 @@ impl Store for RedisStore {
         self.query::<()>(&redis::cmd("PING")).await
     }
 
+    fn needs_hash_tags(&self) -> bool {
+        self.inner.conn.is_cluster()
+    }
+
+    fn bounds_own_latency(&self) -> bool {
+        // One server: every command is bounded by the response timeout and
+        // a reconnect by one connect timeout. Cluster redirections and
+        // Sentinel look-ups are not, so those keep the cache's timer.
+        self.inner.conn.topology() == "redis"
+    }
+
+    fn describe(&self) -> &'static str {
+        self.inner.conn.topology()
+    }
+}
+
+#[async_trait]
+impl QueueStore for RedisStore {
     async fn accept(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
         if self.inner.conn.is_cluster() {
             return self.accept_cluster(req).await;
@@ -1142,21 +1160,6 @@ impl Store for RedisStore {
             fsync: fsync.get(1).cloned().unwrap_or_default(),
         })
     }
-
-    fn needs_hash_tags(&self) -> bool {
-        self.inner.conn.is_cluster()
-    }
-
-    fn bounds_own_latency(&self) -> bool {
-        // One server: every command is bounded by the response timeout and
-        // a reconnect by one connect timeout. Cluster redirections and
-        // Sentinel look-ups are not, so those keep the cache's timer.
-        self.inner.conn.topology() == "redis"
-    }
-
-    fn describe(&self) -> &'static str {
-        self.inner.conn.topology()
-    }
 }
 
 impl RedisStore {
@@ -1165,7 +1168,7 @@ impl RedisStore {
     /// then the entry is compare-and-set (value, stale and pending copies),
     /// then the queue entry is appended. A crash between the last two
     /// leaves a pending copy with no queue entry; flushers re-queue such
-    /// copies ([`Store::requeue_pending`]), so the write still lands.
+    /// copies ([`QueueStore::requeue_pending`]), so the write still lands.
     async fn accept_cluster(&self, req: &AcceptRequest<'_>) -> StoreResult<AcceptOutcome> {
         let mut full = None;
         if req.max_depth > 0 || !req.max_age.is_zero() {

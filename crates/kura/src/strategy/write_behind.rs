@@ -1,6 +1,10 @@
 //! Write-behind: acknowledge a write once the cache holds it durably, apply
 //! it to the database in batches afterwards.
 //!
+//! It needs a store with the write-behind queue ([`QueueStore`]): writers
+//! come from a [`crate::QueuedCache`] (built by [`crate::Cache::queued`]),
+//! never from a plain [`crate::Cache`].
+//!
 //! # Guarantee
 //!
 //! Every acknowledged write reaches the database or the dead-letter stream;
@@ -74,8 +78,8 @@ use crate::error::{BoxError, Error, StoreError};
 use crate::key::{EntryKeys, KeyError};
 use crate::source::{CacheValue, Source, Versioned};
 use crate::store::{
-    AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats, Retry,
-    Settled,
+    AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats,
+    QueueStore, Retry, Settled,
 };
 use crate::strategy::{CacheAside, Status};
 
@@ -264,7 +268,9 @@ impl BehindLimits {
     }
 }
 
-/// Write-behind writes for one data type, read through a [`CacheAside`].
+/// Write-behind writes for one data type, read through a [`CacheAside`];
+/// made by [`crate::QueuedCache::write_behind`] or
+/// [`crate::QueuedCache::behind`].
 ///
 /// # Examples
 ///
@@ -283,8 +289,8 @@ impl BehindLimits {
 /// #     }
 /// # }
 /// # #[tokio::main] async fn main() {
-/// let cache = Cache::builder(MemoryStore::new()).build().unwrap();
-/// let writes = cache.aside(Kind::PROFILE, Db).write_behind();
+/// let cache = Cache::queued(MemoryStore::new()).build().unwrap();
+/// let writes = cache.behind(Kind::PROFILE, Db);
 /// let accepted = writes
 ///     .accept("u1", |cur| Row { name: "b".into(), version: cur.version + 1, ..cur.clone() })
 ///     .await
@@ -300,6 +306,8 @@ impl BehindLimits {
 /// lost. Any number of [`Flusher`]s may share the queue.
 pub struct WriteBehind<S: Source> {
     aside: CacheAside<S>,
+    /// The queue capability of the cache's store (the same store).
+    store: Arc<dyn QueueStore>,
     queue: Arc<QueueKeys>,
     limits: BehindLimits,
     eviction: Arc<EvictionCheck>,
@@ -309,6 +317,7 @@ impl<S: Source> Clone for WriteBehind<S> {
     fn clone(&self) -> Self {
         Self {
             aside: self.aside.clone(),
+            store: self.store.clone(),
             queue: self.queue.clone(),
             limits: self.limits,
             eviction: self.eviction.clone(),
@@ -336,14 +345,19 @@ impl<S: Source> std::fmt::Debug for WriteBehind<S> {
     }
 }
 
-impl<S: Source> CacheAside<S> {
-    /// Write-behind writes of this reader's type, with default limits.
-    #[must_use]
-    pub fn write_behind(&self) -> WriteBehind<S> {
-        let c = &self.cache().inner;
-        let stream = c.keys.internal(&format!("wb:{}", self.kind().name()));
+impl<S: Source> WriteBehind<S> {
+    /// Write-behind writes of `aside`'s type through `store` (the queue
+    /// capability of the store `aside`'s cache works on), with default
+    /// limits.
+    pub(crate) fn new(aside: CacheAside<S>, store: Arc<dyn QueueStore>) -> Self {
+        let stream = aside
+            .cache()
+            .inner
+            .keys
+            .internal(&format!("wb:{}", aside.kind().name()));
         WriteBehind {
-            aside: self.clone(),
+            aside,
+            store,
             queue: Arc::new(QueueKeys {
                 dead: format!("{stream}:dead"),
                 stream,
@@ -454,7 +468,7 @@ impl<S: Source> WriteBehind<S> {
                 min_replicas: self.limits.min_replicas,
                 replica_timeout: self.limits.replica_timeout,
             };
-            match c.call(None, c.store.accept(&req)).await {
+            match c.call(None, self.store.accept(&req)).await {
                 Ok(AcceptOutcome::Accepted {
                     replicated: Some(n),
                     ..
@@ -513,7 +527,7 @@ impl<S: Source> WriteBehind<S> {
             Some(p) => p,
             None => {
                 let c = self.cache();
-                let p = match c.call(None, c.store.evicts_keys_without_ttl()).await {
+                let p = match c.call(None, self.store.evicts_keys_without_ttl()).await {
                     Ok(p) => p,
                     Err(e) if e.is_outage() => return Err(BehindError::Unavailable(e)),
                     Err(e) => {
@@ -548,7 +562,7 @@ impl<S: Source> WriteBehind<S> {
     /// [`Error::Unavailable`] when the store cannot be asked.
     pub async fn eviction_policy(&self) -> Result<Option<String>, Error> {
         let c = self.cache();
-        c.call(None, c.store.evicts_keys_without_ttl())
+        c.call(None, self.store.evicts_keys_without_ttl())
             .await
             .map_err(Error::Unavailable)
     }
@@ -562,7 +576,7 @@ impl<S: Source> WriteBehind<S> {
     pub async fn is_pending(&self, id: &str) -> Result<bool, Error> {
         let c = self.cache();
         let entry = c.keys.entry(&self.aside.kind(), id)?;
-        c.call(None, c.store.pending_copies(&[&entry]))
+        c.call(None, self.store.pending_copies(&[&entry]))
             .await
             .map(|v| v.first().is_some_and(Option::is_some))
             .map_err(Error::Unavailable)
@@ -577,7 +591,7 @@ impl<S: Source> WriteBehind<S> {
     pub async fn status(&self) -> Result<QueueStats, Error> {
         let c = self.cache();
         let s = c
-            .call(None, c.store.queue_stats(&self.queue))
+            .call(None, self.store.queue_stats(&self.queue))
             .await
             .map_err(Error::Unavailable)?;
         self.publish(&s);
@@ -599,7 +613,7 @@ impl<S: Source> WriteBehind<S> {
     /// [`Error::Unavailable`] when the store cannot be asked.
     pub async fn dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>, Error> {
         let c = self.cache();
-        c.call(None, c.store.dead_letters(&self.queue, count))
+        c.call(None, self.store.dead_letters(&self.queue, count))
             .await
             .map_err(Error::Unavailable)
     }
@@ -612,7 +626,7 @@ impl<S: Source> WriteBehind<S> {
     /// `CONFIG GET`, as some managed services do).
     pub async fn durability(&self) -> Result<Durability, Error> {
         let c = self.cache();
-        c.call(None, c.store.durability())
+        c.call(None, self.store.durability())
             .await
             .map_err(Error::Unavailable)
     }
@@ -890,7 +904,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
     async fn step(&mut self, claim: bool, stop: &AtomicBool) -> Result<FlushReport, Error> {
         let wb = self.wb.clone();
         let c = wb.cache();
-        let store = &c.store;
+        let store = &wb.store;
         let q = &wb.queue;
         if !store.accepts_atomically()
             && self
@@ -1013,7 +1027,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         }
         let entry_refs: Vec<&EntryKeys> = by_id.iter().map(|(_, k, _)| k).collect();
         let copies = c
-            .call(None, c.store.pending_copies(&entry_refs))
+            .call(None, self.wb.store.pending_copies(&entry_refs))
             .await
             .map_err(Error::Unavailable)?;
         // Rows to write, and entries whose pending copy is already gone (a
@@ -1106,7 +1120,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                 entry_ids: &by_id[i].2,
             })
             .collect();
-        c.call(None, c.store.queue_ack(&self.wb.queue, &acks))
+        c.call(None, self.wb.store.queue_ack(&self.wb.queue, &acks))
             .await
             .map_err(Error::Unavailable)?;
         if !retries.is_empty() {
@@ -1121,7 +1135,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
                     entry_ids: &by_id[i].2,
                 })
                 .collect();
-            c.call(None, c.store.queue_retry(&self.wb.queue, &again))
+            c.call(None, self.wb.store.queue_retry(&self.wb.queue, &again))
                 .await
                 .map_err(Error::Unavailable)?;
             report.requeued += retries.len() as u64;
@@ -1151,7 +1165,7 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
             let trimmed = c
                 .call(
                     None,
-                    c.store.queue_dead_letter(
+                    self.wb.store.queue_dead_letter(
                         &self.wb.queue,
                         &letters,
                         self.wb.limits.dead_letter_max,

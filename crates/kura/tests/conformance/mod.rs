@@ -15,7 +15,7 @@ use kura::store::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue,
     Lifetimes, QueueKeys, Retry, Settled, UpdateOutcome, UpdateRequest,
 };
-use kura::{Kind, Store};
+use kura::{Kind, QueueStore, Store};
 
 pub fn keys(s: &dyn Store, ns: &str) -> KeyBuilder {
     KeyBuilder::new(ns, s.needs_hash_tags()).unwrap()
@@ -931,7 +931,7 @@ async fn cached(s: &dyn Store, es: &[EntryKeys]) -> usize {
 /// over: it keeps accepting and caching new entries, evicts the least
 /// recently used ones, and never a write-behind write not yet in the
 /// database.
-pub async fn bounded_store_evicts_old_entries(s: Arc<dyn Store>, ns: &str, bound: usize) {
+pub async fn bounded_store_evicts_old_entries(s: Arc<dyn QueueStore>, ns: &str, bound: usize) {
     let value_len = 1_000;
     let q = queue(ns);
     let pending: Vec<EntryKeys> = (0..5).map(|i| entry(&*s, ns, &format!("p{i}"))).collect();

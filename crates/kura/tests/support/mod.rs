@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Cache, Source, Store, TtlPolicy, Versioned};
+use kura::{Cache, QueueStore, QueuedCache, Source, Store, TtlPolicy, Versioned};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -38,7 +38,7 @@ pub enum Backend {
 impl Backend {
     /// `n` stores sharing one cache server: separate Redis connections (as
     /// separate processes would have), or clones of one memory store.
-    pub fn fleet(&self, n: usize) -> Vec<Arc<dyn Store>> {
+    pub fn fleet(&self, n: usize) -> Vec<Arc<dyn QueueStore>> {
         match self {
             Backend::Redis | Backend::Url(_) => {
                 let url = match self {
@@ -46,19 +46,22 @@ impl Backend {
                     _ => redis_url(),
                 };
                 (0..n)
-                    .map(|_| Arc::new(RedisStore::open(&url).expect("redis url")) as Arc<dyn Store>)
+                    .map(|_| {
+                        Arc::new(RedisStore::open(&url).expect("redis url")) as Arc<dyn QueueStore>
+                    })
                     .collect()
             }
             Backend::Memory => {
                 let m = MemoryStore::new();
                 (0..n)
-                    .map(|_| Arc::new(m.clone()) as Arc<dyn Store>)
+                    .map(|_| Arc::new(m.clone()) as Arc<dyn QueueStore>)
                     .collect()
             }
         }
     }
 
-    pub fn store(&self) -> Arc<dyn Store> {
+    /// One store (with the write-behind queue; it upcasts to `Arc<dyn Store>`).
+    pub fn store(&self) -> Arc<dyn QueueStore> {
         self.fleet(1).pop().expect("one store")
     }
 
@@ -67,10 +70,26 @@ impl Backend {
         let ns = ns();
         (cache_on(self.store(), &ns), ns)
     }
+
+    /// [`Backend::cache`] with the write-behind queue.
+    pub fn queued(&self) -> (QueuedCache, String) {
+        let ns = ns();
+        (queued_on(self.store(), &ns), ns)
+    }
 }
 
+/// A cache over `store` in namespace `ns`, with no TTL jitter.
 pub fn cache_on(store: Arc<dyn Store>, ns: &str) -> Cache {
     Cache::builder_shared(store)
+        .namespace(ns)
+        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .build()
+        .expect("cache")
+}
+
+/// [`cache_on`] with the write-behind queue.
+pub fn queued_on(store: Arc<dyn QueueStore>, ns: &str) -> QueuedCache {
+    Cache::queued_shared(store)
         .namespace(ns)
         .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
         .build()
