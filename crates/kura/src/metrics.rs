@@ -18,6 +18,11 @@
 //! | `cache_breaker_state` | gauge (0 closed, 1 open, 2 half-open) | |
 //! | `cache_breaker_opened_total` | counter | |
 //! | `cache_pending_invalidations` | gauge | |
+//! | `cache_feed_lag_seconds` | gauge (age of the oldest log row not yet applied) | |
+//! | `cache_feed_backlog` | gauge (log rows at or past the position) | |
+//! | `cache_feed_applied_total` | counter | `cache_type` |
+//! | `cache_feed_relay_active` | gauge (1 while this instance holds the feed lease) | |
+//! | `cache_feed_overflow_clears_total` | counter | `cache_type` |
 //!
 //! Handles are registered once per strategy handle, so recording costs an
 //! atomic add, not a registry lookup. Install the recorder (for example

@@ -34,6 +34,10 @@ both_stores!(
     counters_add_up,
     locks_are_owned,
     foreign_values_without_version_are_replaceable,
+    feed_event_invalidates_only_older_values,
+    feed_delete_event_always_invalidates,
+    feed_event_keeps_the_pending_copy,
+    feed_position_only_moves_forward,
 );
 
 /// Redis only: a key of the wrong type left by someone else is repaired by
