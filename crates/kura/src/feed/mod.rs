@@ -190,8 +190,7 @@ pub trait FeedLog: Send + Sync + 'static {
     fn backlog(&self, from: u64) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Deletes up to `limit` rows with a position below `below` written
-    /// before `before_ms` (Unix milliseconds; `i64::MAX`: any age); returns
-    /// how many.
+    /// before `before_ms` (Unix milliseconds); returns how many.
     fn prune(
         &self,
         below: u64,
@@ -248,4 +247,76 @@ pub trait FeedLog: Send + Sync + 'static {
 
     /// The position last recorded by [`FeedLog::save_position`].
     fn saved_position(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send;
+}
+
+/// A shared log is a log: one [`FeedLog`] can serve a relay and a status
+/// endpoint (or several relays of one process).
+impl<L: FeedLog> FeedLog for std::sync::Arc<L> {
+    type Error = L::Error;
+
+    fn watermark(&self) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).watermark()
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        to: u64,
+        after: Option<(u64, i64)>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, FeedEvent)>, Self::Error>> + Send {
+        (**self).read(from, to, after, limit)
+    }
+
+    fn oldest(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send {
+        (**self).oldest()
+    }
+
+    fn backlog(&self, from: u64) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).backlog(from)
+    }
+
+    fn prune(
+        &self,
+        below: u64,
+        before_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).prune(below, before_ms, limit)
+    }
+
+    fn wait(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
+        (**self).wait(timeout)
+    }
+
+    fn overflowed(&self) -> impl Future<Output = Result<Vec<(String, u64)>, Self::Error>> + Send {
+        (**self).overflowed()
+    }
+
+    fn mark_overflow(
+        &self,
+        kinds: &[String],
+        cut: u64,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        (**self).mark_overflow(kinds, cut)
+    }
+
+    fn clear_overflow(
+        &self,
+        kinds: &[(String, u64)],
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        (**self).clear_overflow(kinds)
+    }
+
+    fn prune_overflowed(&self, limit: usize) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).prune_overflowed(limit)
+    }
+
+    fn save_position(&self, position: u64) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        (**self).save_position(position)
+    }
+
+    fn saved_position(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send {
+        (**self).saved_position()
+    }
 }

@@ -82,6 +82,10 @@ pub struct StepReport {
     pub pruned: u64,
     /// Kinds cleared after an overflow.
     pub cleared: Vec<String>,
+    /// Rows are committed past the watermark, held back by an older
+    /// transaction still open: [`Relay::run`] steps again soon instead of
+    /// waiting for a wake-up (their own `NOTIFY` has been spent already).
+    pub waiting: bool,
 }
 
 /// The state of the feed, for `kura feed status` and health checks.
@@ -318,6 +322,10 @@ struct Local {
     offline: bool,
 }
 
+/// How soon [`Relay::run`] steps again while committed rows wait behind
+/// the watermark.
+const RECHECK: Duration = Duration::from_millis(20);
+
 /// Pruning statements per step at most: pruning never holds up relaying.
 const PRUNE_ROUNDS: usize = 4;
 
@@ -508,6 +516,12 @@ impl<L: FeedLog> Relay<L> {
                 .await
                 .map_err(FeedError::Log)?;
         }
+        report.waiting = !inner
+            .log
+            .read(position, u64::MAX, None, 1)
+            .await
+            .map_err(FeedError::Log)?
+            .is_empty();
         report.pruned = self.prune(position).await?;
         if observe {
             self.observe(position).await?;
@@ -774,16 +788,22 @@ impl<L: FeedLog> Relay<L> {
             }
             leader = now_leader;
             metrics::gauge!("cache_feed_relay_active").set(if leader { 1.0 } else { 0.0 });
+            let mut again = false;
             if leader || lease.is_none() {
                 match self.step().await {
-                    Ok(r) if r.read > 0 || !r.cleared.is_empty() => tracing::debug!(
-                        read = r.read,
-                        applied = r.applied,
-                        invalidated = r.invalidated,
-                        position = r.position,
-                        "invalidation feed step"
-                    ),
-                    Ok(_) => {}
+                    Ok(r) => {
+                        again = r.waiting;
+                        if r.read > 0 || !r.cleared.is_empty() {
+                            tracing::debug!(
+                                read = r.read,
+                                applied = r.applied,
+                                invalidated = r.invalidated,
+                                position = r.position,
+                                waiting = r.waiting,
+                                "invalidation feed step"
+                            );
+                        }
+                    }
                     Err(FeedError::Store(e)) => {
                         tracing::debug!(error = %e, "invalidation feed step: store");
                     }
@@ -792,9 +812,14 @@ impl<L: FeedLog> Relay<L> {
                     }
                 }
             }
+            let wait = if again {
+                inner.poll.min(RECHECK)
+            } else {
+                inner.poll
+            };
             tokio::select! {
                 () = &mut shutdown => break,
-                () = inner.log.wait(inner.poll) => {}
+                () = inner.log.wait(wait) => {}
             }
         }
         if leader {
