@@ -967,6 +967,8 @@ struct MemLog {
     /// Reads past this many block until the test drops the step.
     block_after: Mutex<Option<usize>>,
     blocked: Notify,
+    /// Delay each watermark a little after reading it.
+    jitter: std::sync::atomic::AtomicBool,
 }
 
 impl MemLog {
@@ -1008,8 +1010,16 @@ impl FeedLog for MemLog {
     type Error = MemErr;
 
     async fn watermark(&self) -> Result<u64, MemErr> {
-        let s = self.state.lock().unwrap();
-        Ok(s.open.iter().min().copied().unwrap_or(s.next_pos + 1))
+        let w = {
+            let s = self.state.lock().unwrap();
+            s.open.iter().min().copied().unwrap_or(s.next_pos + 1)
+        };
+        // A slow answer: relays then report watermarks out of order.
+        if self.jitter.load(Ordering::SeqCst) {
+            let us = rand::random::<u64>() % 2000;
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
+        Ok(w)
     }
 
     async fn read(
@@ -1184,6 +1194,7 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
         db.put(id, "v1");
         profiles.get(id).await.unwrap();
     }
+    log.jitter.store(true, Ordering::SeqCst);
     let applied = Arc::new(Mutex::new(HashSet::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -1246,7 +1257,7 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
                 log.commit("profile", &[(id, Some(v))]);
             }
             if i % 5 == 0 {
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
     }
