@@ -35,7 +35,10 @@ struct PgDb {
 
 impl PgDb {
     async fn create() -> PgDb {
-        let name = format!("kura_feed_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        let name = format!(
+            "kura_feed_{:012x}",
+            rand::random::<u64>() & 0xffff_ffff_ffff
+        );
         let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
             .await
             .expect("connect to postgres");
@@ -158,11 +161,22 @@ async fn pg_triggers_log_every_change_and_keep_versions_rising() {
     pg_items(&pool).await;
     // Installing twice is the same as once: still one row per change.
     pg_exec(&pool, &log_table_statements(SqlBackend::Postgres)).await;
-    pg_exec(&pool, &items_spec().install_statements(SqlBackend::Postgres)).await;
+    pg_exec(
+        &pool,
+        &items_spec().install_statements(SqlBackend::Postgres),
+    )
+    .await;
 
     let mut at = pg_max_seq(&pool).await;
-    pg(&pool, "INSERT INTO items (id, name) VALUES ('a', 'x'), ('b', 'y')").await;
-    assert_eq!(pg_log_after(&pool, at).await, vec![some("a", 1), some("b", 1)]);
+    pg(
+        &pool,
+        "INSERT INTO items (id, name) VALUES ('a', 'x'), ('b', 'y')",
+    )
+    .await;
+    assert_eq!(
+        pg_log_after(&pool, at).await,
+        vec![some("a", 1), some("b", 1)]
+    );
 
     // A writer that knows nothing of the version column: bumped.
     at = pg_max_seq(&pool).await;
@@ -172,7 +186,11 @@ async fn pg_triggers_log_every_change_and_keep_versions_rising() {
 
     // A writer that raises it: kept.
     at = pg_max_seq(&pool).await;
-    pg(&pool, "UPDATE items SET name = 'x3', version = 10 WHERE id = 'a'").await;
+    pg(
+        &pool,
+        "UPDATE items SET name = 'x3', version = 10 WHERE id = 'a'",
+    )
+    .await;
     assert_eq!(pg_version(&pool, "a").await, 10);
     assert_eq!(pg_log_after(&pool, at).await, vec![some("a", 10)]);
 
@@ -204,12 +222,11 @@ async fn pg_triggers_log_every_change_and_keep_versions_rising() {
     // Removed: no trigger, no function left, and writes no longer log.
     pg_exec(&pool, &items_spec().remove_statements(SqlBackend::Postgres)).await;
     pg_exec(&pool, &items_spec().remove_statements(SqlBackend::Postgres)).await;
-    let triggers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'kura_feed_items_%'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'kura_feed_items_%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let functions: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_proc WHERE proname LIKE 'kura_feed_items_%'")
             .fetch_one(&pool)
@@ -219,7 +236,11 @@ async fn pg_triggers_log_every_change_and_keep_versions_rising() {
     at = pg_max_seq(&pool).await;
     pg(&pool, "UPDATE items SET name = 'z' WHERE id = 'c'").await;
     assert_eq!(pg_log_after(&pool, at).await, vec![]);
-    assert_eq!(pg_version(&pool, "c").await, 2, "no bump without the trigger");
+    assert_eq!(
+        pg_version(&pool, "c").await,
+        2,
+        "no bump without the trigger"
+    );
     pool.close().await;
 }
 
@@ -260,14 +281,16 @@ async fn sqlite_triggers_log_every_change_and_keep_versions_rising() {
     let log_after = |seq: i64| {
         let pool = pool.clone();
         async move {
-            sqlx::query("SELECT entity_id, version FROM kura_invalidation_log WHERE seq > ? ORDER BY seq")
-                .bind(seq)
-                .fetch_all(&pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| (r.get::<String, _>(0), r.get::<Option<i64>, _>(1)))
-                .collect::<Vec<_>>()
+            sqlx::query(
+                "SELECT entity_id, version FROM kura_invalidation_log WHERE seq > ? ORDER BY seq",
+            )
+            .bind(seq)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<Option<i64>, _>(1)))
+            .collect::<Vec<_>>()
         }
     };
     let max_seq = || {
@@ -605,15 +628,17 @@ impl Source for Items {
     type Error = sqlx::Error;
 
     async fn load(&self, id: &str) -> Result<Option<Item>, sqlx::Error> {
-        Ok(sqlx::query("SELECT id, name, version FROM items WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.0)
-            .await?
-            .map(|r| Item {
-                id: r.get(0),
-                name: r.get(1),
-                version: r.get::<i64, _>(2) as u64,
-            }))
+        Ok(
+            sqlx::query("SELECT id, name, version FROM items WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.0)
+                .await?
+                .map(|r| Item {
+                    id: r.get(0),
+                    name: r.get(1),
+                    version: r.get::<i64, _>(2) as u64,
+                }),
+        )
     }
 }
 
@@ -626,7 +651,10 @@ async fn step_until<L: FeedLog>(relay: &Relay<L>, mut done: impl AsyncFnMut() ->
         if done().await {
             return;
         }
-        assert!(Instant::now() < deadline, "the feed did not catch up in 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "the feed did not catch up in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -639,7 +667,11 @@ async fn pg_a_late_commit_is_not_skipped_by_the_watermark() {
     let db = PgDb::create().await;
     let pool = db.pool().await;
     pg_items(&pool).await;
-    pg(&pool, "INSERT INTO items (id, name) VALUES ('a', 'a1'), ('b', 'b1')").await;
+    pg(
+        &pool,
+        "INSERT INTO items (id, name) VALUES ('a', 'a1'), ('b', 'b1')",
+    )
+    .await;
     let log = PgLog::new(&db).await;
     let start = log.watermark().await.unwrap();
     let seq0 = pg_max_seq(&pool).await;
@@ -658,12 +690,13 @@ async fn pg_a_late_commit_is_not_skipped_by_the_watermark() {
         .unwrap();
 
     // A plain `seq > pos` reader sees B's row and moves past A's seq.
-    let plain: Vec<(i64, String)> =
-        sqlx::query_as("SELECT seq, entity_id FROM kura_invalidation_log WHERE seq > $1 ORDER BY seq")
-            .bind(seq0)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let plain: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT seq, entity_id FROM kura_invalidation_log WHERE seq > $1 ORDER BY seq",
+    )
+    .bind(seq0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(plain.len(), 1);
     assert_eq!(plain[0].1, "b");
     let plain_pos = plain[0].0;
@@ -687,7 +720,10 @@ async fn pg_a_late_commit_is_not_skipped_by_the_watermark() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert!(plain_after.is_empty(), "the plain reader skipped A: {plain_after:?}");
+    assert!(
+        plain_after.is_empty(),
+        "the plain reader skipped A: {plain_after:?}"
+    );
 
     // The watermark reader, going on from its position (the old watermark),
     // gets both once everything before them finished.
@@ -695,19 +731,29 @@ async fn pg_a_late_commit_is_not_skipped_by_the_watermark() {
     let got = loop {
         let w2 = log.watermark().await.unwrap();
         let rows = log.read(w, w2, None, 100).await.unwrap();
-        let ids: Vec<String> = rows.iter().filter(|(_, e)| e.seq > seq0).map(|(_, e)| e.id.clone()).collect();
+        let ids: Vec<String> = rows
+            .iter()
+            .filter(|(_, e)| e.seq > seq0)
+            .map(|(_, e)| e.id.clone())
+            .collect();
         if ids.len() == 2 {
             break ids;
         }
         assert!(Instant::now() < deadline, "watermark stuck: {ids:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(got, vec!["a".to_owned(), "b".to_owned()], "A first: commit order by txid");
+    assert_eq!(
+        got,
+        vec!["a".to_owned(), "b".to_owned()],
+        "A first: commit order by txid"
+    );
 
     // And through a relay: a value cached while A ran is invalidated.
     let (cache, ns) = Backend::Redis.cache();
     let items = cache.aside(ITEM, Items(pool.clone()));
-    let relay = Relay::builder(&cache, PgLog::new(&db).await).kind(ITEM).build();
+    let relay = Relay::builder(&cache, PgLog::new(&db).await)
+        .kind(ITEM)
+        .build();
     relay.step().await.unwrap();
     let mut a = sqlx::PgConnection::connect(&db.url).await.unwrap();
     sqlx::raw_sql("BEGIN; UPDATE items SET name = 'a3' WHERE id = 'a'")
@@ -734,14 +780,22 @@ async fn direct_sql_changes_reach_the_cache(b: Backend) {
     let db = PgDb::create().await;
     let pool = db.pool().await;
     pg_items(&pool).await;
-    pg(&pool, "INSERT INTO items (id, name) VALUES ('a', 'old'), ('b', 'old')").await;
+    pg(
+        &pool,
+        "INSERT INTO items (id, name) VALUES ('a', 'old'), ('b', 'old')",
+    )
+    .await;
     let (cache, ns) = b.cache();
     let items = cache.aside(ITEM, Items(pool.clone()));
     let applied = Arc::new(Mutex::new(Vec::new()));
     let seen = applied.clone();
     let relay = Relay::builder(&cache, PgLog::new(&db).await)
         .kind(ITEM)
-        .on_applied(move |evs| seen.lock().unwrap().extend(evs.iter().map(|e| e.id.clone())))
+        .on_applied(move |evs| {
+            seen.lock()
+                .unwrap()
+                .extend(evs.iter().map(|e| e.id.clone()))
+        })
         .build();
     relay.step().await.unwrap();
     for id in ["a", "b"] {
@@ -753,8 +807,18 @@ async fn direct_sql_changes_reach_the_cache(b: Backend) {
     pg(&pool, "UPDATE items SET name = 'new' WHERE id = 'a'").await;
     pg(&pool, "DELETE FROM items WHERE id = 'b'").await;
     step_until(&relay, async || {
-        cache.store().get(&cache.keys().value_key(&ITEM, "a").unwrap(), None).await.unwrap().is_none()
-            && cache.store().get(&cache.keys().value_key(&ITEM, "b").unwrap(), None).await.unwrap().is_none()
+        cache
+            .store()
+            .get(&cache.keys().value_key(&ITEM, "a").unwrap(), None)
+            .await
+            .unwrap()
+            .is_none()
+            && cache
+                .store()
+                .get(&cache.keys().value_key(&ITEM, "b").unwrap(), None)
+                .await
+                .unwrap()
+                .is_none()
     })
     .await;
     let a = items.get("a").await.unwrap();
@@ -762,7 +826,10 @@ async fn direct_sql_changes_reach_the_cache(b: Backend) {
     assert_eq!(a.value().unwrap().name, "new");
     assert!(items.get("b").await.unwrap().value().is_none(), "deleted");
     let applied = applied.lock().unwrap().clone();
-    assert!(applied.contains(&"a".to_owned()) && applied.contains(&"b".to_owned()), "{applied:?}");
+    assert!(
+        applied.contains(&"a".to_owned()) && applied.contains(&"b".to_owned()),
+        "{applied:?}"
+    );
 
     let status = relay.status().await.unwrap();
     assert_eq!(status.backlog, 0);
@@ -817,12 +884,19 @@ async fn run_wakes_on_notify_and_holds_the_fleet_lease() {
     let key = cache.keys().value_key(&ITEM, "a").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while cache.store().get(&key, None).await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "the notification did not wake the relay");
+        assert!(
+            Instant::now() < deadline,
+            "the notification did not wake the relay"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.notify_one();
     task.await.unwrap();
-    assert_eq!(relay.status().await.unwrap().relaying, None, "lease released");
+    assert_eq!(
+        relay.status().await.unwrap().relaying,
+        None,
+        "lease released"
+    );
     cleanup(&ns).await;
     pool.close().await;
 }
@@ -832,8 +906,16 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
     let db = PgDb::create().await;
     let pool = db.pool().await;
     pg_items(&pool).await;
-    pg(&pool, "INSERT INTO items (id, name) SELECT 'i' || g, 'old' FROM generate_series(1, 5) g").await;
-    pg(&pool, "INSERT INTO items (id, name) VALUES ('untouched', 'old')").await;
+    pg(
+        &pool,
+        "INSERT INTO items (id, name) SELECT 'i' || g, 'old' FROM generate_series(1, 5) g",
+    )
+    .await;
+    pg(
+        &pool,
+        "INSERT INTO items (id, name) VALUES ('untouched', 'old')",
+    )
+    .await;
     let server = kura_testkit::RedisServer::start().await;
     let proxy = kura_testkit::FaultProxy::start(server.addr()).await;
     let store = RedisStore::builder(format!("redis://{}", proxy.addr()))
@@ -895,8 +977,16 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
             let saved = relay.log().saved_position().await.unwrap();
             let wm = relay.log().watermark().await.unwrap();
             let backlog = relay.log().backlog(saved.unwrap_or(0)).await.unwrap();
-            assert!(state.is_empty(), "within the bound: {state:?} saved {saved:?} watermark {wm} backlog {backlog} rows {}", rows().await);
-            assert_eq!(rows().await, before + 10 * (round + 1), "nothing pruned unapplied");
+            assert!(
+                state.is_empty(),
+                "within the bound: {state:?} saved {saved:?} watermark {wm} backlog {backlog} rows {}",
+                rows().await
+            );
+            assert_eq!(
+                rows().await,
+                before + 10 * (round + 1),
+                "nothing pruned unapplied"
+            );
         }
     }
     // Past the bound: the overflow is recorded and the rows below its cut
@@ -908,7 +998,11 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
         if state.iter().any(|(k, _)| k == "item") && rows().await <= 20 {
             break;
         }
-        assert!(Instant::now() < deadline, "backlog not bounded: {} rows, {state:?}", rows().await);
+        assert!(
+            Instant::now() < deadline,
+            "backlog not bounded: {} rows, {state:?}",
+            rows().await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
         let _ = relay.step().await;
     }
@@ -928,7 +1022,10 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
     };
     assert_eq!(report.cleared, vec!["item".to_owned()]);
     assert_eq!(*cleared.lock().unwrap(), vec!["item"]);
-    assert!(relay.log().overflowed().await.unwrap().is_empty(), "overflow forgotten");
+    assert!(
+        relay.log().overflowed().await.unwrap().is_empty(),
+        "overflow forgotten"
+    );
     // The whole kind went, the row never written too.
     for id in ["i1", "untouched"] {
         let key = cache.keys().value_key(&ITEM, id).unwrap();
@@ -940,8 +1037,14 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
     items.get("i2").await.unwrap();
     pg(&pool, "UPDATE items SET name = 'after' WHERE id = 'i2'").await;
     let key = cache.keys().value_key(&ITEM, "i2").unwrap();
-    step_until(&relay, async || cache.store().get(&key, None).await.unwrap().is_none()).await;
-    assert_eq!(items.get("i2").await.unwrap().value().unwrap().name, "after");
+    step_until(&relay, async || {
+        cache.store().get(&key, None).await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        items.get("i2").await.unwrap().value().unwrap().name,
+        "after"
+    );
     pool.close().await;
 }
 
@@ -1038,20 +1141,32 @@ impl FeedLog for MemLog {
         let s = self.state.lock().unwrap();
         Ok(s.rows
             .iter()
-            .filter(|((p, seq), _)| {
-                *p >= from && *p < to && after.is_none_or(|a| (*p, *seq) > a)
-            })
+            .filter(|((p, seq), _)| *p >= from && *p < to && after.is_none_or(|a| (*p, *seq) > a))
             .take(limit)
             .map(|((p, _), e)| (*p, e.clone()))
             .collect())
     }
 
     async fn oldest(&self) -> Result<Option<u64>, MemErr> {
-        Ok(self.state.lock().unwrap().rows.keys().next().map(|(p, _)| *p))
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .rows
+            .keys()
+            .next()
+            .map(|(p, _)| *p))
     }
 
     async fn backlog(&self, from: u64) -> Result<u64, MemErr> {
-        Ok(self.state.lock().unwrap().rows.keys().filter(|(p, _)| *p >= from).count() as u64)
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .rows
+            .keys()
+            .filter(|(p, _)| *p >= from)
+            .count() as u64)
     }
 
     async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, MemErr> {
@@ -1074,7 +1189,14 @@ impl FeedLog for MemLog {
     }
 
     async fn overflowed(&self) -> Result<Vec<(String, u64)>, MemErr> {
-        Ok(self.state.lock().unwrap().overflow.iter().map(|(k, c)| (k.clone(), *c)).collect())
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .overflow
+            .iter()
+            .map(|(k, c)| (k.clone(), *c))
+            .collect())
     }
 
     async fn mark_overflow(&self, kinds: &[String], cut: u64) -> Result<(), MemErr> {
@@ -1127,7 +1249,12 @@ fn value_key(cache: &Cache, id: &str) -> String {
 }
 
 async fn is_cached(cache: &Cache, id: &str) -> bool {
-    cache.store().get(&value_key(cache, id), None).await.unwrap().is_some()
+    cache
+        .store()
+        .get(&value_key(cache, id), None)
+        .await
+        .unwrap()
+        .is_some()
 }
 
 async fn position(cache: &Cache) -> Option<u64> {
@@ -1156,7 +1283,10 @@ async fn killed_mid_batch_skips_nothing(b: Backend) {
     }
     // The first relay applies one page of 3, then hangs reading the next.
     *log.block_after.lock().unwrap() = Some(1);
-    let first = Relay::builder(&cache, log.clone()).kind(Kind::PROFILE).batch_size(3).build();
+    let first = Relay::builder(&cache, log.clone())
+        .kind(Kind::PROFILE)
+        .batch_size(3)
+        .build();
     let blocked = log.blocked.notified();
     let step = tokio::spawn(async move { first.step().await });
     blocked.await;
@@ -1166,14 +1296,28 @@ async fn killed_mid_batch_skips_nothing(b: Backend) {
     for id in &ids {
         cached.push(is_cached(&cache, id).await);
     }
-    assert_eq!(cached.iter().filter(|c| !**c).count(), 3, "one page applied: {cached:?}");
-    assert_eq!(position(&cache).await, None, "the killed relay moved nothing");
+    assert_eq!(
+        cached.iter().filter(|c| !**c).count(),
+        3,
+        "one page applied: {cached:?}"
+    );
+    assert_eq!(
+        position(&cache).await,
+        None,
+        "the killed relay moved nothing"
+    );
 
     // Another relay (a restart, or another instance) redoes the batch.
     *log.block_after.lock().unwrap() = None;
-    let second = Relay::builder(&cache, log.clone()).kind(Kind::PROFILE).batch_size(3).build();
+    let second = Relay::builder(&cache, log.clone())
+        .kind(Kind::PROFILE)
+        .batch_size(3)
+        .build();
     let r = second.step().await.unwrap();
-    assert_eq!(r.applied, 10, "from the oldest row: the killed page again, then the rest");
+    assert_eq!(
+        r.applied, 10,
+        "from the oldest row: the killed page again, then the rest"
+    );
     for id in &ids {
         assert!(!is_cached(&cache, id).await, "{id} skipped");
         assert_eq!(profiles.get(id).await.unwrap().value().unwrap().name, "v2");
@@ -1264,13 +1408,20 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
     let total = log.state.lock().unwrap().next_seq as usize;
     let deadline = Instant::now() + Duration::from_secs(30);
     while applied.lock().unwrap().len() < total {
-        assert!(Instant::now() < deadline, "{} of {total} applied", applied.lock().unwrap().len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {total} applied",
+            applied.lock().unwrap().len()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
         let seen = t.await.unwrap();
-        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "the position went back: {seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "the position went back: {seen:?}"
+        );
     }
     let all: HashSet<i64> = (1..=total as i64).collect();
     assert_eq!(*applied.lock().unwrap(), all, "every entry applied");
@@ -1289,10 +1440,15 @@ async fn duplicates_and_late_batches_are_harmless(b: Backend) {
         db.put("u1", &format!("v{v}"));
         log.commit("profile", &[("u1", Some(v))]);
     }
-    let relay = Relay::builder(&cache, log.clone()).kind(Kind::PROFILE).build();
+    let relay = Relay::builder(&cache, log.clone())
+        .kind(Kind::PROFILE)
+        .build();
     relay.step().await.unwrap();
     // Loaded after the commits: version 5 is cached.
-    assert_eq!(profiles.get("u1").await.unwrap().value().unwrap().version, 5);
+    assert_eq!(
+        profiles.get("u1").await.unwrap().value().unwrap().version,
+        5
+    );
     // A slow relay applies the same rows again, in order and backwards:
     // nothing they say is newer than what is cached.
     let rows: Vec<(u64, FeedEvent)> = log.read(0, u64::MAX, None, 100).await.unwrap();
@@ -1301,7 +1457,11 @@ async fn duplicates_and_late_batches_are_harmless(b: Backend) {
     let backward: Vec<_> = forward.iter().rev().copied().collect();
     assert_eq!(cache.store().invalidate_older(&forward).await.unwrap(), 0);
     assert_eq!(cache.store().invalidate_older(&backward).await.unwrap(), 0);
-    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit, "kept");
+    assert_eq!(
+        profiles.get("u1").await.unwrap().status(),
+        Status::Hit,
+        "kept"
+    );
     if b == Backend::Redis {
         // The position lost (a Redis restart without persistence): the
         // whole log is applied again by a relay that never ran.
@@ -1311,19 +1471,42 @@ async fn duplicates_and_late_batches_are_harmless(b: Backend) {
             .query_async(&mut c)
             .await
             .unwrap();
-        let fresh = Relay::builder(&cache, log.clone()).kind(Kind::PROFILE).build();
+        let fresh = Relay::builder(&cache, log.clone())
+            .kind(Kind::PROFILE)
+            .build();
         let r = fresh.step().await.unwrap();
         assert_eq!((r.applied, r.invalidated), (5, 0));
-        assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit, "kept");
+        assert_eq!(
+            profiles.get("u1").await.unwrap().status(),
+            Status::Hit,
+            "kept"
+        );
     }
     // A newer change, applied twice: invalidated once, then nothing to do.
     db.put("u1", "v6");
     log.commit("profile", &[("u1", Some(6))]);
     let r = relay.step().await.unwrap();
     assert_eq!((r.applied, r.invalidated), (1, 1));
-    assert_eq!(cache.store().invalidate_older(&[(&e, Some(6))]).await.unwrap(), 0);
-    assert_eq!(profiles.get("u1").await.unwrap().value().unwrap().version, 6);
-    assert_eq!(cache.store().invalidate_older(&[(&e, Some(6))]).await.unwrap(), 0);
+    assert_eq!(
+        cache
+            .store()
+            .invalidate_older(&[(&e, Some(6))])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        profiles.get("u1").await.unwrap().value().unwrap().version,
+        6
+    );
+    assert_eq!(
+        cache
+            .store()
+            .invalidate_older(&[(&e, Some(6))])
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit);
     // Unknown kinds and ids that cannot be keys are skipped; the position
     // still moves past them.

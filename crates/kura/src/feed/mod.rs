@@ -242,8 +242,7 @@ pub trait FeedLog: Send + Sync + 'static {
     /// so one instance partitioned from Redis while the rest of the fleet
     /// relays does not declare an overflow. Only a hint: a stale value makes
     /// an overflow sooner or later, never a skipped row.
-    fn save_position(&self, position: u64)
-    -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn save_position(&self, position: u64) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// The position last recorded by [`FeedLog::save_position`].
     fn saved_position(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send;
@@ -308,7 +307,10 @@ impl<L: FeedLog> FeedLog for std::sync::Arc<L> {
         (**self).clear_overflow(kinds)
     }
 
-    fn prune_overflowed(&self, limit: usize) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+    fn prune_overflowed(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send {
         (**self).prune_overflowed(limit)
     }
 

@@ -219,11 +219,7 @@ impl<L: FeedLog> RelayBuilder<L> {
     /// The relay.
     pub fn build(self) -> Relay<L> {
         let keys = self.cache.keys();
-        let token = format!(
-            "{}#{:08x}",
-            self.instance,
-            rand::random::<u32>()
-        );
+        let token = format!("{}#{:08x}", self.instance, rand::random::<u32>());
         Relay {
             inner: Arc::new(Inner {
                 position_key: keys.internal("feed:position"),
@@ -413,17 +409,19 @@ impl<L: FeedLog> Relay<L> {
         timeout: Duration,
         op: impl Future<Output = crate::store::StoreResult<T>>,
     ) -> Result<T, FeedError<L::Error>> {
-        Ok(self.inner.cache.inner.call_within(timeout, None, op).await?)
+        Ok(self
+            .inner
+            .cache
+            .inner
+            .call_within(timeout, None, op)
+            .await?)
     }
 
     fn batch_timeout(&self) -> Duration {
         (self.inner.cache.inner.op_timeout * 8).max(Duration::from_secs(2))
     }
 
-    async fn relay(
-        &self,
-        overflowed: &[(String, u64)],
-    ) -> Result<StepReport, FeedError<L::Error>> {
+    async fn relay(&self, overflowed: &[(String, u64)]) -> Result<StepReport, FeedError<L::Error>> {
         let inner = &*self.inner;
         let store = inner.cache.store();
         let op = inner.cache.inner.op_timeout;
@@ -461,9 +459,15 @@ impl<L: FeedLog> Relay<L> {
             if let Some(hook) = &inner.on_cleared {
                 hook(&kinds);
             }
-            let held = self.store(op, store.advance(&inner.position_key, before)).await?;
+            let held = self
+                .store(op, store.advance(&inner.position_key, before))
+                .await?;
             lock(&inner.local).position = Some(held);
-            inner.log.clear_overflow(&mine).await.map_err(FeedError::Log)?;
+            inner
+                .log
+                .clear_overflow(&mine)
+                .await
+                .map_err(FeedError::Log)?;
             report.cleared = mine.into_iter().map(|(k, _)| k).collect();
         }
 
@@ -489,10 +493,14 @@ impl<L: FeedLog> Relay<L> {
         report.position = from;
         if to > from {
             self.apply_range(from, to, &mut report).await?;
-            let held = self.store(op, store.advance(&inner.position_key, to)).await?;
+            let held = self
+                .store(op, store.advance(&inner.position_key, to))
+                .await?;
             report.position = held;
         } else if held.is_none() {
-            report.position = self.store(op, store.advance(&inner.position_key, from)).await?;
+            report.position = self
+                .store(op, store.advance(&inner.position_key, from))
+                .await?;
         }
         let position = report.position;
         let (save, observe) = {
@@ -556,7 +564,10 @@ impl<L: FeedLog> Relay<L> {
             let mut events = Vec::with_capacity(page.len());
             for (_, ev) in page {
                 let Some(kind) = inner.kinds.get(&ev.kind) else {
-                    tracing::trace!(kind = ev.kind, "invalidation feed: row of a kind not relayed");
+                    tracing::trace!(
+                        kind = ev.kind,
+                        "invalidation feed: row of a kind not relayed"
+                    );
                     continue;
                 };
                 match keys.entry(kind, &ev.id) {
@@ -748,20 +759,29 @@ impl<L: FeedLog> Relay<L> {
         let op = inner.cache.inner.op_timeout;
         let r = if held {
             match self
-                .store(op, store.extend_lock(&inner.lease_key, &inner.token, inner.lease_ttl))
+                .store(
+                    op,
+                    store.extend_lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                )
                 .await
             {
                 Ok(true) => Ok(true),
                 // Lost (expired while this relay was slow): try again.
                 Ok(false) => {
-                    self.store(op, store.lock(&inner.lease_key, &inner.token, inner.lease_ttl))
-                        .await
+                    self.store(
+                        op,
+                        store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                    )
+                    .await
                 }
                 Err(e) => Err(e),
             }
         } else {
-            self.store(op, store.lock(&inner.lease_key, &inner.token, inner.lease_ttl))
-                .await
+            self.store(
+                op,
+                store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+            )
+            .await
         };
         r.ok()
     }
@@ -825,7 +845,10 @@ impl<L: FeedLog> Relay<L> {
         if leader {
             let store = inner.cache.store();
             let _ = self
-                .store(inner.cache.inner.op_timeout, store.unlock(&inner.lease_key, &inner.token))
+                .store(
+                    inner.cache.inner.op_timeout,
+                    store.unlock(&inner.lease_key, &inner.token),
+                )
                 .await;
         }
         metrics::gauge!("cache_feed_relay_active").set(0.0);
