@@ -1049,6 +1049,248 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
 }
 
 // ---------------------------------------------------------------------
+// A FeedLog over SQLite: positions are seqs (one writer at a time).
+
+struct SqliteLog(sqlx::SqlitePool);
+
+fn seq_arg(p: u64) -> i64 {
+    i64::try_from(p).unwrap_or(i64::MAX)
+}
+
+impl FeedLog for SqliteLog {
+    type Error = sqlx::Error;
+
+    async fn watermark(&self) -> Result<u64, sqlx::Error> {
+        let w: i64 = sqlx::query_scalar(
+            "SELECT COALESCE((SELECT seq FROM sqlite_sequence \
+             WHERE name = 'kura_invalidation_log'), 0) + 1",
+        )
+        .fetch_one(&self.0)
+        .await?;
+        Ok(w as u64)
+    }
+
+    async fn read(
+        &self,
+        from: u64,
+        to: u64,
+        after: Option<(u64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(u64, FeedEvent)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, entity_id, version, committed_at FROM kura_invalidation_log \
+             WHERE seq >= ? AND seq < ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq_arg(from))
+        .bind(seq_arg(to))
+        .bind(after.map_or(-1, |(_, s)| s))
+        .bind(limit as i64)
+        .fetch_all(&self.0)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let seq: i64 = r.get(0);
+                (
+                    seq as u64,
+                    FeedEvent {
+                        seq,
+                        kind: r.get(1),
+                        id: r.get(2),
+                        version: r.get::<Option<i64>, _>(3).map(|v| v.max(0) as u64),
+                        committed_at_ms: r.get(4),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn oldest(&self) -> Result<Option<u64>, sqlx::Error> {
+        let p: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM kura_invalidation_log")
+            .fetch_one(&self.0)
+            .await?;
+        Ok(p.map(|p| p as u64))
+    }
+
+    async fn backlog(&self, from: u64) -> Result<u64, sqlx::Error> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM kura_invalidation_log WHERE seq >= ?")
+                .bind(seq_arg(from))
+                .fetch_one(&self.0)
+                .await?;
+        Ok(n as u64)
+    }
+
+    async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query(
+            "DELETE FROM kura_invalidation_log WHERE seq IN (SELECT seq FROM kura_invalidation_log \
+             WHERE seq < ? AND committed_at < ? LIMIT ?)",
+        )
+        .bind(seq_arg(below))
+        .bind(before_ms)
+        .bind(limit as i64)
+        .execute(&self.0)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn wait(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+
+    async fn overflowed(&self) -> Result<Vec<(String, u64)>, sqlx::Error> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT kind, cut FROM kura_feed_state")
+            .fetch_all(&self.0)
+            .await?;
+        Ok(rows.into_iter().map(|(k, c)| (k, c as u64)).collect())
+    }
+
+    async fn mark_overflow(&self, kinds: &[String], cut: u64) -> Result<(), sqlx::Error> {
+        for k in kinds {
+            sqlx::query(
+                "INSERT INTO kura_feed_state (kind, cut) VALUES (?, ?) \
+                 ON CONFLICT (kind) DO UPDATE SET cut = max(cut, excluded.cut)",
+            )
+            .bind(k)
+            .bind(seq_arg(cut))
+            .execute(&self.0)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn clear_overflow(&self, kinds: &[(String, u64)]) -> Result<(), sqlx::Error> {
+        for (k, cut) in kinds {
+            sqlx::query("DELETE FROM kura_feed_state WHERE kind = ? AND cut <= ?")
+                .bind(k)
+                .bind(seq_arg(*cut))
+                .execute(&self.0)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn prune_overflowed(&self, limit: usize) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query(
+            "DELETE FROM kura_invalidation_log WHERE seq IN (SELECT l.seq FROM \
+             kura_invalidation_log l JOIN kura_feed_state s ON s.kind = l.kind \
+             WHERE l.seq < s.cut LIMIT ?)",
+        )
+        .bind(limit as i64)
+        .execute(&self.0)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn save_position(&self, position: u64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO kura_feed_position (id, position) VALUES (1, ?) \
+             ON CONFLICT (id) DO UPDATE SET position = max(position, excluded.position)",
+        )
+        .bind(seq_arg(position))
+        .execute(&self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn saved_position(&self) -> Result<Option<u64>, sqlx::Error> {
+        let p: Option<i64> = sqlx::query_scalar("SELECT position FROM kura_feed_position")
+            .fetch_optional(&self.0)
+            .await?;
+        Ok(p.map(|p| p as u64))
+    }
+}
+
+#[derive(Clone)]
+struct SqliteItems(sqlx::SqlitePool);
+
+impl Source for SqliteItems {
+    type Value = Item;
+    type Error = sqlx::Error;
+
+    async fn load(&self, id: &str) -> Result<Option<Item>, sqlx::Error> {
+        Ok(
+            sqlx::query("SELECT id, name, version FROM items WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.0)
+                .await?
+                .map(|r| Item {
+                    id: r.get(0),
+                    name: r.get(1),
+                    version: r.get::<i64, _>(2) as u64,
+                }),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_direct_sql_changes_reach_the_memory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for s in log_table_statements(SqlBackend::Sqlite)
+        .into_iter()
+        .chain(items_spec().install_statements(SqlBackend::Sqlite))
+    {
+        sqlx::query(AssertSqlSafe(s)).execute(&pool).await.unwrap();
+    }
+    let run = async |sql: &'static str| {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    };
+    run("INSERT INTO items (id, name) VALUES ('a', 'old'), ('b', 'old')").await;
+    let (cache, _ns) = Backend::Memory.cache();
+    let items = cache.aside(ITEM, SqliteItems(pool.clone()));
+    let relay = Relay::builder(&cache, SqliteLog(pool.clone()))
+        .kind(ITEM)
+        .retention(Duration::ZERO)
+        .build();
+    relay.step().await.unwrap();
+    for id in ["a", "b"] {
+        items.get(id).await.unwrap();
+        assert_eq!(items.get(id).await.unwrap().status(), Status::Hit);
+    }
+    run("UPDATE items SET name = 'new' WHERE id = 'a'").await;
+    run("DELETE FROM items WHERE id = 'b'").await;
+    let r = relay.step().await.unwrap();
+    assert_eq!((r.applied, r.invalidated), (2, 2));
+    let a = items.get("a").await.unwrap();
+    assert_eq!(
+        (a.status(), a.value().unwrap().name.as_str()),
+        (Status::Miss, "new")
+    );
+    assert!(items.get("b").await.unwrap().value().is_none());
+    // Retention deleted every row, the newest too: the watermark does not
+    // go back (sqlite_sequence), and the next change is relayed.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    relay.step().await.unwrap();
+    assert_eq!(
+        SqliteLog(pool.clone()).oldest().await.unwrap(),
+        None,
+        "all pruned"
+    );
+    assert_eq!(relay.status().await.unwrap().watermark, r.watermark);
+    let by_max: i64 =
+        sqlx::query_scalar("SELECT COALESCE(max(seq), 0) + 1 FROM kura_invalidation_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(by_max, 1, "max(seq) + 1 would have gone back");
+    run("UPDATE items SET name = 'newer' WHERE id = 'a'").await;
+    let r = relay.step().await.unwrap();
+    assert_eq!(r.invalidated, 1);
+    assert_eq!(items.get("a").await.unwrap().value().unwrap().name, "newer");
+    pool.close().await;
+}
+
+// ---------------------------------------------------------------------
 // An in-memory FeedLog, for deterministic interleavings.
 
 #[derive(Default)]

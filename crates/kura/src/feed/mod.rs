@@ -39,6 +39,9 @@
 //!   [`Store::advance`].
 //! - [`FeedStatus::position`] is an `Option<u64>` (none held yet).
 //!   [`Relay::step`] returns a [`StepReport`].
+//! - SQLite's watermark is the last `seq` handed out plus one
+//!   (`sqlite_sequence`), not `max(seq) + 1`, which goes back when
+//!   retention deletes the newest rows.
 //! - On SQLite the UPDATE trigger bumps the version by the id column, not
 //!   `rowid` (so `WITHOUT ROWID` tables work too), and the bump raises a
 //!   version an UPDATE set lower, not only an unchanged one (both backends).
@@ -57,7 +60,8 @@
 //!   position to `W`. Rows of transactions still running wait for a later
 //!   step.
 //! - SQLite: commits are serialized, so `seq` order is commit order; the
-//!   position is the next `seq` to apply and `W = max(seq) + 1`.
+//!   position is the next `seq` to apply and `W` the last `seq` handed out
+//!   plus one (`sqlite_sequence`, which `AUTOINCREMENT` never lowers).
 //!
 //! # Why a fleet of relays is safe
 //!
@@ -167,8 +171,10 @@ pub trait FeedLog: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Everything below it is final (PostgreSQL: the snapshot's xmin,
-    /// `pg_snapshot_xmin(pg_current_snapshot())`; SQLite: `max(seq) + 1`,
-    /// or 1 on an empty log).
+    /// `pg_snapshot_xmin(pg_current_snapshot())`; SQLite: the last `seq`
+    /// handed out plus one, `SELECT seq + 1 FROM sqlite_sequence WHERE name
+    /// = 'kura_invalidation_log'` (1 when absent), not `max(seq) + 1`,
+    /// which goes back when retention deletes the newest rows).
     fn watermark(&self) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Rows with a position in `[from, to)`, after `after` (the last

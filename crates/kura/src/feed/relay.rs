@@ -459,10 +459,16 @@ impl<L: FeedLog> Relay<L> {
             if let Some(hook) = &inner.on_cleared {
                 hook(&kinds);
             }
-            let held = self
-                .store(op, store.advance(&inner.position_key, before))
-                .await?;
-            lock(&inner.local).position = Some(held);
+            // Every row below `before` of the cleared kinds is covered by
+            // the clear. Rows of kinds not cleared (another relay marked
+            // fewer kinds) are not: then the position stays and the rows
+            // are replayed, harmlessly for the cleared kinds.
+            if mine.len() == inner.kinds.len() {
+                let held = self
+                    .store(op, store.advance(&inner.position_key, before))
+                    .await?;
+                lock(&inner.local).position = Some(held);
+            }
             inner
                 .log
                 .clear_overflow(&mine)
