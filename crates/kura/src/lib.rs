@@ -12,8 +12,8 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
-//!        │                                    │             │
+//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   feed/{relay, sql}
+//!        │                                    │             │              │
 //!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned}
 //!                              │
 //!     key   codec   ttl   metrics   source   store/{mod, queue, redis, memory} (+ scripts/*.lua)
@@ -45,6 +45,9 @@
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
+//! - [`feed`]: invalidation from the database's commits: the trigger SQL
+//!   for PostgreSQL and SQLite ([`feed::sql`]), the [`FeedLog`] a service
+//!   implements over its driver, and the [`Relay`] applying the log.
 //!
 //! # Guarantees
 //!
@@ -56,6 +59,8 @@
 //! | invalidation | deletes value, lease and stale copy; patterns by `SCAN COUNT 100`, never `KEYS` |
 //! | write-behind | every acknowledged write reaches the database (version-guarded, coalesced, batched) or the dead-letter stream; until then every read sees it |
 //! | warming | never overwrites a cached value, never caches a row older than a concurrent write; one instance per fleet at a time |
+//! | invalidation feed | every committed change to a table with the feed's triggers, by any writer, invalidates the entity (voiding loads in flight) at least once, in commit order per entity, while one relay reaches the database and Redis; a relay killed mid-batch or cut off skips nothing; many relays never move the position back; duplicates are harmless (version rule) |
+//! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
 //!
 //! # Failure modes
 //!
@@ -63,6 +68,7 @@
 //! |---|---|
 //! | Redis down, slow or partitioned | every store call is bounded by the operation timeout; after a few failures the circuit opens and reads go straight to the source ([`Status::Bypass`]); a probe closes it again |
 //! | invalidation while Redis is unreachable | kept in-process (each entry or pattern once) and replayed in the background, each replay bounded (60 s by default) and started at most once per flush interval after a failure; until then this process reads the keys it covers (every key of the type, for a pattern) from the source, and all other keys from the cache as usual |
+//! | Redis unreachable for long, with writes (feed) | the log's backlog stays bounded: past the bound the relay records an overflow and the affected types are cleared once Redis is back |
 //! | source fails | a stale copy (if the type keeps one) is served as [`Status::Stale`]; otherwise [`Error::Source`] |
 //! | bad bytes at a key (garbage, wrong type, truncated JSON) | treated as a miss, removed and reloaded |
 //! | value over the size limit | served, not cached |
@@ -131,6 +137,7 @@ pub mod breaker;
 mod cache;
 pub mod codec;
 pub mod error;
+pub mod feed;
 pub mod invalidation;
 pub mod key;
 pub mod metrics;
@@ -143,6 +150,7 @@ pub mod warming;
 pub use breaker::{BreakerConfig, BreakerState};
 pub use cache::{Cache, CacheBuilder, QueuedCache};
 pub use error::{BoxError, Error, StoreError};
+pub use feed::{FeedEvent, FeedLog, Relay};
 pub use invalidation::Invalidated;
 pub use key::{KeyError, Kind};
 pub use metrics::Stats;

@@ -18,6 +18,11 @@
 //! | `cache_breaker_state` | gauge (0 closed, 1 open, 2 half-open) | |
 //! | `cache_breaker_opened_total` | counter | |
 //! | `cache_pending_invalidations` | gauge | |
+//! | `cache_feed_lag_seconds` | gauge (age of the oldest log row not yet applied) | |
+//! | `cache_feed_backlog` | gauge (log rows at or past the position) | |
+//! | `cache_feed_applied_total` | counter | `cache_type` |
+//! | `cache_feed_relay_active` | gauge (1 while this instance holds the feed lease) | |
+//! | `cache_feed_overflow_clears_total` | counter | `cache_type` |
 //!
 //! The write-behind series (`cache_wb_*`) are listed on
 //! [`crate::strategy::write_behind`]. [`describe`] gives every series its
@@ -115,6 +120,28 @@ pub fn describe() {
     describe_counter!(
         "cache_wb_retried_total",
         "Write-behind batches retried because the database was unavailable."
+    );
+    // The invalidation feed.
+    describe_gauge!(
+        "cache_feed_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest invalidation-log row not yet applied to the cache (0 when caught up)."
+    );
+    describe_gauge!(
+        "cache_feed_backlog",
+        "Invalidation-log rows at or past the fleet position."
+    );
+    describe_counter!(
+        "cache_feed_applied_total",
+        "Committed changes from the invalidation log applied to the cache."
+    );
+    describe_gauge!(
+        "cache_feed_relay_active",
+        "1 while this instance holds the feed relay lease."
+    );
+    describe_counter!(
+        "cache_feed_overflow_clears_total",
+        "Types cleared whole because the invalidation-log backlog passed its bound while the cache was unreachable."
     );
     describe_counter!(
         "cache_wb_requeued_total",

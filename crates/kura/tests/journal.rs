@@ -112,6 +112,13 @@ impl Store for Flaky {
         self.gate().await?;
         self.inner.invalidate(entries).await
     }
+    async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64> {
+        self.gate().await?;
+        self.inner.invalidate_older(entries).await
+    }
+    async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
+        self.inner.advance(key, value).await
+    }
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
         self.matching.lock().unwrap().push(pattern.scan_match());
         self.gate().await?;

@@ -36,6 +36,10 @@ both_stores!(
     foreign_values_without_version_are_replaceable,
     fill_without_stale_drops_the_old_stale_copy,
     refresh_extends_the_stale_copy,
+    feed_event_invalidates_only_older_values,
+    feed_delete_event_always_invalidates,
+    feed_event_keeps_the_pending_copy,
+    feed_position_only_moves_forward,
 );
 
 /// The memory store's bound in the bounded cases.

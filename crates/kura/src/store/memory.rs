@@ -17,6 +17,7 @@ use super::{
     StoreResult, UpdateOutcome, UpdateRequest, version_newer,
 };
 use crate::codec::peek_version;
+use crate::error::StoreError;
 use crate::key::{EntryKeys, KeyPattern};
 
 /// Bookkeeping bytes charged per entry on top of its keys and values.
@@ -725,6 +726,37 @@ impl Store for MemoryStore {
             n += self.step(keys, |slot, _| u64::from(slot.invalidate()));
         }
         Ok(n)
+    }
+
+    async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64> {
+        let mut n = 0;
+        for (keys, version) in entries {
+            n += self.step(keys, |slot, _| {
+                let cached = slot.value.as_ref().map(|t| peek_version(&t.v));
+                match (version, cached) {
+                    // As the script: a value without a version counts as older.
+                    (Some(v), Some(c)) if !version_newer(*v, c) => 0,
+                    _ => u64::from(slot.invalidate()),
+                }
+            });
+        }
+        Ok(n)
+    }
+
+    async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
+        // Kept as a counter, so `get` reads it as a decimal as on Redis.
+        let new = i64::try_from(value)
+            .map_err(|_| StoreError::Server("position past i64::MAX".into()))?;
+        let mut shard = self.shard(key);
+        let e = shard.plain.entry(key.into()).or_insert(Plain::Counter(new));
+        let held = match e {
+            Plain::Counter(c) if *c >= new => *c,
+            other => {
+                *other = Plain::Counter(new);
+                new
+            }
+        };
+        Ok(held as u64)
     }
 
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {

@@ -43,8 +43,10 @@
 //!    `metrics:cache:*`, written by [`Store::incr`]) live until deleted.
 //!    They are long-lived totals other tools read, as in the seed, two
 //!    keys per namespace whatever the traffic, so they cannot grow the
-//!    keyspace. (The write-behind queue's keys are outside the entry
-//!    protocol and are kept until flushed.)
+//!    keyspace. The write-behind queue's keys and pending copies are
+//!    outside the entry protocol and are kept until flushed, and the feed
+//!    position
+//!    ([`Store::advance`]) lives as long as the fleet relays.
 
 use std::time::Duration;
 
@@ -218,6 +220,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes the value and companions of each entry (voiding leases);
     /// returns how many values were cached.
     async fn invalidate(&self, entries: &[&EntryKeys]) -> StoreResult<u64>;
+
+    /// Applies committed changes from the database's invalidation log (see
+    /// [`crate::feed`]): for each entry, unless a value of the same or a
+    /// newer version than the change's is cached, deletes the value, lease
+    /// (voiding loads in flight), stale copy and "not found" marker. A
+    /// delete (`None`) always invalidates. Pending write-behind copies are
+    /// kept, as [`Store::invalidate`] keeps them. Applying a change twice, or
+    /// after a newer one, is harmless. Returns how many values were dropped.
+    async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64>;
+
+    /// Moves a position (a key outside the entry protocol, such as the
+    /// feed's `<ns>:~feed:position`) forward to `value` if that is greater
+    /// than the one held, in one atomic step; returns the position now held
+    /// (never less than before). The key has no TTL: losing it is safe (the
+    /// relay starts again from the oldest row it can read), and it is one
+    /// small key per namespace. Read it with [`Store::get`] (a decimal).
+    async fn advance(&self, key: &str, value: u64) -> StoreResult<u64>;
 
     /// Invalidates every entry matching `pattern` by `SCAN` (`COUNT 100`)
     /// and batched deletes; returns how many values were cached.

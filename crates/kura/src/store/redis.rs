@@ -49,9 +49,11 @@ static ACCEPT_ENTRY: LazyLock<Script> = script!("accept_entry.lua");
 static SETTLE_ACK: LazyLock<Script> = script!("settle_ack.lua");
 static RETRY: LazyLock<Script> = script!("retry.lua");
 static GET_REFRESH: LazyLock<Script> = script!("get_refresh.lua");
+static INVALIDATE_OLDER: LazyLock<Script> = script!("invalidate_older.lua");
+static ADVANCE: LazyLock<Script> = script!("advance.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 13] = [
+const SOURCES: [&str; 15] = [
     source!("acquire.lua"),
     source!("fill.lua"),
     source!("release.lua"),
@@ -65,6 +67,8 @@ const SOURCES: [&str; 13] = [
     source!("settle_ack.lua"),
     source!("retry.lua"),
     source!("get_refresh.lua"),
+    source!("invalidate_older.lua"),
+    source!("advance.lua"),
 ];
 
 /// Most `XAUTOCLAIM` calls per claim: each looks at up to ten times
@@ -673,6 +677,39 @@ impl Store for RedisStore {
             n += as_int(&v)? as u64;
         }
         Ok(n)
+    }
+
+    async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for (keys, version) in entries {
+            entry_invocation(&mut pipe, &INVALIDATE_OLDER, keys, |inv| {
+                inv.arg(version.map_or_else(String::new, |v| v.to_string()));
+            });
+        }
+        let mut n = 0;
+        for v in self.run(&pipe).await? {
+            if as_int(&v)? == 1 {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(ADVANCE.key(key).arg(value.to_string()));
+        let v = self
+            .run(&pipe)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Value::Nil);
+        text_at(std::slice::from_ref(&v), 0)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| unexpected(&v))
     }
 
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {

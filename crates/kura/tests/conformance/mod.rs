@@ -1023,6 +1023,168 @@ pub async fn clearing_and_expiry_keep_the_whole_bound(s: Arc<dyn Store>, ns: &st
     );
 }
 
+/// Caches `version` at `e` under a fresh lease, with a stale copy.
+async fn cache_with_stale(s: &dyn Store, e: &EntryKeys, version: u64) {
+    let token = format!("fill{version}");
+    s.acquire(&[acq(e, &token)]).await.unwrap();
+    let out = s
+        .fill(&[FillRequest {
+            keys: e,
+            token: &token,
+            value: FillValue::Value {
+                bytes: envelope(&format!("v{version}"), version),
+                version,
+            },
+            lifetimes: life(60_000, 120_000),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+}
+
+pub async fn feed_event_invalidates_only_older_values(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    cache_with_stale(&*s, &e, 2).await;
+    // The cached value already reflects the change (or a later one): kept.
+    assert_eq!(s.invalidate_older(&[(&e, Some(1))]).await.unwrap(), 0);
+    assert_eq!(s.invalidate_older(&[(&e, Some(2))]).await.unwrap(), 0);
+    assert_eq!(
+        name_of(&s.get(&e.value, None).await.unwrap().unwrap()),
+        "v2"
+    );
+    // Older: value and stale copy go.
+    assert_eq!(s.invalidate_older(&[(&e, Some(3))]).await.unwrap(), 1);
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    assert_eq!(
+        s.acquire(&[acq(&e, "A")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }],
+        "the stale copy went too"
+    );
+    // A load in flight read the row before the change: its lease is voided.
+    assert_eq!(s.invalidate_older(&[(&e, Some(4))]).await.unwrap(), 0);
+    let out = s
+        .fill(&[fill_req(&e, "A", envelope("v3", 3), 3)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    // Versions compare as numbers, not text ("10" > "9").
+    cache_with_stale(&*s, &e, 9).await;
+    assert_eq!(s.invalidate_older(&[(&e, Some(10))]).await.unwrap(), 1);
+    cache_with_stale(&*s, &e, 10).await;
+    assert_eq!(s.invalidate_older(&[(&e, Some(9))]).await.unwrap(), 0);
+    // A "not found" marker goes on an insert.
+    let g = entry(&*s, &ns, "ghost");
+    s.acquire(&[acq(&g, "G")]).await.unwrap();
+    s.fill(&[FillRequest {
+        keys: &g,
+        token: "G",
+        value: FillValue::Absent,
+        lifetimes: life(60_000, 0),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&g, "H")]).await.unwrap(),
+        vec![Acquired::Absent]
+    );
+    assert_eq!(s.invalidate_older(&[(&g, Some(1))]).await.unwrap(), 0);
+    assert_eq!(
+        s.acquire(&[acq(&g, "H")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn feed_delete_event_always_invalidates(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e1 = entry(&*s, &ns, "u1");
+    let e2 = entry(&*s, &ns, "u2");
+    cache_with_stale(&*s, &e1, 7).await;
+    cache_with_stale(&*s, &e2, 7).await;
+    // One batch, per entry: a delete of u1, an older change of u2.
+    assert_eq!(
+        s.invalidate_older(&[(&e1, None), (&e2, Some(3))])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.get(&e1.value, None).await.unwrap(), None);
+    assert!(s.get(&e2.value, None).await.unwrap().is_some());
+    // Applied again (a duplicate): nothing more to do, no error.
+    assert_eq!(s.invalidate_older(&[(&e1, None)]).await.unwrap(), 0);
+    cleanup(&ns).await;
+}
+
+pub async fn feed_event_keeps_the_pending_copy(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let q = queue(&ns);
+    cache_with_stale(&*s, &e, 1).await;
+    let out = s.accept(&accept_req(&e, &q, 1, "v2", 2)).await.unwrap();
+    assert!(matches!(out, AcceptOutcome::Accepted { .. }), "{out:?}");
+    // A change the write-behind write has not seen yet (version 3) drops
+    // the value; the accepted write still waits for the database.
+    assert_eq!(s.invalidate_older(&[(&e, Some(3))]).await.unwrap(), 1);
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    let copies = s.pending_copies(&[&e]).await.unwrap();
+    assert_eq!(name_of(copies[0].as_ref().unwrap()), "v2");
+    cleanup(&ns).await;
+}
+
+pub async fn feed_position_only_moves_forward(b: Backend) {
+    let stores = b.fleet(8);
+    let ns = ns();
+    let key = keys(&*stores[0], &ns).internal("feed:position");
+    let s = &stores[0];
+    assert_eq!(s.get(&key, None).await.unwrap(), None);
+    assert_eq!(s.advance(&key, 5).await.unwrap(), 5);
+    assert_eq!(s.advance(&key, 3).await.unwrap(), 5, "not backwards");
+    assert_eq!(s.advance(&key, 5).await.unwrap(), 5);
+    // Compared as numbers: 10 > 9.
+    assert_eq!(s.advance(&key, 9).await.unwrap(), 9);
+    assert_eq!(s.advance(&key, 10).await.unwrap(), 10);
+    assert_eq!(s.get(&key, None).await.unwrap().unwrap(), &b"10"[..]);
+    // Concurrent relays report positions in any order; every value any of
+    // them sees (the step's answer, a plain read) never goes down.
+    let mut tasks = Vec::new();
+    for (i, st) in stores.iter().enumerate() {
+        let st = st.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for j in 0..60u64 {
+                // Values from 10 to ~1000, not in order across tasks.
+                let v = 10 + (j * 17 + i as u64 * 101) % 1000;
+                seen.push(st.advance(&key, v).await.unwrap());
+                let read = st.get(&key, None).await.unwrap().unwrap();
+                seen.push(std::str::from_utf8(&read).unwrap().parse::<u64>().unwrap());
+            }
+            seen
+        }));
+    }
+    let mut top = 0;
+    for t in tasks {
+        let seen = t.await.unwrap();
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "a relay saw the position go back: {seen:?}"
+        );
+        top = top.max(*seen.last().unwrap());
+    }
+    let max = (0..8u64)
+        .flat_map(|i| (0..60u64).map(move |j| 10 + (j * 17 + i * 101) % 1000))
+        .max()
+        .unwrap();
+    let held = s.get(&key, None).await.unwrap().unwrap();
+    assert_eq!(std::str::from_utf8(&held).unwrap(), max.to_string());
+    assert!(top <= max);
+    cleanup(&ns).await;
+}
+
 /// Every case, one after another, against one backend.
 pub async fn run_all(b: Backend) {
     accept_is_compare_and_set_and_durable(b.clone()).await;
@@ -1050,4 +1212,8 @@ pub async fn run_all(b: Backend) {
     foreign_values_without_version_are_replaceable(b.clone()).await;
     fill_without_stale_drops_the_old_stale_copy(b.clone()).await;
     refresh_extends_the_stale_copy(b.clone()).await;
+    feed_event_invalidates_only_older_values(b.clone()).await;
+    feed_delete_event_always_invalidates(b.clone()).await;
+    feed_event_keeps_the_pending_copy(b.clone()).await;
+    feed_position_only_moves_forward(b.clone()).await;
 }

@@ -1,0 +1,863 @@
+//! The relay: applies the invalidation log to the cache, in commit order.
+//!
+//! One [`Relay::step`] reads the position (Redis), the watermark (the
+//! database), applies every log row in `[position, watermark)` page by page
+//! with [`Store::invalidate_older`], calls the `on_applied` hook, then moves
+//! the position to the watermark ([`Store::advance`]) and prunes what is
+//! past the retention window. [`Relay::run`] steps whenever the database
+//! wakes it (`NOTIFY`) or the poll interval passes, while it holds the fleet
+//! lease. Why this is safe with any number of relays, and what is not
+//! guaranteed: see [`crate::feed`].
+//!
+//! # Redis unreachable
+//!
+//! A step that cannot reach the store changes nothing in Redis and moves
+//! nothing. It counts the backlog from the last position it knows (its own,
+//! or the mirror in the database, [`FeedLog::saved_position`]); past
+//! [`RelayBuilder::max_backlog`], it records an overflow of every kind it
+//! maps ([`FeedLog::mark_overflow`], with the watermark as cut) and deletes
+//! their rows below the cut, applied or not ([`FeedLog::prune_overflowed`]):
+//! replaying entity by entity would take longer than clearing. Once the
+//! store is reachable again, the next step clears those kinds
+//! (`<ns>:<kind>:*`), moves the position to the watermark taken before the
+//! clear, and forgets the overflow (logged, counted).
+//!
+//! # Metrics
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `cache_feed_lag_seconds` | gauge: age of the oldest row not yet applied (0 when caught up) | |
+//! | `cache_feed_backlog` | gauge: rows at or past the position | |
+//! | `cache_feed_applied_total` | counter: log rows applied | `cache_type` |
+//! | `cache_feed_relay_active` | gauge: 1 while this instance holds the fleet lease | |
+//! | `cache_feed_overflow_clears_total` | counter: kinds cleared after an overflow | `cache_type` |
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::{FeedEvent, FeedLog};
+use crate::cache::Cache;
+use crate::error::StoreError;
+use crate::key::{EntryKeys, Kind};
+
+#[cfg(doc)]
+use crate::Store;
+
+type AppliedHook = Arc<dyn Fn(&[FeedEvent]) + Send + Sync>;
+type ClearedHook = Arc<dyn Fn(&[Kind]) + Send + Sync>;
+
+/// What can stop a relay step.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeedError<E> {
+    /// The database (the [`FeedLog`]) failed: nothing was applied past the
+    /// position, which did not move.
+    #[error("invalidation log: {0}")]
+    Log(#[source] E),
+    /// The cache store failed (unreachable, timed out): the position did
+    /// not move; the backlog bookkeeping of an outage was done.
+    #[error("cache store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What one [`Relay::step`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StepReport {
+    /// Log rows read (every kind).
+    pub read: u64,
+    /// Rows applied (of mapped kinds, with ids that can be keys).
+    pub applied: u64,
+    /// Cached values they dropped.
+    pub invalidated: u64,
+    /// The position held after the step.
+    pub position: u64,
+    /// The watermark the step read up to.
+    pub watermark: u64,
+    /// Rows deleted by retention.
+    pub pruned: u64,
+    /// Kinds cleared after an overflow.
+    pub cleared: Vec<String>,
+    /// Rows are committed past the watermark, held back by an older
+    /// transaction still open: [`Relay::run`] steps again soon instead of
+    /// waiting for a wake-up (their own `NOTIFY` has been spent already).
+    pub waiting: bool,
+}
+
+/// The state of the feed, for `kura feed status` and health checks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct FeedStatus {
+    /// The fleet position (`None`: none held yet, or unknown while the
+    /// store is unreachable and none is mirrored in the database).
+    pub position: Option<u64>,
+    /// The database's watermark now.
+    pub watermark: u64,
+    /// Rows at or past the position.
+    pub backlog: u64,
+    /// Age of the oldest row not yet applied, in milliseconds (0 when
+    /// caught up).
+    pub lag_ms: u64,
+    /// The holder of the fleet lease (an instance name and a token), if any.
+    pub relaying: Option<String>,
+    /// Kinds with a recorded overflow, to be cleared.
+    pub overflowed: Vec<String>,
+    /// Whether the store answered.
+    pub store_reachable: bool,
+}
+
+/// Builds a [`Relay`].
+#[must_use]
+pub struct RelayBuilder<L> {
+    cache: Cache,
+    log: L,
+    kinds: HashMap<String, Kind>,
+    poll: Duration,
+    retention: Duration,
+    max_backlog: u64,
+    batch: usize,
+    prune_batch: usize,
+    lease_ttl: Duration,
+    instance: String,
+    on_applied: Option<AppliedHook>,
+    on_cleared: Option<ClearedHook>,
+}
+
+impl<L> std::fmt::Debug for RelayBuilder<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
+            .field("poll", &self.poll)
+            .field("retention", &self.retention)
+            .field("max_backlog", &self.max_backlog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: FeedLog> RelayBuilder<L> {
+    /// Adds a kind the log's rows name (by [`Kind::name`]). Rows of kinds
+    /// not added are skipped (they advance the position like the others).
+    pub fn kind(mut self, kind: Kind) -> Self {
+        self.kinds.insert(kind.name().to_owned(), kind);
+        self
+    }
+
+    /// Adds several kinds.
+    pub fn kinds(mut self, kinds: impl IntoIterator<Item = Kind>) -> Self {
+        for k in kinds {
+            self = self.kind(k);
+        }
+        self
+    }
+
+    /// How long [`Relay::run`] waits for a wake-up before it polls
+    /// (default 1 s; 100 ms suits SQLite, which has no `NOTIFY`).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll = d;
+        self
+    }
+
+    /// How long applied rows are kept (default 1 h).
+    pub fn retention(mut self, d: Duration) -> Self {
+        self.retention = d;
+        self
+    }
+
+    /// Rows at or past the position beyond which a relay that cannot reach
+    /// the store gives up replaying them one by one (default 100,000).
+    pub fn max_backlog(mut self, rows: u64) -> Self {
+        self.max_backlog = rows;
+        self
+    }
+
+    /// Rows read and applied per page (default 1,000).
+    pub fn batch_size(mut self, rows: usize) -> Self {
+        self.batch = rows.max(1);
+        self
+    }
+
+    /// Rows deleted per pruning statement (default 5,000; at most four per
+    /// step).
+    pub fn prune_batch(mut self, rows: usize) -> Self {
+        self.prune_batch = rows.max(1);
+        self
+    }
+
+    /// Lifetime of the fleet lease, extended by its holder on every pass of
+    /// [`Relay::run`] (default 10 s): how long a relay that died holds up
+    /// the others.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.lease_ttl = d;
+        self
+    }
+
+    /// The name this instance shows as lease holder (default: `$HOSTNAME`
+    /// or `kura`, with the process id).
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.instance = name.into();
+        self
+    }
+
+    /// Called with every page of applied rows, after the store applied
+    /// them: layers above the store that keep copies (a near cache) drop
+    /// theirs. Keep it quick; it runs on the relay's task.
+    pub fn on_applied(mut self, f: impl Fn(&[FeedEvent]) + Send + Sync + 'static) -> Self {
+        self.on_applied = Some(Arc::new(f));
+        self
+    }
+
+    /// Called with the kinds cleared after an overflow.
+    pub fn on_cleared(mut self, f: impl Fn(&[Kind]) + Send + Sync + 'static) -> Self {
+        self.on_cleared = Some(Arc::new(f));
+        self
+    }
+
+    /// The relay.
+    pub fn build(self) -> Relay<L> {
+        let keys = self.cache.keys();
+        let token = format!("{}#{:08x}", self.instance, rand::random::<u32>());
+        Relay {
+            inner: Arc::new(Inner {
+                position_key: keys.internal("feed:position"),
+                lease_key: keys.internal("feed:relay"),
+                cache: self.cache,
+                log: self.log,
+                kinds: self.kinds,
+                poll: self.poll,
+                retention: self.retention,
+                max_backlog: self.max_backlog,
+                batch: self.batch,
+                prune_batch: self.prune_batch,
+                lease_ttl: self.lease_ttl,
+                token,
+                on_applied: self.on_applied,
+                on_cleared: self.on_cleared,
+                local: Mutex::new(Local::default()),
+            }),
+        }
+    }
+}
+
+/// Applies a database's invalidation log to a [`Cache`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo<L: kura::feed::FeedLog>(cache: kura::Cache, log: L) {
+/// use std::time::Duration;
+/// use kura::Kind;
+/// use kura::feed::Relay;
+///
+/// let relay = Relay::builder(&cache, log)
+///     .kind(Kind::PROFILE)
+///     .poll_interval(Duration::from_secs(1))
+///     .build();
+/// relay.run(std::future::pending()).await;
+/// # }
+/// ```
+///
+/// # Concurrent calls
+///
+/// Clones share one relay. Any number of relays, in any number of
+/// processes, may step at once: each applies `[position, watermark)` and
+/// only then moves the position forward (never backwards); applying a row
+/// twice is harmless.
+pub struct Relay<L> {
+    inner: Arc<Inner<L>>,
+}
+
+impl<L> Clone for Relay<L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<L> std::fmt::Debug for Relay<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("instance", &self.inner.token)
+            .field("kinds", &self.inner.kinds.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<L> {
+    cache: Cache,
+    log: L,
+    kinds: HashMap<String, Kind>,
+    poll: Duration,
+    retention: Duration,
+    max_backlog: u64,
+    batch: usize,
+    prune_batch: usize,
+    lease_ttl: Duration,
+    token: String,
+    position_key: String,
+    lease_key: String,
+    on_applied: Option<AppliedHook>,
+    on_cleared: Option<ClearedHook>,
+    local: Mutex<Local>,
+}
+
+/// What this relay remembers between steps (never across an `.await`).
+#[derive(Debug, Default)]
+struct Local {
+    /// The last position this relay saw held.
+    position: Option<u64>,
+    /// When the position was last mirrored to the database.
+    saved_at: Option<Instant>,
+    /// When backlog and lag were last measured.
+    observed_at: Option<Instant>,
+    /// Whether the last step reached the store (for logging transitions).
+    offline: bool,
+}
+
+/// How soon [`Relay::run`] steps again while committed rows wait behind
+/// the watermark.
+const RECHECK: Duration = Duration::from_millis(20);
+
+/// Pruning statements per step at most: pruning never holds up relaying.
+const PRUNE_ROUNDS: usize = 4;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn parse_position(b: &Bytes) -> Option<u64> {
+    std::str::from_utf8(b).ok()?.trim().parse().ok()
+}
+
+impl<L: FeedLog> Relay<L> {
+    /// A relay over `cache` and `log`; add the kinds it maps.
+    pub fn builder(cache: &Cache, log: L) -> RelayBuilder<L> {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "kura".to_owned());
+        RelayBuilder {
+            cache: cache.clone(),
+            log,
+            kinds: HashMap::new(),
+            poll: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            max_backlog: 100_000,
+            batch: 1000,
+            prune_batch: 5000,
+            lease_ttl: Duration::from_secs(10),
+            instance: format!("{host}-{}", std::process::id()),
+            on_applied: None,
+            on_cleared: None,
+        }
+    }
+
+    /// The log.
+    #[must_use]
+    pub fn log(&self) -> &L {
+        &self.inner.log
+    }
+
+    /// This instance's lease token (`<instance>#<random>`).
+    #[must_use]
+    pub fn token(&self) -> &str {
+        &self.inner.token
+    }
+
+    /// One pass: clears overflowed kinds if any, applies every row in
+    /// `[position, watermark)`, moves the position, prunes. Ignores the
+    /// fleet lease (that is [`Relay::run`]'s business).
+    ///
+    /// # Errors
+    ///
+    /// [`FeedError::Log`] when the database fails, [`FeedError::Store`]
+    /// when the store does (after the overflow bookkeeping of an outage).
+    /// Either way the position has not moved past anything unapplied, and
+    /// the next step goes on from where this one could not.
+    pub async fn step(&self) -> Result<StepReport, FeedError<L::Error>> {
+        let overflowed = self.inner.log.overflowed().await.map_err(FeedError::Log)?;
+        match self.relay(&overflowed).await {
+            Err(FeedError::Store(e)) if e.is_outage() => {
+                let was = std::mem::replace(&mut lock(&self.inner.local).offline, true);
+                if !was {
+                    tracing::warn!(error = %e, "invalidation feed: cache store unreachable, position held");
+                }
+                self.offline(&overflowed).await?;
+                Err(FeedError::Store(e))
+            }
+            r => {
+                if r.is_ok() {
+                    let was = std::mem::replace(&mut lock(&self.inner.local).offline, false);
+                    if was {
+                        tracing::info!("invalidation feed: cache store reachable again");
+                    }
+                }
+                r
+            }
+        }
+    }
+
+    async fn store<T>(
+        &self,
+        timeout: Duration,
+        op: impl Future<Output = crate::store::StoreResult<T>>,
+    ) -> Result<T, FeedError<L::Error>> {
+        Ok(self
+            .inner
+            .cache
+            .inner
+            .call_within(timeout, None, op)
+            .await?)
+    }
+
+    fn batch_timeout(&self) -> Duration {
+        (self.inner.cache.inner.op_timeout * 8).max(Duration::from_secs(2))
+    }
+
+    async fn relay(&self, overflowed: &[(String, u64)]) -> Result<StepReport, FeedError<L::Error>> {
+        let inner = &*self.inner;
+        let store = inner.cache.store();
+        let op = inner.cache.inner.op_timeout;
+        let mut report = StepReport::default();
+        // Kinds whose rows may have been deleted unapplied: cleared before
+        // anything else, from a watermark taken before the clear (every row
+        // below it committed before the clear began, so the clear covers it).
+        let mine: Vec<(String, u64)> = overflowed
+            .iter()
+            .filter(|(k, _)| inner.kinds.contains_key(k))
+            .cloned()
+            .collect();
+        if !mine.is_empty() {
+            let before = inner.log.watermark().await.map_err(FeedError::Log)?;
+            let mut kinds = Vec::new();
+            for (name, _) in &mine {
+                let kind = inner.kinds[name];
+                let pattern = inner
+                    .cache
+                    .keys()
+                    .pattern(&kind, "*")
+                    .map_err(|e| StoreError::Server(e.to_string().into()))?;
+                let n = self
+                    .store(Duration::from_secs(60), store.invalidate_matching(&pattern))
+                    .await?;
+                metrics::counter!("cache_feed_overflow_clears_total", "cache_type" => kind.name())
+                    .increment(1);
+                tracing::warn!(
+                    cache_type = kind.name(),
+                    dropped = n,
+                    "invalidation feed: backlog overflowed while the cache was unreachable; type cleared"
+                );
+                kinds.push(kind);
+            }
+            if let Some(hook) = &inner.on_cleared {
+                hook(&kinds);
+            }
+            // Every row below `before` of the cleared kinds is covered by
+            // the clear. Rows of kinds not cleared (another relay marked
+            // fewer kinds) are not: then the position stays and the rows
+            // are replayed, harmlessly for the cleared kinds.
+            if mine.len() == inner.kinds.len() {
+                let held = self
+                    .store(op, store.advance(&inner.position_key, before))
+                    .await?;
+                lock(&inner.local).position = Some(held);
+            }
+            inner
+                .log
+                .clear_overflow(&mine)
+                .await
+                .map_err(FeedError::Log)?;
+            report.cleared = mine.into_iter().map(|(k, _)| k).collect();
+        }
+
+        let held = self.store(op, store.get(&inner.position_key, None)).await?;
+        let local = lock(&inner.local).position;
+        let from = match held.as_ref().and_then(parse_position) {
+            Some(p) => p,
+            // No position in the store (first start, or a store restarted
+            // without persistence, whose cache is empty too): what this
+            // relay applied, else the oldest row still in the log.
+            None => match local {
+                Some(p) => p,
+                None => inner
+                    .log
+                    .oldest()
+                    .await
+                    .map_err(FeedError::Log)?
+                    .unwrap_or(0),
+            },
+        };
+        let to = inner.log.watermark().await.map_err(FeedError::Log)?;
+        report.watermark = to;
+        report.position = from;
+        if to > from {
+            self.apply_range(from, to, &mut report).await?;
+            let held = self
+                .store(op, store.advance(&inner.position_key, to))
+                .await?;
+            report.position = held;
+        } else if held.is_none() {
+            report.position = self
+                .store(op, store.advance(&inner.position_key, from))
+                .await?;
+        }
+        let position = report.position;
+        let (save, observe) = {
+            let mut l = lock(&inner.local);
+            l.position = Some(l.position.map_or(position, |p| p.max(position)));
+            let due = |at: Option<Instant>| at.is_none_or(|t| t.elapsed() >= inner.poll);
+            let save = due(l.saved_at);
+            let observe = due(l.observed_at);
+            if save {
+                l.saved_at = Some(Instant::now());
+            }
+            if observe {
+                l.observed_at = Some(Instant::now());
+            }
+            (save, observe)
+        };
+        if save {
+            inner
+                .log
+                .save_position(position)
+                .await
+                .map_err(FeedError::Log)?;
+        }
+        report.waiting = !inner
+            .log
+            .read(position, u64::MAX, None, 1)
+            .await
+            .map_err(FeedError::Log)?
+            .is_empty();
+        report.pruned = self.prune(position).await?;
+        if observe {
+            self.observe(position).await?;
+        }
+        Ok(report)
+    }
+
+    /// Applies every row in `[from, to)`, page by page.
+    async fn apply_range(
+        &self,
+        from: u64,
+        to: u64,
+        report: &mut StepReport,
+    ) -> Result<(), FeedError<L::Error>> {
+        let inner = &*self.inner;
+        let store = inner.cache.store();
+        let keys = inner.cache.keys();
+        let mut after = None;
+        loop {
+            let page = inner
+                .log
+                .read(from, to, after, inner.batch)
+                .await
+                .map_err(FeedError::Log)?;
+            let Some((last_pos, last)) = page.last() else {
+                break;
+            };
+            after = Some((*last_pos, last.seq));
+            let full = page.len() >= inner.batch;
+            report.read += page.len() as u64;
+            let mut entries: Vec<(EntryKeys, Option<u64>)> = Vec::with_capacity(page.len());
+            let mut events = Vec::with_capacity(page.len());
+            for (_, ev) in page {
+                let Some(kind) = inner.kinds.get(&ev.kind) else {
+                    tracing::trace!(
+                        kind = ev.kind,
+                        "invalidation feed: row of a kind not relayed"
+                    );
+                    continue;
+                };
+                match keys.entry(kind, &ev.id) {
+                    Ok(e) => entries.push((e, ev.version)),
+                    Err(err) => {
+                        // An id that cannot be a key was never cached.
+                        tracing::debug!(kind = ev.kind, id = ev.id, error = %err, "invalidation feed: id skipped");
+                        continue;
+                    }
+                }
+                events.push(ev);
+            }
+            if !entries.is_empty() {
+                let refs: Vec<(&EntryKeys, Option<u64>)> =
+                    entries.iter().map(|(e, v)| (e, *v)).collect();
+                report.invalidated += self
+                    .store(self.batch_timeout(), store.invalidate_older(&refs))
+                    .await?;
+                report.applied += events.len() as u64;
+                for ev in &events {
+                    if let Some(kind) = inner.kinds.get(&ev.kind) {
+                        metrics::counter!("cache_feed_applied_total", "cache_type" => kind.name())
+                            .increment(1);
+                    }
+                }
+                if let Some(hook) = &inner.on_applied {
+                    hook(&events);
+                }
+                if let Some(ev) = events.last() {
+                    let lag = (now_ms() - ev.committed_at_ms).max(0) as f64 / 1000.0;
+                    metrics::gauge!("cache_feed_lag_seconds").set(lag);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes applied rows past the retention window, in bounded batches.
+    async fn prune(&self, below: u64) -> Result<u64, FeedError<L::Error>> {
+        let inner = &*self.inner;
+        let before = now_ms() - inner.retention.as_millis() as i64;
+        let mut pruned = 0;
+        for _ in 0..PRUNE_ROUNDS {
+            let n = inner
+                .log
+                .prune(below, before, inner.prune_batch)
+                .await
+                .map_err(FeedError::Log)?;
+            pruned += n;
+            if n < inner.prune_batch as u64 {
+                break;
+            }
+        }
+        if pruned > 0 {
+            tracing::debug!(rows = pruned, "invalidation feed: log pruned");
+        }
+        Ok(pruned)
+    }
+
+    /// Measures backlog and lag from `position` (the gauges).
+    async fn observe(&self, position: u64) -> Result<(u64, u64), FeedError<L::Error>> {
+        let log = &self.inner.log;
+        let backlog = log.backlog(position).await.map_err(FeedError::Log)?;
+        let lag_ms = if backlog == 0 {
+            0
+        } else {
+            log.read(position, u64::MAX, None, 1)
+                .await
+                .map_err(FeedError::Log)?
+                .first()
+                .map_or(0, |(_, ev)| (now_ms() - ev.committed_at_ms).max(0) as u64)
+        };
+        metrics::gauge!("cache_feed_backlog").set(backlog as f64);
+        metrics::gauge!("cache_feed_lag_seconds").set(lag_ms as f64 / 1000.0);
+        Ok((backlog, lag_ms))
+    }
+
+    /// The bookkeeping of a step that could not reach the store.
+    async fn offline(&self, overflowed: &[(String, u64)]) -> Result<(), FeedError<L::Error>> {
+        let inner = &*self.inner;
+        let log = &inner.log;
+        let local = lock(&inner.local).position;
+        let saved = log.saved_position().await.map_err(FeedError::Log)?;
+        let from = match local.max(saved) {
+            Some(p) => p,
+            None => match log.oldest().await.map_err(FeedError::Log)? {
+                Some(p) => p,
+                None => return Ok(()),
+            },
+        };
+        let backlog = log.backlog(from).await.map_err(FeedError::Log)?;
+        metrics::gauge!("cache_feed_backlog").set(backlog as f64);
+        let marked = overflowed.iter().any(|(k, _)| inner.kinds.contains_key(k));
+        if backlog <= inner.max_backlog && !marked {
+            return Ok(());
+        }
+        // The cut is a watermark: every row below it has committed now, so
+        // a clear that begins after this (which reads the mark first)
+        // covers every row deleted below it.
+        let cut = log.watermark().await.map_err(FeedError::Log)?;
+        let kinds: Vec<String> = inner.kinds.keys().cloned().collect();
+        log.mark_overflow(&kinds, cut)
+            .await
+            .map_err(FeedError::Log)?;
+        if !marked {
+            tracing::warn!(
+                backlog,
+                bound = inner.max_backlog,
+                kinds = ?kinds,
+                "invalidation feed: backlog past its bound while the cache is unreachable; \
+                 the types will be cleared once it is back"
+            );
+        }
+        let mut pruned = 0;
+        for _ in 0..PRUNE_ROUNDS {
+            let n = log
+                .prune_overflowed(inner.prune_batch)
+                .await
+                .map_err(FeedError::Log)?;
+            pruned += n;
+            if n < inner.prune_batch as u64 {
+                break;
+            }
+        }
+        if pruned > 0 {
+            tracing::debug!(rows = pruned, "invalidation feed: overflowed rows pruned");
+        }
+        Ok(())
+    }
+
+    /// The state of the feed. Works while the store is unreachable (the
+    /// position then comes from the database's mirror).
+    ///
+    /// # Errors
+    ///
+    /// [`FeedError::Log`] when the database fails.
+    pub async fn status(&self) -> Result<FeedStatus, FeedError<L::Error>> {
+        let inner = &*self.inner;
+        let store = inner.cache.store();
+        let op = inner.cache.inner.op_timeout;
+        let log = &inner.log;
+        let watermark = log.watermark().await.map_err(FeedError::Log)?;
+        let overflowed = log
+            .overflowed()
+            .await
+            .map_err(FeedError::Log)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let got = tokio::time::timeout(op * 4, async {
+            let pos = store.get(&inner.position_key, None).await?;
+            let holder = store.get(&inner.lease_key, None).await?;
+            Ok::<_, StoreError>((pos, holder))
+        })
+        .await
+        .unwrap_or(Err(StoreError::Timeout));
+        let (position, relaying, store_reachable) = match got {
+            Ok((pos, holder)) => (
+                pos.as_ref().and_then(parse_position),
+                holder.map(|h| String::from_utf8_lossy(&h).into_owned()),
+                true,
+            ),
+            Err(_) => (
+                log.saved_position().await.map_err(FeedError::Log)?,
+                None,
+                false,
+            ),
+        };
+        let (backlog, lag_ms) = self.observe(position.unwrap_or(0)).await?;
+        Ok(FeedStatus {
+            position,
+            watermark,
+            backlog,
+            lag_ms,
+            relaying,
+            overflowed,
+            store_reachable,
+        })
+    }
+
+    /// Takes or extends the fleet lease; `None` when the store did not
+    /// answer.
+    async fn lease(&self, held: bool) -> Option<bool> {
+        let inner = &*self.inner;
+        let store = inner.cache.store();
+        let op = inner.cache.inner.op_timeout;
+        let r = if held {
+            match self
+                .store(
+                    op,
+                    store.extend_lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                )
+                .await
+            {
+                Ok(true) => Ok(true),
+                // Lost (expired while this relay was slow): try again.
+                Ok(false) => {
+                    self.store(
+                        op,
+                        store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.store(
+                op,
+                store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+            )
+            .await
+        };
+        r.ok()
+    }
+
+    /// Relays until `shutdown` completes: steps whenever the log wakes it
+    /// or the poll interval passes, while this instance holds the fleet
+    /// lease. An instance that cannot reach the store steps anyway (it then
+    /// only keeps the backlog bounded). Releases the lease on the way out.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        let inner = &*self.inner;
+        tokio::pin!(shutdown);
+        let mut leader = false;
+        tracing::info!(instance = %inner.token, kinds = ?inner.kinds.keys().collect::<Vec<_>>(), "invalidation feed relay started");
+        loop {
+            let lease = self.lease(leader).await;
+            let now_leader = lease == Some(true);
+            if now_leader != leader {
+                tracing::info!(
+                    instance = %inner.token,
+                    leader = now_leader,
+                    "invalidation feed: fleet lease {}",
+                    if now_leader { "taken" } else { "lost" }
+                );
+            }
+            leader = now_leader;
+            metrics::gauge!("cache_feed_relay_active").set(if leader { 1.0 } else { 0.0 });
+            let mut again = false;
+            if leader || lease.is_none() {
+                match self.step().await {
+                    Ok(r) => {
+                        again = r.waiting;
+                        if r.read > 0 || !r.cleared.is_empty() {
+                            tracing::debug!(
+                                read = r.read,
+                                applied = r.applied,
+                                invalidated = r.invalidated,
+                                position = r.position,
+                                waiting = r.waiting,
+                                "invalidation feed step"
+                            );
+                        }
+                    }
+                    Err(FeedError::Store(e)) => {
+                        tracing::debug!(error = %e, "invalidation feed step: store");
+                    }
+                    Err(FeedError::Log(e)) => {
+                        tracing::warn!(error = %e, "invalidation feed step: database");
+                    }
+                }
+            }
+            let wait = if again {
+                inner.poll.min(RECHECK)
+            } else {
+                inner.poll
+            };
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = inner.log.wait(wait) => {}
+            }
+        }
+        if leader {
+            let store = inner.cache.store();
+            let _ = self
+                .store(
+                    inner.cache.inner.op_timeout,
+                    store.unlock(&inner.lease_key, &inner.token),
+                )
+                .await;
+        }
+        metrics::gauge!("cache_feed_relay_active").set(0.0);
+        tracing::info!(instance = %inner.token, "invalidation feed relay stopped");
+    }
+}

@@ -1,0 +1,16 @@
+-- KEYS: value, lease, stale, absent
+-- ARGV: version of the committed change ('' for a delete)
+-- Returns 1 if a value was cached and dropped, 0 if nothing was cached,
+-- 2 if a value of the same or a newer version is cached (kept).
+-- A change already reflected by the cached value needs no invalidation: a
+-- duplicate or late event cannot remove a newer value. A delete has no
+-- version to compare with, so it always invalidates.
+if ARGV[1] ~= '' then
+  local cur = read(KEYS[1])
+  if cur and not newer(ARGV[1], cur) then
+    return 2
+  end
+end
+local n = redis.call('UNLINK', KEYS[1])
+redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
+return n
