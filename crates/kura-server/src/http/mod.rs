@@ -491,10 +491,10 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
     };
     let addr = api.addr;
     tracing::info!(%addr, database = state.service.db().backend(), cache = if state.memory_store { "memory" } else { "redis" }, "listening");
-    if config.write_strategy == crate::config::WriteStrategy::Behind || config.wb.flushers > 0 {
-        crate::write_behind::check_durability(state.service.write_behind(), state.memory_store)
-            .await;
-    }
+    // Any request may ask for `?strategy=behind`, whatever the default
+    // strategy and wherever the flushers run: say at start what the queue's
+    // store can lose.
+    crate::write_behind::check_durability(state.service.write_behind(), state.memory_store).await;
     let flushers = crate::write_behind::Flushers::start(&state.service, config.wb.flushers, config);
     if config.warm_on_start {
         let service = state.service.clone();
