@@ -473,23 +473,7 @@ impl KeyPattern {
     /// keys of other kinds the leading `*` also lets through.
     #[must_use]
     pub fn scan_match(&self) -> String {
-        let mut m = String::new();
-        push_escaped(&mut m, &self.builder.namespace);
-        m.push_str(":*");
-        push_escaped(&mut m, self.kind.segment);
-        m.push(':');
-        if self.builder.hash_tags {
-            m.push_str("\\{");
-        }
-        m.push_str(&self.id_glob);
-        if self.builder.hash_tags {
-            m.push_str("\\}");
-        }
-        if let Some(s) = self.kind.suffix {
-            m.push(':');
-            push_escaped(&mut m, s);
-        }
-        m
+        self.match_after(":*")
     }
 
     /// The `SCAN MATCH` argument for the pending write-behind copies of the
@@ -498,10 +482,15 @@ impl KeyPattern {
     /// the type.
     #[must_use]
     pub fn pending_scan_match(&self) -> String {
+        self.match_after(&format!(":{}", Companion::Pending.tag()))
+    }
+
+    /// `<ns><between><segment>:<id-glob>[:<suffix>]`, with the id glob in
+    /// its hash tag when keys carry one.
+    fn match_after(&self, between: &str) -> String {
         let mut m = String::new();
         push_escaped(&mut m, &self.builder.namespace);
-        m.push(':');
-        m.push_str(Companion::Pending.tag());
+        m.push_str(between);
         push_escaped(&mut m, self.kind.segment);
         m.push(':');
         if self.builder.hash_tags {
