@@ -12,6 +12,7 @@
 //!   http/{mod, auth, error, profiles, admin, health}.rs
 //!        │                         routes, JWT, errors, OpenAPI, server handle
 //!   write_behind.rs                flushers, durability check, queue status
+//!   feed.rs                        the invalidation feed relay, `kura feed status`
 //!   profiles.rs                    service layer: every cache decision via `kura`
 //!   app.rs                         opens the database, the store, the TTL policy
 //!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod feed;
 pub mod http;
 pub mod model;
 pub mod profiles;
@@ -66,6 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(a) => commands::token(&a),
         Command::Flush(a) => write_behind::flush(a).await,
         Command::Wb(a) => write_behind::wb(a).await,
+        Command::Feed(a) => feed::command(a).await,
         Command::Bench(a) => kura_bench::run(a).await.map(drop),
     }
 }

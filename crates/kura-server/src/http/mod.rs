@@ -64,6 +64,8 @@ pub struct AppState {
     pub memory_store: bool,
     /// The OpenAPI document, rendered once.
     pub openapi: Bytes,
+    /// The invalidation feed relay of this instance (`None`: off).
+    pub feed: Option<Arc<crate::feed::Feed>>,
 }
 
 /// A JSON response from a value.
@@ -340,8 +342,8 @@ impl Server {
 
     /// Stops accepting connections, lets requests in flight finish (up to
     /// the configured grace period), stops the write-behind flushers after
-    /// their batch in hand, flushes the cache counters and closes the
-    /// database pool.
+    /// their batch in hand, stops the invalidation feed relay, flushes the
+    /// cache counters and closes the database pool.
     ///
     /// # Errors
     ///
@@ -356,6 +358,9 @@ impl Server {
                 tracing::warn!(grace = ?self.grace, "requests still running after the grace period: stopped");
                 self.task.abort();
             }
+        }
+        if let Some(feed) = &self.state.feed {
+            feed.stop(self.grace).await;
         }
         if let Some(f) = self.flushers.take().filter(|f| !f.is_empty()) {
             let r = f.stop(self.grace).await;
@@ -400,11 +405,15 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
     let auth = Auth::new(&config.auth)?;
     auth.prefetch().await;
     let openapi = Bytes::from(ApiDoc::openapi().to_json()?);
+    let feed = crate::feed::Feed::start(app.service.db(), app.service.cache(), config)
+        .await?
+        .map(Arc::new);
     let state = Arc::new(AppState {
         service: app.service,
         auth,
         memory_store: app.memory_store,
         openapi,
+        feed,
     });
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
