@@ -14,6 +14,10 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use kura_server::config::FeedConfig;
+use kura_server::db::feed::SqlFeedLog;
+use kura_server::db::{Db, PoolOptions};
+use kura_server::model::NewProfile;
 use kura_testkit::{FaultProxy, RedisServer, free_port};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -26,7 +30,16 @@ use uuid::Uuid;
 /// another instance held the relay lease, that lease's expiry.
 const BOUND: Duration = Duration::from_secs(20);
 
-both_backends!(direct_sql_update_and_delete_reach_the_cache);
+both_backends!(
+    direct_sql_update_and_delete_reach_the_cache,
+    migrate_installs_the_library_sql_once,
+    log_reads_pages_prunes_and_keeps_overflow_state,
+);
+
+/// The relay on, as `kura serve` runs by default (support turns it off).
+fn feed_on(c: &mut kura_server::Config) {
+    c.feed.mode = kura_server::config::FeedMode::On;
+}
 
 /// Runs one statement straight on the test's database, not through kura.
 async fn sql(app: &TestApp, stmt: &str) -> u64 {
@@ -98,7 +111,7 @@ async fn cached(app: &TestApp, user: &Uuid) -> Value {
 }
 
 async fn direct_sql_update_and_delete_reach_the_cache(b: Backend) {
-    let app = TestApp::start(b).await;
+    let app = TestApp::start_with(b, feed_on).await;
     let user = Uuid::new_v4();
     app.create(&user).await;
     let before = cached(&app, &user).await;
@@ -138,7 +151,7 @@ async fn direct_sql_update_and_delete_reach_the_cache(b: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_reports_the_feed_lag_and_metrics_the_feed() {
-    let app = TestApp::start(Backend::PgRedis).await;
+    let app = TestApp::start_with(Backend::PgRedis, feed_on).await;
     let user = Uuid::new_v4();
     app.create(&user).await;
     let deadline = Instant::now() + BOUND;
@@ -235,6 +248,7 @@ async fn feed_status_json_shows_backlog_position_and_relay() {
 
     // A relay on the same database and namespace applies it.
     let app = TestApp::start_with(Backend::PgRedis, |c| {
+        feed_on(c);
         c.database_url = Some(db.clone());
         c.namespace = ns.clone();
     })
@@ -468,4 +482,336 @@ async fn writer_alone_black_holed_the_other_instance_serves_the_new_value() {
     eprintln!("new value served by the reader after {took:?}");
     writer.kill().await;
     reader.kill().await;
+}
+
+// --- The log itself: installation, positions, the late-commit trap, NOTIFY,
+// --- bounds. These run the service's SQL (SqlFeedLog) on real databases.
+
+
+/// A migrated database of one test; the guard keeps it alive.
+async fn fresh_db(b: Backend) -> (Db, Box<dyn std::any::Any + Send>) {
+    match b {
+        Backend::PgRedis => {
+            let t = TestDb::create().await;
+            let db = Db::connect(Some(&t.url), PoolOptions::default())
+                .await
+                .unwrap();
+            db.migrate().await.unwrap();
+            (db, Box::new(t))
+        }
+        Backend::SqliteMemory => {
+            let t = tempfile::tempdir().unwrap();
+            let url = format!("sqlite:{}", t.path().join("kura.db").display());
+            let db = Db::connect(Some(&url), PoolOptions::default())
+                .await
+                .unwrap();
+            db.migrate().await.unwrap();
+            (db, Box::new(t))
+        }
+    }
+}
+
+async fn insert(db: &Db, user: Uuid) {
+    let new: NewProfile =
+        serde_json::from_value(json!({"user_id": user, "name": "before"})).unwrap();
+    db.insert(&new).await.unwrap().expect("inserted");
+}
+
+async fn exec(db: &Db, stmt: &str) {
+    match db {
+        Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
+            .execute(p)
+            .await
+            .map(drop),
+        Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
+            .execute(p)
+            .await
+            .map(drop),
+    }
+    .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+}
+
+async fn migrate_installs_the_library_sql_once(b: Backend) {
+    let (db, _guard) = fresh_db(b).await;
+    // `fresh_db` migrated once: a second install finds everything current.
+    assert_eq!(db.install_feed().await.unwrap(), Vec::<String>::new());
+    db.migrate().await.unwrap();
+    assert_eq!(db.install_feed().await.unwrap(), Vec::<String>::new());
+    // A trigger dropped by hand is put back.
+    let drop = match b {
+        Backend::PgRedis => "DROP TRIGGER kura_feed_profiles_log ON profiles",
+        Backend::SqliteMemory => "DROP TRIGGER kura_feed_profiles_update",
+    };
+    exec(&db, drop).await;
+    assert_eq!(db.install_feed().await.unwrap(), vec!["profiles".to_owned()]);
+    // What is installed is the library's script for this backend.
+    let spec = &kura_server::db::feed::fed_tables().unwrap()[0];
+    let script = spec.install_sql(db.feed_backend());
+    let trigger = match b {
+        Backend::PgRedis => "CREATE TRIGGER kura_feed_profiles_log",
+        Backend::SqliteMemory => "CREATE TRIGGER kura_feed_profiles_update",
+    };
+    assert!(script.contains(trigger));
+    // Removed: writes no longer reach the log; migrate installs again.
+    db.remove_feed().await.unwrap();
+    let log = SqlFeedLog::new(db.clone());
+    let w = log.watermark().await.unwrap();
+    insert(&db, Uuid::new_v4()).await;
+    assert_eq!(log.backlog(w).await.unwrap(), 0, "no trigger, no log row");
+    db.migrate().await.unwrap();
+    insert(&db, Uuid::new_v4()).await;
+    assert_eq!(log.backlog(w).await.unwrap(), 1);
+    db.close().await;
+}
+
+async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
+    let (db, _guard) = fresh_db(b).await;
+    let log = SqlFeedLog::new(db.clone());
+    assert!(log.exists().await.unwrap());
+    assert_eq!(log.oldest().await.unwrap(), None);
+    let w0 = log.watermark().await.unwrap();
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        insert(&db, *u).await;
+    }
+    exec(
+        &db,
+        &format!("UPDATE profiles SET name = 'x' WHERE user_id = '{}'", users[0]),
+    )
+    .await;
+    exec(
+        &db,
+        &format!("DELETE FROM profiles WHERE user_id = '{}'", users[1]),
+    )
+    .await;
+    let w = log.watermark().await.unwrap();
+    assert!(w > w0);
+    let oldest = log.oldest().await.unwrap().expect("rows");
+    assert!(oldest >= w0 && oldest < w);
+    assert_eq!(log.backlog(oldest).await.unwrap(), 5);
+    assert_eq!(log.backlog(w).await.unwrap(), 0, "all final below w");
+
+    // Paged in (position, seq) order, each page after the last one.
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = log.read(w0, w, after, 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = page.last().map(|(p, e)| (*p, e.seq));
+        all.extend(page);
+    }
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|p| (p[0].0, p[0].1.seq) < (p[1].0, p[1].1.seq)));
+    let ids: Vec<&str> = all.iter().map(|(_, e)| e.id.as_str()).collect();
+    let want: Vec<String> = [0, 1, 2, 0, 1].iter().map(|i| users[*i].to_string()).collect();
+    assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(all.iter().all(|(_, e)| e.kind == "profile"));
+    assert_eq!(all[3].1.version, Some(2), "the UPDATE's bumped version");
+    assert_eq!(all[4].1.version, None, "a DELETE has no version");
+    let now = support::now() as i64 * 1000;
+    assert!(all.iter().all(|(_, e)| (e.committed_at_ms - now).abs() < 60_000));
+    // "To the end", as the relay asks when it measures the lag.
+    assert_eq!(log.read(w0, u64::MAX, None, 1).await.unwrap().len(), 1);
+
+    // Retention: only below the position given, only older than the cut-off.
+    assert_eq!(log.prune(w, now - 3_600_000, 10).await.unwrap(), 0);
+    assert_eq!(log.prune(oldest, i64::MAX, 10).await.unwrap(), 0);
+    assert_eq!(log.prune(w, i64::MAX, 2).await.unwrap(), 2, "bounded");
+    assert_eq!(log.prune(w, i64::MAX, 10).await.unwrap(), 3);
+    assert_eq!(log.oldest().await.unwrap(), None);
+    assert!(
+        log.watermark().await.unwrap() >= w,
+        "the watermark does not go back when the log is emptied"
+    );
+
+    // Overflow state: the cut only rises; forgotten only at or above it.
+    let k = || vec!["profile".to_owned()];
+    log.mark_overflow(&k(), w + 5).await.unwrap();
+    log.mark_overflow(&k(), w + 3).await.unwrap();
+    assert_eq!(
+        log.overflowed().await.unwrap(),
+        vec![("profile".to_owned(), w + 5)]
+    );
+    log.clear_overflow(&[("profile".to_owned(), w + 4)]).await.unwrap();
+    assert_eq!(log.overflowed().await.unwrap().len(), 1, "cut moved past");
+    log.clear_overflow(&[("profile".to_owned(), w + 5)]).await.unwrap();
+    assert!(log.overflowed().await.unwrap().is_empty());
+
+    // Overflowed rows below the cut go, applied or not, any age.
+    insert(&db, Uuid::new_v4()).await;
+    insert(&db, Uuid::new_v4()).await;
+    let cut = log.watermark().await.unwrap();
+    insert(&db, Uuid::new_v4()).await;
+    assert_eq!(log.prune_overflowed(10).await.unwrap(), 0, "no overflow");
+    log.mark_overflow(&k(), cut).await.unwrap();
+    assert_eq!(log.prune_overflowed(1).await.unwrap(), 1);
+    assert_eq!(log.prune_overflowed(10).await.unwrap(), 1);
+    assert_eq!(log.backlog(0).await.unwrap(), 1, "the row past the cut stays");
+
+    // The position mirror.
+    assert_eq!(log.saved_position().await.unwrap(), None);
+    log.save_position(w).await.unwrap();
+    log.save_position(w + 1).await.unwrap();
+    assert_eq!(log.saved_position().await.unwrap(), Some(w + 1));
+    db.close().await;
+}
+
+/// The trap of reading by `seq`: a transaction that took a lower `seq`
+/// commits after one with a higher `seq` was applied. Reading by the
+/// snapshot's xmin, the relay does not move past the open transaction, and
+/// applies its row once it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_commit_with_a_lower_seq_is_not_skipped() {
+    let app = TestApp::start_with(Backend::PgRedis, |c| {
+        c.feed.mode = kura_server::config::FeedMode::Off;
+    })
+    .await;
+    let (early, late) = (Uuid::new_v4(), Uuid::new_v4());
+    app.create(&early).await;
+    app.create(&late).await;
+    cached(&app, &early).await;
+    cached(&app, &late).await;
+    let db = app.server().service().db().clone();
+    let relay = kura_server::feed::relay(&db, app.server().service().cache(), &FeedConfig::default());
+    relay.step().await.unwrap();
+
+    let Db::Postgres(pool) = &db else { unreachable!() };
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE profiles SET name = 'early' WHERE user_id = $1")
+        .bind(early)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let (txid, early_seq): (i64, i64) = sqlx::query_as(
+        "SELECT pg_current_xact_id()::text::bigint, max(seq) FROM kura_invalidation_log",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    // Committed while `early` is still open, with a higher seq.
+    sql(
+        &app,
+        &format!("UPDATE profiles SET name = 'late' WHERE user_id = '{late}'"),
+    )
+    .await;
+    let late_seq: i64 = sqlx::query_scalar("SELECT max(seq) FROM kura_invalidation_log")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(early_seq < late_seq, "the trap is set: {early_seq} < {late_seq}");
+    let r = relay.step().await.unwrap();
+    assert!(
+        r.position <= txid as u64,
+        "the position stays at or below the open transaction: {r:?}, txid {txid}"
+    );
+    tx.commit().await.unwrap();
+    relay.step().await.unwrap();
+    // No relay runs in the server: only the steps above invalidated.
+    for (user, name) in [(early, "early"), (late, "late")] {
+        let admin = app.admin();
+        let v: Value = app
+            .get(&format!("/api/v1/profiles/{user}"), &admin)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["name"], name, "{user}");
+    }
+    app.stop().await;
+}
+
+/// A transaction that changes many rows in several statements wakes the
+/// relay once: PostgreSQL folds identical notifications of a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_notification_per_transaction() {
+    let (db, _guard) = fresh_db(Backend::PgRedis).await;
+    for _ in 0..20 {
+        insert(&db, Uuid::new_v4()).await;
+    }
+    let Db::Postgres(pool) = &db else { unreachable!() };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await.unwrap();
+    listener.listen("kura_invalidation").await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for _ in 0..3 {
+        sqlx::query("UPDATE profiles SET name = name || '!'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(first.is_ok(), "a wake-up for the transaction");
+    let more = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(more.is_err(), "only one for 60 row changes in 3 statements");
+}
+
+/// Redis unreachable while the log grows past `--feed-max-backlog`: the
+/// relay records an overflow and deletes the unapplied rows (the log stays
+/// bounded); once Redis is back, the next step clears the type and moves
+/// on, and no stale value is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_long_backlog_is_bounded_then_the_type_is_cleared() {
+    let (db, _guard) = fresh_db(Backend::PgRedis).await;
+    let redis = RedisServer::start().await;
+    let proxy = FaultProxy::start(redis.addr()).await;
+    let mut config = kura_server::Config::default();
+    config.redis_url = Some(format!("redis://{}", proxy.addr()));
+    config.redis_timeout = Duration::from_millis(200);
+    config.namespace = format!("ovf_{}", random_suffix());
+    let (cache, _) = kura_server::app::open_cache(&config).unwrap();
+    let service = kura_server::profiles::ProfileService::new(
+        db.clone(),
+        cache.clone(),
+        kura_server::WriteStrategy::Invalidate,
+    );
+    let mut feed = FeedConfig::default();
+    feed.max_backlog = 20;
+    let relay = kura_server::feed::relay(&db, &cache, &feed);
+    let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        insert(&db, *u).await;
+    }
+    let pos = relay.step().await.unwrap().position;
+    for u in &users {
+        service.get(u).await.unwrap();
+    }
+    let raw = |u: &Uuid| format!("{}:profile:{u}", config.namespace);
+    let direct = redis::Client::open(redis.url()).unwrap();
+    let mut c = direct.get_multiplexed_async_connection().await.unwrap();
+    for u in &users {
+        let v: Option<String> = redis::cmd("GET").arg(raw(u)).query_async(&mut c).await.unwrap();
+        assert!(v.is_some(), "cached before the outage");
+    }
+
+    proxy.blackhole();
+    for round in 0..10 {
+        exec(&db, &format!("UPDATE profiles SET name = 'round {round}'")).await;
+    }
+    let log = SqlFeedLog::new(db.clone());
+    assert_eq!(log.backlog(pos).await.unwrap(), 50);
+    assert!(relay.step().await.is_err(), "Redis is unreachable");
+    assert_eq!(log.overflowed().await.unwrap().len(), 1, "overflow recorded");
+    assert_eq!(log.backlog(0).await.unwrap(), 0, "unapplied rows deleted");
+
+    proxy.heal();
+    let deadline = Instant::now() + BOUND;
+    loop {
+        match relay.step().await {
+            Ok(r) if r.cleared.iter().any(|k| k == "profile") => break,
+            Ok(r) => assert!(Instant::now() < deadline, "never cleared: {r:?}"),
+            Err(e) => assert!(Instant::now() < deadline, "never reached Redis: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(log.overflowed().await.unwrap().is_empty(), "overflow forgotten");
+    for u in &users {
+        let v: Option<String> = redis::cmd("GET").arg(raw(u)).query_async(&mut c).await.unwrap();
+        assert!(v.is_none(), "no stale value left: {v:?}");
+        let p = service.get(u).await.unwrap();
+        assert_eq!(p.value().unwrap().name.as_deref(), Some("round 9"));
+    }
+    db.close().await;
 }
