@@ -203,6 +203,31 @@ pub enum FeedCommand {
     /// The relay's position, the log's watermark, the backlog (entries not
     /// applied yet), the lag, and which instance is relaying.
     Status(FeedStatusArgs),
+    /// Print the SQL that installs (or removes) the invalidation log and the
+    /// `profiles` triggers, as `kura migrate` runs it: to review it, or to
+    /// apply it with another migration tool.
+    Sql(FeedSqlArgs),
+}
+
+/// `kura feed sql`.
+#[derive(Debug, Args)]
+pub struct FeedSqlArgs {
+    /// The database dialect.
+    #[arg(long, value_enum, default_value_t = SqlDialect::Postgres)]
+    pub backend: SqlDialect,
+    /// The SQL removing the triggers instead (the log table stays).
+    #[arg(long)]
+    pub remove: bool,
+}
+
+/// A database dialect of `kura feed sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum SqlDialect {
+    /// PostgreSQL 13 or later.
+    Postgres,
+    /// SQLite 3.
+    Sqlite,
 }
 
 /// `kura feed status`.

@@ -35,7 +35,7 @@ use serde::Serialize;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
-use crate::cli::{FeedCommand, FeedCommandArgs, FeedStatusArgs};
+use crate::cli::{FeedCommand, FeedCommandArgs, FeedSqlArgs, FeedStatusArgs, SqlDialect};
 use crate::config::{Config, FeedConfig, FeedMode};
 use crate::db::Db;
 use crate::db::feed::SqlFeedLog;
@@ -79,12 +79,20 @@ impl Feed {
     /// When the database cannot be asked whether it has the log.
     pub async fn start(db: &Db, cache: &Cache, config: &Config) -> anyhow::Result<Option<Feed>> {
         if config.feed.mode == FeedMode::Off {
-            tracing::info!("invalidation feed off (--invalidation-feed off): this instance does not relay");
+            tracing::info!(
+                "invalidation feed off (--invalidation-feed off): this instance does not relay"
+            );
             return Ok(None);
         }
         let log = SqlFeedLog::new(db.clone());
-        if !log.exists().await.context("looking for the invalidation log")? {
-            tracing::warn!("the database has no invalidation log (run `kura migrate`): not relaying");
+        if !log
+            .exists()
+            .await
+            .context("looking for the invalidation log")?
+        {
+            tracing::warn!(
+                "the database has no invalidation log (run `kura migrate`): not relaying"
+            );
             return Ok(None);
         }
         let relay = relay(db, cache, &config.feed);
@@ -125,7 +133,9 @@ impl Feed {
         let task = self.task.lock().await.take();
         if let Some(mut task) = task {
             if tokio::time::timeout(grace, &mut task).await.is_err() {
-                tracing::warn!("invalidation feed relay still stepping after the grace period: stopped");
+                tracing::warn!(
+                    "invalidation feed relay still stepping after the grace period: stopped"
+                );
                 task.abort();
             }
         }
@@ -192,7 +202,28 @@ impl FeedHealth {
 pub async fn command(args: FeedCommandArgs) -> anyhow::Result<()> {
     match args.command {
         FeedCommand::Status(a) => status(a).await,
+        FeedCommand::Sql(a) => sql(&a),
     }
+}
+
+fn sql(args: &FeedSqlArgs) -> anyhow::Result<()> {
+    let backend = match args.backend {
+        SqlDialect::Postgres => kura::feed::Backend::Postgres,
+        SqlDialect::Sqlite => kura::feed::Backend::Sqlite,
+    };
+    let mut out = String::new();
+    if !args.remove {
+        out.push_str(&kura::feed::log_table_sql(backend));
+    }
+    for spec in crate::db::feed::fed_tables()? {
+        out.push_str(&if args.remove {
+            spec.remove_sql(backend)
+        } else {
+            spec.install_sql(backend)
+        });
+    }
+    print!("{out}");
+    Ok(())
 }
 
 async fn status(args: FeedStatusArgs) -> anyhow::Result<()> {
@@ -220,7 +251,10 @@ async fn status(args: FeedStatusArgs) -> anyhow::Result<()> {
     } else {
         let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
         println!("invalidation feed ({})", db.backend());
-        println!("  position     {}", or_none(s.position.map(|p| p.to_string())));
+        println!(
+            "  position     {}",
+            or_none(s.position.map(|p| p.to_string()))
+        );
         println!("  watermark    {}", s.watermark);
         println!("  backlog      {} entries", s.backlog);
         println!("  lag          {} ms", s.lag_ms);

@@ -212,12 +212,8 @@ fn feed_status(db: &str, redis: &str, ns: &str) -> Value {
         "kura feed status failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,10 +425,7 @@ impl Fleet {
             if v["name"] == want {
                 return start.elapsed();
             }
-            assert!(
-                start.elapsed() < BOUND,
-                "still serving {v} after {BOUND:?}"
-            );
+            assert!(start.elapsed() < BOUND, "still serving {v} after {BOUND:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -486,7 +479,6 @@ async fn writer_alone_black_holed_the_other_instance_serves_the_new_value() {
 
 // --- The log itself: installation, positions, the late-commit trap, NOTIFY,
 // --- bounds. These run the service's SQL (SqlFeedLog) on real databases.
-
 
 /// A migrated database of one test; the guard keeps it alive.
 async fn fresh_db(b: Backend) -> (Db, Box<dyn std::any::Any + Send>) {
@@ -543,7 +535,10 @@ async fn migrate_installs_the_library_sql_once(b: Backend) {
         Backend::SqliteMemory => "DROP TRIGGER kura_feed_profiles_update",
     };
     exec(&db, drop).await;
-    assert_eq!(db.install_feed().await.unwrap(), vec!["profiles".to_owned()]);
+    assert_eq!(
+        db.install_feed().await.unwrap(),
+        vec!["profiles".to_owned()]
+    );
     // What is installed is the library's script for this backend.
     let spec = &kura_server::db::feed::fed_tables().unwrap()[0];
     let script = spec.install_sql(db.feed_backend());
@@ -576,7 +571,10 @@ async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
     }
     exec(
         &db,
-        &format!("UPDATE profiles SET name = 'x' WHERE user_id = '{}'", users[0]),
+        &format!(
+            "UPDATE profiles SET name = 'x' WHERE user_id = '{}'",
+            users[0]
+        ),
     )
     .await;
     exec(
@@ -604,15 +602,24 @@ async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
         all.extend(page);
     }
     assert_eq!(all.len(), 5);
-    assert!(all.windows(2).all(|p| (p[0].0, p[0].1.seq) < (p[1].0, p[1].1.seq)));
+    assert!(
+        all.windows(2)
+            .all(|p| (p[0].0, p[0].1.seq) < (p[1].0, p[1].1.seq))
+    );
     let ids: Vec<&str> = all.iter().map(|(_, e)| e.id.as_str()).collect();
-    let want: Vec<String> = [0, 1, 2, 0, 1].iter().map(|i| users[*i].to_string()).collect();
+    let want: Vec<String> = [0, 1, 2, 0, 1]
+        .iter()
+        .map(|i| users[*i].to_string())
+        .collect();
     assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(all.iter().all(|(_, e)| e.kind == "profile"));
     assert_eq!(all[3].1.version, Some(2), "the UPDATE's bumped version");
     assert_eq!(all[4].1.version, None, "a DELETE has no version");
     let now = support::now() as i64 * 1000;
-    assert!(all.iter().all(|(_, e)| (e.committed_at_ms - now).abs() < 60_000));
+    assert!(
+        all.iter()
+            .all(|(_, e)| (e.committed_at_ms - now).abs() < 60_000)
+    );
     // "To the end", as the relay asks when it measures the lag.
     assert_eq!(log.read(w0, u64::MAX, None, 1).await.unwrap().len(), 1);
 
@@ -635,9 +642,13 @@ async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
         log.overflowed().await.unwrap(),
         vec![("profile".to_owned(), w + 5)]
     );
-    log.clear_overflow(&[("profile".to_owned(), w + 4)]).await.unwrap();
+    log.clear_overflow(&[("profile".to_owned(), w + 4)])
+        .await
+        .unwrap();
     assert_eq!(log.overflowed().await.unwrap().len(), 1, "cut moved past");
-    log.clear_overflow(&[("profile".to_owned(), w + 5)]).await.unwrap();
+    log.clear_overflow(&[("profile".to_owned(), w + 5)])
+        .await
+        .unwrap();
     assert!(log.overflowed().await.unwrap().is_empty());
 
     // Overflowed rows below the cut go, applied or not, any age.
@@ -649,7 +660,11 @@ async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
     log.mark_overflow(&k(), cut).await.unwrap();
     assert_eq!(log.prune_overflowed(1).await.unwrap(), 1);
     assert_eq!(log.prune_overflowed(10).await.unwrap(), 1);
-    assert_eq!(log.backlog(0).await.unwrap(), 1, "the row past the cut stays");
+    assert_eq!(
+        log.backlog(0).await.unwrap(),
+        1,
+        "the row past the cut stays"
+    );
 
     // The position mirror.
     assert_eq!(log.saved_position().await.unwrap(), None);
@@ -675,10 +690,13 @@ async fn late_commit_with_a_lower_seq_is_not_skipped() {
     cached(&app, &early).await;
     cached(&app, &late).await;
     let db = app.server().service().db().clone();
-    let relay = kura_server::feed::relay(&db, app.server().service().cache(), &FeedConfig::default());
+    let relay =
+        kura_server::feed::relay(&db, app.server().service().cache(), &FeedConfig::default());
     relay.step().await.unwrap();
 
-    let Db::Postgres(pool) = &db else { unreachable!() };
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("UPDATE profiles SET name = 'early' WHERE user_id = $1")
         .bind(early)
@@ -701,7 +719,10 @@ async fn late_commit_with_a_lower_seq_is_not_skipped() {
         .fetch_one(pool)
         .await
         .unwrap();
-    assert!(early_seq < late_seq, "the trap is set: {early_seq} < {late_seq}");
+    assert!(
+        early_seq < late_seq,
+        "the trap is set: {early_seq} < {late_seq}"
+    );
     let r = relay.step().await.unwrap();
     assert!(
         r.position <= txid as u64,
@@ -731,8 +752,12 @@ async fn one_notification_per_transaction() {
     for _ in 0..20 {
         insert(&db, Uuid::new_v4()).await;
     }
-    let Db::Postgres(pool) = &db else { unreachable!() };
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await.unwrap();
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .unwrap();
     listener.listen("kura_invalidation").await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     for _ in 0..3 {
@@ -782,7 +807,11 @@ async fn redis_down_long_backlog_is_bounded_then_the_type_is_cleared() {
     let direct = redis::Client::open(redis.url()).unwrap();
     let mut c = direct.get_multiplexed_async_connection().await.unwrap();
     for u in &users {
-        let v: Option<String> = redis::cmd("GET").arg(raw(u)).query_async(&mut c).await.unwrap();
+        let v: Option<String> = redis::cmd("GET")
+            .arg(raw(u))
+            .query_async(&mut c)
+            .await
+            .unwrap();
         assert!(v.is_some(), "cached before the outage");
     }
 
@@ -793,7 +822,11 @@ async fn redis_down_long_backlog_is_bounded_then_the_type_is_cleared() {
     let log = SqlFeedLog::new(db.clone());
     assert_eq!(log.backlog(pos).await.unwrap(), 50);
     assert!(relay.step().await.is_err(), "Redis is unreachable");
-    assert_eq!(log.overflowed().await.unwrap().len(), 1, "overflow recorded");
+    assert_eq!(
+        log.overflowed().await.unwrap().len(),
+        1,
+        "overflow recorded"
+    );
     assert_eq!(log.backlog(0).await.unwrap(), 0, "unapplied rows deleted");
 
     proxy.heal();
@@ -806,9 +839,16 @@ async fn redis_down_long_backlog_is_bounded_then_the_type_is_cleared() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(log.overflowed().await.unwrap().is_empty(), "overflow forgotten");
+    assert!(
+        log.overflowed().await.unwrap().is_empty(),
+        "overflow forgotten"
+    );
     for u in &users {
-        let v: Option<String> = redis::cmd("GET").arg(raw(u)).query_async(&mut c).await.unwrap();
+        let v: Option<String> = redis::cmd("GET")
+            .arg(raw(u))
+            .query_async(&mut c)
+            .await
+            .unwrap();
         assert!(v.is_none(), "no stale value left: {v:?}");
         let p = service.get(u).await.unwrap();
         assert_eq!(p.value().unwrap().name.as_deref(), Some("round 9"));

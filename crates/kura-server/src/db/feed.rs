@@ -372,33 +372,37 @@ impl SqlFeedLog {
         let (after_pos, after_seq) = after.unwrap_or((from, i64::MIN));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<(i64, i64, String, String, Option<i64>, i64)> = match &self.db {
-            Db::Postgres(p) => sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT txid::text::bigint, seq, kind, entity_id, version, \
+            Db::Postgres(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT txid::text::bigint, seq, kind, entity_id, version, \
                  (extract(epoch FROM committed_at) * 1000)::bigint \
                  FROM {LOG_TABLE} \
                  WHERE txid >= $1::text::xid8 AND txid < $2::text::xid8 \
                  AND (txid, seq) > ($3::text::xid8, $4) \
                  ORDER BY txid, seq LIMIT $5"
-            )))
-            .bind(from.to_string())
-            .bind(to.to_string())
-            .bind(after_pos.to_string())
-            .bind(after_seq)
-            .bind(limit)
-            .fetch_all(p)
-            .await?,
-            Db::Sqlite(p) => sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT seq, seq, kind, entity_id, version, committed_at \
+                )))
+                .bind(from.to_string())
+                .bind(to.to_string())
+                .bind(after_pos.to_string())
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT seq, seq, kind, entity_id, version, committed_at \
                  FROM {LOG_TABLE} \
                  WHERE seq >= ?1 AND seq < ?2 AND seq > ?3 \
                  ORDER BY seq LIMIT ?4"
-            )))
-            .bind(sqlite_bound(from))
-            .bind(sqlite_bound(to))
-            .bind(after_seq)
-            .bind(limit)
-            .fetch_all(p)
-            .await?,
+                )))
+                .bind(sqlite_bound(from))
+                .bind(sqlite_bound(to))
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
         };
         rows.into_iter()
             .map(|(pos, seq, kind, id, version, at)| {
@@ -423,11 +427,13 @@ impl SqlFeedLog {
     /// [`DbError`] on a database failure.
     pub async fn oldest(&self) -> Result<Option<u64>, DbError> {
         let v: Option<i64> = match &self.db {
-            Db::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT txid::text::bigint FROM {LOG_TABLE} ORDER BY txid, seq LIMIT 1"
-            )))
-            .fetch_optional(p)
-            .await?,
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT txid::text::bigint FROM {LOG_TABLE} ORDER BY txid, seq LIMIT 1"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
             Db::Sqlite(p) => {
                 sqlx::query_scalar(AssertSqlSafe(format!("SELECT min(seq) FROM {LOG_TABLE}")))
                     .fetch_one(p)
@@ -444,18 +450,22 @@ impl SqlFeedLog {
     /// [`DbError`] on a database failure.
     pub async fn backlog(&self, from: u64) -> Result<u64, DbError> {
         let n: i64 = match &self.db {
-            Db::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT count(*) FROM {LOG_TABLE} WHERE txid >= $1::text::xid8"
-            )))
-            .bind(from.to_string())
-            .fetch_one(p)
-            .await?,
-            Db::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT count(*) FROM {LOG_TABLE} WHERE seq >= ?1"
-            )))
-            .bind(sqlite_bound(from))
-            .fetch_one(p)
-            .await?,
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {LOG_TABLE} WHERE txid >= $1::text::xid8"
+                )))
+                .bind(from.to_string())
+                .fetch_one(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {LOG_TABLE} WHERE seq >= ?1"
+                )))
+                .bind(sqlite_bound(from))
+                .fetch_one(p)
+                .await?
+            }
         };
         to_u64(n)
     }
@@ -503,20 +513,22 @@ impl SqlFeedLog {
     /// [`DbError`] on a database failure.
     pub async fn overflowed(&self) -> Result<Vec<(String, u64)>, DbError> {
         let rows: Vec<(String, i64)> = match &self.db {
-            Db::Postgres(p) => sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT kind, cut::text::bigint FROM {STATE_TABLE} ORDER BY kind"
-            )))
-            .fetch_all(p)
-            .await?,
-            Db::Sqlite(p) => sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT kind, cut FROM {STATE_TABLE} ORDER BY kind"
-            )))
-            .fetch_all(p)
-            .await?,
+            Db::Postgres(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT kind, cut::text::bigint FROM {STATE_TABLE} ORDER BY kind"
+                )))
+                .fetch_all(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT kind, cut FROM {STATE_TABLE} ORDER BY kind"
+                )))
+                .fetch_all(p)
+                .await?
+            }
         };
-        rows.into_iter()
-            .map(|(k, c)| Ok((k, to_u64(c)?)))
-            .collect()
+        rows.into_iter().map(|(k, c)| Ok((k, to_u64(c)?))).collect()
     }
 
     /// Records an overflow of `kinds` at `cut`, raising a lower cut.
@@ -655,16 +667,20 @@ impl SqlFeedLog {
     /// [`DbError`] on a database failure.
     pub async fn saved_position(&self) -> Result<Option<u64>, DbError> {
         let v: Option<i64> = match &self.db {
-            Db::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT position::text::bigint FROM {POSITION_TABLE} WHERE id"
-            )))
-            .fetch_optional(p)
-            .await?,
-            Db::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT position FROM {POSITION_TABLE} WHERE id = 1"
-            )))
-            .fetch_optional(p)
-            .await?,
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT position::text::bigint FROM {POSITION_TABLE} WHERE id"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT position FROM {POSITION_TABLE} WHERE id = 1"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
         };
         v.map(to_u64).transpose()
     }
