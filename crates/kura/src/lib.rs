@@ -12,8 +12,8 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming
-//!        │                                    │             │
+//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   feed/{relay, sql}
+//!        │                                    │             │              │
 //!        └──────────────── cache (Cache: breaker, timeouts, pending invalidations, counters)
 //!                              │
 //!     key   codec   ttl   metrics   source        store/{redis, memory} (+ scripts/*.lua)
@@ -30,6 +30,9 @@
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
+//! - [`feed`]: invalidation from the database's commits: the trigger SQL
+//!   for PostgreSQL and SQLite ([`feed::sql`]), the [`FeedLog`] a service
+//!   implements over its driver, and the [`Relay`] applying the log.
 //!
 //! # Guarantees
 //!
@@ -41,13 +44,16 @@
 //! | invalidation | deletes value, lease and stale copy; patterns by `SCAN COUNT 100`, never `KEYS` |
 //! | write-behind | every acknowledged write reaches the database (version-guarded, coalesced, batched) or the dead-letter stream; until then every read sees it |
 //! | warming | never overwrites a cached value, never caches a row older than a concurrent write; one instance per fleet at a time |
+//! | invalidation feed | every committed change to a table with the feed's triggers, by any writer, invalidates the entity (voiding loads in flight) at least once, in commit order per entity, while one relay reaches the database and Redis; a relay killed mid-batch or cut off skips nothing; many relays never move the position back; duplicates are harmless (version rule) |
+//! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
 //!
 //! # Failure modes
 //!
 //! | failure | behaviour |
 //! |---|---|
 //! | Redis down, slow or partitioned | every store call is bounded by the operation timeout; after a few failures the circuit opens and reads go straight to the source ([`Status::Bypass`]); a probe closes it again |
-//! | invalidation while Redis is unreachable | kept in-process and applied before this process uses the cache again |
+//! | invalidation while Redis is unreachable | kept in-process and applied before this process uses the cache again; with the invalidation feed, the database's log also carries it to the cache through any relay, whatever happens to this process |
+//! | Redis unreachable for long, with writes (feed) | the log's backlog stays bounded: past the bound the relay records an overflow and the affected types are cleared once Redis is back |
 //! | source fails | a stale copy (if the type keeps one) is served as [`Status::Stale`]; otherwise [`Error::Source`] |
 //! | bad bytes at a key (garbage, wrong type, truncated JSON) | treated as a miss, removed and reloaded |
 //! | value over the size limit | served, not cached |

@@ -39,6 +39,9 @@
 //!   [`Store::advance`].
 //! - [`FeedStatus::position`] is an `Option<u64>` (none held yet).
 //!   [`Relay::step`] returns a [`StepReport`].
+//! - SQLite's watermark is the last `seq` handed out plus one
+//!   (`sqlite_sequence`), not `max(seq) + 1`, which goes back when
+//!   retention deletes the newest rows.
 //! - On SQLite the UPDATE trigger bumps the version by the id column, not
 //!   `rowid` (so `WITHOUT ROWID` tables work too), and the bump raises a
 //!   version an UPDATE set lower, not only an unchanged one (both backends).
@@ -57,7 +60,8 @@
 //!   position to `W`. Rows of transactions still running wait for a later
 //!   step.
 //! - SQLite: commits are serialized, so `seq` order is commit order; the
-//!   position is the next `seq` to apply and `W = max(seq) + 1`.
+//!   position is the next `seq` to apply and `W` the last `seq` handed out
+//!   plus one (`sqlite_sequence`, which `AUTOINCREMENT` never lowers).
 //!
 //! # Why a fleet of relays is safe
 //!
@@ -167,8 +171,10 @@ pub trait FeedLog: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Everything below it is final (PostgreSQL: the snapshot's xmin,
-    /// `pg_snapshot_xmin(pg_current_snapshot())`; SQLite: `max(seq) + 1`,
-    /// or 1 on an empty log).
+    /// `pg_snapshot_xmin(pg_current_snapshot())`; SQLite: the last `seq`
+    /// handed out plus one, `SELECT seq + 1 FROM sqlite_sequence WHERE name
+    /// = 'kura_invalidation_log'` (1 when absent), not `max(seq) + 1`,
+    /// which goes back when retention deletes the newest rows).
     fn watermark(&self) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Rows with a position in `[from, to)`, after `after` (the last
@@ -190,8 +196,7 @@ pub trait FeedLog: Send + Sync + 'static {
     fn backlog(&self, from: u64) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Deletes up to `limit` rows with a position below `below` written
-    /// before `before_ms` (Unix milliseconds; `i64::MAX`: any age); returns
-    /// how many.
+    /// before `before_ms` (Unix milliseconds); returns how many.
     fn prune(
         &self,
         below: u64,
@@ -243,9 +248,83 @@ pub trait FeedLog: Send + Sync + 'static {
     /// so one instance partitioned from Redis while the rest of the fleet
     /// relays does not declare an overflow. Only a hint: a stale value makes
     /// an overflow sooner or later, never a skipped row.
-    fn save_position(&self, position: u64)
-    -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn save_position(&self, position: u64) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// The position last recorded by [`FeedLog::save_position`].
     fn saved_position(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send;
+}
+
+/// A shared log is a log: one [`FeedLog`] can serve a relay and a status
+/// endpoint (or several relays of one process).
+impl<L: FeedLog> FeedLog for std::sync::Arc<L> {
+    type Error = L::Error;
+
+    fn watermark(&self) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).watermark()
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        to: u64,
+        after: Option<(u64, i64)>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, FeedEvent)>, Self::Error>> + Send {
+        (**self).read(from, to, after, limit)
+    }
+
+    fn oldest(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send {
+        (**self).oldest()
+    }
+
+    fn backlog(&self, from: u64) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).backlog(from)
+    }
+
+    fn prune(
+        &self,
+        below: u64,
+        before_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).prune(below, before_ms, limit)
+    }
+
+    fn wait(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
+        (**self).wait(timeout)
+    }
+
+    fn overflowed(&self) -> impl Future<Output = Result<Vec<(String, u64)>, Self::Error>> + Send {
+        (**self).overflowed()
+    }
+
+    fn mark_overflow(
+        &self,
+        kinds: &[String],
+        cut: u64,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        (**self).mark_overflow(kinds, cut)
+    }
+
+    fn clear_overflow(
+        &self,
+        kinds: &[(String, u64)],
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        (**self).clear_overflow(kinds)
+    }
+
+    fn prune_overflowed(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send {
+        (**self).prune_overflowed(limit)
+    }
+
+    fn save_position(&self, position: u64) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        (**self).save_position(position)
+    }
+
+    fn saved_position(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send {
+        (**self).saved_position()
+    }
 }

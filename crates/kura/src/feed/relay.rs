@@ -82,6 +82,10 @@ pub struct StepReport {
     pub pruned: u64,
     /// Kinds cleared after an overflow.
     pub cleared: Vec<String>,
+    /// Rows are committed past the watermark, held back by an older
+    /// transaction still open: [`Relay::run`] steps again soon instead of
+    /// waiting for a wake-up (their own `NOTIFY` has been spent already).
+    pub waiting: bool,
 }
 
 /// The state of the feed, for `kura feed status` and health checks.
@@ -215,11 +219,7 @@ impl<L: FeedLog> RelayBuilder<L> {
     /// The relay.
     pub fn build(self) -> Relay<L> {
         let keys = self.cache.keys();
-        let token = format!(
-            "{}#{:08x}",
-            self.instance,
-            rand::random::<u32>()
-        );
+        let token = format!("{}#{:08x}", self.instance, rand::random::<u32>());
         Relay {
             inner: Arc::new(Inner {
                 position_key: keys.internal("feed:position"),
@@ -318,6 +318,10 @@ struct Local {
     offline: bool,
 }
 
+/// How soon [`Relay::run`] steps again while committed rows wait behind
+/// the watermark.
+const RECHECK: Duration = Duration::from_millis(20);
+
 /// Pruning statements per step at most: pruning never holds up relaying.
 const PRUNE_ROUNDS: usize = 4;
 
@@ -405,17 +409,19 @@ impl<L: FeedLog> Relay<L> {
         timeout: Duration,
         op: impl Future<Output = crate::store::StoreResult<T>>,
     ) -> Result<T, FeedError<L::Error>> {
-        Ok(self.inner.cache.inner.call_within(timeout, None, op).await?)
+        Ok(self
+            .inner
+            .cache
+            .inner
+            .call_within(timeout, None, op)
+            .await?)
     }
 
     fn batch_timeout(&self) -> Duration {
         (self.inner.cache.inner.op_timeout * 8).max(Duration::from_secs(2))
     }
 
-    async fn relay(
-        &self,
-        overflowed: &[(String, u64)],
-    ) -> Result<StepReport, FeedError<L::Error>> {
+    async fn relay(&self, overflowed: &[(String, u64)]) -> Result<StepReport, FeedError<L::Error>> {
         let inner = &*self.inner;
         let store = inner.cache.store();
         let op = inner.cache.inner.op_timeout;
@@ -453,9 +459,21 @@ impl<L: FeedLog> Relay<L> {
             if let Some(hook) = &inner.on_cleared {
                 hook(&kinds);
             }
-            let held = self.store(op, store.advance(&inner.position_key, before)).await?;
-            lock(&inner.local).position = Some(held);
-            inner.log.clear_overflow(&mine).await.map_err(FeedError::Log)?;
+            // Every row below `before` of the cleared kinds is covered by
+            // the clear. Rows of kinds not cleared (another relay marked
+            // fewer kinds) are not: then the position stays and the rows
+            // are replayed, harmlessly for the cleared kinds.
+            if mine.len() == inner.kinds.len() {
+                let held = self
+                    .store(op, store.advance(&inner.position_key, before))
+                    .await?;
+                lock(&inner.local).position = Some(held);
+            }
+            inner
+                .log
+                .clear_overflow(&mine)
+                .await
+                .map_err(FeedError::Log)?;
             report.cleared = mine.into_iter().map(|(k, _)| k).collect();
         }
 
@@ -481,10 +499,14 @@ impl<L: FeedLog> Relay<L> {
         report.position = from;
         if to > from {
             self.apply_range(from, to, &mut report).await?;
-            let held = self.store(op, store.advance(&inner.position_key, to)).await?;
+            let held = self
+                .store(op, store.advance(&inner.position_key, to))
+                .await?;
             report.position = held;
         } else if held.is_none() {
-            report.position = self.store(op, store.advance(&inner.position_key, from)).await?;
+            report.position = self
+                .store(op, store.advance(&inner.position_key, from))
+                .await?;
         }
         let position = report.position;
         let (save, observe) = {
@@ -508,6 +530,12 @@ impl<L: FeedLog> Relay<L> {
                 .await
                 .map_err(FeedError::Log)?;
         }
+        report.waiting = !inner
+            .log
+            .read(position, u64::MAX, None, 1)
+            .await
+            .map_err(FeedError::Log)?
+            .is_empty();
         report.pruned = self.prune(position).await?;
         if observe {
             self.observe(position).await?;
@@ -542,7 +570,10 @@ impl<L: FeedLog> Relay<L> {
             let mut events = Vec::with_capacity(page.len());
             for (_, ev) in page {
                 let Some(kind) = inner.kinds.get(&ev.kind) else {
-                    tracing::trace!(kind = ev.kind, "invalidation feed: row of a kind not relayed");
+                    tracing::trace!(
+                        kind = ev.kind,
+                        "invalidation feed: row of a kind not relayed"
+                    );
                     continue;
                 };
                 match keys.entry(kind, &ev.id) {
@@ -734,20 +765,29 @@ impl<L: FeedLog> Relay<L> {
         let op = inner.cache.inner.op_timeout;
         let r = if held {
             match self
-                .store(op, store.extend_lock(&inner.lease_key, &inner.token, inner.lease_ttl))
+                .store(
+                    op,
+                    store.extend_lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                )
                 .await
             {
                 Ok(true) => Ok(true),
                 // Lost (expired while this relay was slow): try again.
                 Ok(false) => {
-                    self.store(op, store.lock(&inner.lease_key, &inner.token, inner.lease_ttl))
-                        .await
+                    self.store(
+                        op,
+                        store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                    )
+                    .await
                 }
                 Err(e) => Err(e),
             }
         } else {
-            self.store(op, store.lock(&inner.lease_key, &inner.token, inner.lease_ttl))
-                .await
+            self.store(
+                op,
+                store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+            )
+            .await
         };
         r.ok()
     }
@@ -774,16 +814,22 @@ impl<L: FeedLog> Relay<L> {
             }
             leader = now_leader;
             metrics::gauge!("cache_feed_relay_active").set(if leader { 1.0 } else { 0.0 });
+            let mut again = false;
             if leader || lease.is_none() {
                 match self.step().await {
-                    Ok(r) if r.read > 0 || !r.cleared.is_empty() => tracing::debug!(
-                        read = r.read,
-                        applied = r.applied,
-                        invalidated = r.invalidated,
-                        position = r.position,
-                        "invalidation feed step"
-                    ),
-                    Ok(_) => {}
+                    Ok(r) => {
+                        again = r.waiting;
+                        if r.read > 0 || !r.cleared.is_empty() {
+                            tracing::debug!(
+                                read = r.read,
+                                applied = r.applied,
+                                invalidated = r.invalidated,
+                                position = r.position,
+                                waiting = r.waiting,
+                                "invalidation feed step"
+                            );
+                        }
+                    }
                     Err(FeedError::Store(e)) => {
                         tracing::debug!(error = %e, "invalidation feed step: store");
                     }
@@ -792,15 +838,23 @@ impl<L: FeedLog> Relay<L> {
                     }
                 }
             }
+            let wait = if again {
+                inner.poll.min(RECHECK)
+            } else {
+                inner.poll
+            };
             tokio::select! {
                 () = &mut shutdown => break,
-                () = inner.log.wait(inner.poll) => {}
+                () = inner.log.wait(wait) => {}
             }
         }
         if leader {
             let store = inner.cache.store();
             let _ = self
-                .store(inner.cache.inner.op_timeout, store.unlock(&inner.lease_key, &inner.token))
+                .store(
+                    inner.cache.inner.op_timeout,
+                    store.unlock(&inner.lease_key, &inner.token),
+                )
                 .await;
         }
         metrics::gauge!("cache_feed_relay_active").set(0.0);

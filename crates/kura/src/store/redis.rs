@@ -679,7 +679,12 @@ impl Store for RedisStore {
     async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
         let mut pipe = redis::pipe();
         pipe.invoke_script(ADVANCE.key(key).arg(value.to_string()));
-        let v = self.run(&pipe).await?.into_iter().next().unwrap_or(Value::Nil);
+        let v = self
+            .run(&pipe)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Value::Nil);
         text_at(std::slice::from_ref(&v), 0)
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| unexpected(&v))

@@ -882,7 +882,10 @@ pub async fn feed_event_invalidates_only_older_values(b: Backend) {
     }])
     .await
     .unwrap();
-    assert_eq!(s.acquire(&[acq(&g, "H")]).await.unwrap(), vec![Acquired::Absent]);
+    assert_eq!(
+        s.acquire(&[acq(&g, "H")]).await.unwrap(),
+        vec![Acquired::Absent]
+    );
     assert_eq!(s.invalidate_older(&[(&g, Some(1))]).await.unwrap(), 0);
     assert_eq!(
         s.acquire(&[acq(&g, "H")]).await.unwrap(),
@@ -900,7 +903,9 @@ pub async fn feed_delete_event_always_invalidates(b: Backend) {
     cached(&*s, &e2, 7).await;
     // One batch, per entry: a delete of u1, an older change of u2.
     assert_eq!(
-        s.invalidate_older(&[(&e1, None), (&e2, Some(3))]).await.unwrap(),
+        s.invalidate_older(&[(&e1, None), (&e2, Some(3))])
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(s.get(&e1.value, None).await.unwrap(), None);
