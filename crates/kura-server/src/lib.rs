@@ -16,6 +16,7 @@
 //!   profiles.rs                    service layer: every cache decision via `kura`
 //!   app.rs                         opens the database, the store, the TTL policy
 //!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
+//!   db/{sink, feed}.rs             write-behind sink; the invalidation log (install, read, prune)
 //!   config.rs  telemetry.rs        flags and env, logs and Prometheus
 //! migrations/{postgres,sqlite}/    embedded with `sqlx::migrate!`
 //! ```
@@ -26,6 +27,17 @@
 //! [`kura::WriteBehind`] and applied later by [`kura::Flusher`]s), deletes
 //! call [`kura::Cache::invalidate_entity`], and warming runs
 //! [`kura::Warmer`].
+//!
+//! # Invalidation from the database
+//!
+//! `kura migrate` (and every start) installs the library's invalidation
+//! log and `profiles` triggers ([`db::Db::install_feed`]); `kura serve`
+//! runs a [`kura::feed::Relay`] over [`db::feed::SqlFeedLog`] ([`feed`]).
+//! A committed change reaches the cache whoever made it and whatever
+//! became of the process that made it, while one instance reaches both
+//! the database and Redis; read-your-writes in the writing instance still
+//! rests on its own post-commit invalidation. See [`feed`] for which
+//! guarantee rests on what.
 //!
 //! # Embedding and tests
 //!
