@@ -1801,3 +1801,123 @@ both_stores!(
     duplicates_and_late_batches_are_harmless,
     retention_prunes_applied_rows_in_batches,
 );
+
+// ---------------------------------------------------------------------
+// The version rule, as a property: any sequence of loads and feed events,
+// in any order and with duplicates, leaves the cache holding either
+// nothing or a value at least as new as every change applied since it was
+// loaded.
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A reader loads the row at this version and fills.
+    Load(u64),
+    /// A change committed at this version (`None`: a delete) is applied.
+    Event(Option<u64>),
+    /// A reader takes the lease, then the event is applied, then it fills.
+    LoadAcross(u64, Option<u64>),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (1u64..12).prop_map(Op::Load),
+        proptest::option::weighted(0.8, 1u64..12).prop_map(Op::Event),
+        (1u64..12, proptest::option::weighted(0.8, 1u64..12))
+            .prop_map(|(l, e)| Op::LoadAcross(l, e)),
+    ]
+}
+
+async fn version_rule_holds(b: Backend, ops: Vec<Op>) {
+    let store = b.store();
+    use kura::store::{AcquireRequest, FillOutcome, FillRequest, FillValue, Lifetimes};
+    let ns = ns();
+    let e = kura::key::KeyBuilder::new(&ns, store.needs_hash_tags())
+        .unwrap()
+        .entry(&Kind::PROFILE, "u1")
+        .unwrap();
+    let life = Lifetimes {
+        ttl: Duration::from_secs(60),
+        stale_ttl: Duration::ZERO,
+    };
+    let acquire = |token: &'static str| AcquireRequest {
+        keys: &e,
+        token,
+        lease_ttl: Duration::from_secs(5),
+        value_ttl: Duration::from_secs(60),
+    };
+    let fill = |token: &'static str, v: u64| FillRequest {
+        keys: &e,
+        token,
+        value: FillValue::Value {
+            bytes: kura::codec::encode(&serde_json::json!({"v": v}), v, 1 << 20)
+                .unwrap()
+                .envelope,
+            version: v,
+        },
+        lifetimes: life,
+    };
+    // The model: the version cached, if any.
+    let mut model: Option<u64> = None;
+    let apply = |model: &mut Option<u64>, ev: Option<u64>| {
+        if !matches!((ev, *model), (Some(v), Some(c)) if c >= v) {
+            *model = None;
+        }
+    };
+    for op in ops {
+        match op {
+            Op::Load(v) => {
+                store.acquire(&[acquire("r")]).await.unwrap();
+                let out = store.fill(&[fill("r", v)]).await.unwrap()[0];
+                if out == FillOutcome::Stored {
+                    model = Some(v);
+                }
+            }
+            Op::Event(ev) => {
+                store.invalidate_older(&[(&e, ev)]).await.unwrap();
+                apply(&mut model, ev);
+            }
+            Op::LoadAcross(v, ev) => {
+                let got = store.acquire(&[acquire("x")]).await.unwrap();
+                store.invalidate_older(&[(&e, ev)]).await.unwrap();
+                apply(&mut model, ev);
+                let out = store.fill(&[fill("x", v)]).await.unwrap()[0];
+                if matches!(got[0], kura::store::Acquired::Leased { .. }) && model.is_none() {
+                    // The event voided the lease: a load that may have read
+                    // the row before the change never lands.
+                    assert_ne!(out, FillOutcome::Stored, "a voided lease filled");
+                }
+                if out == FillOutcome::Stored {
+                    model = Some(v);
+                }
+            }
+        }
+        let cached = store
+            .get(&e.value, None)
+            .await
+            .unwrap()
+            .and_then(|b| kura::codec::peek_version(&b));
+        assert_eq!(cached, model);
+    }
+    if store.describe() != "memory" {
+        cleanup(&ns).await;
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+    #[test]
+    fn memory_store_keeps_the_version_rule(ops in proptest::collection::vec(op(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(version_rule_holds(Backend::Memory, ops));
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(40))]
+    #[test]
+    fn redis_store_keeps_the_version_rule(ops in proptest::collection::vec(op(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(version_rule_holds(Backend::Redis, ops));
+    }
+}
