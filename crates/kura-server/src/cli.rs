@@ -41,6 +41,8 @@ pub enum Command {
     Flush(FlushArgs),
     /// Write-behind queue administration.
     Wb(WbArgs),
+    /// Invalidation feed administration.
+    Feed(FeedCommandArgs),
     /// Load-test a running service (GET or PUT over keep-alive
     /// connections; latency percentiles, X-Cache mix, hit ratio over time).
     Bench(kura_bench::BenchArgs),
@@ -184,4 +186,60 @@ pub struct TokenArgs {
     /// The HS256 secret.
     #[arg(long, env = "KURA_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+}
+
+/// `kura feed`.
+#[derive(Debug, Args)]
+pub struct FeedCommandArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: FeedCommand,
+}
+
+/// `kura feed` subcommands.
+#[derive(Debug, Subcommand)]
+#[non_exhaustive]
+pub enum FeedCommand {
+    /// The relay's position, the log's watermark, the backlog (entries not
+    /// applied yet), the lag, and which instance is relaying.
+    Status(FeedStatusArgs),
+    /// Print the SQL that installs (or removes) the invalidation log and the
+    /// `profiles` triggers, as `kura migrate` runs it: to review it, or to
+    /// apply it with another migration tool.
+    Sql(FeedSqlArgs),
+}
+
+/// `kura feed sql`.
+#[derive(Debug, Args)]
+pub struct FeedSqlArgs {
+    /// The database dialect.
+    #[arg(long, value_enum, default_value_t = SqlDialect::Postgres)]
+    pub backend: SqlDialect,
+    /// The SQL removing the triggers instead (the log table stays).
+    #[arg(long)]
+    pub remove: bool,
+}
+
+/// A database dialect of `kura feed sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum SqlDialect {
+    /// PostgreSQL 13 or later.
+    Postgres,
+    /// SQLite 3.
+    Sqlite,
+}
+
+/// `kura feed status`.
+#[derive(Debug, Args)]
+pub struct FeedStatusArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub cache: CacheArgs,
 }

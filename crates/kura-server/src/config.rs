@@ -340,6 +340,110 @@ impl Default for WbConfig {
     }
 }
 
+/// `--invalidation-feed`: whether this process relays the database's
+/// invalidation log to the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+#[non_exhaustive]
+pub enum FeedMode {
+    /// Relay when the database has the log (every database `kura migrate`
+    /// prepared does).
+    #[default]
+    On,
+    /// Do not relay (another instance or a dedicated process does; or no
+    /// invalidations from the database at all).
+    Off,
+}
+
+/// Invalidation feed flags of `kura serve`.
+#[derive(Debug, Clone, Args)]
+pub struct FeedArgs {
+    /// Relay the database's invalidation log to the cache (`on` when the
+    /// database has one, `off`).
+    #[arg(long, env = "KURA_INVALIDATION_FEED", value_enum, default_value_t = FeedMode::On)]
+    pub invalidation_feed: FeedMode,
+    /// How often the relay reads the log without a wake-up (default 1s on
+    /// PostgreSQL, which also wakes it by `NOTIFY`; 100ms on SQLite).
+    #[arg(long, env = "KURA_FEED_POLL", value_parser = parse_duration)]
+    pub feed_poll: Option<Duration>,
+    /// How long applied log entries are kept before they are deleted.
+    #[arg(long, env = "KURA_FEED_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub feed_retention: Duration,
+    /// Unapplied log entries past which, while the cache is unreachable,
+    /// the relay stops replaying entity by entity and clears the affected
+    /// types once the cache is back.
+    #[arg(long, env = "KURA_FEED_MAX_BACKLOG", default_value_t = FeedConfig::DEFAULT_MAX_BACKLOG)]
+    pub feed_max_backlog: u64,
+    /// PostgreSQL: wake the relay by `LISTEN` on the triggers' `NOTIFY`
+    /// (`false`: poll only, e.g. behind a transaction-pooling proxy, which
+    /// cannot hold a `LISTEN`).
+    #[arg(long, env = "KURA_FEED_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub feed_listen: bool,
+}
+
+impl FeedArgs {
+    /// The settings.
+    #[must_use]
+    pub fn config(&self) -> FeedConfig {
+        FeedConfig {
+            mode: self.invalidation_feed,
+            poll: self.feed_poll.filter(|d| !d.is_zero()),
+            retention: self.feed_retention,
+            max_backlog: self.feed_max_backlog,
+            listen: self.feed_listen,
+        }
+    }
+}
+
+/// Invalidation feed settings (see [`FeedArgs`] for each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedConfig {
+    /// Whether the relay runs.
+    pub mode: FeedMode,
+    /// Poll interval; `None`: the backend's default
+    /// ([`FeedConfig::poll_for`]).
+    pub poll: Option<Duration>,
+    /// Retention of applied entries.
+    pub retention: Duration,
+    /// Backlog bound while the cache is unreachable.
+    pub max_backlog: u64,
+    /// PostgreSQL: wake on `NOTIFY` (`false`: poll only).
+    pub listen: bool,
+}
+
+impl FeedConfig {
+    /// Default `--feed-max-backlog`.
+    pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
+    /// Default poll interval on PostgreSQL, where `NOTIFY` wakes the relay
+    /// first and polling only catches a missed wake-up.
+    pub const POSTGRES_POLL: Duration = Duration::from_secs(1);
+    /// Default poll interval on SQLite, which has no notifications.
+    pub const SQLITE_POLL: Duration = Duration::from_millis(100);
+
+    /// The poll interval on `backend` (`postgres` or `sqlite`, as
+    /// [`crate::db::Db::backend`] names it).
+    #[must_use]
+    pub fn poll_for(&self, backend: &str) -> Duration {
+        self.poll.unwrap_or(if backend == "postgres" {
+            Self::POSTGRES_POLL
+        } else {
+            Self::SQLITE_POLL
+        })
+    }
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            mode: FeedMode::On,
+            poll: None,
+            retention: Duration::from_secs(3600),
+            max_backlog: Self::DEFAULT_MAX_BACKLOG,
+            listen: true,
+        }
+    }
+}
+
 /// `kura serve` flags.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -385,6 +489,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub wb: WriteBehindArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub feed: FeedArgs,
 }
 
 /// How bearer tokens are verified.
@@ -458,6 +565,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Write-behind queue limits and flushers.
     pub wb: WbConfig,
+    /// The invalidation feed relay.
+    pub feed: FeedConfig,
 }
 
 impl Default for Config {
@@ -485,6 +594,7 @@ impl Default for Config {
                 ..AuthConfig::default()
             },
             wb: WbConfig::default(),
+            feed: FeedConfig::default(),
         }
     }
 }
@@ -503,6 +613,7 @@ impl Config {
             request_timeout: a.request_timeout,
             shutdown_grace: a.shutdown_grace,
             wb: a.wb.config(),
+            feed: a.feed.config(),
             ..Config::default()
         };
         c.apply_db(&a.db);

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::model::{Fields, NewProfile, Profile, ProfilePatch};
 
+pub mod feed;
 pub mod sink;
 pub use sink::Guarded;
 
@@ -55,6 +56,9 @@ pub enum DbError {
     /// A row held a value that does not decode (bad UUID or timestamp text).
     #[error("malformed row: {0}")]
     Row(String),
+    /// A fed table's trigger specification was refused by the library.
+    #[error("invalidation feed: {0}")]
+    Feed(#[from] kura::feed::SqlError),
 }
 
 /// Connection pool settings.
@@ -230,16 +234,19 @@ impl Db {
         }
     }
 
-    /// Applies the embedded migrations of this backend.
+    /// Applies the embedded migrations of this backend, then installs the
+    /// invalidation log and the `profiles` triggers with the library's SQL
+    /// ([`Db::install_feed`]; a no-op when they are current).
     ///
     /// # Errors
     ///
-    /// [`DbError::Migrate`].
+    /// [`DbError::Migrate`], or [`DbError::Sqlx`] from the feed install.
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
             Db::Postgres(p) => PG_MIGRATOR.run(p).await?,
             Db::Sqlite(p) => SQLITE_MIGRATOR.run(p).await?,
         }
+        self.install_feed().await?;
         Ok(())
     }
 

@@ -12,9 +12,11 @@
 //!   http/{mod, auth, error, profiles, admin, health}.rs
 //!        │                         routes, JWT, errors, OpenAPI, server handle
 //!   write_behind.rs                flushers, durability check, queue status
+//!   feed.rs                        the invalidation feed relay, `kura feed status`
 //!   profiles.rs                    service layer: every cache decision via `kura`
 //!   app.rs                         opens the database, the store, the TTL policy
 //!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
+//!   db/{sink, feed}.rs             write-behind sink; the invalidation log (install, read, prune)
 //!   config.rs  telemetry.rs        flags and env, logs and Prometheus
 //!   signal.rs                      SIGINT/SIGTERM, for `serve` and `flush`
 //! migrations/{postgres,sqlite}/    embedded with `sqlx::migrate!`
@@ -27,6 +29,17 @@
 //! call [`kura::Cache::invalidate_entity`], and warming runs
 //! [`kura::Warmer`].
 //!
+//! # Invalidation from the database
+//!
+//! `kura migrate` (and every start) installs the library's invalidation
+//! log and `profiles` triggers ([`db::Db::install_feed`]); `kura serve`
+//! runs a [`kura::feed::Relay`] over [`db::feed::SqlFeedLog`] ([`feed`]).
+//! A committed change reaches the cache whoever made it and whatever
+//! became of the process that made it, while one instance reaches both
+//! the database and Redis; read-your-writes in the writing instance still
+//! rests on its own post-commit invalidation. See [`feed`] for which
+//! guarantee rests on what.
+//!
 //! # Embedding and tests
 //!
 //! [`serve`] starts the service for a [`Config`] and returns a [`Server`]
@@ -38,6 +51,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod feed;
 pub mod http;
 pub mod model;
 pub mod profiles;
@@ -68,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(a) => commands::token(&a),
         Command::Flush(a) => write_behind::flush(a).await,
         Command::Wb(a) => write_behind::wb(a).await,
+        Command::Feed(a) => feed::command(a).await,
         Command::Bench(a) => kura_bench::run(a).await.map(drop),
     }
 }

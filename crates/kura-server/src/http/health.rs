@@ -27,6 +27,10 @@ pub struct Health {
     /// `ok`, `down`, or `memory` when the embedded in-process store is used
     /// instead of Redis.
     pub redis: &'static str,
+    /// The invalidation feed: whether this instance relays, and the lag
+    /// and backlog of the fleet's relaying (a lag does not change
+    /// `status`).
+    pub feed: crate::feed::FeedHealth,
 }
 
 /// Checks the database and the cache server.
@@ -63,7 +67,8 @@ pub async fn health(State(s): State<Arc<AppState>>) -> Response {
             }
         }
     };
-    let (database, redis) = tokio::join!(db, redis);
+    let feed = crate::feed::FeedHealth::of(s.feed.as_ref());
+    let (database, redis, feed) = tokio::join!(db, redis, feed);
     let (code, status) = match (database, redis) {
         ("ok", "down") => (StatusCode::OK, "degraded"),
         ("ok", _) => (StatusCode::OK, "healthy"),
@@ -75,6 +80,7 @@ pub async fn health(State(s): State<Arc<AppState>>) -> Response {
             status,
             database,
             redis,
+            feed,
         }),
     )
         .into_response()

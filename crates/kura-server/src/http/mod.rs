@@ -69,6 +69,8 @@ pub struct AppState {
     pub memory_store: bool,
     /// The OpenAPI document, rendered once.
     pub openapi: Bytes,
+    /// The invalidation feed relay of this instance (`None`: off).
+    pub feed: Option<Arc<crate::feed::Feed>>,
 }
 
 /// A JSON response from a value.
@@ -419,8 +421,8 @@ impl Server {
 
     /// Stops accepting connections, lets requests in flight finish (up to
     /// the configured grace period), stops the write-behind flushers after
-    /// their batch in hand, flushes the cache counters and closes the
-    /// database pool.
+    /// their batch in hand, stops the invalidation feed relay, flushes the
+    /// cache counters and closes the database pool.
     ///
     /// # Errors
     ///
@@ -429,6 +431,9 @@ impl Server {
         let api = self.api.stop(self.grace).await;
         if let Some(m) = self.metrics.take() {
             m.stop(self.grace).await?;
+        }
+        if let Some(feed) = &self.state.feed {
+            feed.stop(self.grace).await;
         }
         api?;
         if let Some(f) = self.flushers.take().filter(|f| !f.is_empty()) {
@@ -474,11 +479,15 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
     let auth = Auth::new(&config.auth)?;
     auth.prefetch().await;
     let openapi = Bytes::from(ApiDoc::openapi().to_json()?);
+    let feed = crate::feed::Feed::start(app.service.db(), app.service.cache(), config)
+        .await?
+        .map(Arc::new);
     let state = Arc::new(AppState {
         service: app.service,
         auth,
         memory_store: app.memory_store,
         openapi,
+        feed,
     });
     let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
     let metrics = match config.metrics_listen {

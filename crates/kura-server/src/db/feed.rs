@@ -1,0 +1,851 @@
+//! The invalidation log of the database, read by the feed relay.
+//!
+//! The log table and the triggers that fill it are the library's
+//! ([`kura::feed`] generates the SQL; [`Db::migrate`] installs it). This
+//! file is the other half: [`SqlFeedLog`] reads, counts and prunes the log
+//! over sqlx for the relay.
+//!
+//! # Positions
+//!
+//! A log row's position is what makes "everything below it is final" true:
+//!
+//! | backend | position | watermark |
+//! |---|---|---|
+//! | PostgreSQL | the writing transaction's id (`txid`, `xid8`) | `pg_snapshot_xmin(pg_current_snapshot())`: every transaction below it has finished |
+//! | SQLite | `seq` (one writer at a time: seq order is commit order) | the last `seq` handed out, + 1 |
+//!
+//! On PostgreSQL `seq` is taken at insert, not at commit, so reading by
+//! `seq` could skip a transaction that commits after a higher `seq` was
+//! read; reading by transaction id below the snapshot's xmin cannot. A
+//! transaction left open anywhere in the cluster holds the watermark back:
+//! that is lag (`cache_feed_lag_seconds`), never a skipped entry.
+//!
+//! # Wake-ups
+//!
+//! On PostgreSQL, [`SqlFeedLog::wait`] listens on the channel the
+//! triggers notify (one notification per transaction). A notification is
+//! only a wake-up: one missed while the listening connection was down is
+//! caught by the next poll. SQLite has no notifications: `wait` sleeps.
+
+use std::time::Duration;
+
+use kura::Kind;
+use kura::feed::sql::{CHANNEL, LOG_TABLE, POSITION_TABLE, STATE_TABLE, log_table_statements};
+use kura::feed::{Backend, FeedEvent, FeedLog, TriggerSpec};
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Mutex;
+
+use super::{Db, DbError};
+
+/// The tables this service feeds to the cache: `profiles`, cached as
+/// `profile` under its `user_id`.
+///
+/// # Errors
+///
+/// Never for these names; the library validates every identifier.
+pub fn fed_tables() -> Result<Vec<TriggerSpec>, DbError> {
+    Ok(vec![
+        TriggerSpec::new("profiles", Kind::PROFILE)?
+            .id_column("user_id")?
+            .version_column("version")?,
+    ])
+}
+
+/// What [`Db::install_feed`] records per fed table, so that a start-up
+/// with the same library SQL changes nothing.
+const INSTALLED_TABLE: &str = "kura_feed_installed";
+
+/// Serializes concurrent installs (several instances starting at once) on
+/// PostgreSQL: `kurafeed` in ASCII.
+const INSTALL_LOCK: i64 = 0x6b75_7261_6665_6564;
+
+impl Db {
+    /// The library's SQL dialect for this database.
+    #[must_use]
+    pub fn feed_backend(&self) -> Backend {
+        match self {
+            Db::Postgres(_) => Backend::Postgres,
+            Db::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Installs the invalidation log and the triggers of [`fed_tables`],
+    /// with the SQL the library generates ([`kura::feed::log_table_sql`],
+    /// [`TriggerSpec::install_sql`]); returns the tables (re)installed.
+    ///
+    /// Idempotent, and a no-op when the installed SQL is the library's
+    /// and every trigger is in place: re-creating a trigger locks its
+    /// table against every read and write (PostgreSQL's `DROP TRIGGER`
+    /// takes an `ACCESS EXCLUSIVE` lock, queued behind any long
+    /// transaction on it), which a fleet restarting one instance after
+    /// another must not do each time. A trigger dropped by hand, or SQL
+    /// changed by an upgrade, is installed again.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure; nothing is half-installed (one
+    /// transaction).
+    pub async fn install_feed(&self) -> Result<Vec<String>, DbError> {
+        let backend = self.feed_backend();
+        let mut done = Vec::new();
+        for spec in fed_tables()? {
+            let mut statements = log_table_statements(backend);
+            statements.extend(spec.install_statements(backend));
+            let script = statements.join(";\n");
+            let triggers = statements
+                .iter()
+                .filter(|s| s.starts_with("CREATE TRIGGER"))
+                .count();
+            let prefix = format!("kura_feed_{}_%", spec.table());
+            let record = format!(
+                "CREATE TABLE IF NOT EXISTS {INSTALLED_TABLE} \
+                 (name TEXT PRIMARY KEY, script TEXT NOT NULL)"
+            );
+            let installed = match self {
+                Db::Postgres(p) => {
+                    let mut tx = p.begin().await?;
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(INSTALL_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(AssertSqlSafe(record)).execute(&mut *tx).await?;
+                    let have: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                        "SELECT script FROM {INSTALLED_TABLE} WHERE name = $1"
+                    )))
+                    .bind(spec.table())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let present: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal \
+                         AND tgrelid = to_regclass($1) AND tgname LIKE $2 AND tgenabled <> 'D'",
+                    )
+                    .bind(spec.table())
+                    .bind(&prefix)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let current = have.as_deref() == Some(script.as_str())
+                        && usize::try_from(present).ok() == Some(triggers);
+                    if !current {
+                        for st in &statements {
+                            sqlx::query(AssertSqlSafe(st.clone()))
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        sqlx::query(AssertSqlSafe(format!(
+                            "INSERT INTO {INSTALLED_TABLE} (name, script) VALUES ($1, $2) \
+                             ON CONFLICT (name) DO UPDATE SET script = EXCLUDED.script"
+                        )))
+                        .bind(spec.table())
+                        .bind(&script)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    !current
+                }
+                Db::Sqlite(p) => {
+                    let mut tx = p.begin().await?;
+                    sqlx::query(AssertSqlSafe(record)).execute(&mut *tx).await?;
+                    let have: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                        "SELECT script FROM {INSTALLED_TABLE} WHERE name = ?1"
+                    )))
+                    .bind(spec.table())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let present: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' \
+                         AND tbl_name = ?1 AND name LIKE ?2",
+                    )
+                    .bind(spec.table())
+                    .bind(&prefix)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let current = have.as_deref() == Some(script.as_str())
+                        && usize::try_from(present).ok() == Some(triggers);
+                    if !current {
+                        for st in &statements {
+                            sqlx::query(AssertSqlSafe(st.clone()))
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        sqlx::query(AssertSqlSafe(format!(
+                            "INSERT INTO {INSTALLED_TABLE} (name, script) VALUES (?1, ?2) \
+                             ON CONFLICT (name) DO UPDATE SET script = excluded.script"
+                        )))
+                        .bind(spec.table())
+                        .bind(&script)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    !current
+                }
+            };
+            if installed {
+                tracing::info!(table = spec.table(), backend = ?backend, "invalidation feed triggers installed");
+                done.push(spec.table().to_owned());
+            }
+        }
+        Ok(done)
+    }
+
+    /// Removes the triggers of [`fed_tables`] and their record (the log
+    /// table stays, with what it holds): writes to those tables stop
+    /// reaching the log. The next [`Db::migrate`] installs them again.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn remove_feed(&self) -> Result<(), DbError> {
+        let backend = self.feed_backend();
+        for spec in fed_tables()? {
+            let mut statements = spec.remove_statements(backend);
+            statements.push(format!(
+                "DELETE FROM {INSTALLED_TABLE} WHERE name = '{}'",
+                spec.table()
+            ));
+            match self {
+                Db::Postgres(p) => {
+                    let mut tx = p.begin().await?;
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(INSTALL_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(AssertSqlSafe(format!(
+                        "CREATE TABLE IF NOT EXISTS {INSTALLED_TABLE} \
+                         (name TEXT PRIMARY KEY, script TEXT NOT NULL)"
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
+                    for st in statements {
+                        sqlx::query(AssertSqlSafe(st)).execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                }
+                Db::Sqlite(p) => {
+                    let mut tx = p.begin().await?;
+                    sqlx::query(AssertSqlSafe(format!(
+                        "CREATE TABLE IF NOT EXISTS {INSTALLED_TABLE} \
+                         (name TEXT PRIMARY KEY, script TEXT NOT NULL)"
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
+                    for st in statements {
+                        sqlx::query(AssertSqlSafe(st)).execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The PostgreSQL listening connection, opened on first use and again
+/// after it was lost.
+#[derive(Debug, Default)]
+struct Listen {
+    listener: Option<PgListener>,
+    /// When the last wake-up was handed to the relay.
+    woke: Option<tokio::time::Instant>,
+}
+
+/// Least time between two wake-ups: under a thousand committing
+/// transactions a second, one step per notification would spend the
+/// database on the relay's fixed cost per step; a step every few
+/// milliseconds takes all that committed meanwhile.
+const WAKE_GAP: Duration = Duration::from_millis(5);
+
+/// The invalidation log of a [`Db`], for the relay.
+///
+/// # Concurrent calls
+///
+/// Reads, counts and prunes run on the pool and may overlap. [`wait`]
+/// calls are serialized (one listening connection per log).
+///
+/// [`wait`]: SqlFeedLog::wait
+#[derive(Debug)]
+pub struct SqlFeedLog {
+    db: Db,
+    listen: Mutex<Listen>,
+    notify: bool,
+}
+
+/// 9999-12-31, Unix ms: later cut-offs mean "any age".
+const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_000;
+
+/// A position as an SQLite integer; a bound past SQLite's range (the relay
+/// reads "to the end" with `u64::MAX`) is the largest one.
+fn sqlite_bound(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> Result<u64, DbError> {
+    u64::try_from(v).map_err(|_| DbError::Row(format!("negative log position {v}")))
+}
+
+impl SqlFeedLog {
+    /// The log of `db` (nothing is checked or opened yet).
+    #[must_use]
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            listen: Mutex::new(Listen::default()),
+            notify: true,
+        }
+    }
+
+    /// Whether [`SqlFeedLog::wait`] listens for notifications on
+    /// PostgreSQL (default); without, it only sleeps (polling).
+    #[must_use]
+    pub fn listen(mut self, yes: bool) -> Self {
+        self.notify = yes;
+        self
+    }
+
+    /// The database.
+    #[must_use]
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Whether the database has the log table.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] when the database cannot be asked.
+    pub async fn exists(&self) -> Result<bool, DbError> {
+        Ok(match &self.db {
+            Db::Postgres(p) => sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+                .bind(LOG_TABLE)
+                .fetch_one(p)
+                .await?
+                .try_get::<bool, _>(0)?,
+            Db::Sqlite(p) => {
+                sqlx::query("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1")
+                    .bind(LOG_TABLE)
+                    .fetch_one(p)
+                    .await?
+                    .try_get::<i64, _>(0)?
+                    > 0
+            }
+        })
+    }
+
+    /// Everything below the watermark is final: no row with a lower
+    /// position can still appear.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn watermark(&self) -> Result<u64, DbError> {
+        let w: i64 = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                    .fetch_one(p)
+                    .await?
+                    .try_get(0)?
+            }
+            // `sqlite_sequence` holds the last seq handed out even when
+            // retention deleted every row (AUTOINCREMENT never reuses one).
+            Db::Sqlite(p) => sqlx::query(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0) + 1",
+            )
+            .bind(LOG_TABLE)
+            .fetch_one(p)
+            .await?
+            .try_get(0)?,
+        };
+        to_u64(w)
+    }
+
+    /// Rows with position in `[from, to)`, after `after` (the last
+    /// `(position, seq)` of the previous page), at most `limit`, in
+    /// `(position, seq)` order.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure or a malformed row.
+    pub async fn read(
+        &self,
+        from: u64,
+        to: u64,
+        after: Option<(u64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(u64, FeedEvent)>, DbError> {
+        if from >= to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (after_pos, after_seq) = after.unwrap_or((from, i64::MIN));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, i64, String, String, Option<i64>, i64)> = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT txid::text::bigint, seq, kind, entity_id, version, \
+                 (extract(epoch FROM committed_at) * 1000)::bigint \
+                 FROM {LOG_TABLE} \
+                 WHERE txid >= $1::text::xid8 AND txid < $2::text::xid8 \
+                 AND (txid, seq) > ($3::text::xid8, $4) \
+                 ORDER BY txid, seq LIMIT $5"
+                )))
+                .bind(from.to_string())
+                .bind(to.to_string())
+                .bind(after_pos.to_string())
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT seq, seq, kind, entity_id, version, committed_at \
+                 FROM {LOG_TABLE} \
+                 WHERE seq >= ?1 AND seq < ?2 AND seq > ?3 \
+                 ORDER BY seq LIMIT ?4"
+                )))
+                .bind(sqlite_bound(from))
+                .bind(sqlite_bound(to))
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+        };
+        rows.into_iter()
+            .map(|(pos, seq, kind, id, version, at)| {
+                Ok((
+                    to_u64(pos)?,
+                    FeedEvent {
+                        seq,
+                        kind,
+                        id,
+                        version: version.map(to_u64).transpose()?,
+                        committed_at_ms: at,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The lowest position still in the log; `None` when it is empty.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn oldest(&self) -> Result<Option<u64>, DbError> {
+        let v: Option<i64> = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT txid::text::bigint FROM {LOG_TABLE} ORDER BY txid, seq LIMIT 1"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!("SELECT min(seq) FROM {LOG_TABLE}")))
+                    .fetch_one(p)
+                    .await?
+            }
+        };
+        v.map(to_u64).transpose()
+    }
+
+    /// How many rows are at or past `from`.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn backlog(&self, from: u64) -> Result<u64, DbError> {
+        let n: i64 = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {LOG_TABLE} WHERE txid >= $1::text::xid8"
+                )))
+                .bind(from.to_string())
+                .fetch_one(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {LOG_TABLE} WHERE seq >= ?1"
+                )))
+                .bind(sqlite_bound(from))
+                .fetch_one(p)
+                .await?
+            }
+        };
+        to_u64(n)
+    }
+
+    /// When the oldest row (by position) was written, Unix ms.
+    async fn oldest_written_ms(&self) -> Result<Option<i64>, DbError> {
+        Ok(match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT (extract(epoch FROM committed_at) * 1000)::bigint FROM {LOG_TABLE} \
+                 ORDER BY txid, seq LIMIT 1"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT committed_at FROM {LOG_TABLE} ORDER BY seq LIMIT 1"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
+        })
+    }
+
+    /// Deletes up to `limit` rows below position `below` written before
+    /// `before_ms` (Unix ms), oldest first; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, DbError> {
+        // The oldest row first (one index entry): when it is within the
+        // retention window, so is nearly every other, and the DELETE below
+        // would walk every row under `below` to find none (the relay
+        // prunes on every step).
+        if before_ms < MAX_TIMESTAMP_MS {
+            match self.oldest_written_ms().await? {
+                Some(t) if t < before_ms => {}
+                _ => return Ok(0),
+            }
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let n = match &self.db {
+            Db::Postgres(p) => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {LOG_TABLE} WHERE seq IN (SELECT seq FROM {LOG_TABLE} \
+                 WHERE txid < $1::text::xid8 \
+                 AND ($2::float8 IS NULL OR committed_at < to_timestamp($2::float8 / 1000)) \
+                 ORDER BY txid, seq LIMIT $3)"
+            )))
+            .bind(below.to_string())
+            // `i64::MAX` (any age) is past what a timestamp can hold.
+            .bind((before_ms < MAX_TIMESTAMP_MS).then_some(before_ms as f64))
+            .bind(limit)
+            .execute(p)
+            .await?
+            .rows_affected(),
+            Db::Sqlite(p) => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {LOG_TABLE} WHERE seq IN (SELECT seq FROM {LOG_TABLE} \
+                 WHERE seq < ?1 AND committed_at < ?2 ORDER BY seq LIMIT ?3)"
+            )))
+            .bind(sqlite_bound(below))
+            .bind(before_ms)
+            .bind(limit)
+            .execute(p)
+            .await?
+            .rows_affected(),
+        };
+        Ok(n)
+    }
+
+    /// The overflowed kinds and their cuts.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn overflowed(&self) -> Result<Vec<(String, u64)>, DbError> {
+        let rows: Vec<(String, i64)> = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT kind, cut::text::bigint FROM {STATE_TABLE} ORDER BY kind"
+                )))
+                .fetch_all(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT kind, cut FROM {STATE_TABLE} ORDER BY kind"
+                )))
+                .fetch_all(p)
+                .await?
+            }
+        };
+        rows.into_iter().map(|(k, c)| Ok((k, to_u64(c)?))).collect()
+    }
+
+    /// Records an overflow of `kinds` at `cut`, raising a lower cut.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn mark_overflow(&self, kinds: &[String], cut: u64) -> Result<(), DbError> {
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {STATE_TABLE} AS s (kind, cut) \
+                     SELECT k, $2::text::xid8 FROM unnest($1::text[]) AS k \
+                     ON CONFLICT (kind) DO UPDATE SET cut = \
+                     CASE WHEN EXCLUDED.cut > s.cut THEN EXCLUDED.cut ELSE s.cut END"
+                )))
+                .bind(kinds.to_vec())
+                .bind(cut.to_string())
+                .execute(p)
+                .await?;
+            }
+            Db::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for k in kinds {
+                    sqlx::query(AssertSqlSafe(format!(
+                        "INSERT INTO {STATE_TABLE} (kind, cut) VALUES (?1, ?2) \
+                         ON CONFLICT (kind) DO UPDATE SET cut = max(cut, excluded.cut)"
+                    )))
+                    .bind(k)
+                    .bind(sqlite_bound(cut))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the overflow of each kind whose cut is still at most the
+    /// one given.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn clear_overflow(&self, kinds: &[(String, u64)]) -> Result<(), DbError> {
+        for (kind, cut) in kinds {
+            match &self.db {
+                Db::Postgres(p) => sqlx::query(AssertSqlSafe(format!(
+                    "DELETE FROM {STATE_TABLE} WHERE kind = $1 AND cut <= $2::text::xid8"
+                )))
+                .bind(kind)
+                .bind(cut.to_string())
+                .execute(p)
+                .await
+                .map(drop)?,
+                Db::Sqlite(p) => sqlx::query(AssertSqlSafe(format!(
+                    "DELETE FROM {STATE_TABLE} WHERE kind = ?1 AND cut <= ?2"
+                )))
+                .bind(kind)
+                .bind(sqlite_bound(*cut))
+                .execute(p)
+                .await
+                .map(drop)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes up to `limit` rows of overflowed kinds below their kind's
+    /// cut, applied or not, in one statement that reads the cuts itself.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn prune_overflowed(&self, limit: usize) -> Result<u64, DbError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(match &self.db {
+            Db::Postgres(p) => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {LOG_TABLE} WHERE seq IN (SELECT l.seq FROM {LOG_TABLE} AS l \
+                 JOIN {STATE_TABLE} AS s ON s.kind = l.kind WHERE l.txid < s.cut \
+                 ORDER BY l.txid, l.seq LIMIT $1)"
+            )))
+            .bind(limit)
+            .execute(p)
+            .await?
+            .rows_affected(),
+            Db::Sqlite(p) => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {LOG_TABLE} WHERE seq IN (SELECT l.seq FROM {LOG_TABLE} AS l \
+                 JOIN {STATE_TABLE} AS s ON s.kind = l.kind WHERE l.seq < s.cut \
+                 ORDER BY l.seq LIMIT ?1)"
+            )))
+            .bind(limit)
+            .execute(p)
+            .await?
+            .rows_affected(),
+        })
+    }
+
+    /// Mirrors the fleet position in the database.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn save_position(&self, position: u64) -> Result<(), DbError> {
+        match &self.db {
+            Db::Postgres(p) => sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {POSITION_TABLE} (id, position) VALUES (TRUE, $1::text::xid8) \
+                 ON CONFLICT (id) DO UPDATE SET position = EXCLUDED.position, \
+                 updated_at = clock_timestamp()"
+            )))
+            .bind(position.to_string())
+            .execute(p)
+            .await
+            .map(drop)?,
+            Db::Sqlite(p) => sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {POSITION_TABLE} (id, position) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET position = excluded.position, \
+                 updated_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+            )))
+            .bind(sqlite_bound(position))
+            .execute(p)
+            .await
+            .map(drop)?,
+        }
+        Ok(())
+    }
+
+    /// The position last mirrored by [`SqlFeedLog::save_position`].
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn saved_position(&self) -> Result<Option<u64>, DbError> {
+        let v: Option<i64> = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT position::text::bigint FROM {POSITION_TABLE} WHERE id"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT position FROM {POSITION_TABLE} WHERE id = 1"
+                )))
+                .fetch_optional(p)
+                .await?
+            }
+        };
+        v.map(to_u64).transpose()
+    }
+
+    /// Waits for a wake-up or `timeout`, whichever comes first. On
+    /// PostgreSQL a wake-up is a notification on [`CHANNEL`] (the
+    /// notifications already received are taken with it, so a burst of
+    /// transactions wakes the relay once); on SQLite there are none.
+    pub async fn wait(&self, timeout: Duration) {
+        let Db::Postgres(pool) = &self.db else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        if !self.notify {
+            tokio::time::sleep(timeout).await;
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut listen = self.listen.lock().await;
+        if listen.listener.is_none() {
+            // A connection of its own, outside the service's pool: it is
+            // held for as long as the relay runs.
+            let own = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(timeout.max(Duration::from_secs(1)))
+                .connect_lazy_with((*pool.connect_options()).clone());
+            let opened = async {
+                let mut l = PgListener::connect_with(&own).await?;
+                l.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            match tokio::time::timeout_at(deadline, opened).await {
+                Ok(Ok(l)) => listen.listener = Some(l),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "feed: cannot listen for notifications; polling");
+                }
+                Err(_) => {}
+            }
+        }
+        let Some(l) = listen.listener.as_mut() else {
+            tokio::time::sleep_until(deadline).await;
+            return;
+        };
+        match tokio::time::timeout_at(deadline, l.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                let now = tokio::time::Instant::now();
+                if let Some(last) = listen.woke {
+                    let next = (last + WAKE_GAP).min(deadline);
+                    if next > now {
+                        tokio::time::sleep_until(next).await;
+                    }
+                }
+                if let Some(l) = listen.listener.as_mut() {
+                    while l.next_buffered().is_some() {}
+                }
+                listen.woke = Some(tokio::time::Instant::now());
+            }
+            // The connection was lost (and re-established): a
+            // notification may have been missed, so read now.
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "feed: listening connection failed; polling");
+                listen.listener = None;
+                tokio::time::sleep_until(deadline).await;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The relay's view of the log: each method is the inherent one of the
+/// same name.
+impl FeedLog for SqlFeedLog {
+    type Error = DbError;
+
+    async fn watermark(&self) -> Result<u64, DbError> {
+        SqlFeedLog::watermark(self).await
+    }
+
+    async fn read(
+        &self,
+        from: u64,
+        to: u64,
+        after: Option<(u64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(u64, FeedEvent)>, DbError> {
+        SqlFeedLog::read(self, from, to, after, limit).await
+    }
+
+    async fn oldest(&self) -> Result<Option<u64>, DbError> {
+        SqlFeedLog::oldest(self).await
+    }
+
+    async fn backlog(&self, from: u64) -> Result<u64, DbError> {
+        SqlFeedLog::backlog(self, from).await
+    }
+
+    async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, DbError> {
+        SqlFeedLog::prune(self, below, before_ms, limit).await
+    }
+
+    async fn wait(&self, timeout: Duration) {
+        SqlFeedLog::wait(self, timeout).await;
+    }
+
+    async fn overflowed(&self) -> Result<Vec<(String, u64)>, DbError> {
+        SqlFeedLog::overflowed(self).await
+    }
+
+    async fn mark_overflow(&self, kinds: &[String], cut: u64) -> Result<(), DbError> {
+        SqlFeedLog::mark_overflow(self, kinds, cut).await
+    }
+
+    async fn clear_overflow(&self, kinds: &[(String, u64)]) -> Result<(), DbError> {
+        SqlFeedLog::clear_overflow(self, kinds).await
+    }
+
+    async fn prune_overflowed(&self, limit: usize) -> Result<u64, DbError> {
+        SqlFeedLog::prune_overflowed(self, limit).await
+    }
+
+    async fn save_position(&self, position: u64) -> Result<(), DbError> {
+        SqlFeedLog::save_position(self, position).await
+    }
+
+    async fn saved_position(&self) -> Result<Option<u64>, DbError> {
+        SqlFeedLog::saved_position(self).await
+    }
+}

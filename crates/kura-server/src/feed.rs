@@ -1,0 +1,274 @@
+//! The invalidation feed in the service: the relay `kura serve` runs, and
+//! `kura feed status`.
+//!
+//! The database writes every committed change of `profiles` to its
+//! invalidation log, by triggers, in the writer's transaction
+//! ([`Db::install_feed`], run by `kura migrate` and at start-up); the
+//! relay ([`kura::feed::Relay`] over [`SqlFeedLog`]) applies the log to the
+//! cache. So a change reaches the cache whoever made it (psql, a migration,
+//! another service) and whatever became of the kura process that made it
+//! (killed, or cut off from Redis, before its own invalidation landed).
+//!
+//! | what | rests on |
+//! |---|---|
+//! | read-your-writes in the writing instance | its post-commit invalidation or write-through (the fast path, as before) |
+//! | every other reader, every writer, across crashes and partitions | the log (same transaction as the change) and one relay of the fleet that reaches the database and Redis |
+//! | no relay reaches Redis for long | the backlog bound: the affected types are cleared once Redis is back |
+//!
+//! With a log, the in-process pending-invalidation journal of
+//! [`kura::Cache`] is no longer what correctness across processes rests on:
+//! it only shortens the window for this instance's own reads. Without one
+//! (`--invalidation-feed off` everywhere), it still is, and it dies with
+//! the process.
+//!
+//! Every instance runs a relay by default; the fleet lease lets one of
+//! them step at a time, and any may take over (see [`kura::feed`] for why
+//! several at once are still safe).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kura::feed::{FeedStatus, Relay};
+use kura::{Cache, Kind};
+use serde::Serialize;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use crate::cli::{FeedCommand, FeedCommandArgs, FeedSqlArgs, FeedStatusArgs, SqlDialect};
+use crate::config::{Config, FeedConfig, FeedMode};
+use crate::db::Db;
+use crate::db::feed::SqlFeedLog;
+
+/// The cache types the service's log rows name.
+pub const FED_KINDS: [Kind; 1] = [Kind::PROFILE];
+
+/// How long a status read (health check, `kura feed status`) may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The relay of a running service.
+///
+/// # Concurrent calls
+///
+/// [`Feed::status`] may be called from any number of requests while the
+/// relay runs; [`Feed::stop`] ends it once (later calls return at once).
+#[derive(Debug)]
+pub struct Feed {
+    relay: Relay<SqlFeedLog>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Builds the relay of `db` over `cache` with `config`'s settings.
+#[must_use]
+pub fn relay(db: &Db, cache: &Cache, config: &FeedConfig) -> Relay<SqlFeedLog> {
+    Relay::builder(cache, SqlFeedLog::new(db.clone()).listen(config.listen))
+        .kinds(FED_KINDS)
+        .poll_interval(config.poll_for(db.backend()))
+        .retention(config.retention)
+        .max_backlog(config.max_backlog)
+        .build()
+}
+
+impl Feed {
+    /// Starts the relay when `config` has it on and the database has the
+    /// log; `None` otherwise (logged).
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be asked whether it has the log.
+    pub async fn start(db: &Db, cache: &Cache, config: &Config) -> anyhow::Result<Option<Feed>> {
+        if config.feed.mode == FeedMode::Off {
+            tracing::info!(
+                "invalidation feed off (--invalidation-feed off): this instance does not relay"
+            );
+            return Ok(None);
+        }
+        let log = SqlFeedLog::new(db.clone());
+        if !log
+            .exists()
+            .await
+            .context("looking for the invalidation log")?
+        {
+            tracing::warn!(
+                "the database has no invalidation log (run `kura migrate`): not relaying"
+            );
+            return Ok(None);
+        }
+        let relay = relay(db, cache, &config.feed);
+        let (stop, mut stopped) = watch::channel(false);
+        let r = relay.clone();
+        let task = tokio::spawn(async move {
+            r.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+        tracing::info!(
+            poll = ?config.feed.poll_for(db.backend()),
+            retention = ?config.feed.retention,
+            max_backlog = config.feed.max_backlog,
+            "invalidation feed relay running"
+        );
+        Ok(Some(Feed {
+            relay,
+            stop,
+            task: Mutex::new(Some(task)),
+        }))
+    }
+
+    /// The feed's state now (position, watermark, backlog, lag, lease
+    /// holder).
+    ///
+    /// # Errors
+    ///
+    /// When the database fails or does not answer within 2 s.
+    pub async fn status(&self) -> anyhow::Result<FeedStatus> {
+        status_of(&self.relay).await
+    }
+
+    /// Stops the relay after its step in hand and releases the fleet lease.
+    pub async fn stop(&self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().await.take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                tracing::warn!(
+                    "invalidation feed relay still stepping after the grace period: stopped"
+                );
+                task.abort();
+            }
+        }
+    }
+}
+
+async fn status_of(relay: &Relay<SqlFeedLog>) -> anyhow::Result<FeedStatus> {
+    tokio::time::timeout(STATUS_TIMEOUT, relay.status())
+        .await
+        .context("the database did not answer")?
+        .context("reading the invalidation feed state")
+}
+
+/// The feed part of `GET /healthz`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FeedHealth {
+    /// `on` (this instance runs a relay), `off`, or `error` (its state
+    /// could not be read).
+    pub state: &'static str,
+    /// Age of the oldest log entry not applied yet, in milliseconds (0
+    /// when caught up); `null` when off or unknown.
+    pub lag_ms: Option<u64>,
+    /// Log entries not applied yet; `null` when off or unknown.
+    pub backlog: Option<u64>,
+    /// The instance holding the fleet lease, if any.
+    pub relaying: Option<String>,
+}
+
+impl FeedHealth {
+    /// The health of `feed` (`None`: not relaying in this instance).
+    pub async fn of(feed: Option<&Arc<Feed>>) -> FeedHealth {
+        let off = FeedHealth {
+            state: "off",
+            lag_ms: None,
+            backlog: None,
+            relaying: None,
+        };
+        let Some(feed) = feed else {
+            return off;
+        };
+        match feed.status().await {
+            Ok(s) => FeedHealth {
+                state: "on",
+                lag_ms: Some(s.lag_ms),
+                backlog: Some(s.backlog),
+                relaying: s.relaying,
+            },
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "health: invalidation feed state");
+                FeedHealth {
+                    state: "error",
+                    ..off
+                }
+            }
+        }
+    }
+}
+
+/// `kura feed`.
+///
+/// # Errors
+///
+/// When the database cannot be reached or the output cannot be written.
+pub async fn command(args: FeedCommandArgs) -> anyhow::Result<()> {
+    match args.command {
+        FeedCommand::Status(a) => status(a).await,
+        FeedCommand::Sql(a) => sql(&a),
+    }
+}
+
+fn sql(args: &FeedSqlArgs) -> anyhow::Result<()> {
+    let backend = match args.backend {
+        SqlDialect::Postgres => kura::feed::Backend::Postgres,
+        SqlDialect::Sqlite => kura::feed::Backend::Sqlite,
+    };
+    let mut out = String::new();
+    if !args.remove {
+        out.push_str(&kura::feed::log_table_sql(backend));
+    }
+    for spec in crate::db::feed::fed_tables()? {
+        out.push_str(&if args.remove {
+            spec.remove_sql(backend)
+        } else {
+            spec.install_sql(backend)
+        });
+    }
+    print!("{out}");
+    Ok(())
+}
+
+async fn status(args: FeedStatusArgs) -> anyhow::Result<()> {
+    let mut config = Config::default();
+    config.apply_db(&args.db);
+    config.apply_cache(&args.cache);
+    if config.redis_url.is_none() {
+        eprintln!(
+            "note: no REDIS_URL; the position and lease shown are of a memory store of this command's own"
+        );
+    }
+    let db = Db::connect(config.database_url.as_deref(), config.pool)
+        .await
+        .context("connecting to the database")?;
+    let log = SqlFeedLog::new(db.clone());
+    anyhow::ensure!(
+        log.exists().await?,
+        "the database has no invalidation log (run `kura migrate`)"
+    );
+    let (cache, _) = crate::app::open_cache(&config)?;
+    let relay = relay(&db, &cache, &config.feed);
+    let s = status_of(&relay).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
+        println!("invalidation feed ({})", db.backend());
+        println!(
+            "  position     {}",
+            or_none(s.position.map(|p| p.to_string()))
+        );
+        println!("  watermark    {}", s.watermark);
+        println!("  backlog      {} entries", s.backlog);
+        println!("  lag          {} ms", s.lag_ms);
+        println!("  relaying     {}", or_none(s.relaying.clone()));
+        if !s.overflowed.is_empty() {
+            println!(
+                "  overflowed   {} (cleared once the cache is reachable)",
+                s.overflowed.join(", ")
+            );
+        }
+        if !s.store_reachable {
+            println!("  cache        unreachable (position from the database's mirror)");
+        }
+    }
+    db.close().await;
+    Ok(())
+}
