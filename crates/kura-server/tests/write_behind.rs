@@ -529,7 +529,19 @@ async fn dead_letters_are_reported(b: Backend) {
     assert_eq!(d.version, 2);
     assert_eq!(d.error, "profile no longer exists");
     assert!(d.value.contains("消える"));
-    let m = metrics_text(&app).await;
+    // The gauge is process-wide and per type: other tests of this binary,
+    // each with a queue of its own, publish theirs at the same time. Publish
+    // this queue's state and read it back until no other test got between.
+    let mut m = String::new();
+    for _ in 0..50 {
+        kura_server::write_behind::queue_status(app.server().service().write_behind(), 0)
+            .await
+            .unwrap();
+        m = metrics_text(&app).await;
+        if m.contains("cache_wb_dead_letters{cache_type=\"profile\"} 1") {
+            break;
+        }
+    }
     assert!(
         m.contains("cache_wb_dead_letters{cache_type=\"profile\"} 1"),
         "{m}"
