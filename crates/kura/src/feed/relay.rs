@@ -110,18 +110,24 @@ pub struct FeedStatus {
     pub store_reachable: bool,
 }
 
-/// Builds a [`Relay`].
-#[must_use]
-pub struct RelayBuilder<L> {
-    cache: Cache,
-    log: L,
-    kinds: HashMap<String, Kind>,
+/// The relay's settings, as the builder sets them.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     poll: Duration,
     retention: Duration,
     max_backlog: u64,
     batch: usize,
     prune_batch: usize,
     lease_ttl: Duration,
+}
+
+/// Builds a [`Relay`].
+#[must_use]
+pub struct RelayBuilder<L> {
+    cache: Cache,
+    log: L,
+    kinds: HashMap<String, Kind>,
+    settings: Settings,
     instance: String,
     on_applied: Option<AppliedHook>,
     on_cleared: Option<ClearedHook>,
@@ -131,9 +137,9 @@ impl<L> std::fmt::Debug for RelayBuilder<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelayBuilder")
             .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
-            .field("poll", &self.poll)
-            .field("retention", &self.retention)
-            .field("max_backlog", &self.max_backlog)
+            .field("poll", &self.settings.poll)
+            .field("retention", &self.settings.retention)
+            .field("max_backlog", &self.settings.max_backlog)
             .finish_non_exhaustive()
     }
 }
@@ -157,33 +163,33 @@ impl<L: FeedLog> RelayBuilder<L> {
     /// How long [`Relay::run`] waits for a wake-up before it polls
     /// (default 1 s; 100 ms suits SQLite, which has no `NOTIFY`).
     pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.poll = d;
+        self.settings.poll = d;
         self
     }
 
     /// How long applied rows are kept (default 1 h).
     pub fn retention(mut self, d: Duration) -> Self {
-        self.retention = d;
+        self.settings.retention = d;
         self
     }
 
     /// Rows at or past the position beyond which a relay that cannot reach
     /// the store gives up replaying them one by one (default 100,000).
     pub fn max_backlog(mut self, rows: u64) -> Self {
-        self.max_backlog = rows;
+        self.settings.max_backlog = rows;
         self
     }
 
     /// Rows read and applied per page (default 1,000).
     pub fn batch_size(mut self, rows: usize) -> Self {
-        self.batch = rows.max(1);
+        self.settings.batch = rows.max(1);
         self
     }
 
     /// Rows deleted per pruning statement (default 5,000; at most four per
     /// step).
     pub fn prune_batch(mut self, rows: usize) -> Self {
-        self.prune_batch = rows.max(1);
+        self.settings.prune_batch = rows.max(1);
         self
     }
 
@@ -191,7 +197,7 @@ impl<L: FeedLog> RelayBuilder<L> {
     /// [`Relay::run`] (default 10 s): how long a relay that died holds up
     /// the others.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
-        self.lease_ttl = d;
+        self.settings.lease_ttl = d;
         self
     }
 
@@ -227,12 +233,7 @@ impl<L: FeedLog> RelayBuilder<L> {
                 cache: self.cache,
                 log: self.log,
                 kinds: self.kinds,
-                poll: self.poll,
-                retention: self.retention,
-                max_backlog: self.max_backlog,
-                batch: self.batch,
-                prune_batch: self.prune_batch,
-                lease_ttl: self.lease_ttl,
+                settings: self.settings,
                 token,
                 on_applied: self.on_applied,
                 on_cleared: self.on_cleared,
@@ -291,12 +292,7 @@ struct Inner<L> {
     cache: Cache,
     log: L,
     kinds: HashMap<String, Kind>,
-    poll: Duration,
-    retention: Duration,
-    max_backlog: u64,
-    batch: usize,
-    prune_batch: usize,
-    lease_ttl: Duration,
+    settings: Settings,
     token: String,
     position_key: String,
     lease_key: String,
@@ -347,12 +343,14 @@ impl<L: FeedLog> Relay<L> {
             cache: cache.clone(),
             log,
             kinds: HashMap::new(),
-            poll: Duration::from_secs(1),
-            retention: Duration::from_secs(3600),
-            max_backlog: 100_000,
-            batch: 1000,
-            prune_batch: 5000,
-            lease_ttl: Duration::from_secs(10),
+            settings: Settings {
+                poll: Duration::from_secs(1),
+                retention: Duration::from_secs(3600),
+                max_backlog: 100_000,
+                batch: 1000,
+                prune_batch: 5000,
+                lease_ttl: Duration::from_secs(10),
+            },
             instance: format!("{host}-{}", std::process::id()),
             on_applied: None,
             on_cleared: None,
@@ -512,7 +510,7 @@ impl<L: FeedLog> Relay<L> {
         let (save, observe) = {
             let mut l = lock(&inner.local);
             l.position = Some(l.position.map_or(position, |p| p.max(position)));
-            let due = |at: Option<Instant>| at.is_none_or(|t| t.elapsed() >= inner.poll);
+            let due = |at: Option<Instant>| at.is_none_or(|t| t.elapsed() >= inner.settings.poll);
             let save = due(l.saved_at);
             let observe = due(l.observed_at);
             if save {
@@ -557,14 +555,14 @@ impl<L: FeedLog> Relay<L> {
         loop {
             let page = inner
                 .log
-                .read(from, to, after, inner.batch)
+                .read(from, to, after, inner.settings.batch)
                 .await
                 .map_err(FeedError::Log)?;
             let Some((last_pos, last)) = page.last() else {
                 break;
             };
             after = Some((*last_pos, last.seq));
-            let full = page.len() >= inner.batch;
+            let full = page.len() >= inner.settings.batch;
             report.read += page.len() as u64;
             let mut entries: Vec<(EntryKeys, Option<u64>)> = Vec::with_capacity(page.len());
             let mut events = Vec::with_capacity(page.len());
@@ -617,16 +615,16 @@ impl<L: FeedLog> Relay<L> {
     /// Deletes applied rows past the retention window, in bounded batches.
     async fn prune(&self, below: u64) -> Result<u64, FeedError<L::Error>> {
         let inner = &*self.inner;
-        let before = now_ms() - inner.retention.as_millis() as i64;
+        let before = now_ms() - inner.settings.retention.as_millis() as i64;
         let mut pruned = 0;
         for _ in 0..PRUNE_ROUNDS {
             let n = inner
                 .log
-                .prune(below, before, inner.prune_batch)
+                .prune(below, before, inner.settings.prune_batch)
                 .await
                 .map_err(FeedError::Log)?;
             pruned += n;
-            if n < inner.prune_batch as u64 {
+            if n < inner.settings.prune_batch as u64 {
                 break;
             }
         }
@@ -670,7 +668,7 @@ impl<L: FeedLog> Relay<L> {
         let backlog = log.backlog(from).await.map_err(FeedError::Log)?;
         metrics::gauge!("cache_feed_backlog").set(backlog as f64);
         let marked = overflowed.iter().any(|(k, _)| inner.kinds.contains_key(k));
-        if backlog <= inner.max_backlog && !marked {
+        if backlog <= inner.settings.max_backlog && !marked {
             return Ok(());
         }
         // The cut is a watermark: every row below it has committed now, so
@@ -684,7 +682,7 @@ impl<L: FeedLog> Relay<L> {
         if !marked {
             tracing::warn!(
                 backlog,
-                bound = inner.max_backlog,
+                bound = inner.settings.max_backlog,
                 kinds = ?kinds,
                 "invalidation feed: backlog past its bound while the cache is unreachable; \
                  the types will be cleared once it is back"
@@ -693,11 +691,11 @@ impl<L: FeedLog> Relay<L> {
         let mut pruned = 0;
         for _ in 0..PRUNE_ROUNDS {
             let n = log
-                .prune_overflowed(inner.prune_batch)
+                .prune_overflowed(inner.settings.prune_batch)
                 .await
                 .map_err(FeedError::Log)?;
             pruned += n;
-            if n < inner.prune_batch as u64 {
+            if n < inner.settings.prune_batch as u64 {
                 break;
             }
         }
@@ -767,7 +765,7 @@ impl<L: FeedLog> Relay<L> {
             match self
                 .store(
                     op,
-                    store.extend_lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                    store.extend_lock(&inner.lease_key, &inner.token, inner.settings.lease_ttl),
                 )
                 .await
             {
@@ -776,7 +774,7 @@ impl<L: FeedLog> Relay<L> {
                 Ok(false) => {
                     self.store(
                         op,
-                        store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                        store.lock(&inner.lease_key, &inner.token, inner.settings.lease_ttl),
                     )
                     .await
                 }
@@ -785,7 +783,7 @@ impl<L: FeedLog> Relay<L> {
         } else {
             self.store(
                 op,
-                store.lock(&inner.lease_key, &inner.token, inner.lease_ttl),
+                store.lock(&inner.lease_key, &inner.token, inner.settings.lease_ttl),
             )
             .await
         };
@@ -839,9 +837,9 @@ impl<L: FeedLog> Relay<L> {
                 }
             }
             let wait = if again {
-                inner.poll.min(RECHECK)
+                inner.settings.poll.min(RECHECK)
             } else {
-                inner.poll
+                inner.settings.poll
             };
             tokio::select! {
                 () = &mut shutdown => break,
