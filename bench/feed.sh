@@ -9,16 +9,17 @@
 # 1. lag from commit to invalidation under $RATE direct UPDATEs/s (plain SQL, each on a
 #    cached profile), p50/p99/max: with NOTIFY (default) and polling only
 #    (--feed-listen false, --feed-poll $POLL);
-# 2. PUT throughput (closed loop, $CONCURRENCY connections, `invalidate`) with the feed
-#    triggers installed and the relay on, with the triggers but no relay, and with the
-#    triggers removed (the SQL of `kura feed sql --remove`: what writes cost before the
-#    feed);
+# 2. PUT throughput (closed loop, $CONCURRENCY connections, `invalidate`) on one server,
+#    alternately with the feed's triggers installed (and the relay on) and removed (the
+#    SQL of `kura feed sql --remove`: what writes cost before the feed), $ROUNDS times;
 # 3. GET on the hit path (warmed ids) with the relay on and off: the read path does not
 #    touch the feed, so the two should match within noise.
 #
 # Settings (environment): KURA_BIN / FEED_LAG_BIN (skip the build, use these binaries)
 # RATE (1000) SECONDS_LAG (20) POLL (1s) DURATION (10s, each throughput run) WARMUP (2s)
-# CONCURRENCY (32) FEED_DB (kura_bench_feed, dropped and re-created).
+# CONCURRENCY (32) FEED_DB (kura_bench_feed, dropped and re-created)
+# PARTS (lag,put,get: which of the three measurements to run) ROUNDS (3, PUT runs
+# with the feed on and off, alternately).
 # Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
 # Needs: cargo, redis-server, psql, a PostgreSQL superuser `postgres` on 127.0.0.1:5432.
 set -euo pipefail
@@ -37,6 +38,9 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONCURRENCY=${CONCURRENCY:-32}
 FEED_DB=${FEED_DB:-kura_bench_feed}
+PARTS=${PARTS:-lag,put,get}
+ROUNDS=${ROUNDS:-3}
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 PROFILES=$((RATE * SECONDS_LAG))
 PG=postgres://postgres@127.0.0.1:5432
 DB_URL=$PG/$FEED_DB
@@ -115,6 +119,7 @@ lag() { # lag <name>
     --ids "$WORK/ids.txt" --rate "$RATE" --seconds "$SECONDS_LAG" | tee "$OUT/$1.json"
 }
 
+if part lag; then
 say "1a. lag, NOTIFY + poll $POLL, $RATE UPDATEs/s for ${SECONDS_LAG}s"
 serve --feed-poll "$POLL"
 lag lag_notify
@@ -123,20 +128,37 @@ say "1b. lag, polling only every $POLL"
 serve --feed-poll "$POLL" --feed-listen false
 lag lag_poll
 unserve
+fi
 
-say "2a. PUT throughput, triggers + relay on"
+if part put; then
+# One server, the feed's triggers installed and removed in turn: on a shared
+# 2-core machine, runs drift by more than the effect, so the two are
+# measured alternately, $ROUNDS times each, and compared by their medians.
 serve
-bench put_feed_on --method put
-unserve
-say "2b. PUT throughput, triggers (log rows + NOTIFY) but no relay"
-serve --invalidation-feed off
-bench put_triggers_only --method put
-say "2c. PUT throughput, triggers removed"
-"$KURA_BIN" feed sql --remove | "${PSQL[@]}" -d "$FEED_DB" >/dev/null
-bench put_feed_off --method put
+for round in $(seq "$ROUNDS"); do
+  say "2. PUT throughput, round $round/$ROUNDS: triggers + relay on"
+  "$KURA_BIN" migrate >/dev/null
+  bench put_feed_on_$round --method put
+  say "2. PUT throughput, round $round/$ROUNDS: triggers removed (kura feed sql --remove)"
+  "$KURA_BIN" feed sql --remove | "${PSQL[@]}" -d "$FEED_DB" >/dev/null
+  bench put_feed_off_$round --method put
+done
 unserve
 "$KURA_BIN" migrate >/dev/null
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+med = {}
+for name in ("put_feed_on", "put_feed_off"):
+    runs = [json.load(open(f"{out}/{name}_{i}.json")) for i in range(1, rounds + 1)]
+    med[name] = statistics.median(r["throughput"] for r in runs)
+    print(f"{name}: median {med[name]:.0f} writes/s of", ", ".join(f"{r['throughput']:.0f}" for r in runs),
+          "; p99", ", ".join(f"{r['latency_ms']['p99']:.1f}" for r in runs), "ms")
+print(f"feed on vs off: {100 * (med['put_feed_on'] / med['put_feed_off'] - 1):+.1f} % writes/s")
+PY
+fi
 
+if part get; then
 say "3. GET hit path, relay on and off"
 serve
 warm
@@ -146,6 +168,7 @@ serve --invalidation-feed off
 warm
 bench get_feed_off
 unserve
+fi
 
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -753,6 +753,48 @@ async fn late_commit_with_a_lower_seq_is_not_skipped() {
     app.stop().await;
 }
 
+/// A busy relay announces its polling window on PostgreSQL, where the
+/// triggers read it to skip their NOTIFY; a log that does not listen, and
+/// SQLite (no wake-ups), announce nothing, so the relay keeps its poll
+/// interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_is_announced_where_writers_send_wake_ups() {
+    let (db, _guard) = fresh_db(Backend::PgRedis).await;
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
+    let ahead = async || -> Option<bool> {
+        sqlx::query_scalar("SELECT polling_until > clock_timestamp() FROM kura_feed_relay")
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+    };
+    let quiet = SqlFeedLog::new(db.clone()).listen(false);
+    assert!(!quiet.polling(Duration::from_secs(5)).await.unwrap());
+    assert_eq!(
+        ahead().await,
+        None,
+        "a log that does not listen says nothing"
+    );
+    let log = SqlFeedLog::new(db.clone());
+    assert!(log.polling(Duration::from_secs(5)).await.unwrap());
+    assert_eq!(ahead().await, Some(true));
+    assert!(log.polling(Duration::ZERO).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        ahead().await,
+        Some(false),
+        "a new window replaces the old one"
+    );
+    let (lite, _lite_guard) = fresh_db(Backend::SqliteMemory).await;
+    assert!(
+        !SqlFeedLog::new(lite)
+            .polling(Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+}
+
 /// A transaction that changes many rows in several statements wakes the
 /// relay once: PostgreSQL folds identical notifications of a transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -411,6 +411,45 @@ async fn pg_notifies_at_most_once_per_transaction() {
     pool.close().await;
 }
 
+/// While a relay says it polls (`kura_feed_relay.polling_until` ahead),
+/// writers send no `NOTIFY`, whose commit-time lock serializes a
+/// write-heavy database; once the window is over they wake the relay again.
+#[tokio::test]
+async fn pg_no_notification_while_a_relay_polls() {
+    let db = PgDb::create().await;
+    let pool = db.pool().await;
+    pg_items(&pool).await;
+    pg(&pool, "INSERT INTO items (id, name) VALUES ('a', 'x')").await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen(kura::feed::sql::CHANNEL).await.unwrap();
+    pg(
+        &pool,
+        "INSERT INTO kura_feed_relay (id, polling_until) VALUES (TRUE, clock_timestamp() + interval '1 hour')",
+    )
+    .await;
+    pg(&pool, "UPDATE items SET name = 'y' WHERE id = 'a'").await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(quiet.is_err(), "no wake-up while a relay polls: {quiet:?}");
+    assert_eq!(
+        pg_log_after(&pool, 0).await.last(),
+        Some(&some("a", 2)),
+        "the change is logged all the same"
+    );
+    pg(
+        &pool,
+        "UPDATE kura_feed_relay SET polling_until = clock_timestamp() - interval '1 second'",
+    )
+    .await;
+    pg(&pool, "UPDATE items SET name = 'z' WHERE id = 'a'").await;
+    let woke = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await;
+    assert!(
+        woke.is_ok(),
+        "the window is over: writers wake the relay again"
+    );
+    drop(listener);
+    pool.close().await;
+}
+
 // ---------------------------------------------------------------------
 // A FeedLog over PostgreSQL (as kura-server's, over sqlx).
 
@@ -1314,6 +1353,15 @@ struct MemLog {
     blocked: Notify,
     /// Delay each watermark a little after reading it.
     jitter: std::sync::atomic::AtomicBool,
+    /// Emulate PostgreSQL's wake-ups: a commit wakes `wait` unless a relay
+    /// said it polls ([`FeedLog::polling`]), as the NOTIFY trigger does.
+    wakes: std::sync::atomic::AtomicBool,
+    woken: Notify,
+    /// Wake-ups sent by commits.
+    wake_ups: AtomicUsize,
+    /// Calls of `polling`.
+    announced: AtomicUsize,
+    polling_until: Mutex<Option<Instant>>,
 }
 
 impl MemLog {
@@ -1339,6 +1387,16 @@ impl MemLog {
                     committed_at_ms: chrono::Utc::now().timestamp_millis(),
                 },
             );
+        }
+        drop(s);
+        let polled = self
+            .polling_until
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t > Instant::now());
+        if self.wakes.load(Ordering::SeqCst) && !polled {
+            self.wake_ups.fetch_add(1, Ordering::SeqCst);
+            self.woken.notify_one();
         }
     }
 
@@ -1427,7 +1485,20 @@ impl FeedLog for MemLog {
     }
 
     async fn wait(&self, timeout: Duration) {
-        tokio::time::sleep(timeout).await;
+        if self.wakes.load(Ordering::SeqCst) {
+            let _ = tokio::time::timeout(timeout, self.woken.notified()).await;
+        } else {
+            tokio::time::sleep(timeout).await;
+        }
+    }
+
+    async fn polling(&self, window: Duration) -> Result<bool, MemErr> {
+        if !self.wakes.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.announced.fetch_add(1, Ordering::SeqCst);
+        *self.polling_until.lock().unwrap() = Some(Instant::now() + window);
+        Ok(true)
     }
 
     async fn overflowed(&self) -> Result<Vec<(String, u64)>, MemErr> {
@@ -1795,7 +1866,132 @@ async fn retention_prunes_applied_rows_in_batches(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// The writer's own invalidation starts a load, which reads the committed
+/// row; the feed's event for that same commit arrives while the load is in
+/// flight. The load's fill lands (one miss, not two); a load that read the
+/// row before a later change is still refused.
+async fn a_load_that_read_the_change_survives_its_feed_event(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let log = MemLog::new();
+    let relay = Relay::builder(&cache, log.clone())
+        .kind(Kind::PROFILE)
+        .build();
+    let entry = cache.keys().entry(&Kind::PROFILE, "u1").unwrap();
+    db.put("u1", "v1");
+    profiles.get("u1").await.unwrap();
+    relay.step().await.unwrap();
+
+    db.put("u1", "v2");
+    log.commit("profile", &[("u1", Some(2))]);
+    cache.store().invalidate(&[&entry]).await.unwrap();
+    let loads = db.loads();
+    let gate = db.arm_gate();
+    let reader = tokio::spawn({
+        let profiles = profiles.clone();
+        async move { profiles.get("u1").await.unwrap() }
+    });
+    gate.loaded.notified().await;
+    assert_eq!(relay.step().await.unwrap().applied, 1);
+    gate.release.notify_one();
+    let got = reader.await.unwrap();
+    assert_eq!(
+        (got.status(), got.value().unwrap().version),
+        (Status::Miss, 2)
+    );
+    let next = profiles.get("u1").await.unwrap();
+    assert_eq!(
+        (next.status(), db.loads() - loads),
+        (Status::Hit, 1),
+        "the load of the committed version filled: no second miss"
+    );
+
+    // A load that read v2 while v3 commits: its fill is refused.
+    cache.store().invalidate(&[&entry]).await.unwrap();
+    let gate = db.arm_gate();
+    let reader = tokio::spawn({
+        let profiles = profiles.clone();
+        async move { profiles.get("u1").await.unwrap() }
+    });
+    gate.loaded.notified().await;
+    db.put("u1", "v3");
+    log.commit("profile", &[("u1", Some(3))]);
+    relay.step().await.unwrap();
+    gate.release.notify_one();
+    assert_eq!(reader.await.unwrap().value().unwrap().version, 2);
+    let next = profiles.get("u1").await.unwrap();
+    assert_eq!(
+        (next.status(), next.value().unwrap().version),
+        (Status::Miss, 3),
+        "the load of the older row did not fill"
+    );
+    cleanup(&ns).await;
+}
+
+/// Under a steady stream of commits the relay polls in place of wake-ups
+/// and says so, so that writers stop sending them; when the stream stops,
+/// a commit wakes it again. The poll interval is 60 s: only the busy
+/// polling (or a wake-up) can apply the rows in time.
+async fn a_busy_relay_polls_in_place_of_wake_ups(b: Backend) {
+    let (cache, ns) = b.cache();
+    let log = MemLog::new();
+    log.wakes.store(true, Ordering::SeqCst);
+    let relay = Relay::builder(&cache, log.clone())
+        .kind(Kind::PROFILE)
+        .poll_interval(Duration::from_secs(60))
+        .build();
+    let stop = Arc::new(Notify::new());
+    let task = tokio::spawn({
+        let relay = relay.clone();
+        let stop = stop.clone();
+        async move { relay.run(stop.notified()).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.status().await.unwrap().relaying.is_none() {
+        assert!(Instant::now() < deadline, "the relay took no lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let caught_up = async |within: Duration| {
+        let end = log.watermark().await.unwrap();
+        let deadline = Instant::now() + within;
+        while position(&cache).await.is_none_or(|p| p < end) {
+            assert!(
+                Instant::now() < deadline,
+                "rows left unapplied: position {:?}, watermark {end}",
+                position(&cache).await
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    for i in 0..300 {
+        log.commit("profile", &[(&format!("u{i}"), Some(1))]);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    caught_up(Duration::from_secs(2)).await;
+    let sent = log.wake_ups.load(Ordering::SeqCst);
+    assert!(
+        log.announced.load(Ordering::SeqCst) >= 1,
+        "the relay said it polls"
+    );
+    assert!(sent <= 30, "{sent} of 300 commits sent a wake-up");
+    // Idle past the window: the relay sleeps, and a commit wakes it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    log.commit("profile", &[("late", Some(1))]);
+    assert_eq!(
+        log.wake_ups.load(Ordering::SeqCst),
+        sent + 1,
+        "a wake-up again"
+    );
+    caught_up(Duration::from_secs(2)).await;
+    stop.notify_one();
+    task.await.unwrap();
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    a_load_that_read_the_change_survives_its_feed_event,
+    a_busy_relay_polls_in_place_of_wake_ups,
     killed_mid_batch_skips_nothing,
     many_relays_apply_everything_and_never_regress,
     duplicates_and_late_batches_are_harmless,
@@ -1814,7 +2010,8 @@ enum Op {
     Load(u64),
     /// A change committed at this version (`None`: a delete) is applied.
     Event(Option<u64>),
-    /// A reader takes the lease, then the event is applied, then it fills.
+    /// A reader takes the lease, then the event is applied, then it fills
+    /// what it read (at the first version).
     LoadAcross(u64, Option<u64>),
 }
 
@@ -1883,9 +2080,17 @@ async fn version_rule_holds(b: Backend, ops: Vec<Op>) {
                 apply(&mut model, ev);
                 let out = store.fill(&[fill("x", v)]).await.unwrap()[0];
                 if matches!(got[0], kura::store::Acquired::Leased { .. }) && model.is_none() {
-                    // The event voided the lease: a load that may have read
-                    // the row before the change never lands.
-                    assert_ne!(out, FillOutcome::Stored, "a voided lease filled");
+                    // The event fenced the lease: a load of a row older
+                    // than the change (or any load across a delete) never
+                    // lands; one of the change's version or newer may.
+                    let may = matches!(ev, Some(c) if v >= c);
+                    if !may {
+                        assert_ne!(
+                            out,
+                            FillOutcome::Stored,
+                            "a load older than the change filled"
+                        );
+                    }
                 }
                 if out == FillOutcome::Stored {
                     model = Some(v);

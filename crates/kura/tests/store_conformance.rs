@@ -37,6 +37,7 @@ both_stores!(
     fill_without_stale_drops_the_old_stale_copy,
     refresh_extends_the_stale_copy,
     feed_event_invalidates_only_older_values,
+    feed_event_fences_loads_in_flight,
     feed_delete_event_always_invalidates,
     feed_event_keeps_the_pending_copy,
     feed_position_only_moves_forward,

@@ -30,7 +30,9 @@
 use std::time::Duration;
 
 use kura::Kind;
-use kura::feed::sql::{CHANNEL, LOG_TABLE, POSITION_TABLE, STATE_TABLE, log_table_statements};
+use kura::feed::sql::{
+    CHANNEL, LOG_TABLE, POSITION_TABLE, RELAY_TABLE, STATE_TABLE, log_table_statements,
+};
 use kura::feed::{Backend, FeedEvent, FeedLog, TriggerSpec};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
@@ -724,6 +726,33 @@ impl SqlFeedLog {
         v.map(to_u64).transpose()
     }
 
+    /// Tells writers that a relay polls for the next `window`
+    /// (`kura_feed_relay.polling_until`, PostgreSQL's clock): their
+    /// triggers skip the `NOTIFY` meanwhile. Nothing on SQLite, which has
+    /// no wake-ups, or when this log does not listen (polling only): then
+    /// `false`, and the relay keeps its poll interval.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn polling(&self, window: Duration) -> Result<bool, DbError> {
+        let Db::Postgres(p) = &self.db else {
+            return Ok(false);
+        };
+        if !self.notify {
+            return Ok(false);
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {RELAY_TABLE} (id, polling_until) \
+             VALUES (TRUE, clock_timestamp() + $1 * interval '1 millisecond') \
+             ON CONFLICT (id) DO UPDATE SET polling_until = EXCLUDED.polling_until"
+        )))
+        .bind(window.as_millis() as f64)
+        .execute(p)
+        .await?;
+        Ok(true)
+    }
+
     /// Waits for a wake-up or `timeout`, whichever comes first. On
     /// PostgreSQL a wake-up is a notification on [`CHANNEL`] (the
     /// notifications already received are taken with it, so a burst of
@@ -847,5 +876,9 @@ impl FeedLog for SqlFeedLog {
 
     async fn saved_position(&self) -> Result<Option<u64>, DbError> {
         SqlFeedLog::saved_position(self).await
+    }
+
+    async fn polling(&self, window: Duration) -> Result<bool, DbError> {
+        SqlFeedLog::polling(self, window).await
     }
 }

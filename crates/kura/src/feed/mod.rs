@@ -252,6 +252,20 @@ pub trait FeedLog: Send + Sync + 'static {
 
     /// The position last recorded by [`FeedLog::save_position`].
     fn saved_position(&self) -> impl Future<Output = Result<Option<u64>, Self::Error>> + Send;
+
+    /// Tells writers that a relay steps at a short interval for the next
+    /// `window`, so that their wake-ups are not needed meanwhile
+    /// (PostgreSQL: `kura_feed_relay.polling_until`, which the `NOTIFY`
+    /// trigger reads; a `NOTIFY` takes a database-wide lock at commit, and
+    /// skipping it is what keeps a write-heavy database from serializing
+    /// its commits). The relay calls it while it keeps finding rows, at most
+    /// twice per window, and polls at the short interval only when it
+    /// answers `true`. A log without wake-ups keeps the default, which does
+    /// nothing and answers `false`.
+    fn polling(&self, window: Duration) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        let _ = window;
+        std::future::ready(Ok(false))
+    }
 }
 
 /// A shared log is a log: one [`FeedLog`] can serve a relay and a status
@@ -292,6 +306,10 @@ impl<L: FeedLog> FeedLog for std::sync::Arc<L> {
 
     fn wait(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
         (**self).wait(timeout)
+    }
+
+    fn polling(&self, window: Duration) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        (**self).polling(window)
     }
 
     fn overflowed(&self) -> impl Future<Output = Result<Vec<(String, u64)>, Self::Error>> + Send {

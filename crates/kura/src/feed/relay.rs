@@ -318,6 +318,32 @@ struct Local {
 /// the watermark.
 const RECHECK: Duration = Duration::from_millis(20);
 
+/// Two steps that find rows at most this far apart make a relay busy.
+const BUSY_AFTER: Duration = Duration::from_millis(100);
+
+/// How long a busy relay tells writers it polls ([`FeedLog::polling`]);
+/// it says so again after half of it while it stays busy.
+const BUSY_WINDOW: Duration = Duration::from_secs(1);
+
+/// How often a busy relay steps, in place of the writers' wake-ups.
+const BUSY_POLL: Duration = Duration::from_millis(10);
+
+/// How long a busy relay goes on polling after the window it announced:
+/// transactions that skipped their wake-up near the window's end commit a
+/// little later.
+const BUSY_MARGIN: Duration = Duration::from_millis(100);
+
+/// Whether [`Relay::run`] polls in place of wake-ups (kept by its loop).
+#[derive(Debug, Default)]
+struct Busy {
+    /// When a step last found rows.
+    rows_at: Option<Instant>,
+    /// When the window was last announced.
+    announced_at: Option<Instant>,
+    /// Until when to poll at [`BUSY_POLL`].
+    until: Option<Instant>,
+}
+
 /// Pruning statements per step at most: pruning never holds up relaying.
 const PRUNE_ROUNDS: usize = 4;
 
@@ -790,14 +816,45 @@ impl<L: FeedLog> Relay<L> {
         r.ok()
     }
 
+    /// Called after a step that read rows. A second such step within
+    /// [`BUSY_AFTER`] makes the relay busy: it tells writers it polls
+    /// ([`FeedLog::polling`], at most twice per [`BUSY_WINDOW`]) and steps
+    /// every [`BUSY_POLL`] until that window, plus [`BUSY_MARGIN`], is
+    /// over. The window's end is counted from the answer, after the
+    /// database set it.
+    async fn keep_busy(&self, busy: &mut Busy) {
+        let now = Instant::now();
+        let sustained = busy.rows_at.is_some_and(|t| now - t <= BUSY_AFTER);
+        busy.rows_at = Some(now);
+        if !sustained || busy.announced_at.is_some_and(|t| now - t < BUSY_WINDOW / 2) {
+            return;
+        }
+        match self.inner.log.polling(BUSY_WINDOW).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let answered = Instant::now();
+                busy.announced_at = Some(answered);
+                busy.until = Some(answered + BUSY_WINDOW + BUSY_MARGIN);
+            }
+            Err(e) => tracing::debug!(error = %e, "invalidation feed: cannot announce polling"),
+        }
+    }
+
     /// Relays until `shutdown` completes: steps whenever the log wakes it
     /// or the poll interval passes, while this instance holds the fleet
     /// lease. An instance that cannot reach the store steps anyway (it then
     /// only keeps the backlog bounded). Releases the lease on the way out.
+    ///
+    /// While steps keep finding rows, the relay polls every 10 ms and tells
+    /// writers so ([`FeedLog::polling`]): their triggers then skip the
+    /// wake-up, whose commit-time lock would serialize a write-heavy
+    /// database. A transaction that ran its statements inside that window
+    /// and commits after the relay stopped polling waits for the next poll.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let inner = &*self.inner;
         tokio::pin!(shutdown);
         let mut leader = false;
+        let mut busy = Busy::default();
         tracing::info!(instance = %inner.token, kinds = ?inner.kinds.keys().collect::<Vec<_>>(), "invalidation feed relay started");
         loop {
             let lease = self.lease(leader).await;
@@ -811,12 +868,18 @@ impl<L: FeedLog> Relay<L> {
                 );
             }
             leader = now_leader;
+            if !leader {
+                busy = Busy::default();
+            }
             metrics::gauge!("cache_feed_relay_active").set(if leader { 1.0 } else { 0.0 });
             let mut again = false;
             if leader || lease.is_none() {
                 match self.step().await {
                     Ok(r) => {
                         again = r.waiting;
+                        if r.read > 0 && leader {
+                            self.keep_busy(&mut busy).await;
+                        }
                         if r.read > 0 || !r.cleared.is_empty() {
                             tracing::debug!(
                                 read = r.read,
@@ -838,6 +901,8 @@ impl<L: FeedLog> Relay<L> {
             }
             let wait = if again {
                 inner.settings.poll.min(RECHECK)
+            } else if busy.until.is_some_and(|t| t > Instant::now()) {
+                inner.settings.poll.min(BUSY_POLL)
             } else {
                 inner.settings.poll
             };

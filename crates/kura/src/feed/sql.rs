@@ -7,7 +7,7 @@
 //!
 //! | backend | what a fed table gets |
 //! |---|---|
-//! | PostgreSQL | `BEFORE UPDATE` row trigger: the version goes up when the UPDATE did not raise it; `AFTER INSERT OR UPDATE OR DELETE` row trigger: appends `(kind, id, version or NULL)`; `AFTER ... FOR EACH STATEMENT` trigger: `pg_notify('kura_invalidation', '')`, which PostgreSQL folds into one notification per transaction |
+//! | PostgreSQL | `BEFORE UPDATE` row trigger: the version goes up when the UPDATE did not raise it; `AFTER INSERT OR UPDATE OR DELETE` row trigger: appends `(kind, id, version or NULL)`; `AFTER ... FOR EACH STATEMENT` trigger: `pg_notify('kura_invalidation', '')`, which PostgreSQL folds into one notification per transaction, unless a busy relay polls anyway (`kura_feed_relay`) |
 //! | SQLite | `AFTER INSERT`, `AFTER UPDATE` and `AFTER DELETE` triggers append to the log; the `AFTER UPDATE` one first raises the version when the UPDATE did not (recursive triggers are off by default, so that inner UPDATE fires nothing) |
 //!
 //! An UPDATE that changes the id logs the old id as deleted and the new one
@@ -52,6 +52,11 @@ pub const STATE_TABLE: &str = "kura_feed_state";
 /// The one-row table mirroring the fleet position (see
 /// [`crate::feed::FeedLog::save_position`]).
 pub const POSITION_TABLE: &str = "kura_feed_position";
+
+/// The one-row table (PostgreSQL) where a busy relay says until when it
+/// steps at a short interval; the `NOTIFY` trigger skips its wake-up
+/// meanwhile (see [`crate::feed::FeedLog::polling`]).
+pub const RELAY_TABLE: &str = "kura_feed_relay";
 
 /// The `LISTEN` channel the PostgreSQL triggers notify.
 pub const CHANNEL: &str = "kura_invalidation";
@@ -144,6 +149,10 @@ fn identifier(what: &'static str, value: &str, max: usize) -> Result<String, Sql
 /// unapplied rows may be deleted (see [`crate::feed::FeedLog::mark_overflow`]);
 /// `kura_feed_position (id, position, updated_at)`: one row (`id` TRUE on
 /// PostgreSQL, 1 on SQLite) mirroring the fleet position.
+///
+/// PostgreSQL also: `kura_feed_relay (id, polling_until)`, one row: until
+/// when a busy relay steps at a short interval, so that the triggers skip
+/// their `NOTIFY` (see [`crate::feed::FeedLog::polling`]).
 #[must_use]
 pub fn log_table_sql(backend: Backend) -> String {
     log_table_statements(backend).join(";\n") + ";\n"
@@ -176,6 +185,11 @@ pub fn log_table_statements(backend: Backend) -> Vec<String> {
                  id BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),\n  \
                  position XID8 NOT NULL,\n  \
                  updated_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()\n)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {RELAY_TABLE} (\n  \
+                 id BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),\n  \
+                 polling_until TIMESTAMPTZ NOT NULL\n)"
             ),
         ],
         Backend::Sqlite => vec![
@@ -214,7 +228,7 @@ pub fn drop_log_table_sql(backend: Backend) -> String {
     let _ = backend;
     format!(
         "DROP TABLE IF EXISTS {LOG_TABLE};\nDROP TABLE IF EXISTS {STATE_TABLE};\n\
-         DROP TABLE IF EXISTS {POSITION_TABLE};\n"
+         DROP TABLE IF EXISTS {POSITION_TABLE};\nDROP TABLE IF EXISTS {RELAY_TABLE};\n"
     )
 }
 
@@ -400,11 +414,18 @@ impl TriggerSpec {
                 put_new = append("NEW", &format!("NEW.\"{v}\"")),
             ),
             // One notification per transaction at most: PostgreSQL folds
-            // identical notifications of a transaction into one. It is only
-            // a wake-up: the relay also polls.
+            // identical notifications of a transaction into one. None while
+            // a busy relay steps at a short interval anyway: a NOTIFY takes
+            // a database-wide lock at commit, which serializes the commits
+            // of a write-heavy database. It is only a wake-up: the relay
+            // also polls.
             format!(
                 "CREATE OR REPLACE FUNCTION {notify}() RETURNS trigger LANGUAGE plpgsql AS $kura$\n\
-                 BEGIN\n  PERFORM pg_notify('{CHANNEL}', '');\n  RETURN NULL;\nEND\n$kura$"
+                 BEGIN\n  \
+                 IF NOT EXISTS (SELECT 1 FROM {RELAY_TABLE} WHERE polling_until > clock_timestamp()) THEN\n    \
+                 PERFORM pg_notify('{CHANNEL}', '');\n  \
+                 END IF;\n  \
+                 RETURN NULL;\nEND\n$kura$"
             ),
             format!("DROP TRIGGER IF EXISTS {bump} ON \"{t}\""),
             format!(

@@ -37,6 +37,22 @@ impl<T> Timed<T> {
     }
 }
 
+/// The holder's token in a lease value. As in the scripts, a lease holds the
+/// token, followed by `\n` and a floor when a committed change of that
+/// version arrived while the load was in flight
+/// ([`Store::invalidate_older`]): its fill must then store that version or
+/// a newer one.
+fn lease_token(lease: &str) -> &str {
+    lease.split_once('\n').map_or(lease, |(token, _)| token)
+}
+
+/// The floor of a lease value, if a committed change set one.
+fn lease_floor(lease: &str) -> Option<u64> {
+    lease
+        .split_once('\n')
+        .and_then(|(_, floor)| floor.parse().ok())
+}
+
 /// One entry: the value key and its companions, kept together so that each
 /// step is atomic under one shard lock.
 #[derive(Debug, Default)]
@@ -638,9 +654,15 @@ impl Store for MemoryStore {
                         return Acquired::Absent;
                     }
                     let stale = slot.stale.as_ref().map(|t| t.v.clone());
-                    match &slot.lease {
-                        Some(l) if &*l.v != r.token => Acquired::Busy { stale },
-                        _ => {
+                    match &mut slot.lease {
+                        Some(l) if lease_token(&l.v) != r.token => Acquired::Busy { stale },
+                        // Re-entrant: the lease keeps the floor a committed
+                        // change may have set.
+                        Some(l) => {
+                            l.until = now + r.lease_ttl;
+                            Acquired::Leased { stale }
+                        }
+                        None => {
                             slot.lease = Some(timed(r.token.into(), now, r.lease_ttl));
                             Acquired::Leased { stale }
                         }
@@ -655,10 +677,21 @@ impl Store for MemoryStore {
             .iter()
             .map(|r| {
                 self.step(r.keys, |slot, now| {
-                    if slot.lease.as_ref().is_none_or(|l| &*l.v != r.token) {
+                    let Some(lease) = slot.lease.take() else {
+                        return FillOutcome::LeaseLost;
+                    };
+                    if lease_token(&lease.v) != r.token {
+                        slot.lease = Some(lease);
                         return FillOutcome::LeaseLost;
                     }
-                    slot.lease = None;
+                    // A change committed while the load was in flight: a
+                    // load of an older row (or of none) is void.
+                    if let Some(floor) = lease_floor(&lease.v) {
+                        match &r.value {
+                            FillValue::Value { version, .. } if *version >= floor => {}
+                            _ => return FillOutcome::LeaseLost,
+                        }
+                    }
                     match &r.value {
                         FillValue::Absent => {
                             if !r.lifetimes.ttl.is_zero() {
@@ -689,7 +722,11 @@ impl Store for MemoryStore {
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {
         for (keys, token) in entries {
             self.step(keys, |slot, _| {
-                if slot.lease.as_ref().is_some_and(|l| &*l.v == *token) {
+                if slot
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| lease_token(&l.v) == *token)
+                {
                     slot.lease = None;
                 }
             });
@@ -736,7 +773,20 @@ impl Store for MemoryStore {
                 match (version, cached) {
                     // As the script: a value without a version counts as older.
                     (Some(v), Some(c)) if !version_newer(*v, c) => 0,
-                    _ => u64::from(slot.invalidate()),
+                    (Some(v), _) => {
+                        // As the script: a load in flight keeps its lease,
+                        // with the change's version as the floor of its fill.
+                        let lease = slot.lease.take().map(|mut l| {
+                            if lease_floor(&l.v).is_none_or(|f| f < *v) {
+                                l.v = format!("{}\n{v}", lease_token(&l.v)).into();
+                            }
+                            l
+                        });
+                        let had = slot.invalidate();
+                        slot.lease = lease;
+                        u64::from(had)
+                    }
+                    (None, _) => u64::from(slot.invalidate()),
                 }
             });
         }

@@ -1097,6 +1097,102 @@ pub async fn feed_event_invalidates_only_older_values(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// A change that arrives while a load is in flight fences the load's lease
+/// with its version instead of voiding it: a load that read that version
+/// or a newer one still fills (the writer's own invalidation usually
+/// started it; voiding it would cost a second miss), one that read an
+/// older row, or none, does not.
+pub async fn feed_event_fences_loads_in_flight(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let fill = |token: &'static str, version: u64| {
+        let s = s.clone();
+        let e = e.clone();
+        async move {
+            s.fill(&[fill_req(
+                &e,
+                token,
+                envelope(&format!("v{version}"), version),
+                version,
+            )])
+            .await
+            .unwrap()[0]
+        }
+    };
+    // The load read the committed version: its fill lands.
+    assert_eq!(
+        s.acquire(&[acq(&e, "A")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    assert_eq!(s.invalidate_older(&[(&e, Some(5))]).await.unwrap(), 0);
+    assert_eq!(
+        s.acquire(&[acq(&e, "other")]).await.unwrap(),
+        vec![Acquired::Busy { stale: None }],
+        "the load in flight keeps its lease"
+    );
+    assert_eq!(fill("A", 5).await, FillOutcome::Stored);
+    assert_eq!(
+        name_of(&s.get(&e.value, None).await.unwrap().unwrap()),
+        "v5"
+    );
+    s.invalidate(&[&e]).await.unwrap();
+    // The load read an older row: refused, and the lease is gone.
+    s.acquire(&[acq(&e, "B")]).await.unwrap();
+    s.invalidate_older(&[(&e, Some(7))]).await.unwrap();
+    // A later event with a lower version does not lower the floor.
+    s.invalidate_older(&[(&e, Some(6))]).await.unwrap();
+    assert_eq!(fill("B", 6).await, FillOutcome::LeaseLost);
+    assert_eq!(s.get(&e.value, None).await.unwrap(), None);
+    assert_eq!(
+        s.acquire(&[acq(&e, "C")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    // A load that found no row, under a floor: the row exists.
+    s.invalidate_older(&[(&e, Some(8))]).await.unwrap();
+    let out = s
+        .fill(&[FillRequest {
+            keys: &e,
+            token: "C",
+            value: FillValue::Absent,
+            lifetimes: life(60_000, 0),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    assert_eq!(
+        s.acquire(&[acq(&e, "D")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    // A re-entrant acquire (a retried pipeline) keeps the floor.
+    s.invalidate_older(&[(&e, Some(9))]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "D")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    assert_eq!(fill("D", 8).await, FillOutcome::LeaseLost);
+    // The holder can still give its fenced lease back.
+    s.acquire(&[acq(&e, "E")]).await.unwrap();
+    s.invalidate_older(&[(&e, Some(10))]).await.unwrap();
+    s.release(&[(&e, "E")]).await.unwrap();
+    assert_eq!(
+        s.acquire(&[acq(&e, "F")]).await.unwrap(),
+        vec![Acquired::Leased { stale: None }]
+    );
+    // Versions compare as numbers ("10" > "9"); a newer load lands.
+    s.invalidate_older(&[(&e, Some(10))]).await.unwrap();
+    assert_eq!(fill("F", 9).await, FillOutcome::LeaseLost);
+    s.acquire(&[acq(&e, "G")]).await.unwrap();
+    s.invalidate_older(&[(&e, Some(9))]).await.unwrap();
+    assert_eq!(fill("G", 11).await, FillOutcome::Stored);
+    s.invalidate(&[&e]).await.unwrap();
+    // A delete voids the load whatever it read.
+    s.acquire(&[acq(&e, "H")]).await.unwrap();
+    s.invalidate_older(&[(&e, None)]).await.unwrap();
+    assert_eq!(fill("H", 12).await, FillOutcome::LeaseLost);
+    cleanup(&ns).await;
+}
+
 pub async fn feed_delete_event_always_invalidates(b: Backend) {
     let s = b.store();
     let ns = ns();
@@ -1213,6 +1309,7 @@ pub async fn run_all(b: Backend) {
     fill_without_stale_drops_the_old_stale_copy(b.clone()).await;
     refresh_extends_the_stale_copy(b.clone()).await;
     feed_event_invalidates_only_older_values(b.clone()).await;
+    feed_event_fences_loads_in_flight(b.clone()).await;
     feed_delete_event_always_invalidates(b.clone()).await;
     feed_event_keeps_the_pending_copy(b.clone()).await;
     feed_position_only_moves_forward(b.clone()).await;

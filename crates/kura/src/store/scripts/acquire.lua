@@ -14,6 +14,11 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return {2} end
 local stale = read(KEYS[3])
 local holder = read(KEYS[2])
 -- Re-entrant: a retried pipeline must not make the holder wait for itself.
-if holder and holder ~= ARGV[1] then return {4, stale} end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if holder and lease_token(holder) ~= ARGV[1] then return {4, stale} end
+if holder then
+  -- Keep the floor a committed change may have set.
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
 return {3, stale}

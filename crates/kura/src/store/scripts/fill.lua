@@ -1,8 +1,14 @@
 -- KEYS: value, lease, stale, absent
 -- ARGV: token, 'v' | 'n', bytes, version, ttl_ms, stale_ms
--- Returns 1 stored, 0 lease lost, 2 a same-or-newer value is cached
-if read(KEYS[2]) ~= ARGV[1] then return 0 end
+-- Returns 1 stored, 0 lease lost (or the load is older than the lease's
+-- floor), 2 a same-or-newer value is cached
+local lease = read(KEYS[2])
+if lease_token(lease) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
+-- A change committed while the load was in flight: a load that read an
+-- older row (or none) is as void as if the lease had been taken from it.
+local floor = lease_floor(lease)
+if floor and (ARGV[2] == 'n' or below(ARGV[4], floor)) then return 0 end
 if ARGV[2] == 'n' then
   if tonumber(ARGV[5]) > 0 then
     redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])

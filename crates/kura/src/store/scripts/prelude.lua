@@ -11,15 +11,38 @@ local function read(k)
   return v
 end
 
+-- Is version `a` lower than version `b` (both decimal strings)? Compared
+-- as digit strings (no leading zeros), so versions past 2^53 keep their
+-- order.
+local function below(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+
 -- Is version `new` (decimal string) strictly newer than the envelope `cur`?
--- Compared as digit strings (no leading zeros), so versions past 2^53 keep
--- their order. A value without the "_v" header counts as older.
+-- A value without the "_v" header counts as older.
 local function newer(new, cur)
   if not cur then return true end
   local cv = string.match(cur, '^{"_v":(%d+)')
   if not cv then return true end
-  if #new ~= #cv then return #new > #cv end
-  return new > cv
+  return below(cv, new)
+end
+
+-- A lease holds its holder's token, followed by "\n" and a floor when a
+-- committed change of that version arrived while the load was in flight
+-- (invalidate_older.lua): the fill must then store that version or a newer
+-- one. The token of a lease value:
+local function lease_token(l)
+  if not l then return nil end
+  local i = string.find(l, '\n', 1, true)
+  if i then return string.sub(l, 1, i - 1) end
+  return l
+end
+
+-- The floor of a lease value, or nil.
+local function lease_floor(l)
+  if not l then return nil end
+  return string.match(l, '\n(%d+)$')
 end
 
 -- Writes the stale copy kept past the value's TTL, or drops it when the

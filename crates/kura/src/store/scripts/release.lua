@@ -1,6 +1,6 @@
 -- KEYS: lease
 -- ARGV: token
-if read(KEYS[1]) == ARGV[1] then
+if lease_token(read(KEYS[1])) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
