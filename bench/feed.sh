@@ -13,15 +13,18 @@
 #    alternately with the feed's triggers installed (and the relay on) and removed (the
 #    SQL of `kura feed sql --remove`: what writes cost before the feed), $ROUNDS times;
 # 3. GET on the hit path (warmed ids) with the relay on and off: the read path does not
-#    touch the feed, so the two should match within noise.
+#    touch the feed, so the two should match within noise;
+# 4. the triggers' own cost in PostgreSQL, without kura: pgbench one-row UPDATEs on a
+#    table of the profiles' shape, without triggers, with them (NOTIFY sent) and with
+#    them while a relay polls (NOTIFY skipped), $ROUNDS times each.
 #
 # Settings (environment): KURA_BIN / FEED_LAG_BIN (skip the build, use these binaries)
 # RATE (1000) SECONDS_LAG (20) POLL (1s) DURATION (10s, each throughput run) WARMUP (2s)
 # CONCURRENCY (32) FEED_DB (kura_bench_feed, dropped and re-created)
-# PARTS (lag,put,get: which of the three measurements to run) ROUNDS (3, PUT runs
+# PARTS (lag,put,get,sql: which of the measurements to run) ROUNDS (3, PUT runs
 # with the feed on and off, alternately).
 # Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
-# Needs: cargo, redis-server, psql, a PostgreSQL superuser `postgres` on 127.0.0.1:5432.
+# Needs: cargo, redis-server, psql, pgbench, a PostgreSQL superuser `postgres` on 127.0.0.1:5432.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,7 +41,7 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONCURRENCY=${CONCURRENCY:-32}
 FEED_DB=${FEED_DB:-kura_bench_feed}
-PARTS=${PARTS:-lag,put,get}
+PARTS=${PARTS:-lag,put,get,sql}
 ROUNDS=${ROUNDS:-3}
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 PROFILES=$((RATE * SECONDS_LAG))
@@ -168,6 +171,34 @@ serve --invalidation-feed off
 warm
 bench get_feed_off
 unserve
+fi
+
+if part sql; then
+# What the triggers cost PostgreSQL itself, without kura: pgbench UPDATEs of one row
+# per transaction ($CONCURRENCY clients) on a table of the profiles' shape, with the
+# library's triggers (the SQL of `kura feed sql`, for this table) and without.
+say "4. the triggers' own cost: pgbench UPDATEs, $DURATION each"
+"${PSQL[@]}" -d "$FEED_DB" -c "CREATE TABLE feed_bench (id INT PRIMARY KEY, name TEXT, bio TEXT, version BIGINT NOT NULL DEFAULT 1)" \
+  -c "INSERT INTO feed_bench (id, name, bio) SELECT i, 'n' || i, repeat('b', 200) FROM generate_series(1, $PROFILES) i"
+"$KURA_BIN" feed sql | sed -e 's/"profiles"/"feed_bench"/g; s/kura_feed_profiles_/kura_feed_feed_bench_/g; s/"user_id"/"id"/g' >"$WORK/bench_install.sql"
+"$KURA_BIN" feed sql --remove | sed -e 's/"profiles"/"feed_bench"/g; s/kura_feed_profiles_/kura_feed_feed_bench_/g' >"$WORK/bench_remove.sql"
+printf '\\set id random(1, %d)\nUPDATE feed_bench SET name = name || :id, version = version + 1 WHERE id = :id;\n' "$PROFILES" >"$WORK/update.sql"
+pgb() { # pgb <name>
+  local tps
+  tps=$(pgbench -n -h 127.0.0.1 -U postgres -c "$CONCURRENCY" -j 2 -T "${DURATION%s}" -f "$WORK/update.sql" "$FEED_DB" 2>/dev/null \
+    | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  echo "{\"name\":\"$1\",\"tps\":$tps}" | tee "$OUT/$1.json"
+}
+for round in $(seq "$ROUNDS"); do
+  "${PSQL[@]}" -d "$FEED_DB" -f "$WORK/bench_remove.sql" >/dev/null 2>&1
+  pgb "sql_none_$round"
+  "${PSQL[@]}" -d "$FEED_DB" -f "$WORK/bench_install.sql" >/dev/null 2>&1
+  "${PSQL[@]}" -d "$FEED_DB" -c "DELETE FROM kura_feed_relay"
+  pgb "sql_notify_$round"
+  "${PSQL[@]}" -d "$FEED_DB" -c "INSERT INTO kura_feed_relay VALUES (TRUE, clock_timestamp() + interval '1 hour')"
+  pgb "sql_polled_$round"
+done
+"${PSQL[@]}" -d "$FEED_DB" -c "DELETE FROM kura_feed_relay"
 fi
 
 {

@@ -86,6 +86,8 @@
 //! | a relay killed mid-batch | the position had not moved: the batch is applied again |
 //! | many relays | every entry applied; the position never moves backwards |
 //! | a duplicate or late event | harmless: a same-or-newer cached version is kept |
+//! | a load in flight when its entity's event is applied | fills only if it read the event's version or a newer one (the lease keeps the version as a floor), so the load the writer's own invalidation started is not lost |
+//! | a write-heavy PostgreSQL | a relay that keeps finding rows polls every 10 ms and says so ([`FeedLog::polling`]); the triggers skip their `NOTIFY`, whose commit-time lock would serialize the writers |
 //! | Redis down for long, backlog past the bound | the affected kinds are cleared when Redis is back, then relaying resumes; the log stays bounded |
 //! | the log | rows older than the retention window and below the position are deleted in bounded batches |
 //!
@@ -97,6 +99,11 @@
 //! - a database restored from a backup or a point in time: its log and
 //!   versions go back, the position in Redis does not, and rows of the
 //!   restored past are never replayed. Clear the cache after a restore;
+//! - a wake-up for a transaction that ran its statements while a busy
+//!   relay polled and committed after it went idle: it waits for the next
+//!   poll;
+//! - cheap writes: the log row is an INSERT in every writing transaction
+//!   (measured in `docs/bench/FEED.md`);
 //! - promptness while a transaction runs long anywhere in the PostgreSQL
 //!   cluster: it holds the watermark back, which is lag (the
 //!   `cache_feed_lag_seconds` metric), never loss;

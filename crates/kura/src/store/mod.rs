@@ -207,7 +207,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn acquire(&self, reqs: &[AcquireRequest<'_>]) -> StoreResult<Vec<Acquired>>;
 
     /// For each entry: stores the loaded value if the caller's lease is still
-    /// held, then releases the lease.
+    /// held (and the value is at least the version a committed change fenced
+    /// the lease with, see [`Store::invalidate_older`]), then releases the
+    /// lease.
     async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>>;
 
     /// Gives back leases whose loads failed, if still held by `token`.
@@ -223,11 +225,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Applies committed changes from the database's invalidation log (see
     /// [`crate::feed`]): for each entry, unless a value of the same or a
-    /// newer version than the change's is cached, deletes the value, lease
-    /// (voiding loads in flight), stale copy and "not found" marker. A
-    /// delete (`None`) always invalidates. Pending write-behind copies are
-    /// kept, as [`Store::invalidate`] keeps them. Applying a change twice, or
-    /// after a newer one, is harmless. Returns how many values were dropped.
+    /// newer version than the change's is cached, deletes the value, stale
+    /// copy and "not found" marker, and fences a lease in flight with the
+    /// change's version: its fill then stores only that version or a newer
+    /// one (a load that read the row before the commit is refused as if its
+    /// lease had been voided, one that read it after still fills). A delete
+    /// (`None`) always invalidates, lease included. Pending write-behind
+    /// copies are kept, as [`Store::invalidate`] keeps them. Applying a
+    /// change twice, or after a newer one, is harmless. Returns how many
+    /// values were dropped.
     async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64>;
 
     /// Moves a position (a key outside the entry protocol, such as the
