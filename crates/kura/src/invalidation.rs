@@ -83,6 +83,7 @@ impl Cache {
         // before this invalidation.
         for (_, e) in &entries {
             c.epochs.bump(&e.value);
+            c.near_evict(&e.value);
         }
         match r {
             Ok(deleted) => Invalidated {
@@ -155,6 +156,7 @@ impl Cache {
             )
             .await;
         c.epochs.bump_all();
+        c.near_clear(&pattern.kind());
         match r {
             Ok(n) => {
                 m.invalidations.increment(n);

@@ -295,6 +295,13 @@ impl KeyBuilder {
         Ok(k)
     }
 
+    /// What every value key of `kind` starts with (`<ns>:<segment>:`):
+    /// companions live under `<ns>:~`, so it covers values only.
+    #[must_use]
+    pub fn value_prefix(&self, kind: &Kind) -> String {
+        format!("{}:{}:", self.namespace, kind.segment)
+    }
+
     /// All keys of one entry.
     ///
     /// # Errors

@@ -141,6 +141,7 @@ pub mod feed;
 pub mod invalidation;
 pub mod key;
 pub mod metrics;
+pub mod near;
 pub mod source;
 pub mod store;
 pub mod strategy;

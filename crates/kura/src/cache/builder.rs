@@ -9,14 +9,15 @@ use std::time::Duration;
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::codec::DEFAULT_MAX_VALUE_BYTES;
 use crate::error::Error;
-use crate::key::KeyBuilder;
+use crate::key::{KeyBuilder, Kind};
 use crate::metrics::LocalCounters;
-use crate::store::{QueueStore, Store};
+use crate::near::{NearConfig, Tracker};
+use crate::store::{QueueStore, Store, TrackingSink};
 use crate::ttl::{ReadCounter, TtlPolicy};
 
 use super::journal::Pending;
 use super::maintenance::maintenance;
-use super::{Cache, CacheInner, Epochs, QueuedCache};
+use super::{Cache, CacheInner, Epochs, NearCaches, QueuedCache};
 
 /// Builds a [`Cache`], or a [`QueuedCache`] when made by [`Cache::queued`].
 ///
@@ -58,6 +59,8 @@ pub struct CacheBuilder<Q = ()> {
     read_counter_capacity: usize,
     hash_tags: Option<bool>,
     force_timer: bool,
+    near: HashMap<&'static str, (Kind, NearConfig)>,
+    near_max_silence: Duration,
 }
 
 impl<Q> std::fmt::Debug for CacheBuilder<Q> {
@@ -160,10 +163,56 @@ impl<Q> CacheBuilder<Q> {
         self
     }
 
+    /// Keeps a near cache (in-process L1) of `kind` above the store, kept
+    /// consistent by the store's invalidation stream (see [`crate::near`]).
+    /// Over a store without one (the memory store), the option is logged
+    /// and ignored.
+    pub fn near_cache(mut self, kind: Kind, config: NearConfig) -> Self {
+        self.near.insert(kind.name(), (kind, config));
+        self
+    }
+
+    /// How long the near caches keep serving without a confirmation of the
+    /// invalidation stream (default [`crate::near::DEFAULT_MAX_SILENCE`]):
+    /// the bound on staleness when Redis stops answering.
+    pub fn near_cache_max_silence(mut self, d: Duration) -> Self {
+        self.near_max_silence = d;
+        self
+    }
+
     /// Forces Redis Cluster hash tags on or off (default: as the store needs).
     pub fn hash_tags(mut self, yes: bool) -> Self {
         self.hash_tags = Some(yes);
         self
+    }
+
+    /// The near caches' tracker and settings, with the store's stream
+    /// started; `None` when no type has one or the store has no stream.
+    fn start_near(&self, keys: &KeyBuilder) -> Option<NearCaches> {
+        if self.near.is_empty() {
+            return None;
+        }
+        let mut prefixes: Vec<String> = self
+            .near
+            .values()
+            .map(|(kind, _)| keys.value_prefix(kind))
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let tracker = Tracker::new(self.near_max_silence);
+        let sink: Arc<dyn TrackingSink> = tracker.clone();
+        let Some(tracking) = self.store.track(prefixes, Arc::downgrade(&sink)) else {
+            tracing::warn!(
+                store = self.store.describe(),
+                "near cache: the store has no invalidation stream; off"
+            );
+            return None;
+        };
+        tracker.hold(tracking);
+        Some(NearCaches {
+            tracker,
+            configs: self.near.iter().map(|(k, (_, c))| (*k, *c)).collect(),
+        })
     }
 
     /// The cache, and what the builder keeps besides.
@@ -174,7 +223,9 @@ impl<Q> CacheBuilder<Q> {
         let keys = KeyBuilder::new(&self.namespace, hash_tags)?;
         let counter_keys = keys.counter_keys();
         let self_bounded = self.store.bounds_own_latency() && !self.force_timer;
+        let near = self.start_near(&keys);
         let inner = Arc::new_cyclic(|me| CacheInner {
+            near,
             self_bounded,
             store: self.store,
             keys,
@@ -284,6 +335,8 @@ impl Cache {
             read_counter_capacity: 1_000_000,
             hash_tags: None,
             force_timer: false,
+            near: HashMap::new(),
+            near_max_silence: crate::near::DEFAULT_MAX_SILENCE,
         }
     }
 }

@@ -96,6 +96,32 @@ pub(crate) struct CacheInner {
     kind_metrics: Mutex<HashMap<&'static str, KindMetrics>>,
     /// Bumped by every write before it returns; see [`Epochs`].
     pub(crate) epochs: Epochs,
+    /// The near caches, when some type has one and the store a stream.
+    pub(crate) near: Option<NearCaches>,
+}
+
+/// The near caches of a [`Cache`]: the tracker every L1 is registered
+/// with, and each type's options.
+pub(crate) struct NearCaches {
+    pub(crate) tracker: Arc<crate::near::Tracker>,
+    pub(crate) configs: HashMap<&'static str, crate::near::NearConfig>,
+}
+
+impl CacheInner {
+    /// A write of this process to the value key `key`, after the store
+    /// call: evicted from this process's L1 before the write returns.
+    pub(crate) fn near_evict(&self, key: &str) {
+        if let Some(n) = &self.near {
+            n.tracker.evict_own(key);
+        }
+    }
+
+    /// A pattern invalidation or clear of `kind` by this process.
+    pub(crate) fn near_clear(&self, kind: &Kind) {
+        if let Some(n) = &self.near {
+            n.tracker.clear_kind(kind);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

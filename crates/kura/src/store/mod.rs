@@ -48,6 +48,7 @@
 //!    position
 //!    ([`Store::advance`]) lives as long as the fleet relays.
 
+use std::sync::Weak;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -60,6 +61,7 @@ mod memory;
 mod queue;
 mod redis;
 mod redis_conn;
+mod tracking;
 
 pub use self::memory::MemoryStore;
 pub use self::queue::{
@@ -289,6 +291,46 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A short name for logs and health output (`redis`, `redis-cluster`,
     /// `memory`, …).
     fn describe(&self) -> &'static str;
+
+    /// Starts the stream of invalidations of keys starting with any of
+    /// `prefixes` (changes, deletions, expiries, evictions, by any client),
+    /// delivered to `sink` until it is dropped or the returned handle is.
+    /// Redis: `CLIENT TRACKING ON BCAST` on connections of its own (see
+    /// [`crate::near`]). `None`: the store has no such stream (the memory
+    /// store; the default).
+    fn track(&self, prefixes: Vec<String>, sink: Weak<dyn TrackingSink>) -> Option<Tracking> {
+        let _ = (prefixes, sink);
+        None
+    }
+}
+
+/// Where a store's invalidation stream goes ([`Store::track`]). The calls
+/// come from the stream's own task, one at a time, in the order the server
+/// sent them.
+pub trait TrackingSink: Send + Sync + 'static {
+    /// These keys changed on the server; `None`: all of them (a flush).
+    fn invalidated(&self, keys: Option<&[&[u8]]>);
+
+    /// Every invalidation of a change the server applied before `sent_at`
+    /// has been delivered.
+    fn confirmed(&self, sent_at: std::time::Instant);
+
+    /// Invalidations may have been missed (the connection broke, a check
+    /// failed, the topology moved, or a new stream began): nothing held
+    /// from before can be trusted. `reason` is a short tag for metrics.
+    fn lost(&self, reason: &'static str);
+}
+
+/// A running invalidation stream; stopped when dropped.
+#[derive(Debug)]
+pub struct Tracking {
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Compares two non-negative decimal numbers written without leading zeros,

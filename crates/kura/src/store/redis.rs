@@ -121,17 +121,16 @@ impl RedisStoreBuilder {
     ///
     /// [`StoreError::Server`] when the URL cannot be parsed.
     pub fn build(self) -> StoreResult<RedisStore> {
-        let conn = Conn::open(
-            &self.url,
-            Timeouts {
-                response: self.response_timeout,
-                connect: self.connect_timeout,
-                block: MAX_BLOCK,
-            },
-        )?;
+        let timeouts = Timeouts {
+            response: self.response_timeout,
+            connect: self.connect_timeout,
+            block: MAX_BLOCK,
+        };
+        let conn = Conn::open(&self.url, timeouts)?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                timeouts,
                 url: redact(&self.url),
                 claim_cursors: Mutex::new(HashMap::new()),
             }),
@@ -161,6 +160,7 @@ pub struct RedisStore {
 #[derive(Debug)]
 struct Inner {
     conn: Conn,
+    timeouts: Timeouts,
     url: String,
     /// Where the last `XAUTOCLAIM` of each queue stopped (stream and group),
     /// so the next one goes on from there instead of looking at the same
@@ -810,6 +810,14 @@ impl Store for RedisStore {
 
     fn describe(&self) -> &'static str {
         self.inner.conn.topology()
+    }
+
+    fn track(
+        &self,
+        prefixes: Vec<String>,
+        sink: std::sync::Weak<dyn super::TrackingSink>,
+    ) -> Option<super::Tracking> {
+        super::tracking::spawn(self.inner.conn.clone(), self.inner.timeouts, prefixes, sink)
     }
 }
 

@@ -18,7 +18,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, Value};
+use redis::{
+    Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult,
+    Value,
+};
 
 use crate::error::StoreError;
 
@@ -146,8 +149,12 @@ enum Inner {
     Single {
         conn: ConnectionManager,
         blocking: ConnectionManager,
+        info: ConnectionInfo,
     },
     Cluster {
+        /// A seed's connection settings (credentials, TLS), for
+        /// connections of its own to each primary.
+        seed: ConnectionInfo,
         client: ClusterClient,
         blocking_client: ClusterClient,
         conn: tokio::sync::OnceCell<ClusterConnection>,
@@ -187,10 +194,20 @@ impl Conn {
                     .as_str()
                     .into_connection_info()?
                     .set_tcp_settings(nodelay());
-                let (conn, blocking) = managers(redis::Client::open(info)?, t)?;
-                Inner::Single { conn, blocking }
+                let (conn, blocking) = managers(redis::Client::open(info.clone())?, t)?;
+                Inner::Single {
+                    conn,
+                    blocking,
+                    info,
+                }
             }
             Target::Cluster(nodes) => {
+                let seed = nodes
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or_default()
+                    .into_connection_info()?
+                    .set_tcp_settings(nodelay());
                 let build = |response: Duration| {
                     ClusterClient::builder(nodes.clone())
                         .tcp_settings(nodelay())
@@ -200,6 +217,7 @@ impl Conn {
                         .build()
                 };
                 Inner::Cluster {
+                    seed,
                     client: build(t.response)?,
                     blocking_client: build(t.response + t.block)?,
                     conn: tokio::sync::OnceCell::new(),
@@ -267,7 +285,9 @@ impl Conn {
 
     async fn query_on<T: FromRedisValue>(&self, cmd: &Cmd, blocking: bool) -> RedisResult<T> {
         match &*self.inner {
-            Inner::Single { conn, blocking: b } => {
+            Inner::Single {
+                conn, blocking: b, ..
+            } => {
                 let mut c = if blocking { b.clone() } else { conn.clone() };
                 cmd.query_async(&mut c).await
             }
@@ -276,6 +296,7 @@ impl Conn {
                 blocking_client,
                 conn,
                 blocking: b,
+                ..
             } => {
                 let mut c = if blocking {
                     cluster(b, blocking_client).await?
@@ -391,6 +412,86 @@ impl Conn {
             _ => self.query(cmd).await,
         }
     }
+}
+
+impl Conn {
+    /// The nodes an invalidation stream must listen to (the standalone
+    /// server, Sentinel's current master, or every Cluster primary), each
+    /// with its address and connection settings, and a fingerprint of the
+    /// topology: when it changes (a failover, a slot move) the stream must
+    /// start again.
+    pub(super) async fn tracking_nodes(
+        &self,
+    ) -> RedisResult<(Vec<(String, ConnectionInfo)>, String)> {
+        match &*self.inner {
+            Inner::Single { info, .. } => {
+                Ok((vec![(info.addr().to_string(), info.clone())], String::new()))
+            }
+            Inner::Sentinel(s) => {
+                let client = {
+                    let mut c = s.client.lock().await;
+                    c.async_get_client().await?
+                };
+                let info = client
+                    .get_connection_info()
+                    .clone()
+                    .set_tcp_settings(nodelay());
+                let addr = info.addr().to_string();
+                Ok((vec![(addr.clone(), info)], addr))
+            }
+            Inner::Cluster {
+                seed, client, conn, ..
+            } => {
+                let mut c = cluster(conn, client).await?;
+                let text: String = c
+                    .route_command(
+                        redis::cmd("CLUSTER").arg("NODES").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    )
+                    .await
+                    .and_then(|v| Ok(String::from_redis_value(v)?))?;
+                let primaries = parse_primary_slots(&text);
+                let nodes = primaries
+                    .iter()
+                    .filter_map(|(addr, _)| {
+                        let (host, port) = addr.rsplit_once(':')?;
+                        let port = port.parse().ok()?;
+                        Some((
+                            addr.clone(),
+                            seed.clone()
+                                .set_addr(ConnectionAddr::Tcp(host.to_owned(), port)),
+                        ))
+                    })
+                    .collect();
+                let fingerprint = primaries
+                    .iter()
+                    .map(|(a, slots)| format!("{a} {slots}"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                Ok((nodes, fingerprint))
+            }
+        }
+    }
+}
+
+/// Primaries from `CLUSTER NODES` as `(host:port, slot ranges)`, sorted;
+/// failed primaries and primaries without slots are skipped.
+pub(super) fn parse_primary_slots(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let flags = f.get(2)?;
+            if !flags.contains("master") || flags.contains("fail") || flags.contains("noaddr") {
+                return None;
+            }
+            let addr = f.get(1)?.split('@').next()?.to_owned();
+            let slots = f.get(8..)?.join(" ");
+            (!slots.is_empty()).then_some((addr, slots))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 async fn cluster(

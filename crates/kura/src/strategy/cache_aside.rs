@@ -35,6 +35,7 @@ use crate::codec::{self, CodecError};
 use crate::error::{Error, StoreError};
 use crate::key::{EntryKeys, Kind};
 use crate::metrics::KindMetrics;
+use crate::near::{Layer, Near, NearEntry};
 use crate::source::{Source, Versioned};
 use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
 use crate::ttl::TypePolicy;
@@ -78,22 +79,38 @@ impl std::fmt::Display for Status {
 /// The result of a read.
 #[derive(Debug, Clone)]
 pub struct Fetched<T> {
-    value: Option<T>,
+    value: Option<Arc<T>>,
     json: Option<Bytes>,
     status: Status,
+    l1: bool,
+}
+
+impl<T: Clone> Fetched<T> {
+    /// Takes the value (cloned when the near cache shares it).
+    #[must_use]
+    pub fn into_value(self) -> Option<T> {
+        self.value.map(Arc::unwrap_or_clone)
+    }
 }
 
 impl<T> Fetched<T> {
     /// The value, `None` when the source has no such row.
     #[must_use]
     pub fn value(&self) -> Option<&T> {
+        self.value.as_deref()
+    }
+
+    /// The value as shared (a near cache hit hands out its own).
+    #[must_use]
+    pub fn shared_value(&self) -> Option<&Arc<T>> {
         self.value.as_ref()
     }
 
-    /// Takes the value.
+    /// Where a hit came from: [`Layer::L1`] (the near cache) or
+    /// [`Layer::L2`] (the store); `None` for anything but a hit.
     #[must_use]
-    pub fn into_value(self) -> Option<T> {
-        self.value
+    pub fn layer(&self) -> Option<Layer> {
+        layer(self.status, self.l1)
     }
 
     /// The value's JSON (without the cache envelope): what a handler can
@@ -120,16 +137,26 @@ impl<T> Fetched<T> {
             value: None,
             json: None,
             status,
+            l1: false,
         }
     }
 
     fn decoded(d: codec::Decoded<T>, status: Status) -> Self {
+        Self::found(d.value, d.json, status)
+    }
+
+    fn found(value: T, json: Bytes, status: Status) -> Self {
         Self {
-            value: Some(d.value),
-            json: Some(d.json),
+            value: Some(Arc::new(value)),
+            json: Some(json),
             status,
+            l1: false,
         }
     }
+}
+
+fn layer(status: Status, l1: bool) -> Option<Layer> {
+    (status == Status::Hit).then_some(if l1 { Layer::L1 } else { Layer::L2 })
 }
 
 /// The result of [`CacheAside::get_json`]: the value's JSON, unparsed on a
@@ -138,6 +165,7 @@ impl<T> Fetched<T> {
 pub struct FetchedJson {
     json: Option<Bytes>,
     status: Status,
+    l1: bool,
 }
 
 impl FetchedJson {
@@ -165,6 +193,12 @@ impl FetchedJson {
     pub fn is_found(&self) -> bool {
         self.json.is_some()
     }
+
+    /// Where a hit came from (see [`Fetched::layer`]).
+    #[must_use]
+    pub fn layer(&self) -> Option<Layer> {
+        layer(self.status, self.l1)
+    }
 }
 
 impl<T> From<Fetched<T>> for FetchedJson {
@@ -172,24 +206,65 @@ impl<T> From<Fetched<T>> for FetchedJson {
         Self {
             json: f.json,
             status: f.status,
+            l1: f.l1,
         }
     }
 }
 
-/// What a read returns, as far as the metrics care.
-trait Answer {
+/// What a read returns, as far as the metrics and the near cache care.
+trait Answer<T>: Sized {
     fn status(&self) -> Status;
+    /// What an L1 entry holds of it: the JSON and, if decoded, the value.
+    fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)>;
+    /// The answer to an L1 hit.
+    fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError>;
 }
 
-impl<T> Answer for Fetched<T> {
+impl<T: serde::de::DeserializeOwned> Answer<T> for Fetched<T> {
     fn status(&self) -> Status {
         self.status
     }
+
+    fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)> {
+        Some((self.json.as_ref()?, self.value.as_ref()))
+    }
+
+    fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError> {
+        let value = match e.value.get() {
+            Some(v) => v.clone(),
+            // Filled by `get_json`: decoded once, by the first typed read.
+            None => {
+                let v: Arc<T> = Arc::new(
+                    serde_json::from_slice(&e.json)
+                        .map_err(|err| CodecError::Decode(err.to_string()))?,
+                );
+                e.value.get_or_init(|| v).clone()
+            }
+        };
+        Ok(Self {
+            value: Some(value),
+            json: Some(e.json.clone()),
+            status: Status::Hit,
+            l1: true,
+        })
+    }
 }
 
-impl Answer for FetchedJson {
+impl<T> Answer<T> for FetchedJson {
     fn status(&self) -> Status {
         self.status
+    }
+
+    fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)> {
+        Some((self.json.as_ref()?, None))
+    }
+
+    fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError> {
+        Ok(Self {
+            json: Some(e.json.clone()),
+            status: Status::Hit,
+            l1: true,
+        })
     }
 }
 
@@ -303,6 +378,8 @@ pub(crate) struct Aside<S: Source> {
     /// after the cache is built.
     policy: TypePolicy,
     flights: Flights<S::Value>,
+    /// The type's near cache, if it has one.
+    near: Option<Arc<Near<S::Value>>>,
 }
 
 impl<S: Source> CacheAside<S> {
@@ -312,6 +389,15 @@ impl<S: Source> CacheAside<S> {
         }
         let metrics = cache.inner.kind_metrics(&kind);
         let policy = cache.inner.policy.get(kind.name());
+        let near = cache.inner.near.as_ref().and_then(|n| {
+            let config = n.configs.get(kind.name())?;
+            Some(Near::<S::Value>::new(
+                kind,
+                &cache.inner.keys,
+                *config,
+                n.tracker.clone(),
+            ))
+        });
         Self {
             inner: Arc::new(Aside {
                 cache,
@@ -320,6 +406,7 @@ impl<S: Source> CacheAside<S> {
                 metrics,
                 policy,
                 flights: Mutex::new(HashMap::new()),
+                near,
             }),
         }
     }
@@ -391,6 +478,7 @@ impl<S: Source> CacheAside<S> {
                 codec::decode_json(b).map(|(_, json)| FetchedJson {
                     json: Some(json),
                     status: Status::Hit,
+                    l1: false,
                 })
             },
             FetchedJson::from,
@@ -401,7 +489,7 @@ impl<S: Source> CacheAside<S> {
     /// The read path shared by [`get`](Self::get) and
     /// [`get_json`](Self::get_json): `hit` checks cached bytes, `miss` shapes
     /// what the load returned.
-    async fn read<R: Answer>(
+    async fn read<R: Answer<S::Value>>(
         &self,
         id: &str,
         hit: impl Fn(&Bytes) -> Result<R, CodecError>,
@@ -416,7 +504,7 @@ impl<S: Source> CacheAside<S> {
         r
     }
 
-    async fn read_inner<R>(
+    async fn read_inner<R: Answer<S::Value>>(
         &self,
         id: &str,
         now: Instant,
@@ -432,10 +520,32 @@ impl<S: Source> CacheAside<S> {
         if !policy.enabled() || c.distrusts(&a.kind, &key) {
             return Box::pin(self.flight(id, key, false)).await.map(miss);
         }
+        let near = a.near.as_deref();
+        if let Some(n) = near {
+            if let Some(e) = n.get(id) {
+                match R::from_near(&e) {
+                    Ok(r) => return Ok(r),
+                    Err(err) => {
+                        tracing::warn!(key, error = %err, "undecodable near cache entry: dropped");
+                        crate::near::NearLayer::evict(n, id);
+                    }
+                }
+            }
+        }
+        // Taken before the read is sent: an invalidation that arrives
+        // before the reply voids it.
+        let ticket = near.map(|n| n.tracker.begin(&key));
         let refresh = c.adaptive_refresh(&key, policy, now);
         match c.call(Some(&a.metrics), c.store.get(&key, refresh)).await {
             Ok(Some(bytes)) => match hit(&bytes) {
-                Ok(r) => return Ok(r),
+                Ok(r) => {
+                    if let (Some(n), Some(t)) = (near, &ticket) {
+                        if let Some((json, value)) = r.near_parts() {
+                            n.fill(t, id, json.clone(), value.cloned());
+                        }
+                    }
+                    return Ok(r);
+                }
                 Err(e) => {
                     tracing::warn!(key, error = %e, "undecodable cached value: removed");
                     c.discard(&key, &bytes).await;
@@ -650,11 +760,7 @@ impl<S: Source> Aside<S> {
                         bytes: enc.envelope,
                         version: v.version(),
                     }),
-                    Fetched {
-                        value: Some(v),
-                        json: Some(enc.json),
-                        status: Status::Miss,
-                    },
+                    Fetched::found(v, enc.json, Status::Miss),
                 ),
                 Err(e @ CodecError::TooLarge { .. }) => {
                     tracing::warn!(key = entry.value, error = %e, "value not cached");
@@ -713,11 +819,7 @@ impl<S: Source> Aside<S> {
     fn plain(&self, v: S::Value, status: Status) -> Result<Fetched<S::Value>, Error> {
         let json =
             serde_json::to_vec(&v).map_err(|e| Error::from(CodecError::Encode(e.to_string())))?;
-        Ok(Fetched {
-            value: Some(v),
-            json: Some(Bytes::from(json)),
-            status,
-        })
+        Ok(Fetched::found(v, Bytes::from(json), status))
     }
 
     /// Loads from the source without touching the cache.
@@ -954,11 +1056,7 @@ impl<S: Source> Aside<S> {
                                 });
                                 filled.push(j);
                             }
-                            slots[j].fetched = Some(Fetched {
-                                value: Some(v),
-                                json: Some(enc.json),
-                                status,
-                            });
+                            slots[j].fetched = Some(Fetched::found(v, enc.json, status));
                         }
                         Err(e) => {
                             tracing::warn!(key = entries[j].value, error = %e, "value not cached");

@@ -468,7 +468,11 @@ impl<S: Source> WriteBehind<S> {
                 min_replicas: self.limits.min_replicas,
                 replica_timeout: self.limits.replica_timeout,
             };
-            match c.call(None, self.store.accept(&req)).await {
+            let r = c.call(None, self.store.accept(&req)).await;
+            // Accepted or not, this process's near cache copy is gone: the
+            // value key was written, or a conflict showed the copy old.
+            c.near_evict(&entry.value);
+            match r {
                 Ok(AcceptOutcome::Accepted {
                     replicated: Some(n),
                     ..

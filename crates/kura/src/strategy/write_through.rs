@@ -113,6 +113,7 @@ impl WriteThrough {
         // From here no new reader in this process joins a load that began
         // before this write.
         c.epochs.bump(&entry.value);
+        c.near_evict(&entry.value);
         match r {
             Ok(_) => Ok(WriteOutcome::Invalidated),
             Err(e) => {
@@ -158,6 +159,7 @@ impl WriteThrough {
         };
         let r = c.call(Some(&self.metrics), c.store.update(&[req])).await;
         c.epochs.bump(&entry.value);
+        c.near_evict(&entry.value);
         match r {
             Ok(v) => Ok(match v.first() {
                 Some(UpdateOutcome::Stored) => WriteOutcome::Updated,
