@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kura::near::NearConfig;
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Adaptive, Cache, QueueStore, QueuedCache, TtlPolicy};
+use kura::{Adaptive, Cache, Kind, QueueStore, QueuedCache, TtlPolicy};
 
 use crate::config::Config;
 use crate::db::Db;
@@ -65,12 +66,21 @@ pub fn open_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
             true,
         ),
     };
-    let cache = Cache::queued_shared(store)
+    let mut builder = Cache::queued_shared(store)
         .namespace(config.namespace.as_str())
         .ttl_policy(ttl_policy(config))
-        .op_timeout(config.redis_timeout)
-        .build()
-        .context("cache configuration")?;
+        .op_timeout(config.redis_timeout);
+    for n in &config.near_cache {
+        if n.kind == Kind::PROFILE.name() {
+            builder = builder.near_cache(
+                Kind::PROFILE,
+                NearConfig::entries(n.entries)
+                    .max_bytes(config.near_cache_max_bytes)
+                    .max_lifetime(config.near_cache_ttl),
+            );
+        }
+    }
+    let cache = builder.build().context("cache configuration")?;
     Ok((cache, memory))
 }
 

@@ -199,6 +199,9 @@ pub struct FeedCommandArgs {
 /// `kura feed` subcommands.
 #[derive(Debug, Subcommand)]
 #[non_exhaustive]
+// Parsed once per process: the size of the status variant (it carries the
+// cache flags) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum FeedCommand {
     /// The relay's position, the log's watermark, the backlog (entries not
     /// applied yet), the lag, and which instance is relaying.

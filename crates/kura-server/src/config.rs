@@ -119,6 +119,46 @@ impl std::str::FromStr for TtlOverride {
     }
 }
 
+/// One `--near-cache type=entries` setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NearCacheSetting {
+    /// The data type (`profile`, …).
+    pub kind: String,
+    /// Its near cache's entry bound.
+    pub entries: u64,
+}
+
+impl std::str::FromStr for NearCacheSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, entries) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected TYPE=ENTRIES, e.g. profile=10000"))?;
+        let kind = kind.trim();
+        if !NEAR_TYPES.contains(&kind) {
+            return Err(format!(
+                "{kind:?}: a near cache is available for {}",
+                NEAR_TYPES.join(", ")
+            ));
+        }
+        let entries: u64 = entries
+            .trim()
+            .parse()
+            .map_err(|_| format!("{entries:?}: the entry bound is a whole number"))?;
+        if entries == 0 {
+            return Err(format!("{s:?}: at least one entry"));
+        }
+        Ok(NearCacheSetting {
+            kind: kind.to_owned(),
+            entries,
+        })
+    }
+}
+
+/// The types the service can keep a near cache of.
+pub const NEAR_TYPES: &[&str] = &["profile"];
+
 /// Database flags.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
@@ -173,6 +213,19 @@ pub struct CacheArgs {
     /// Memory budget of the embedded store, in MiB (without Redis).
     #[arg(long, env = "KURA_MEMORY_MAX_MB", default_value_t = 256)]
     pub memory_max_mb: usize,
+    /// In-process near cache per type, `TYPE=ENTRIES` (repeatable, or
+    /// comma-separated in the variable), e.g. `profile=10000`; kept
+    /// consistent by Redis client-side tracking. Off by default; ignored on
+    /// the embedded store.
+    #[arg(long = "near-cache", env = "KURA_NEAR_CACHE", value_delimiter = ',')]
+    pub near_cache: Vec<NearCacheSetting>,
+    /// Byte bound of each type's near cache, in MiB.
+    #[arg(long, env = "KURA_NEAR_CACHE_MAX_MB", default_value_t = 64)]
+    pub near_cache_max_mb: u64,
+    /// Longest an entry stays in a near cache (a backstop behind the
+    /// invalidations).
+    #[arg(long, env = "KURA_NEAR_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub near_cache_ttl: Duration,
 }
 
 /// Authentication flags.
@@ -547,6 +600,12 @@ pub struct Config {
     pub ttl: Vec<TtlOverride>,
     /// Stale-copy lifetime of profiles past their TTL.
     pub max_stale: Duration,
+    /// Near caches: `(type, entry bound)`.
+    pub near_cache: Vec<NearCacheSetting>,
+    /// Byte bound of each near cache.
+    pub near_cache_max_bytes: u64,
+    /// Longest life of a near cache entry.
+    pub near_cache_ttl: Duration,
     /// Default write strategy.
     pub write_strategy: WriteStrategy,
     /// Warm the cache in the background after start-up.
@@ -582,6 +641,9 @@ impl Default for Config {
             namespace: "cache".to_owned(),
             ttl: Vec::new(),
             max_stale: Duration::ZERO,
+            near_cache: Vec::new(),
+            near_cache_max_bytes: 64 << 20,
+            near_cache_ttl: Duration::from_secs(30),
             write_strategy: WriteStrategy::Invalidate,
             warm_on_start: false,
             warm_limit: 1000,
@@ -639,6 +701,9 @@ impl Config {
         self.ttl = a.ttl.clone();
         self.max_stale = a.max_stale;
         self.memory_max_bytes = a.memory_max_mb << 20;
+        self.near_cache = a.near_cache.clone();
+        self.near_cache_max_bytes = a.near_cache_max_mb.max(1) << 20;
+        self.near_cache_ttl = a.near_cache_ttl;
     }
 }
 

@@ -225,6 +225,12 @@ impl ProfileService {
         &self.cache
     }
 
+    /// What the profiles' near cache holds, if it is on.
+    #[must_use]
+    pub fn near_stats(&self) -> Option<kura::near::NearStats> {
+        self.profiles.near_stats()
+    }
+
     /// The default write strategy.
     #[must_use]
     pub fn strategy(&self) -> WriteStrategy {

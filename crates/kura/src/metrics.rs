@@ -23,6 +23,12 @@
 //! | `cache_feed_applied_total` | counter | `cache_type` |
 //! | `cache_feed_relay_active` | gauge (1 while this instance holds the feed lease) | |
 //! | `cache_feed_overflow_clears_total` | counter | `cache_type` |
+//! | `cache_l1_hits_total`, `cache_l1_misses_total` | counter (near cache lookups) | `cache_type` |
+//! | `cache_l1_evictions_total` | counter (entries dropped: `size` bound, `invalidated` by a push) | `cache_type` (size), `reason` |
+//! | `cache_l1_invalidations_total` | counter (invalidation pushes received, per key) | |
+//! | `cache_l1_flushes_total` | counter (whole near cache dropped) | `reason` (`connected`, `disconnected`, `ping failed`, `topology changed`, `server_flush`, …) |
+//! | `cache_l1_invalidation_delay_seconds` | histogram (a write of this process to the push that reports it) | |
+//! | `cache_l1_entries`, `cache_l1_bytes` | gauge (set by the service at each scrape) | `cache_type` |
 //!
 //! The write-behind series (`cache_wb_*`) are listed on
 //! [`crate::strategy::write_behind`]. [`describe`] gives every series its
@@ -142,6 +148,34 @@ pub fn describe() {
     describe_counter!(
         "cache_feed_overflow_clears_total",
         "Types cleared whole because the invalidation-log backlog passed its bound while the cache was unreachable."
+    );
+    describe_counter!("cache_l1_hits_total", "Reads answered from the near cache.");
+    describe_counter!(
+        "cache_l1_misses_total",
+        "Near cache lookups that went on to the store."
+    );
+    describe_counter!(
+        "cache_l1_evictions_total",
+        "Near cache entries dropped (reason: size bound, or invalidated by a push)."
+    );
+    describe_counter!(
+        "cache_l1_invalidations_total",
+        "Invalidation pushes received from the store, one per key."
+    );
+    describe_counter!(
+        "cache_l1_flushes_total",
+        "Whole near caches dropped (the invalidation stream was lost, began again, or the topology moved)."
+    );
+    describe_histogram!(
+        "cache_l1_invalidation_delay_seconds",
+        Unit::Seconds,
+        "From a write of this process to the invalidation push that reports it."
+    );
+    describe_gauge!("cache_l1_entries", "Entries held by the near cache.");
+    describe_gauge!(
+        "cache_l1_bytes",
+        Unit::Bytes,
+        "Bytes held by the near cache, as weighed against its bound."
     );
     describe_counter!(
         "cache_wb_requeued_total",

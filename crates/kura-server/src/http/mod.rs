@@ -57,6 +57,9 @@ use crate::profiles::ProfileService;
 /// The response header that says where a read was answered from.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
+/// Where a hit came from: `l1` (the near cache) or `l2` (Redis).
+pub const X_CACHE_LAYER: HeaderName = HeaderName::from_static("x-cache-layer");
+
 /// What every handler shares.
 #[derive(Debug)]
 pub struct AppState {

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
-use super::{AppState, JsonBody, QueryParams, UserIdPath, X_CACHE, json_response};
+use super::{AppState, JsonBody, QueryParams, UserIdPath, X_CACHE, X_CACHE_LAYER, json_response};
 use crate::config::WriteStrategy;
 use crate::model::{NewProfile, Profile, ProfilePatch};
 
@@ -50,6 +50,9 @@ fn fetched_response(f: &Fetched<Profile>) -> Response {
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, JSON);
     h.insert(X_CACHE, cache);
+    if let Some(layer) = f.layer() {
+        h.insert(X_CACHE_LAYER, HeaderValue::from_static(layer.as_str()));
+    }
     r
 }
 
@@ -84,7 +87,7 @@ impl UpdateQuery {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The profile", body = Profile,
-         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"))),
+         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"), ("X-Cache-Layer" = String, description = "on a hit: l1 (the near cache) or l2 (Redis)"))),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
         (status = 404, description = "No such profile", body = ErrorBody),
@@ -107,7 +110,7 @@ pub async fn get_profile(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The caller's profile", body = Profile,
-         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"))),
+         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"), ("X-Cache-Layer" = String, description = "on a hit: l1 (the near cache) or l2 (Redis)"))),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 404, description = "No profile", body = ErrorBody),
         (status = 422, description = "The token subject is not a UUID", body = ErrorBody),

@@ -105,10 +105,8 @@ pub fn base_config(secret: &str) -> Config {
     c.auth = AuthConfig::hs256(secret);
     c.pool.max_connections = 5;
     c.shutdown_grace = Duration::from_secs(5);
-    // No relay unless a test asks for one (tests/feed.rs): its wake-up
-    // right after a test's own write voids the lease of a read loading at
-    // that moment, so that read's fill is dropped and the next read is a
-    // second miss. Correct, but it makes miss/hit counts timing-dependent.
+    // No relay unless a test asks for one (tests/feed.rs): its steps and
+    // their Redis calls would run under every test's own counts.
     c.feed.mode = kura_server::config::FeedMode::Off;
     c
 }

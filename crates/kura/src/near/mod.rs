@@ -143,6 +143,16 @@ impl Layer {
     }
 }
 
+/// What a near cache holds ([`crate::CacheAside::near_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NearStats {
+    /// Entries.
+    pub entries: u64,
+    /// Their weight against the byte bound: JSON, id and a fixed overhead,
+    /// but at least the bound's share of one entry each.
+    pub weighed_bytes: u64,
+}
+
 /// One L1 entry: the value's JSON and, once a typed read needed it, the
 /// decoded value.
 pub(crate) struct NearEntry<T> {
@@ -234,16 +244,14 @@ impl<T: Send + Sync + 'static> Near<T> {
         });
     }
 
-    /// Entries held now (for tests and metrics; moka counts lazily).
-    pub(crate) fn entry_count(&self) -> u64 {
+    /// What the L1 holds now (moka counts lazily: its pending work is run
+    /// first).
+    pub(crate) fn stats(&self) -> NearStats {
         self.l1.run_pending_tasks();
-        self.l1.entry_count()
-    }
-
-    /// Bytes held now, as weighed.
-    pub(crate) fn weighted_size(&self) -> u64 {
-        self.l1.run_pending_tasks();
-        self.l1.weighted_size()
+        NearStats {
+            entries: self.l1.entry_count(),
+            weighed_bytes: self.l1.weighted_size(),
+        }
     }
 }
 

@@ -381,6 +381,94 @@ mod tests {
         assert!(!t.live());
     }
 
+    /// One step of a randomized interleaving between one key's writes (each
+    /// sends a push, delivered later, in order), reads (a ticket, then the
+    /// server answers with the version current then, delivered later) and
+    /// stream losses.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A write on the server: the version goes up, its push is queued.
+        Write,
+        /// The oldest queued push arrives.
+        Push,
+        /// A read is sent (ticket taken) and the server answers at once
+        /// with the current version; the answer is queued.
+        Send,
+        /// The answer of the `n`-th read in flight arrives (and fills).
+        Reply(usize),
+        /// The stream is lost and comes back (flush, then confirmed).
+        Reconnect,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => Just(Step::Write),
+            3 => Just(Step::Push),
+            4 => Just(Step::Send),
+            4 => (0usize..4).prop_map(Step::Reply),
+            1 => Just(Step::Reconnect),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Once every push and answer has arrived, L1 holds nothing or the
+        /// current version, whatever the interleaving; and it never holds a
+        /// version older than one whose push already arrived.
+        #[test]
+        fn fills_never_leave_an_older_version(steps in proptest::collection::vec(step(), 1..60)) {
+            let (t, layer, key) = setup();
+            let mut version = 1u32;
+            let mut pushes: std::collections::VecDeque<u32> = Default::default();
+            let mut replies: Vec<(Ticket, u32)> = Vec::new();
+            let mut pushed_up_to = 0u32;
+            for s in steps {
+                match s {
+                    Step::Write => {
+                        version += 1;
+                        pushes.push_back(version);
+                    }
+                    Step::Push => {
+                        if let Some(v) = pushes.pop_front() {
+                            pushed_up_to = v;
+                            t.invalidated(Some(&[key.as_bytes()]));
+                        }
+                    }
+                    Step::Send => replies.push((t.begin(&key), version)),
+                    Step::Reply(i) => {
+                        if !replies.is_empty() {
+                            let (ticket, v) = replies.remove(i % replies.len());
+                            fill(&t, &layer, &ticket, v);
+                        }
+                    }
+                    Step::Reconnect => {
+                        t.lost("test");
+                        t.confirmed(Instant::now());
+                    }
+                }
+                if let Some(&held) = lock(&layer.0).get("u1") {
+                    proptest::prop_assert!(
+                        held >= pushed_up_to,
+                        "L1 holds v{held} after the push of v{pushed_up_to} arrived"
+                    );
+                }
+            }
+            while let Some(v) = pushes.pop_front() {
+                pushed_up_to = v;
+                t.invalidated(Some(&[key.as_bytes()]));
+            }
+            for (ticket, v) in replies.drain(..) {
+                fill(&t, &layer, &ticket, v);
+            }
+            let held = lock(&layer.0).get("u1").copied();
+            proptest::prop_assert!(
+                held.is_none_or(|h| h == version),
+                "at rest L1 holds {held:?}, current v{version} (pushed up to v{pushed_up_to})"
+            );
+        }
+    }
+
     #[test]
     fn abandoned_tickets_leave_nothing_behind() {
         let (t, _layer, key) = setup();

@@ -423,6 +423,12 @@ impl<S: Source> CacheAside<S> {
         &self.inner.cache
     }
 
+    /// What this reader's near cache holds, if the type has one.
+    #[must_use]
+    pub fn near_stats(&self) -> Option<crate::near::NearStats> {
+        self.inner.near.as_ref().map(|n| n.stats())
+    }
+
     /// The source.
     #[must_use]
     pub fn source(&self) -> &S {
