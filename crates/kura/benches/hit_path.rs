@@ -13,6 +13,9 @@
 //!   envelope checked as well-formed JSON instead of decoded (what an HTTP
 //!   handler passing the bytes on uses).
 //!
+//! - `near_cache/l1_get`, `near_cache/l1_get_json`: the same reads with
+//!   the type's near cache on, answered from L1.
+//!
 //! Each is measured one request at a time (latency) and 64 in flight
 //! (throughput over the multiplexed connection).
 
@@ -22,6 +25,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
+use kura::near::{Layer, NearConfig};
 use kura::store::RedisStore;
 use kura::{Cache, Kind, Source, Store, Versioned};
 use serde::{Deserialize, Serialize};
@@ -127,6 +131,40 @@ fn bench(c: &mut Criterion) {
             .iter(|| async { assert!(reader.get_json(ID).await.unwrap().is_found()) })
     });
     g.finish();
+
+    // The near cache: the same reads answered from L1 (no round trip, no
+    // decode: the entry holds the value and its JSON).
+    let (near_cache, near) = rt.block_on(async {
+        let cache = Cache::builder(store.clone())
+            .namespace(&ns)
+            .near_cache(Kind::PROFILE, NearConfig::entries(1000))
+            .build()
+            .unwrap();
+        let near = cache.aside(Kind::PROFILE, Db);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while near.get(ID).await.unwrap().layer() != Some(Layer::L1) {
+            assert!(std::time::Instant::now() < deadline, "no L1 hit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (cache, near)
+    });
+    let mut g = c.benchmark_group("near_cache");
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("l1_get", |b| {
+        b.to_async(&rt).iter(|| async {
+            let f = near.get(ID).await.unwrap();
+            assert_eq!(f.layer(), Some(Layer::L1));
+        })
+    });
+    g.bench_function("l1_get_json", |b| {
+        b.to_async(&rt).iter(|| async {
+            let f = near.get_json(ID).await.unwrap();
+            assert_eq!(f.layer(), Some(Layer::L1));
+        })
+    });
+    g.finish();
+    drop((near, near_cache));
 
     const IN_FLIGHT: usize = 64;
     let mut g = c.benchmark_group("hit_path_64_in_flight");

@@ -16,7 +16,9 @@
 //!        │                                    │             │              │
 //!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned}
 //!                              │
-//!     key   codec   ttl   metrics   source   store/{mod, queue, redis, memory} (+ scripts/*.lua)
+//!                        near/{mod, tracker}
+//!                              │
+//!     key   codec   ttl   metrics   source   store/{mod, queue, redis, memory, tracking} (+ scripts/*.lua)
 //! ```
 //!
 //! - [`key`]: key naming (`cache:<type>:<id>[:<sub>]`), id validation, glob escaping.
@@ -45,6 +47,11 @@
 //! - [`invalidation`]: by key, by entity, by pattern.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
+//! - [`near`]: the near cache, an in-process L1 per type above the store
+//!   ([`CacheBuilder::near_cache`]), kept consistent by the store's
+//!   invalidation stream (`store/tracking.rs`: Redis `CLIENT TRACKING ...
+//!   BCAST` on connections of its own); `tracker.rs` holds the fill
+//!   tickets, the flush generation and the stream's liveness.
 //! - [`feed`]: invalidation from the database's commits: the trigger SQL
 //!   for PostgreSQL and SQLite ([`feed::sql`]), the [`FeedLog`] a service
 //!   implements over its driver, and the [`Relay`] applying the log.
@@ -60,6 +67,8 @@
 //! | write-behind | every acknowledged write reaches the database (version-guarded, coalesced, batched) or the dead-letter stream; until then every read sees it |
 //! | warming | never overwrites a cached value, never caches a row older than a concurrent write; one instance per fleet at a time |
 //! | invalidation feed | every committed change to a table with the feed's triggers, by any writer, invalidates the entity (voiding loads in flight) at least once, in commit order per entity, while one relay reaches the database and Redis; a relay killed mid-batch or cut off skips nothing; many relays never move the position back; duplicates are harmless (version rule) |
+//! | near cache (L1) | an L1 hit costs no round trip and no decode; a change to the key by anyone evicts it from every instance's L1 when the push arrives; a fill that raced an invalidation is dropped (a ticket per fill); a write through this process evicts before it returns; a lost, reconnected or moved stream flushes L1 |
+//! | near cache: not guaranteed | that another instance stops serving the old value at the instant of a write: it does when the push reaches it, or after `max_silence` (1 s) without a confirmed stream; stores without a stream (the memory store) get no near cache |
 //! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
 //!
 //! # Failure modes

@@ -175,7 +175,7 @@ pub fn describe() {
     describe_gauge!(
         "cache_l1_bytes",
         Unit::Bytes,
-        "Bytes held by the near cache, as weighed against its bound."
+        "Bytes held by the near cache: JSON, id and a fixed overhead per entry."
     );
     describe_counter!(
         "cache_wb_requeued_total",

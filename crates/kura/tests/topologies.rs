@@ -362,3 +362,86 @@ async fn sentinel_write_behind_survives_a_master_failover() {
     })
     .await;
 }
+
+/// The near cache on a topology: L1 hits for ids spread over every
+/// primary, each evicted by another instance's invalidation; then the
+/// topology loses its primary (master) and the stream follows it: L1 is
+/// used again and invalidations still evict.
+async fn near_cache_follows_the_topology(url: String, fail: impl AsyncFnOnce()) {
+    use kura::near::{Layer, NearConfig};
+    let ns = ns();
+    let db = TestDb::new();
+    let ids: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        db.put(id, "v0");
+    }
+    let open = |near: bool| {
+        let store = kura::store::RedisStore::builder(&url)
+            .response_timeout(Duration::from_millis(300))
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let mut b = Cache::builder(store)
+            .namespace(&ns)
+            .op_timeout(Duration::from_millis(400));
+        if near {
+            b = b.near_cache(Kind::PROFILE, NearConfig::entries(1000));
+        }
+        b.build().unwrap()
+    };
+    let near = open(true);
+    let other = open(false);
+    let reader = near.aside(Kind::PROFILE, Db(db.clone()));
+    let writer = other.write_through(Kind::PROFILE);
+    let mut round = 0;
+    let mut check = async |phase: &str| {
+        round += 1;
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while reader.get(id).await.unwrap().layer() != Some(Layer::L1) {
+                assert!(Instant::now() < deadline, "{phase}: {id} never an L1 hit");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for id in &ids {
+            let name = format!("v{round}");
+            db.put(id, &name);
+            writer.invalidate(id).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while reader.get(id).await.unwrap().value().unwrap().name != name {
+                assert!(
+                    Instant::now() < deadline,
+                    "{phase}: {id} still served from L1 after another instance's invalidation"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    check("before the failover").await;
+    fail().await;
+    check("after the failover").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_near_cache_follows_a_primary_failover() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let url = cluster.kura_url();
+    let c = &mut cluster;
+    near_cache_follows_the_topology(url, async || {
+        c.kill_primary(0).await;
+        c.wait_until_healthy().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_near_cache_follows_a_master_failover() {
+    let mut group = RedisSentinelGroup::start().await;
+    let url = group.kura_url();
+    let g = &mut group;
+    near_cache_follows_the_topology(url, async || {
+        let old = g.kill_master().await;
+        g.wait_for_failover(old).await;
+    })
+    .await;
+}

@@ -100,7 +100,7 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let _ = tokio::time::timeout(PROBE_TIMEOUT, s.service.write_behind().status()).await;
     if let Some(n) = s.service.near_stats() {
         metrics::gauge!("cache_l1_entries", "cache_type" => "profile").set(n.entries as f64);
-        metrics::gauge!("cache_l1_bytes", "cache_type" => "profile").set(n.weighed_bytes as f64);
+        metrics::gauge!("cache_l1_bytes", "cache_type" => "profile").set(n.bytes as f64);
     }
     match crate::telemetry::prometheus() {
         Some(h) => (

@@ -148,6 +148,9 @@ impl Layer {
 pub struct NearStats {
     /// Entries.
     pub entries: u64,
+    /// The bytes they hold: JSON, id and a fixed overhead per entry (the
+    /// decoded value, when a typed read made it, comes on top).
+    pub bytes: u64,
     /// Their weight against the byte bound: JSON, id and a fixed overhead,
     /// but at least the bound's share of one entry each.
     pub weighed_bytes: u64,
@@ -161,9 +164,16 @@ pub(crate) struct NearEntry<T> {
     generation: u64,
 }
 
+fn entry_bytes<T>(id: &str, e: &NearEntry<T>) -> u64 {
+    e.json.len() as u64 + id.len() as u64 + ENTRY_OVERHEAD
+}
+
 /// The L1 of one reader handle.
 pub(crate) struct Near<T> {
     l1: moka::sync::Cache<String, Arc<NearEntry<T>>>,
+    /// What the entries hold ([`NearStats::bytes`]): added on insert,
+    /// taken off by the removal listener, whatever the cause.
+    bytes: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) tracker: Arc<Tracker>,
     hits: metrics::Counter,
     misses: metrics::Counter,
@@ -181,15 +191,17 @@ impl<T: Send + Sync + 'static> Near<T> {
         // less than the byte bound's share of one entry, so the byte bound
         // also caps the count.
         let floor = (config.max_bytes / config.max_entries).max(1);
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let held = bytes.clone();
         let evictions = metrics::counter!("cache_l1_evictions_total", "cache_type" => kind.name(), "reason" => "size");
         let l1 = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(move |id: &String, e: &Arc<NearEntry<T>>| {
-                let bytes = e.json.len() as u64 + id.len() as u64 + ENTRY_OVERHEAD;
-                u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
+                u32::try_from(entry_bytes(id, e).max(floor)).unwrap_or(u32::MAX)
             })
             .time_to_live(config.max_lifetime)
-            .eviction_listener(move |_, _, cause| {
+            .eviction_listener(move |id, e, cause| {
+                held.fetch_sub(entry_bytes(&id, &e), std::sync::atomic::Ordering::Relaxed);
                 if cause == moka::notification::RemovalCause::Size {
                     evictions.increment(1);
                 }
@@ -197,6 +209,7 @@ impl<T: Send + Sync + 'static> Near<T> {
             .build();
         let near = Arc::new(Self {
             l1,
+            bytes,
             tracker: tracker.clone(),
             hits: metrics::counter!("cache_l1_hits_total", "cache_type" => kind.name()),
             misses: metrics::counter!("cache_l1_misses_total", "cache_type" => kind.name()),
@@ -233,14 +246,17 @@ impl<T: Send + Sync + 'static> Near<T> {
             if let Some(v) = value {
                 let _ = cell.set(v);
             }
-            self.l1.insert(
-                id.to_owned(),
-                Arc::new(NearEntry {
-                    json,
-                    value: cell,
-                    generation,
-                }),
+            let id = id.to_owned();
+            let entry = Arc::new(NearEntry {
+                json,
+                value: cell,
+                generation,
+            });
+            self.bytes.fetch_add(
+                entry_bytes(&id, &entry),
+                std::sync::atomic::Ordering::Relaxed,
             );
+            self.l1.insert(id, entry);
         });
     }
 
@@ -250,6 +266,7 @@ impl<T: Send + Sync + 'static> Near<T> {
         self.l1.run_pending_tasks();
         NearStats {
             entries: self.l1.entry_count(),
+            bytes: self.bytes.load(std::sync::atomic::Ordering::Relaxed),
             weighed_bytes: self.l1.weighted_size(),
         }
     }
@@ -262,5 +279,103 @@ impl<T: Send + Sync + 'static> NearLayer for Near<T> {
 
     fn clear(&self) {
         self.l1.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::store::TrackingSink;
+
+    fn near(entries: u64, max_bytes: u64) -> (Arc<Near<u32>>, KeyBuilder) {
+        let tracker = Tracker::new(Duration::from_secs(3600));
+        tracker.confirmed(Instant::now());
+        let keys = KeyBuilder::new("ns", false).unwrap();
+        let n = Near::new(
+            Kind::PROFILE,
+            &keys,
+            NearConfig::entries(entries).max_bytes(max_bytes),
+            tracker,
+        );
+        (n, keys)
+    }
+
+    /// The byte count equals what the entries held hold, after any mix of
+    /// fills, replacements, size evictions, invalidations and clears.
+    fn check_bytes(ops: &[(u8, u16, u16)]) {
+        let (n, keys) = near(50, 20_000);
+        for &(op, id, len) in ops {
+            let id = format!("u{}", id % 80);
+            let key = keys.value_key(&Kind::PROFILE, &id).unwrap();
+            match op % 4 {
+                0 | 1 => {
+                    let t = n.tracker.begin(&key);
+                    let json = Bytes::from(vec![b'x'; usize::from(len % 700)]);
+                    n.fill(&t, &id, json, Some(Arc::new(1)));
+                }
+                2 => n.tracker.invalidated(Some(&[key.as_bytes()])),
+                _ => {
+                    if id.ends_with('7') {
+                        n.clear();
+                    } else {
+                        n.evict(&id);
+                    }
+                }
+            }
+        }
+        let s = n.stats();
+        let held: u64 = n.l1.iter().map(|(id, e)| entry_bytes(&id, &e)).sum();
+        assert_eq!(s.bytes, held, "counted vs held");
+        assert!(s.entries <= 50);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        #[test]
+        fn byte_count_is_exact(ops in proptest::collection::vec((0u8..4, 0u16..200, 0u16..2000), 1..200)) {
+            check_bytes(&ops);
+        }
+    }
+
+    #[test]
+    fn soak_byte_count_stays_exact() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let ops: Vec<(u8, u16, u16)> = (0..30_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x as u8, (x >> 8) as u16, (x >> 24) as u16)
+            })
+            .collect();
+        check_bytes(&ops);
+    }
+
+    #[test]
+    fn both_bounds_hold() {
+        // Small entries: the entry bound binds.
+        let (n, keys) = near(10, 1 << 20);
+        for i in 0..100 {
+            let id = format!("u{i}");
+            let t = n
+                .tracker
+                .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
+            n.fill(&t, &id, Bytes::from_static(b"{}"), None);
+        }
+        assert!(n.stats().entries <= 10, "{:?}", n.stats());
+        // Large entries: the byte bound binds.
+        let (n, keys) = near(1000, 10_000);
+        for i in 0..100 {
+            let id = format!("u{i}");
+            let t = n
+                .tracker
+                .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
+            n.fill(&t, &id, Bytes::from(vec![b'x'; 1000]), None);
+        }
+        let s = n.stats();
+        assert!(s.bytes <= 10_000, "{s:?}");
+        assert!(s.entries >= 5, "{s:?}");
     }
 }

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# The near cache side by side, in one run: `kura serve` with the near cache on and off,
+# the ceiling server (bare axum + one Redis GET) and its HTTP-only `/hello`, on a
+# redis-server of the script's own and PostgreSQL. Writes docs/bench/raw/near-<date>/*.json
+# and prints a summary; docs/bench/NEAR.md records the figures of a run.
+#
+#   bench/near.sh                                   # ~6 min after the builds
+#   DURATION=5s ROUNDS=1 bench/near.sh               # a quick pass
+#
+# Measurements (closed loop, $CONCURRENCY connections, `kura bench`):
+# 1. hot key: GET of one warmed profile;
+# 2. warmed: GET of $WARM uniformly drawn warmed profiles;
+#    each for: near cache on, near cache off, the ceiling's GET, the ceiling's /hello,
+#    $ROUNDS times in rotating order;
+# 3. cross-instance staleness: two `kura serve --near-cache` on one Redis and database,
+#    PUTs on one and GETs on the other (the `near_staleness` example);
+# 4. memory: L1 bytes (`cache_l1_bytes`) and the process RSS with $MEM_ENTRIES entries.
+#
+# Settings (environment): KURA_BIN / STALENESS_BIN (skip the builds) DURATION (10s)
+# WARMUP (2s) ROUNDS (3) CONCURRENCY (64) WARM (10000) MEM_ENTRIES (100000) NEAR_DB
+# (kura_bench_near, dropped and re-created) CEIL_SRC (../shared/peers/ceiling).
+# Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
+# Needs: cargo, redis-server, psql, curl, python3, a PostgreSQL superuser `postgres` on
+# 127.0.0.1:5432.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+if [[ "${CI:-}" == "true" && "${BENCH_FORCE:-0}" != "1" ]]; then
+  echo "bench/near.sh: refusing to run under CI=true (benchmarks are not tests); BENCH_FORCE=1 overrides" >&2
+  exit 2
+fi
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+ROUNDS=${ROUNDS:-3}
+CONCURRENCY=${CONCURRENCY:-64}
+WARM=${WARM:-10000}
+MEM_ENTRIES=${MEM_ENTRIES:-100000}
+NEAR_DB=${NEAR_DB:-kura_bench_near}
+CEIL_SRC=${CEIL_SRC:-$ROOT/../shared/peers/ceiling}
+PG=postgres://postgres@127.0.0.1:5432
+DB_URL=$PG/$NEAR_DB
+PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -Atq -v ON_ERROR_STOP=1)
+
+say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [[ -z "${KURA_BIN:-}" || -z "${STALENESS_BIN:-}" ]]; then
+  say "building kura and the near_staleness example (release)"
+  cargo build --release -p kura-server --bin kura --example near_staleness
+  KURA_BIN=${KURA_BIN:-$TARGET/release/kura}
+  STALENESS_BIN=${STALENESS_BIN:-$TARGET/release/examples/near_staleness}
+fi
+CEIL_DIR=$ROOT/.seed-python/ceiling
+CEILING_BIN=""
+if [[ -f "$CEIL_DIR/Cargo.toml" || -d "$CEIL_SRC" ]]; then
+  if [[ ! -f "$CEIL_DIR/Cargo.toml" ]]; then
+    mkdir -p "$CEIL_DIR"; cp -R "$CEIL_SRC/." "$CEIL_DIR/"; chmod -R u+w "$CEIL_DIR"
+  fi
+  grep -q '^\[workspace\]' "$CEIL_DIR/Cargo.toml" || printf '\n[workspace]\n' >> "$CEIL_DIR/Cargo.toml"
+  say "building the ceiling server"
+  (cd "$CEIL_DIR" && CARGO_TARGET_DIR="$CEIL_DIR/target" cargo build --release -q)
+  CEILING_BIN=$CEIL_DIR/target/release/ceiling
+else
+  say "no ceiling server source at $CEIL_SRC: its lines are left out"
+fi
+
+OUT=$ROOT/docs/bench/raw/near-$(date +%Y-%m-%d)
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --save '' --appendonly no --dir "$WORK" --daemonize no \
+  >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $NEAR_DB WITH (FORCE)" -c "CREATE DATABASE $NEAR_DB"
+export DATABASE_URL=$DB_URL REDIS_URL KURA_NAMESPACE=cache RUST_LOG=warn
+export KURA_JWT_SECRET=near-bench-$RANDOM$RANDOM
+"$KURA_BIN" migrate >/dev/null
+SEEDED=$(( MEM_ENTRIES > WARM ? MEM_ENTRIES : WARM ))
+say "seeding $SEEDED profiles"
+"$KURA_BIN" seed --profiles "$SEEDED" --ids-out "$WORK/all_ids.txt" >/dev/null
+head -n "$WARM" "$WORK/all_ids.txt" >"$WORK/warm_ids.txt"
+HOT=$(head -n 1 "$WORK/all_ids.txt")
+TOKEN=$("$KURA_BIN" token --sub "$(python3 -c 'import uuid; print(uuid.uuid4())')" --admin --ttl 86400)
+
+start_kura() { # start_kura <name> <args...>: sets URL_<name>, PID_<name>
+  local name=$1; shift
+  local port; port=$(free_port)
+  "$KURA_BIN" serve --listen "127.0.0.1:$port" --invalidation-feed off "$@" >"$WORK/$name.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  printf -v "URL_$name" '%s' "http://127.0.0.1:$port"
+  printf -v "PID_$name" '%s' "$pid"
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port/healthz" | grep -q '"redis":"ok"' && return 0
+    sleep 0.1
+  done
+  echo "kura serve ($name) did not come up:" >&2; cat "$WORK/$name.log" >&2; exit 1
+}
+
+start_kura on --near-cache "profile=$((MEM_ENTRIES * 2))" --near-cache-max-mb 512
+start_kura off
+if [[ -n "$CEILING_BIN" ]]; then
+  CEIL_PORT=$(free_port)
+  PORT=$CEIL_PORT REDIS_URL=$REDIS_URL/0 "$CEILING_BIN" >"$WORK/ceiling.log" 2>&1 &
+  PIDS+=($!)
+  URL_ceiling=http://127.0.0.1:$CEIL_PORT
+  for _ in $(seq 100); do curl -sf "$URL_ceiling/hello" >/dev/null && break; sleep 0.1; done
+fi
+
+say "warming $WARM profiles (L2 first, then L1, through the API)"
+for pass in 1 2; do
+  "$KURA_BIN" bench --url "$URL_on" --token "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform \
+    --duration 5s --warmup 0s --concurrency 32 --json --out "$WORK/fill_$pass.json" >/dev/null
+done
+
+bench() { # bench <name> <url> <token or -> <kura bench args...>
+  local name=$1 url=$2 token=$3; shift 3
+  local auth=()
+  [[ "$token" != "-" ]] && auth=(--token "$token")
+  "$KURA_BIN" bench --url "$url" "${auth[@]}" --duration "$DURATION" --warmup "$WARMUP" \
+    --concurrency "$CONCURRENCY" --json --out "$OUT/$name.json" "$@" >/dev/null
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'{sys.argv[2]}: {r[\"throughput\"]:.0f} req/s, p50 {r[\"latency_ms\"][\"p50\"]} ms, p99 {r[\"latency_ms\"][\"p99\"]} ms, x-cache {r.get(\"x_cache\")}')" "$OUT/$name.json" "$name"
+}
+
+for round in $(seq "$ROUNDS"); do
+  order=(on off ceiling hello)
+  (( round % 2 == 0 )) && order=(hello ceiling off on)
+  for what in "${order[@]}"; do
+    case $what in
+      on|off)
+        url_var=URL_$what
+        say "round $round: kura, near cache $what"
+        bench "hot_$what.r$round" "${!url_var}" "$TOKEN" --id "$HOT" --dist hot
+        bench "warm_$what.r$round" "${!url_var}" "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform
+        ;;
+      ceiling)
+        [[ -n "$CEILING_BIN" ]] || continue
+        say "round $round: ceiling GET"
+        bench "hot_ceiling.r$round" "$URL_ceiling" - --id "$HOT" --dist hot
+        bench "warm_ceiling.r$round" "$URL_ceiling" - --ids-file "$WORK/warm_ids.txt" --dist uniform
+        ;;
+      hello)
+        [[ -n "$CEILING_BIN" ]] || continue
+        say "round $round: ceiling /hello (HTTP only)"
+        bench "hello.r$round" "$URL_ceiling" - --path /hello
+        ;;
+    esac
+  done
+done
+
+say "3. cross-instance staleness (writes on one instance, reads on another)"
+start_kura s1 --near-cache profile=10000
+start_kura s2 --near-cache profile=10000
+"$STALENESS_BIN" --writer "$URL_s1" --reader "$URL_s2" --token "$TOKEN" --ids "$WORK/warm_ids.txt" \
+  --writes 2000 | tee "$OUT/staleness.json"
+
+say "4. memory with $MEM_ENTRIES entries in L1"
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+RSS_BEFORE=$(rss "$PID_on")
+head -n "$MEM_ENTRIES" "$WORK/all_ids.txt" >"$WORK/mem_ids.txt"
+for pass in 1 2 3; do
+  "$KURA_BIN" bench --url "$URL_on" --token "$TOKEN" --ids-file "$WORK/mem_ids.txt" --dist uniform \
+    --duration 20s --warmup 0s --concurrency 32 --json --out "$WORK/mem_$pass.json" >/dev/null
+done
+METRICS=$(curl -s "$URL_on/metrics")
+L1_ENTRIES=$(grep -E '^cache_l1_entries' <<<"$METRICS" | awk '{print $2}')
+L1_BYTES=$(grep -E '^cache_l1_bytes' <<<"$METRICS" | awk '{print $2}')
+RSS_AFTER=$(rss "$PID_on")
+echo "{\"l1_entries\":${L1_ENTRIES:-0},\"l1_bytes\":${L1_BYTES:-0},\"rss_before_kb\":$RSS_BEFORE,\"rss_after_kb\":$RSS_AFTER}" | tee "$OUT/memory.json"
+
+{
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "commit: $(git rev-parse --short HEAD), date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "redis: $(redis-server --version | cut -d' ' -f3)"
+} | tee "$OUT/machine.txt"
+"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $NEAR_DB WITH (FORCE)"
+say "raw results in $OUT"
