@@ -14,11 +14,14 @@
 #    $ROUNDS times in rotating order;
 # 3. cross-instance staleness: two `kura serve --near-cache` on one Redis and database,
 #    PUTs on one and GETs on the other (the `near_staleness` example);
-# 4. memory: L1 bytes (`cache_l1_bytes`) and the process RSS with $MEM_ENTRIES entries.
+# 4. memory: L1 bytes (`cache_l1_bytes`) and the process RSS with $MEM_ENTRIES entries;
+# 5. what BCAST tracking costs Redis: redis-benchmark SET throughput (keys under one
+#    tracked prefix) with 0, 1, 4 and 16 tracking connections (instances) listening.
 #
 # Settings (environment): KURA_BIN / STALENESS_BIN (skip the builds) DURATION (10s)
 # WARMUP (2s) ROUNDS (3) CONCURRENCY (64) WARM (10000) MEM_ENTRIES (100000) NEAR_DB
-# (kura_bench_near, dropped and re-created) CEIL_SRC (../shared/peers/ceiling).
+# (kura_bench_near, dropped and re-created) CEIL_SRC (../shared/peers/ceiling) PARTS
+# (throughput,staleness,memory,bcast: which measurements to run).
 # Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
 # Needs: cargo, redis-server, psql, curl, python3, a PostgreSQL superuser `postgres` on
 # 127.0.0.1:5432.
@@ -38,6 +41,8 @@ CONCURRENCY=${CONCURRENCY:-64}
 WARM=${WARM:-10000}
 MEM_ENTRIES=${MEM_ENTRIES:-100000}
 NEAR_DB=${NEAR_DB:-kura_bench_near}
+PARTS=${PARTS:-throughput,staleness,memory,bcast}
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 CEIL_SRC=${CEIL_SRC:-$ROOT/../shared/peers/ceiling}
 PG=postgres://postgres@127.0.0.1:5432
 DB_URL=$PG/$NEAR_DB
@@ -120,6 +125,7 @@ if [[ -n "$CEILING_BIN" ]]; then
   for _ in $(seq 100); do curl -sf "$URL_ceiling/hello" >/dev/null && break; sleep 0.1; done
 fi
 
+if part throughput; then
 say "warming $WARM profiles (L2 first, then L1, through the API)"
 for pass in 1 2; do
   "$KURA_BIN" bench --url "$URL_on" --token "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform \
@@ -161,12 +167,18 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+fi
+
+if part staleness; then
 say "3. cross-instance staleness (writes on one instance, reads on another)"
 start_kura s1 --near-cache profile=10000
 start_kura s2 --near-cache profile=10000
 "$STALENESS_BIN" --writer "$URL_s1" --reader "$URL_s2" --token "$TOKEN" --ids "$WORK/warm_ids.txt" \
   --writes 2000 | tee "$OUT/staleness.json"
 
+fi
+
+if part memory; then
 say "4. memory with $MEM_ENTRIES entries in L1"
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS_BEFORE=$(rss "$PID_on")
@@ -180,6 +192,29 @@ L1_ENTRIES=$(grep -E '^cache_l1_entries' <<<"$METRICS" | awk '{print $2}')
 L1_BYTES=$(grep -E '^cache_l1_bytes' <<<"$METRICS" | awk '{print $2}')
 RSS_AFTER=$(rss "$PID_on")
 echo "{\"l1_entries\":${L1_ENTRIES:-0},\"l1_bytes\":${L1_BYTES:-0},\"rss_before_kb\":$RSS_BEFORE,\"rss_after_kb\":$RSS_AFTER}" | tee "$OUT/memory.json"
+fi
+
+if part bcast; then
+say "5. BCAST tracking cost: redis-benchmark SET with 0, 1, 4, 16 tracking connections"
+TRACKERS=()
+for n in 0 1 4 16; do
+  while (( ${#TRACKERS[@]} < n )); do
+    python3 - "$REDIS_PORT" <<'PY' &
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"HELLO 3\r\nCLIENT TRACKING ON BCAST PREFIX key:\r\n")
+while s.recv(1 << 16):
+    pass
+PY
+    TRACKERS+=($!)
+    PIDS+=($!)
+  done
+  sleep 0.5
+  rps=$(redis-benchmark -p "$REDIS_PORT" -t set -n 300000 -c 50 -r 100000 -q 2>/dev/null | sed -n 's/.*SET: \([0-9.]*\) requests.*/\1/p' | tail -1)
+  echo "{\"trackers\":$n,\"set_rps\":${rps:-0}}" | tee "$OUT/bcast_$n.json"
+done
+for p in "${TRACKERS[@]}"; do kill "$p" 2>/dev/null || true; done
+fi
 
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
