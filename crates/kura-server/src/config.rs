@@ -722,6 +722,21 @@ mod tests {
     }
 
     #[test]
+    fn near_cache_settings() {
+        let n: NearCacheSetting = "profile=10000".parse().unwrap();
+        assert_eq!((n.kind.as_str(), n.entries), ("profile", 10_000));
+        for (bad, says) in [
+            ("profile", "TYPE=ENTRIES"),
+            ("session=10", "available for profile"),
+            ("profile=many", "whole number"),
+            ("profile=0", "at least one"),
+        ] {
+            let e = bad.parse::<NearCacheSetting>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn ttl_overrides() {
         let t: TtlOverride = "profile=300".parse().unwrap();
         assert_eq!(t.kind, "profile");

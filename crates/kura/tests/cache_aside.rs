@@ -232,6 +232,7 @@ async fn undecodable_values_are_misses_and_repaired(b: Backend) {
             )
             .await
             .unwrap();
+        support::foreign_write_settles(&b).await;
         let f = profiles.get("u1").await.unwrap();
         assert_eq!(f.value().unwrap().name, "good", "{garbage:?}");
         assert_ne!(f.status(), Status::Hit);
@@ -319,6 +320,7 @@ async fn json_reads_pass_the_cached_bytes_on(b: Backend) {
             )
             .await
             .unwrap();
+        support::foreign_write_settles(&b).await;
         let f = profiles.get_json("u1").await.unwrap();
         assert_ne!(f.status(), Status::Hit, "{bad:?}");
         let v: serde_json::Value = serde_json::from_slice(f.json().unwrap()).unwrap();
@@ -387,3 +389,18 @@ async fn arc_sources_work_too() {
     assert_eq!(db.loads(), 2, "types are cached separately");
     let _ = ns;
 }
+
+with_near_cache!(
+    json_reads_pass_the_cached_bytes_on,
+    a_cancelled_reader_still_fills,
+    miss_then_hit,
+    not_found_is_cached_briefly,
+    source_error_serves_stale_or_fails,
+    disabled_type_bypasses,
+    batch_reads,
+    stampede_loads_once,
+    bad_ids_are_typed_errors,
+    oversize_values_are_served_not_cached,
+    undecodable_values_are_misses_and_repaired,
+    single_flight_in_process_survives_cancellation,
+);

@@ -143,3 +143,8 @@ both_stores!(
     a_cancelled_get_many_releases_its_leases,
     a_cancelled_warming_batch_releases_its_leases,
 );
+
+with_near_cache!(
+    a_cancelled_get_many_releases_its_leases,
+    a_cancelled_warming_batch_releases_its_leases,
+);

@@ -2126,3 +2126,12 @@ proptest::proptest! {
         rt.block_on(version_rule_holds(Backend::Redis, ops));
     }
 }
+
+with_near_cache!(
+    a_load_that_read_the_change_survives_its_feed_event,
+    a_busy_relay_polls_in_place_of_wake_ups,
+    killed_mid_batch_skips_nothing,
+    many_relays_apply_everything_and_never_regress,
+    duplicates_and_late_batches_are_harmless,
+    retention_prunes_applied_rows_in_batches,
+);

@@ -97,3 +97,5 @@ async fn patterns_count_and_never_widen(b: Backend) {
 }
 
 both_stores!(one_many_and_entity, patterns_count_and_never_widen);
+
+with_near_cache!(one_many_and_entity, patterns_count_and_never_widen);

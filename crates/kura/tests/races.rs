@@ -326,3 +326,15 @@ both_stores!(
     read_after_cache_invalidate_does_not_join_an_older_load,
     read_after_invalidate_all_does_not_join_an_older_load,
 );
+
+with_near_cache!(
+    forced_stale_set_is_rejected,
+    forced_stale_set_against_update_is_rejected,
+    out_of_order_writers_keep_the_newer,
+    randomized_interleavings_never_leave_stale,
+    concurrent_updates_converge,
+    read_after_invalidate_does_not_join_an_older_load,
+    read_after_update_does_not_join_an_older_load,
+    read_after_cache_invalidate_does_not_join_an_older_load,
+    read_after_invalidate_all_does_not_join_an_older_load,
+);

@@ -123,3 +123,9 @@ both_stores!(
     never_overwrites_a_cached_value,
     one_instance_warms_at_a_time,
 );
+
+with_near_cache!(
+    warms_in_batches_with_progress,
+    never_overwrites_a_cached_value,
+    one_instance_warms_at_a_time,
+);

@@ -725,3 +725,16 @@ async fn an_evicting_redis_refuses_write_behind() {
     risky.accept("u1", rename("b")).await.unwrap();
     assert!(risky.is_pending("u1").await.unwrap());
 }
+
+with_near_cache!(
+    unknown_ids_are_refused,
+    reads_see_the_write_before_the_flush,
+    concurrent_patches_both_survive,
+    flush_applies_acks_and_replays_are_no_ops,
+    entries_of_a_dead_flusher_are_reclaimed,
+    database_down_for_a_while_loses_nothing,
+    rejected_writes_go_to_dead_letters,
+    back_pressure_refuses_past_the_limit,
+    a_write_based_on_a_version_no_longer_cached_is_re_based,
+    a_refused_row_does_not_hold_back_the_others,
+);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Cache, QueueStore, QueuedCache, Source, Store, TtlPolicy, Versioned};
+use kura::{Cache, Kind, QueueStore, QueuedCache, Source, Store, TtlPolicy, Versioned};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -33,6 +33,9 @@ pub enum Backend {
     Memory,
     /// Another Redis topology (a cluster or sentinel group a test started).
     Url(String),
+    /// The shared Redis, with a near cache of every standard kind on the
+    /// caches it builds.
+    RedisNear,
 }
 
 impl Backend {
@@ -40,7 +43,7 @@ impl Backend {
     /// separate processes would have), or clones of one memory store.
     pub fn fleet(&self, n: usize) -> Vec<Arc<dyn QueueStore>> {
         match self {
-            Backend::Redis | Backend::Url(_) => {
+            Backend::Redis | Backend::Url(_) | Backend::RedisNear => {
                 let url = match self {
                     Backend::Url(u) => u.clone(),
                     _ => redis_url(),
@@ -68,13 +71,33 @@ impl Backend {
     /// A cache with its own namespace and no TTL jitter.
     pub fn cache(&self) -> (Cache, String) {
         let ns = ns();
-        (cache_on(self.store(), &ns), ns)
+        let b = Cache::builder_shared(self.store())
+            .namespace(&ns)
+            .ttl_policy(TtlPolicy::seed().with_jitter(0.0));
+        (self.near(b).build().expect("cache"), ns)
     }
 
     /// [`Backend::cache`] with the write-behind queue.
     pub fn queued(&self) -> (QueuedCache, String) {
         let ns = ns();
-        (queued_on(self.store(), &ns), ns)
+        let b = Cache::queued_shared(self.store())
+            .namespace(&ns)
+            .ttl_policy(TtlPolicy::seed().with_jitter(0.0));
+        (self.near(b).build().expect("cache"), ns)
+    }
+
+    fn near<Q>(&self, mut b: kura::CacheBuilder<Q>) -> kura::CacheBuilder<Q> {
+        if *self == Backend::RedisNear {
+            for k in [
+                Kind::PROFILE,
+                Kind::SETTINGS,
+                Kind::PREFERENCES,
+                Kind::DOCUMENT_META,
+            ] {
+                b = b.near_cache(k, kura::near::NearConfig::entries(10_000));
+            }
+        }
+        b
     }
 }
 
@@ -94,6 +117,16 @@ pub fn queued_on(store: Arc<dyn QueueStore>, ns: &str) -> QueuedCache {
         .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
         .build()
         .expect("cache")
+}
+
+/// After a test wrote a key behind kura's back (bad data, another program):
+/// with the near cache on, that write reaches L1 by its invalidation push (a
+/// millisecond or so), and until then L1 serves the copy it held, which is
+/// the near cache's documented bound. Waits that out.
+pub async fn foreign_write_settles(b: &Backend) {
+    if *b == Backend::RedisNear {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// A raw Redis connection for looking at keys from the outside.
@@ -290,6 +323,23 @@ macro_rules! both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::support::Backend::Memory).await
+                }
+            )*
+        }
+    };
+}
+
+/// The same tests once more on Redis with the near cache on
+/// ([`Backend::RedisNear`]): every guarantee they check must hold with an
+/// L1 above the store.
+#[macro_export]
+macro_rules! with_near_cache {
+    ($($name:ident),* $(,)?) => {
+        mod redis_near_cache {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::RedisNear).await
                 }
             )*
         }
