@@ -156,6 +156,41 @@ impl std::str::FromStr for NearCacheSetting {
     }
 }
 
+/// One `--rate-limit class=N/PERIOD` setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitSetting {
+    /// `read`, `write`, `batch` or `admin`.
+    pub class: String,
+    /// Its limit per token subject.
+    pub quota: kura::ratelimit::Quota,
+}
+
+/// The request classes a rate limit can name.
+pub const RATE_LIMIT_CLASSES: &[&str] = &["read", "write", "batch", "admin"];
+
+impl std::str::FromStr for RateLimitSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (class, quota) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected CLASS=N/PERIOD, e.g. read=1000/1h"))?;
+        let class = class.trim();
+        if !RATE_LIMIT_CLASSES.contains(&class) {
+            return Err(format!(
+                "{class:?}: a rate limit class is one of {}",
+                RATE_LIMIT_CLASSES.join(", ")
+            ));
+        }
+        Ok(RateLimitSetting {
+            class: class.to_owned(),
+            quota: quota
+                .parse()
+                .map_err(|e: kura::ratelimit::QuotaError| e.to_string())?,
+        })
+    }
+}
+
 /// The types the service can keep a near cache of.
 pub const NEAR_TYPES: &[&str] = &["profile"];
 
@@ -523,6 +558,11 @@ pub struct ServeArgs {
     /// Requests that take longer answer 504.
     #[arg(long, env = "KURA_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Rate limit per token subject, `CLASS=N/PERIOD` for the classes
+    /// `read`, `write`, `batch` and `admin` (repeatable, or comma-separated
+    /// in the variable), e.g. `read=1000/1h,write=100/1h`; off unless set.
+    #[arg(long = "rate-limit", env = "KURA_RATE_LIMIT", value_delimiter = ',')]
+    pub rate_limit: Vec<RateLimitSetting>,
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "KURA_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -602,6 +642,8 @@ pub struct Config {
     pub max_stale: Duration,
     /// Near caches: `(type, entry bound)`.
     pub near_cache: Vec<NearCacheSetting>,
+    /// Rate limits per request class and token subject (none: off).
+    pub rate_limits: Vec<RateLimitSetting>,
     /// Byte bound of each near cache.
     pub near_cache_max_bytes: u64,
     /// Longest life of a near cache entry.
@@ -642,6 +684,7 @@ impl Default for Config {
             ttl: Vec::new(),
             max_stale: Duration::ZERO,
             near_cache: Vec::new(),
+            rate_limits: Vec::new(),
             near_cache_max_bytes: 64 << 20,
             near_cache_ttl: Duration::from_secs(30),
             write_strategy: WriteStrategy::Invalidate,
@@ -673,6 +716,7 @@ impl Config {
             warm_limit: a.warm_limit,
             warm_since_days: a.warm_since_days,
             request_timeout: a.request_timeout,
+            rate_limits: a.rate_limit.clone(),
             shutdown_grace: a.shutdown_grace,
             wb: a.wb.config(),
             feed: a.feed.config(),

@@ -715,10 +715,12 @@ async fn late_commit_with_a_lower_seq_is_not_skipped() {
         &format!("UPDATE profiles SET name = 'late' WHERE user_id = '{late}'"),
     )
     .await;
-    let late_seq: i64 = sqlx::query_scalar("SELECT max(seq) FROM kura_invalidation_log")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let (late_seq, late_txid): (i64, i64) = sqlx::query_as(
+        "SELECT seq, txid::text::bigint FROM kura_invalidation_log ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
     assert!(
         early_seq < late_seq,
         "the trap is set: {early_seq} < {late_seq}"
@@ -730,12 +732,15 @@ async fn late_commit_with_a_lower_seq_is_not_skipped() {
     );
     tx.commit().await.unwrap();
     // The watermark is cluster-wide: other tests' transactions can hold it
-    // back for a moment, so step until it has passed the early one.
+    // back for a moment, so step until it has passed both transactions (a
+    // transaction of another test opened between the two can keep it
+    // between them after the early one committed).
     let deadline = Instant::now() + BOUND;
-    while relay.step().await.unwrap().position <= txid as u64 {
+    let both = txid.max(late_txid) as u64;
+    while relay.step().await.unwrap().position <= both {
         assert!(
             Instant::now() < deadline,
-            "the watermark never passed {txid}"
+            "the watermark never passed {both}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -12,7 +12,7 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   feed/{relay, sql}
+//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}
 //!        │                                    │             │              │
 //!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned}
 //!                              │
@@ -52,6 +52,8 @@
 //!   invalidation stream (`store/tracking.rs`: Redis `CLIENT TRACKING ...
 //!   BCAST` on connections of its own); `tracker.rs` holds the fill
 //!   tickets, the flush generation and the stream's liveness.
+//! - [`ratelimit`]: rate limits per class and subject, GCRA in one store
+//!   step ([`Store::rate`]), per process while the store is unreachable.
 //! - [`feed`]: invalidation from the database's commits: the trigger SQL
 //!   for PostgreSQL and SQLite ([`feed::sql`]), the [`FeedLog`] a service
 //!   implements over its driver, and the [`Relay`] applying the log.
@@ -151,6 +153,7 @@ pub mod invalidation;
 pub mod key;
 pub mod metrics;
 pub mod near;
+pub mod ratelimit;
 pub mod source;
 pub mod store;
 pub mod strategy;

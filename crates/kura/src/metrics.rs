@@ -29,6 +29,8 @@
 //! | `cache_l1_flushes_total` | counter (whole near cache dropped) | `reason` (`connected`, `disconnected`, `ping failed`, `topology changed`, `server_flush`, …) |
 //! | `cache_l1_invalidation_delay_seconds` | histogram (a write of this process to the push that reports it) | |
 //! | `cache_l1_entries`, `cache_l1_bytes` | gauge (set by the service at each scrape) | `cache_type` |
+//! | `cache_rate_limit_checks_total` | counter (requests counted against a rate limit) | `class`, `outcome` (`allowed`, `limited`) |
+//! | `cache_rate_limit_local_total` | counter (decisions this process made alone, the store unreachable) | `class` |
 //!
 //! The write-behind series (`cache_wb_*`) are listed on
 //! [`crate::strategy::write_behind`]. [`describe`] gives every series its
@@ -170,6 +172,14 @@ pub fn describe() {
         "cache_l1_invalidation_delay_seconds",
         Unit::Seconds,
         "From a write of this process to the invalidation push that reports it."
+    );
+    describe_counter!(
+        "cache_rate_limit_checks_total",
+        "Requests counted against a rate limit (outcome: allowed or limited)."
+    );
+    describe_counter!(
+        "cache_rate_limit_local_total",
+        "Rate-limit decisions made by this process alone because the store was unreachable."
     );
     describe_gauge!("cache_l1_entries", "Entries held by the near cache.");
     describe_gauge!(

@@ -119,6 +119,14 @@ impl Store for Flaky {
     async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
         self.inner.advance(key, value).await
     }
+    async fn rate(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+    ) -> StoreResult<kura::store::RateDecision> {
+        self.inner.rate(key, limit, period).await
+    }
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
         self.matching.lock().unwrap().push(pattern.scan_match());
         self.gate().await?;

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod profiles;
+pub mod ratelimit;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -74,6 +75,8 @@ pub struct AppState {
     pub openapi: Bytes,
     /// The invalidation feed relay of this instance (`None`: off).
     pub feed: Option<Arc<crate::feed::Feed>>,
+    /// The rate limits (`None`: off).
+    pub limits: Option<Arc<ratelimit::Limits>>,
 }
 
 /// A JSON response from a value.
@@ -240,6 +243,10 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/openapi.json", get(health::openapi))
         .fallback(|| async { ApiError::NotFound("not found") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit,
+        ))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(RequestTimeoutLayer(config.request_timeout))
         .with_state(state)
@@ -485,12 +492,14 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
     let feed = crate::feed::Feed::start(app.service.db(), app.service.cache(), config)
         .await?
         .map(Arc::new);
+    let limits = ratelimit::Limits::new(app.service.cache(), &config.rate_limits);
     let state = Arc::new(AppState {
         service: app.service,
         auth,
         memory_store: app.memory_store,
         openapi,
         feed,
+        limits,
     });
     let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
     let metrics = match config.metrics_listen {

@@ -13,8 +13,8 @@ use rand::Rng;
 
 use super::{
     AcceptOutcome, AcceptRequest, AcquireRequest, Acquired, DeadLetter, Durability, FillOutcome,
-    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, QueueStore, Retry, Settled, Store,
-    StoreResult, UpdateOutcome, UpdateRequest, version_newer,
+    FillRequest, FillValue, QueueEntry, QueueKeys, QueueStats, QueueStore, RateDecision, Retry,
+    Settled, Store, StoreResult, UpdateOutcome, UpdateRequest, version_newer,
 };
 use crate::codec::peek_version;
 use crate::error::StoreError;
@@ -835,6 +835,35 @@ impl Store for MemoryStore {
             }
         });
         Ok(())
+    }
+
+    async fn rate(&self, key: &str, limit: u32, period: Duration) -> StoreResult<RateDecision> {
+        // As the script, on this store's clock: the arrival time is kept as
+        // a plain value (µs since the store started) that expires when the
+        // limit is whole again, so the byte bound covers it too.
+        let now = self.now();
+        let now_us = now.duration_since(self.inner.started).as_micros() as u64;
+        let tick = self.tick(now);
+        let mut shard = self.shard(key);
+        shard.sweep(now);
+        let decision = shard.with_slot(key, now, tick, |slot| {
+            let tat = slot
+                .value
+                .as_ref()
+                .filter(|t| t.live(now))
+                .and_then(|t| std::str::from_utf8(&t.v).ok()?.parse().ok());
+            let (d, after) = super::gcra(tat, now_us, limit, period);
+            if let Some(after) = after {
+                slot.value = Some(timed(
+                    Bytes::from(after.to_string()),
+                    now,
+                    Duration::from_micros(after - now_us) + Duration::from_millis(1),
+                ));
+            }
+            d
+        });
+        self.evict(&mut shard, key);
+        Ok(decision)
     }
 
     async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {

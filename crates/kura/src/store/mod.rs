@@ -159,6 +159,60 @@ pub enum FillOutcome {
     NotNewer,
 }
 
+/// What one request against a rate limit got ([`Store::rate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    /// Admitted.
+    pub allowed: bool,
+    /// Requests still admitted now, after this one.
+    pub remaining: u32,
+    /// Until the limit is whole again.
+    pub reset: Duration,
+    /// When refused: until the next request can be admitted.
+    pub retry_after: Duration,
+}
+
+/// The emission interval and period of a limit, in microseconds.
+pub(crate) fn rate_steps(limit: u32, period: Duration) -> (u64, u64) {
+    let period = (period.as_micros() as u64).max(1);
+    let step = (period / u64::from(limit.max(1))).max(1);
+    (step, step * u64::from(limit.max(1)))
+}
+
+/// GCRA on a theoretical arrival time `tat` (µs), at `now` (µs): the
+/// decision and the new arrival time (`None` when refused). The scripts do
+/// the same in Lua.
+pub(crate) fn gcra(
+    tat: Option<u64>,
+    now: u64,
+    limit: u32,
+    period: Duration,
+) -> (RateDecision, Option<u64>) {
+    let (step, period) = rate_steps(limit, period);
+    let tat = tat.unwrap_or(now).max(now);
+    let after = tat + step;
+    if after - now > period {
+        return (
+            RateDecision {
+                allowed: false,
+                remaining: 0,
+                reset: Duration::from_micros(tat - now),
+                retry_after: Duration::from_micros(after - period - now),
+            },
+            None,
+        );
+    }
+    (
+        RateDecision {
+            allowed: true,
+            remaining: ((period - (after - now)) / step) as u32,
+            reset: Duration::from_micros(after - now),
+            retry_after: Duration::ZERO,
+        },
+        Some(after),
+    )
+}
+
 /// A request to update a cached value after a commit.
 #[derive(Debug, Clone)]
 pub struct UpdateRequest<'a> {
@@ -245,6 +299,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// relay starts again from the oldest row it can read), and it is one
     /// small key per namespace. Read it with [`Store::get`] (a decimal).
     async fn advance(&self, key: &str, value: u64) -> StoreResult<u64>;
+
+    /// One request against a rate limit of `limit` per `period` at `key`
+    /// (GCRA, see [`crate::ratelimit`]), in one atomic step on the store's
+    /// clock: admitted or not, with what is left. The key expires when the
+    /// limit is whole again.
+    async fn rate(&self, key: &str, limit: u32, period: Duration) -> StoreResult<RateDecision>;
 
     /// Invalidates every entry matching `pattern` by `SCAN` (`COUNT 100`)
     /// and batched deletes; returns how many values were cached.

@@ -51,9 +51,10 @@ static RETRY: LazyLock<Script> = script!("retry.lua");
 static GET_REFRESH: LazyLock<Script> = script!("get_refresh.lua");
 static INVALIDATE_OLDER: LazyLock<Script> = script!("invalidate_older.lua");
 static ADVANCE: LazyLock<Script> = script!("advance.lua");
+static GCRA: LazyLock<Script> = script!("gcra.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 15] = [
+const SOURCES: [&str; 16] = [
     source!("acquire.lua"),
     source!("fill.lua"),
     source!("release.lua"),
@@ -69,6 +70,7 @@ const SOURCES: [&str; 15] = [
     source!("get_refresh.lua"),
     source!("invalidate_older.lua"),
     source!("advance.lua"),
+    source!("gcra.lua"),
 ];
 
 /// Most `XAUTOCLAIM` calls per claim: each looks at up to ten times
@@ -710,6 +712,39 @@ impl Store for RedisStore {
         text_at(std::slice::from_ref(&v), 0)
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| unexpected(&v))
+    }
+
+    async fn rate(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+    ) -> StoreResult<super::RateDecision> {
+        let (step, period) = super::rate_steps(limit, period);
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(GCRA.key(key).arg(step).arg(period));
+        let v = self
+            .run(&pipe)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Value::Nil);
+        let Value::Array(parts) = &v else {
+            return Err(unexpected(&v));
+        };
+        let n = |i: usize| {
+            parts
+                .get(i)
+                .map(as_int)
+                .transpose()
+                .map(|x| x.unwrap_or(0).max(0) as u64)
+        };
+        Ok(super::RateDecision {
+            allowed: n(0)? == 1,
+            remaining: u32::try_from(n(1)?).unwrap_or(u32::MAX),
+            reset: Duration::from_micros(n(2)?),
+            retry_after: Duration::from_micros(n(3)?),
+        })
     }
 
     async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
