@@ -232,6 +232,18 @@ impl RedisStore {
         self.run_as(pipe, false).await
     }
 
+    /// One script invocation, its one reply.
+    async fn run_one(&self, inv: &redis::ScriptInvocation<'_>) -> StoreResult<Value> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(inv);
+        Ok(self
+            .run(&pipe)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Value::Nil))
+    }
+
     /// [`RedisStore::run`] for a pipeline that must reach one node as a
     /// whole (on Cluster: the node of its first key).
     async fn run_on_one_node(&self, pipe: &Pipeline) -> StoreResult<Vec<Value>> {
@@ -701,14 +713,9 @@ impl Store for RedisStore {
     }
 
     async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(ADVANCE.key(key).arg(value.to_string()));
         let v = self
-            .run(&pipe)
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or(Value::Nil);
+            .run_one(ADVANCE.key(key).arg(value.to_string()))
+            .await?;
         text_at(std::slice::from_ref(&v), 0)
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| unexpected(&v))
@@ -721,14 +728,7 @@ impl Store for RedisStore {
         period: Duration,
     ) -> StoreResult<super::RateDecision> {
         let (step, period) = super::rate_steps(limit, period);
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(GCRA.key(key).arg(step).arg(period));
-        let v = self
-            .run(&pipe)
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or(Value::Nil);
+        let v = self.run_one(GCRA.key(key).arg(step).arg(period)).await?;
         let Value::Array(parts) = &v else {
             return Err(unexpected(&v));
         };
