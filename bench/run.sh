@@ -5,7 +5,10 @@
 #
 #   bench/run.sh                      # everything, ~15-20 min on 2 cores
 #   DURATION=5s REPEATS=1 bench/run.sh                 # a quick pass
-#   SCENARIOS=s2,s6 bench/run.sh                       # a subset (s1 s2 s3 s4 mem s6 s5 s7)
+#   SCENARIOS=s2,s6 bench/run.sh                       # a subset (s1 s2 s3 s4 mem s6 s5 s7 near)
+#
+# `near` runs bench/near.sh after the others: the near cache on and off side by side with the
+# ceiling server and HTTP-only /hello (recorded in docs/bench/NEAR.md).
 #
 # Settings (environment): DURATION (10s) ZIPF_DURATION (20s) WARMUP (2s) REPEATS (3)
 # CONCURRENCY (64) ZIPF_EXPONENT (1.0) STAMPEDE_N (200) SEED_WORKERS (2) PROFILE (0; 1 = perf
@@ -39,7 +42,12 @@ need redis-server "apt-get install redis-server"
 need redis-benchmark "apt-get install redis-tools"
 need psql "apt-get install postgresql-client"
 
-export SCENARIOS=${SCENARIOS:-s1,s2,s3,s4,mem,s6,s5,s7}
+export SCENARIOS=${SCENARIOS:-s1,s2,s3,s4,mem,s6,s5,s7,near}
+RUN_NEAR=0
+if [[ ",$SCENARIOS," == *",near,"* ]]; then
+  RUN_NEAR=1
+  SCENARIOS=$(printf ',%s,' "$SCENARIOS" | sed -e 's/,near,/,/g' -e 's/^,//' -e 's/,$//')
+fi
 # before this script's own builds add to it
 BENCH_LOADAVG_BEFORE_BUILD=$(cut -d' ' -f1-3 /proc/loadavg)
 export BENCH_LOADAVG_BEFORE_BUILD
@@ -127,12 +135,18 @@ stop_leftovers() {
   done < "$BENCH_WORK/pids"
 }
 
-say "running the scenarios ($SCENARIOS); work files in $BENCH_WORK"
-timeout --kill-after=30s "${BENCH_TIMEOUT:-45m}" "$PY" "$ROOT/bench/harness.py" &
-HPID=$!
-trap 'kill -TERM "$HPID" 2>/dev/null || true' INT TERM HUP
-trap 'stop_leftovers' EXIT
 rc=0
-wait "$HPID" || rc=$?
-while kill -0 "$HPID" 2>/dev/null; do wait "$HPID" || rc=$?; done
+if [[ -n "$SCENARIOS" ]]; then
+  say "running the scenarios ($SCENARIOS); work files in $BENCH_WORK"
+  timeout --kill-after=30s "${BENCH_TIMEOUT:-45m}" "$PY" "$ROOT/bench/harness.py" &
+  HPID=$!
+  trap 'kill -TERM "$HPID" 2>/dev/null || true' INT TERM HUP
+  trap 'stop_leftovers' EXIT
+  wait "$HPID" || rc=$?
+  while kill -0 "$HPID" 2>/dev/null; do wait "$HPID" || rc=$?; done
+fi
+if [[ $rc == 0 && $RUN_NEAR == 1 ]]; then
+  say "near cache side by side (bench/near.sh)"
+  "$ROOT/bench/near.sh" || rc=$?
+fi
 exit "$rc"
