@@ -503,22 +503,29 @@ impl<L: FeedLog> Relay<L> {
 
         let held = self.store(op, store.get(&inner.position_key, None)).await?;
         let local = lock(&inner.local).position;
-        let from = match held.as_ref().and_then(parse_position) {
-            Some(p) => p,
+        let (from, oldest) = match held.as_ref().and_then(parse_position) {
+            Some(p) => (p, false),
             // No position in the store (first start, or a store restarted
             // without persistence, whose cache is empty too): what this
             // relay applied, else the oldest row still in the log.
             None => match local {
-                Some(p) => p,
-                None => inner
-                    .log
-                    .oldest()
-                    .await
-                    .map_err(FeedError::Log)?
-                    .unwrap_or(0),
+                Some(p) => (p, false),
+                None => (
+                    inner
+                        .log
+                        .oldest()
+                        .await
+                        .map_err(FeedError::Log)?
+                        .unwrap_or(0),
+                    true,
+                ),
             },
         };
         let to = inner.log.watermark().await.map_err(FeedError::Log)?;
+        // The oldest row read is no bound for what is still to come: a
+        // transaction below it may be open (its rows are not visible yet),
+        // so a start from the log never begins above the watermark.
+        let from = if oldest { from.min(to) } else { from };
         report.watermark = to;
         report.position = from;
         if to > from {
