@@ -374,11 +374,18 @@ impl<S: Source> WriteBehind<S> {
     #[must_use]
     pub fn limits(mut self, limits: BehindLimits) -> Self {
         self.limits = limits;
-        metrics::gauge!("cache_wb_limit_depth", "cache_type" => self.aside.kind().name())
-            .set(limits.max_depth as f64);
-        metrics::gauge!("cache_wb_limit_age_seconds", "cache_type" => self.aside.kind().name())
-            .set(limits.max_age.as_secs_f64());
+        self.publish_limits();
         self
+    }
+
+    /// Sets the limit gauges (again at every [`WriteBehind::status`], so a
+    /// scrape shows this writer's limits).
+    fn publish_limits(&self) {
+        let l = self.aside.kind().name();
+        metrics::gauge!("cache_wb_limit_depth", "cache_type" => l)
+            .set(self.limits.max_depth as f64);
+        metrics::gauge!("cache_wb_limit_age_seconds", "cache_type" => l)
+            .set(self.limits.max_age.as_secs_f64());
     }
 
     /// The limits in force.
@@ -604,6 +611,7 @@ impl<S: Source> WriteBehind<S> {
 
     fn publish(&self, s: &QueueStats) {
         let l = self.label();
+        self.publish_limits();
         metrics::gauge!("cache_wb_queue_depth", "cache_type" => l).set(s.depth as f64);
         metrics::gauge!("cache_wb_oldest_age_seconds", "cache_type" => l)
             .set(s.oldest_age_ms as f64 / 1000.0);
