@@ -225,6 +225,13 @@ impl ProfileService {
         &self.cache
     }
 
+    /// Sets the state gauges (cache breaker, pending and unsure
+    /// invalidations) from the current state, for a scrape.
+    pub fn publish_gauges(&self) {
+        self.cache.publish_gauges();
+        self.unsure.publish_gauge();
+    }
+
     /// What the profiles' near cache holds, if it is on.
     #[must_use]
     pub fn near_stats(&self) -> Option<kura::near::NearStats> {

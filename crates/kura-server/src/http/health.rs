@@ -98,6 +98,7 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     // The write-behind depth and lag gauges, fresh even where no flusher
     // runs (the library sets them as it reads the queue).
     let _ = tokio::time::timeout(PROBE_TIMEOUT, s.service.write_behind().status()).await;
+    s.service.publish_gauges();
     if let Some(n) = s.service.near_stats() {
         metrics::gauge!("cache_l1_entries", "cache_type" => "profile").set(n.entries as f64);
         metrics::gauge!("cache_l1_bytes", "cache_type" => "profile").set(n.bytes as f64);

@@ -25,6 +25,7 @@ pub mod error;
 pub mod health;
 pub mod profiles;
 pub mod ratelimit;
+pub mod requests;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -247,6 +248,7 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
             state.clone(),
             ratelimit::limit,
         ))
+        .layer(axum::middleware::from_fn(requests::record))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(RequestTimeoutLayer(config.request_timeout))
         .with_state(state)

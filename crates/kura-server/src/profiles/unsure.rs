@@ -77,6 +77,11 @@ impl Unsure {
 
     /// Adds `user_id` (merged with an entry it has); whether a worker
     /// should be started.
+    /// Sets `kura_unsure_invalidations` from the current count.
+    pub(crate) fn publish_gauge(&self) {
+        metrics::gauge!("kura_unsure_invalidations").set(self.lock().entries.len() as f64);
+    }
+
     fn add(&self, user_id: Uuid, e: Entry) -> Result<bool, ()> {
         let mut s = self.lock();
         if let Some(cur) = s.entries.get_mut(&user_id) {

@@ -173,6 +173,14 @@ impl Cache {
         self.inner.breaker.state()
     }
 
+    /// Sets the cache's state gauges (`cache_breaker_state`,
+    /// `cache_pending_invalidations`) from its current state. They also move
+    /// on every change; a scrape calls this so they exist before the first.
+    pub fn publish_gauges(&self) {
+        metrics::gauge!("cache_breaker_state").set(self.breaker_state().as_gauge());
+        metrics::gauge!("cache_pending_invalidations").set(self.pending_invalidations() as f64);
+    }
+
     /// Invalidations waiting for the store to come back (entries plus
     /// distrusted patterns).
     #[must_use]
