@@ -36,15 +36,6 @@ fn describe() {
         "kura_unsure_dropped_total",
         "Failed writes invalidated once only because too many were waiting for their rows."
     );
-    metrics::describe_counter!(
-        "http_requests_total",
-        "Requests answered, by method, matched route, status and X-Cache."
-    );
-    metrics::describe_histogram!(
-        "http_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time to answer a request, by method, matched route and X-Cache."
-    );
 }
 
 /// Latency buckets in seconds, from 50 µs (a hit) to 5 s.

@@ -25,7 +25,6 @@ pub mod error;
 pub mod health;
 pub mod profiles;
 pub mod ratelimit;
-pub mod requests;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -218,7 +217,8 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     } else {
         api
     };
-    api.route("/api/v1/profiles", post(profiles::create_profile))
+    let api = api
+        .route("/api/v1/profiles", post(profiles::create_profile))
         .route("/api/v1/profiles/batch", post(profiles::batch))
         .route(
             "/api/v1/profiles/{user_id}",
@@ -243,13 +243,17 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/healthz", get(health::health))
         .route("/openapi.json", get(health::openapi))
         .fallback(|| async { ApiError::NotFound("not found") })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(axum::middleware::from_fn_with_state(
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    // Only when some class is limited: the layer costs every request.
+    let api = if state.limits.is_some() {
+        api.layer(axum::middleware::from_fn_with_state(
             state.clone(),
             ratelimit::limit,
         ))
-        .layer(axum::middleware::from_fn(requests::record))
-        .layer(DefaultBodyLimit::max(config.body_limit))
+    } else {
+        api
+    };
+    api.layer(DefaultBodyLimit::max(config.body_limit))
         .layer(RequestTimeoutLayer(config.request_timeout))
         .with_state(state)
 }
