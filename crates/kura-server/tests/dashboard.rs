@@ -72,7 +72,11 @@ fn described() -> Vec<String> {
             let tail = &rest[q + 1..];
             let Some(end) = tail.find('"') else { break };
             let name = &tail[..end];
-            if name.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !name.is_empty() {
+            if name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !name.is_empty()
+            {
                 names.push(name.to_owned());
             }
             rest = &tail[end..];
