@@ -54,9 +54,6 @@ use crate::error::Error;
 use crate::key::{Kind, validate_id};
 use crate::store::{MemoryStore, Store};
 
-#[cfg(doc)]
-use crate::store::Store as _;
-
 /// The kind of the limits' keys (`<ns>:rate_limit:<class>.<subject>`).
 pub const RATE_LIMIT: Kind = Kind::new("rate_limit");
 

@@ -89,14 +89,7 @@ pub async fn limit(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     let Some(quota) = limits.quotas.get(class).copied() else {
         return next.run(req).await;
     };
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().to_owned());
-    let Some(token) = token else {
+    let Some(token) = super::auth::bearer(req.headers()).map(str::to_owned) else {
         return next.run(req).await;
     };
     let Ok(caller) = s.auth.verify(&token).await else {

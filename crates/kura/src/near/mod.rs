@@ -240,7 +240,9 @@ impl<T: Send + Sync + 'static> Near<T> {
 
     /// Stores what a read of `key` returned, if `ticket` still allows.
     pub(crate) fn fill(&self, ticket: &Ticket, id: &str, json: Bytes, value: Option<Arc<T>>) {
-        let generation = self.tracker.generation();
+        // `finish` runs the insert only while the ticket's generation is
+        // the current one.
+        let generation = ticket.generation();
         self.tracker.finish(ticket, || {
             let cell = OnceLock::new();
             if let Some(v) = value {

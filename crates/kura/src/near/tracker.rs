@@ -55,6 +55,13 @@ pub(crate) struct Ticket {
     generation: u64,
 }
 
+impl Ticket {
+    /// The generation the fill began in.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut shard = self.tracker.shard(&self.key);
