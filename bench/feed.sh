@@ -49,8 +49,8 @@ PG=postgres://postgres@127.0.0.1:5432
 DB_URL=$PG/$FEED_DB
 PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -Atq -v ON_ERROR_STOP=1)
 
-say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 if [[ -z "${KURA_BIN:-}" || -z "${FEED_LAG_BIN:-}" ]]; then
   say "building kura and the feed_lag example (release)"
@@ -70,12 +70,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --save '' --appendonly no --dir "$WORK" \
-  --notify-keyspace-events Eg --daemonize no >"$WORK/redis.log" 2>&1 &
-PIDS+=($!)
-REDIS_URL=redis://127.0.0.1:$REDIS_PORT
-for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$WORK" --notify-keyspace-events Eg
 
 "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $FEED_DB WITH (FORCE)" -c "CREATE DATABASE $FEED_DB"
 export DATABASE_URL=$DB_URL REDIS_URL KURA_NAMESPACE=cache RUST_LOG=warn

@@ -48,8 +48,8 @@ PG=postgres://postgres@127.0.0.1:5432
 DB_URL=$PG/$NEAR_DB
 PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -Atq -v ON_ERROR_STOP=1)
 
-say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ -z "${KURA_BIN:-}" || -z "${STALENESS_BIN:-}" ]]; then
@@ -58,19 +58,7 @@ if [[ -z "${KURA_BIN:-}" || -z "${STALENESS_BIN:-}" ]]; then
   KURA_BIN=${KURA_BIN:-$TARGET/release/kura}
   STALENESS_BIN=${STALENESS_BIN:-$TARGET/release/examples/near_staleness}
 fi
-CEIL_DIR=$ROOT/.seed-python/ceiling
-CEILING_BIN=""
-if [[ -f "$CEIL_DIR/Cargo.toml" || -d "$CEIL_SRC" ]]; then
-  if [[ ! -f "$CEIL_DIR/Cargo.toml" ]]; then
-    mkdir -p "$CEIL_DIR"; cp -R "$CEIL_SRC/." "$CEIL_DIR/"; chmod -R u+w "$CEIL_DIR"
-  fi
-  grep -q '^\[workspace\]' "$CEIL_DIR/Cargo.toml" || printf '\n[workspace]\n' >> "$CEIL_DIR/Cargo.toml"
-  say "building the ceiling server"
-  (cd "$CEIL_DIR" && CARGO_TARGET_DIR="$CEIL_DIR/target" cargo build --release -q)
-  CEILING_BIN=$CEIL_DIR/target/release/ceiling
-else
-  say "no ceiling server source at $CEIL_SRC: its lines are left out"
-fi
+build_ceiling "$ROOT" "$CEIL_SRC"
 
 OUT=$ROOT/docs/bench/raw/near-$(date +%Y-%m-%d)
 WORK=$(mktemp -d)
@@ -82,12 +70,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --save '' --appendonly no --dir "$WORK" --daemonize no \
-  >"$WORK/redis.log" 2>&1 &
-PIDS+=($!)
-REDIS_URL=redis://127.0.0.1:$REDIS_PORT
-for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$WORK"
 
 "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $NEAR_DB WITH (FORCE)" -c "CREATE DATABASE $NEAR_DB"
 export DATABASE_URL=$DB_URL REDIS_URL KURA_NAMESPACE=cache RUST_LOG=warn

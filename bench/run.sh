@@ -34,7 +34,8 @@ if [[ "${CI:-}" == "true" && "${BENCH_FORCE:-0}" != "1" ]]; then
   exit 2
 fi
 
-say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 need() { command -v "$1" >/dev/null 2>&1 || { echo "bench/run.sh: '$1' not found ($2)" >&2; exit 1; }; }
 need cargo "install Rust"
 need python3 "apt-get install python3 python3-venv"
@@ -106,19 +107,8 @@ PY=$SEED_DIR/.venv/bin/python
 
 # --- the ceiling server (bare axum + redis-rs), built outside the workspace -----------------
 CEIL_SRC=${CEIL_SRC:-$ROOT/../shared/peers/ceiling}
-CEIL_DIR=$ROOT/.seed-python/ceiling
-export CEILING_BIN=""
-if [[ -f "$CEIL_DIR/Cargo.toml" || -d "$CEIL_SRC" ]]; then
-  if [[ ! -f "$CEIL_DIR/Cargo.toml" ]]; then
-    mkdir -p "$CEIL_DIR"; cp -R "$CEIL_SRC/." "$CEIL_DIR/"; chmod -R u+w "$CEIL_DIR"
-  fi
-  grep -q '^\[workspace\]' "$CEIL_DIR/Cargo.toml" || printf '\n[workspace]\n' >> "$CEIL_DIR/Cargo.toml"
-  say "building the ceiling server"
-  (cd "$CEIL_DIR" && CARGO_TARGET_DIR="$CEIL_DIR/target" cargo build --release -q)
-  CEILING_BIN=$CEIL_DIR/target/release/ceiling
-else
-  say "no ceiling server source at $CEIL_SRC: its lines are left out"
-fi
+build_ceiling "$ROOT" "$CEIL_SRC"
+export CEILING_BIN
 
 # --- run -------------------------------------------------------------------------------------
 export ROOT BENCH_WORK=${BENCH_WORK:-$ROOT/bench/out/$(date +%Y%m%d-%H%M%S)}
