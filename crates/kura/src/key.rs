@@ -249,6 +249,15 @@ pub(crate) fn stale_key_of(value_key: &str) -> Option<String> {
     Some(format!("{namespace}:{}{rest}", Companion::Stale.tag()))
 }
 
+/// The value key of the entry whose "not found" marker is `key`
+/// (`<namespace>:~n:<rest>` → `<namespace>:<rest>`), or `None` for any
+/// other key.
+pub(crate) fn value_key_of_absent(key: &str) -> Option<String> {
+    let (namespace, rest) = key.split_once(':')?;
+    let rest = rest.strip_prefix(Companion::Absent.tag())?;
+    Some(format!("{namespace}:{rest}"))
+}
+
 /// Builds keys for one namespace.
 #[derive(Debug, Clone)]
 pub struct KeyBuilder {
@@ -300,6 +309,20 @@ impl KeyBuilder {
     #[must_use]
     pub fn value_prefix(&self, kind: &Kind) -> String {
         format!("{}:{}:", self.namespace, kind.segment)
+    }
+
+    /// The prefix of every "not found" marker of a type:
+    /// `<namespace>:~n:<segment>:` (what a near cache's invalidation stream
+    /// follows besides [`value_prefix`](Self::value_prefix), for its
+    /// negative entries).
+    #[must_use]
+    pub fn absent_prefix(&self, kind: &Kind) -> String {
+        format!(
+            "{}:{}{}:",
+            self.namespace,
+            Companion::Absent.tag(),
+            kind.segment
+        )
     }
 
     /// All keys of one entry.

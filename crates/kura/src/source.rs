@@ -12,6 +12,14 @@ use serde::{Serialize, de::DeserializeOwned};
 pub trait Versioned {
     /// The row version (monotonic per row, below 2^63).
     fn version(&self) -> u64;
+
+    /// The moment the value stops being valid, for values that end at a
+    /// fixed time (a revoked token ends at its `exp`). Its cache entry's TTL
+    /// is then at most the time left, and a value already past it is not
+    /// cached at all. `None` (the default): the type's TTL alone applies.
+    fn expires_at(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// The bounds a cached value needs.

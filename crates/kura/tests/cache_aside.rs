@@ -330,7 +330,112 @@ async fn json_reads_pass_the_cached_bytes_on(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// A value that ends at a fixed time (`Versioned::expires_at`, as a
+/// revoked token): cached at most until then, not at all once past it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Ending {
+    until_ms: u64,
+}
+
+impl kura::Versioned for Ending {
+    fn version(&self) -> u64 {
+        1
+    }
+    fn expires_at(&self) -> Option<std::time::SystemTime> {
+        Some(std::time::UNIX_EPOCH + Duration::from_millis(self.until_ms))
+    }
+}
+
+struct EndingDb {
+    until: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    loads: std::sync::atomic::AtomicUsize,
+}
+
+struct EndingSrc(Arc<EndingDb>);
+
+impl kura::Source for EndingSrc {
+    type Value = Ending;
+    type Error = std::io::Error;
+    async fn load(&self, id: &str) -> Result<Option<Ending>, std::io::Error> {
+        self.0
+            .loads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(self
+            .0
+            .until
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|&until_ms| Ending { until_ms }))
+    }
+}
+
+async fn values_with_an_end_are_cached_until_it(b: Backend) {
+    let (cache, ns) = b.cache();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let db = Arc::new(EndingDb {
+        until: Default::default(),
+        loads: Default::default(),
+    });
+    db.until
+        .lock()
+        .unwrap()
+        .insert("soon".into(), now_ms() + 1_500);
+    db.until
+        .lock()
+        .unwrap()
+        .insert("gone".into(), now_ms() - 1_000);
+    // The type's TTL is the seed's default (300 s): the value's end is
+    // what bounds the entry.
+    let r = cache.aside(Kind::new("ending"), EndingSrc(db.clone()));
+    let loads = || db.loads.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(r.get("soon").await.unwrap().status(), Status::Miss);
+    assert_eq!(r.get("soon").await.unwrap().status(), Status::Hit);
+    assert_eq!(loads(), 1);
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    assert_eq!(
+        r.get("soon").await.unwrap().status(),
+        Status::Miss,
+        "the entry outlived the value's end"
+    );
+    // Already past its end: served, never cached.
+    for _ in 0..3 {
+        let f = r.get("gone").await.unwrap();
+        assert_eq!(f.status(), Status::Miss);
+        assert!(f.is_found());
+    }
+    assert_eq!(loads(), 5);
+    // A batch read follows the same rule.
+    let batch = r.get_many(&["gone", "gone2"]).await.unwrap();
+    assert_eq!(batch.misses, 2);
+    assert_eq!(r.get_many(&["gone"]).await.unwrap().misses, 1);
+    // A write-through update of a value past its end removes the entry.
+    db.until
+        .lock()
+        .unwrap()
+        .insert("w".into(), now_ms() + 60_000);
+    r.get("w").await.unwrap();
+    assert_eq!(r.get("w").await.unwrap().status(), Status::Hit);
+    let past = Ending {
+        until_ms: now_ms() - 1,
+    };
+    cache
+        .write_through(Kind::new("ending"))
+        .update("w", &past)
+        .await
+        .unwrap();
+    db.until.lock().unwrap().insert("w".into(), past.until_ms);
+    assert_eq!(r.get("w").await.unwrap().status(), Status::Miss);
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    values_with_an_end_are_cached_until_it,
     json_reads_pass_the_cached_bytes_on,
     a_cancelled_reader_still_fills,
     miss_then_hit,
@@ -391,6 +496,7 @@ async fn arc_sources_work_too() {
 }
 
 with_near_cache!(
+    values_with_an_end_are_cached_until_it,
     json_reads_pass_the_cached_bytes_on,
     a_cancelled_reader_still_fills,
     miss_then_hit,

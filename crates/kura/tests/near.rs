@@ -231,3 +231,55 @@ async fn a_silent_stream_stops_l1_within_the_allowed_silence() {
     drop(proxy);
     let _ = Arc::new(server);
 }
+
+/// "Not found" is kept in L1 too (a negative entry), and any client's
+/// change of the entry's marker evicts it: another process creating the
+/// row (its invalidation removes the marker) is seen here at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_entries_are_served_from_l1_and_evicted_by_any_write() {
+    let ns = ns();
+    let cache = near_cache(&redis_url(), &ns, Duration::from_secs(1));
+    let other = near_cache(&redis_url(), &ns, Duration::from_secs(1));
+    let db = TestDb::new();
+    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    // Until a negative L1 hit: a miss caches the marker, the next read
+    // finds it and keeps it in L1.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = p.get("ghost").await.unwrap();
+        assert!(!f.is_found());
+        if f.layer() == Some(Layer::L1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never a negative L1 hit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loads = db.loads();
+    for _ in 0..50 {
+        let f = p.get("ghost").await.unwrap();
+        assert_eq!((f.is_found(), f.layer()), (false, Some(Layer::L1)));
+        assert!(p.get_json("ghost").await.unwrap().json().is_none());
+    }
+    assert_eq!(db.loads(), loads, "negative L1 hits load nothing");
+
+    // Another process creates the row and invalidates: the marker's removal
+    // reaches this process's L1.
+    db.put("ghost", "born");
+    other
+        .write_through(Kind::PROFILE)
+        .invalidate("ghost")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if p.get("ghost").await.unwrap().is_found() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "L1 kept \"not found\" after the row was created elsewhere"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    cleanup(&ns).await;
+}

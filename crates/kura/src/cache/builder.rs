@@ -195,7 +195,8 @@ impl<Q> CacheBuilder<Q> {
         let mut prefixes: Vec<String> = self
             .near
             .values()
-            .map(|(kind, _)| keys.value_prefix(kind))
+            // Values, and "not found" markers for the negative entries.
+            .flat_map(|(kind, _)| [keys.value_prefix(kind), keys.absent_prefix(kind)])
             .collect();
         prefixes.sort();
         prefixes.dedup();

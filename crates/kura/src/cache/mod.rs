@@ -303,6 +303,26 @@ impl CacheInner {
         }
     }
 
+    /// `lifetimes` cut to end at `expires_at` ([`crate::Versioned::expires_at`]);
+    /// `None` when that moment has passed (the value is not cached).
+    pub(crate) fn capped(
+        lifetimes: Lifetimes,
+        expires_at: Option<std::time::SystemTime>,
+    ) -> Option<Lifetimes> {
+        let Some(at) = expires_at else {
+            return Some(lifetimes);
+        };
+        let left = crate::ttl::TtlPolicy::ttl_until(at)?;
+        Some(Lifetimes {
+            ttl: lifetimes.ttl.min(left),
+            stale_ttl: if lifetimes.stale_ttl.is_zero() {
+                Duration::ZERO
+            } else {
+                lifetimes.stale_ttl.min(left)
+            },
+        })
+    }
+
     /// A fresh owner token for a lease or lock.
     pub(crate) fn token() -> String {
         static SEQ: AtomicU64 = AtomicU64::new(0);

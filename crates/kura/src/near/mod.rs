@@ -164,6 +164,14 @@ pub(crate) struct NearEntry<T> {
     generation: u64,
 }
 
+impl<T> NearEntry<T> {
+    /// A negative entry: the store holds "not found" for the id (an empty
+    /// JSON, which no cached value has: values are JSON objects).
+    pub(crate) fn is_absent(&self) -> bool {
+        self.json.is_empty()
+    }
+}
+
 fn entry_bytes<T>(id: &str, e: &NearEntry<T>) -> u64 {
     e.json.len() as u64 + id.len() as u64 + ENTRY_OVERHEAD
 }

@@ -271,6 +271,10 @@ impl TrackingSink for Tracker {
             let Ok(key) = std::str::from_utf8(raw) else {
                 continue;
             };
+            // A "not found" marker's change concerns its entry's value key
+            // (a negative L1 entry, a negative fill in flight).
+            let value_key = crate::key::value_key_of_absent(key);
+            let key = value_key.as_deref().unwrap_or(key);
             let evicted = {
                 let _shard = self.shard_and_remove(key);
                 self.evict_layers(key)

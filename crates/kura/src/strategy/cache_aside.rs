@@ -230,6 +230,12 @@ impl<T: serde::de::DeserializeOwned> Answer<T> for Fetched<T> {
     }
 
     fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError> {
+        if e.is_absent() {
+            return Ok(Self {
+                l1: true,
+                ..Self::absent(Status::Hit)
+            });
+        }
         let value = match e.value.get() {
             Some(v) => v.clone(),
             // Filled by `get_json`: decoded once, by the first typed read.
@@ -261,7 +267,7 @@ impl<T> Answer<T> for FetchedJson {
 
     fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError> {
         Ok(Self {
-            json: Some(e.json.clone()),
+            json: (!e.is_absent()).then(|| e.json.clone()),
             status: Status::Hit,
             l1: true,
         })
@@ -566,7 +572,18 @@ impl<S: Source> CacheAside<S> {
         }
         // Boxed: the miss path's state would otherwise be part of every
         // hit's future, and be moved with it.
-        Box::pin(self.flight(id, key, true)).await.map(miss)
+        let (fetched, started) = Box::pin(self.flight_from(id, key, true)).await?;
+        // A "not found" marker found by a load this caller started (its
+        // lease request went out after the ticket was taken) becomes a
+        // negative L1 entry. A joined load may have read the marker before
+        // the ticket, so a removal between the two would go unseen: no
+        // entry from it.
+        if let (Some(n), Some(t), true) = (near, &ticket, started) {
+            if fetched.status == Status::Hit && fetched.value.is_none() {
+                n.fill(t, id, Bytes::new(), None);
+            }
+        }
+        Ok(miss(fetched))
     }
 
     /// Joins or starts the one load of `key` in this process.
@@ -576,7 +593,19 @@ impl<S: Source> CacheAside<S> {
         key: String,
         use_cache: bool,
     ) -> Result<Fetched<S::Value>, Error> {
+        self.flight_from(id, key, use_cache).await.map(|(f, _)| f)
+    }
+
+    /// As [`flight`](Self::flight), saying whether this caller started the
+    /// load (`true`) or joined one already running.
+    async fn flight_from(
+        &self,
+        id: &str,
+        key: String,
+        use_cache: bool,
+    ) -> Result<(Fetched<S::Value>, bool), Error> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
+        let mut started = false;
         let epochs = &self.inner.cache.inner.epochs;
         let fut = {
             let mut flights = self
@@ -592,6 +621,7 @@ impl<S: Source> CacheAside<S> {
                 // None, or one that began before a write returned: its
                 // callers keep it, new ones get a load of their own.
                 _ => {
+                    started = true;
                     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
                     let a = self.inner.clone();
                     let id = id.to_owned();
@@ -629,7 +659,7 @@ impl<S: Source> CacheAside<S> {
                 }
             }
         };
-        fut.await
+        fut.await.map(|f| (f, started))
     }
 
     /// Reads many ids: one `MGET` for all, then for the misses one pipelined
@@ -759,15 +789,19 @@ impl<S: Source> Aside<S> {
         let c = &self.cache.inner;
         let policy = self.policy();
         let loaded = self.timed_load(id).await;
+        let mut expires_at = None;
         let (fill, result) = match loaded {
             Ok(Some(v)) => match codec::encode(&v, v.version(), c.max_value_bytes) {
-                Ok(enc) => (
-                    Some(FillValue::Value {
-                        bytes: enc.envelope,
-                        version: v.version(),
-                    }),
-                    Fetched::found(v, enc.json, Status::Miss),
-                ),
+                Ok(enc) => {
+                    expires_at = v.expires_at();
+                    (
+                        Some(FillValue::Value {
+                            bytes: enc.envelope,
+                            version: v.version(),
+                        }),
+                        Fetched::found(v, enc.json, Status::Miss),
+                    )
+                }
                 Err(e @ CodecError::TooLarge { .. }) => {
                     tracing::warn!(key = entry.value, error = %e, "value not cached");
                     (None, self.plain(v, Status::Miss)?)
@@ -790,15 +824,15 @@ impl<S: Source> Aside<S> {
                 return Err(Error::source_error(e));
             }
         };
-        match fill {
-            Some(value) => {
-                let lifetimes = match value {
-                    FillValue::Absent => crate::store::Lifetimes {
-                        ttl: policy.absent_ttl,
-                        stale_ttl: Duration::ZERO,
-                    },
-                    _ => c.lifetimes(&entry.value, &policy),
-                };
+        let lifetimes = fill.as_ref().and_then(|value| match value {
+            FillValue::Absent => Some(crate::store::Lifetimes {
+                ttl: policy.absent_ttl,
+                stale_ttl: Duration::ZERO,
+            }),
+            _ => CacheInner::capped(c.lifetimes(&entry.value, &policy), expires_at),
+        });
+        match fill.zip(lifetimes) {
+            Some((value, lifetimes)) => {
                 let req = FillRequest {
                     keys: entry,
                     token,
@@ -1050,17 +1084,27 @@ impl<S: Source> Aside<S> {
                     let version = v.version();
                     match codec::encode(&v, version, c.max_value_bytes) {
                         Ok(enc) => {
-                            if leased {
-                                fills.push(FillRequest {
-                                    keys: &entries[j],
-                                    token: &token,
-                                    value: FillValue::Value {
-                                        bytes: enc.envelope,
-                                        version,
-                                    },
-                                    lifetimes: c.lifetimes(&entries[j].value, &policy),
-                                });
-                                filled.push(j);
+                            let lifetimes = CacheInner::capped(
+                                c.lifetimes(&entries[j].value, &policy),
+                                v.expires_at(),
+                            );
+                            match lifetimes {
+                                Some(lifetimes) if leased => {
+                                    fills.push(FillRequest {
+                                        keys: &entries[j],
+                                        token: &token,
+                                        value: FillValue::Value {
+                                            bytes: enc.envelope,
+                                            version,
+                                        },
+                                        lifetimes,
+                                    });
+                                    filled.push(j);
+                                }
+                                // Past its end: not cached, the lease given
+                                // back.
+                                None if leased => give_back.push(j),
+                                _ => {}
                             }
                             slots[j].fetched = Some(Fetched::found(v, enc.json, status));
                         }

@@ -23,7 +23,7 @@
 //! that is cached (an absent one is loaded by the next read), which is what
 //! makes an out-of-order writer harmless.
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheInner};
 use crate::codec::{self, CodecError};
 use crate::error::Error;
 use crate::key::Kind;
@@ -151,11 +151,17 @@ impl WriteThrough {
                 return self.invalidate(id).await;
             }
         };
+        let Some(lifetimes) =
+            CacheInner::capped(c.lifetimes(&entry.value, &policy), value.expires_at())
+        else {
+            // Past its end: nothing to cache, the old entry goes.
+            return self.invalidate(id).await;
+        };
         let req = UpdateRequest {
             keys: &entry,
             bytes: enc.envelope,
             version,
-            lifetimes: c.lifetimes(&entry.value, &policy),
+            lifetimes,
         };
         let r = c.call(Some(&self.metrics), c.store.update(&[req])).await;
         c.epochs.bump(&entry.value);
