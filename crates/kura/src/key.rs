@@ -85,6 +85,12 @@ impl Kind {
     /// User preferences: `cache:preferences:<user_id>` (TTL policy `settings`
     /// unless configured otherwise; see [`crate::TtlPolicy`]).
     pub const PREFERENCES: Kind = Kind::new("preferences");
+    /// Sessions: `cache:session:<session_id>`.
+    pub const SESSION: Kind = Kind::new("session");
+    /// The token blacklist (revoked tokens and sessions):
+    /// `cache:blacklist:<id>`; each entry ends with its token (see
+    /// [`crate::Versioned::expires_at`]).
+    pub const BLACKLIST: Kind = Kind::new("blacklist");
     /// Document metadata: `cache:document:<document_id>:metadata`.
     pub const DOCUMENT_META: Kind = Kind::new("document_meta")
         .with_segment("document")

@@ -12,7 +12,7 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}
+//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}   coalesce
 //!        │                                    │             │              │
 //!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned}
 //!                              │
@@ -54,6 +54,9 @@
 //!   tickets, the flush generation and the stream's liveness.
 //! - [`ratelimit`]: rate limits per class and subject, GCRA in one store
 //!   step ([`Store::rate`]), per process while the store is unreachable.
+//! - [`coalesce`]: the latest value per key kept in process and written
+//!   in batches (a session's `last_seen`): one write per flush, not per
+//!   request; what is pending is lost with the process.
 //! - [`feed`]: invalidation from the database's commits: the trigger SQL
 //!   for PostgreSQL and SQLite ([`feed::sql`]), the [`FeedLog`] a service
 //!   implements over its driver, and the [`Relay`] applying the log.
@@ -70,6 +73,8 @@
 //! | warming | never overwrites a cached value, never caches a row older than a concurrent write; one instance per fleet at a time |
 //! | invalidation feed | every committed change to a table with the feed's triggers, by any writer, invalidates the entity (voiding loads in flight) at least once, in commit order per entity, while one relay reaches the database and Redis; a relay killed mid-batch or cut off skips nothing; many relays never move the position back; duplicates are harmless (version rule) |
 //! | near cache (L1) | an L1 hit costs no round trip and no decode; a change to the key by anyone evicts it from every instance's L1 when the push arrives; a fill that raced an invalidation is dropped (a ticket per fill); a write through this process evicts before it returns; a lost, reconnected or moved stream flushes L1 |
+//! | near cache: negative entries | "not found" is kept in L1 as well, only from a load this caller started (its lease request was sent after the fill ticket), and evicted by any change of the entry's marker (`<ns>:~n:<type>:` is tracked beside the values) |
+//! | values with an end ([`Versioned::expires_at`]) | an entry lives at most until the value's end; a value past it is served but never cached |
 //! | near cache: not guaranteed | that another instance stops serving the old value at the instant of a write: it does when the push reaches it, or after `max_silence` (1 s) without a confirmed stream; stores without a stream (the memory store) get no near cache |
 //! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
 //!
@@ -146,6 +151,7 @@
 
 pub mod breaker;
 mod cache;
+pub mod coalesce;
 pub mod codec;
 pub mod error;
 pub mod feed;
