@@ -42,6 +42,23 @@ pub fn ttl_policy(config: &Config) -> TtlPolicy {
     policy
 }
 
+/// The cached kind of a `--near-cache` type name.
+fn kind_named(name: &str) -> Option<Kind> {
+    [
+        Kind::PROFILE,
+        Kind::SETTINGS,
+        Kind::PREFERENCES,
+        Kind::BLACKLIST,
+        Kind::SESSION,
+    ]
+    .into_iter()
+    .find(|k| k.name() == name)
+}
+
+/// Near cache entries of the token kinds (`blacklist`, `session`) unless
+/// `--near-cache` sets them.
+pub const DEFAULT_TOKEN_NEAR_ENTRIES: u64 = 100_000;
+
 /// The cache over Redis (`redis_url`) or the memory store. Builds inside a
 /// Tokio runtime (it starts the library's maintenance task).
 ///
@@ -70,14 +87,19 @@ pub fn open_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
         .namespace(config.namespace.as_str())
         .ttl_policy(ttl_policy(config))
         .op_timeout(config.redis_timeout);
+    let near = |entries| {
+        NearConfig::entries(entries)
+            .max_bytes(config.near_cache_max_bytes)
+            .max_lifetime(config.near_cache_ttl)
+    };
+    // The token kinds are checked on every request: near-cached unless
+    // configured otherwise, so that a check costs no round trip.
+    for kind in [Kind::BLACKLIST, Kind::SESSION] {
+        builder = builder.near_cache(kind, near(DEFAULT_TOKEN_NEAR_ENTRIES));
+    }
     for n in &config.near_cache {
-        if n.kind == Kind::PROFILE.name() {
-            builder = builder.near_cache(
-                Kind::PROFILE,
-                NearConfig::entries(n.entries)
-                    .max_bytes(config.near_cache_max_bytes)
-                    .max_lifetime(config.near_cache_ttl),
-            );
+        if let Some(kind) = kind_named(&n.kind) {
+            builder = builder.near_cache(kind, near(n.entries));
         }
     }
     let cache = builder.build().context("cache configuration")?;

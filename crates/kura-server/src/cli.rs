@@ -183,6 +183,11 @@ pub struct TokenArgs {
     /// Lifetime in seconds.
     #[arg(long, env = "KURA_TOKEN_TTL", default_value_t = 3600)]
     pub ttl: u64,
+    /// Put the token in this session (`sid` claim): the service keeps a
+    /// session for it, and revoking the session revokes the token. Every
+    /// token carries a fresh `jti`.
+    #[arg(long)]
+    pub sid: Option<String>,
     /// The HS256 secret.
     #[arg(long, env = "KURA_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,

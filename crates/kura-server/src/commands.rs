@@ -74,6 +74,7 @@ async fn demo(mut config: Config) -> anyhow::Result<()> {
         &admin.to_string(),
         true,
         Duration::from_secs(86_400),
+        None,
     )?;
     let server = serve_app(app, &config).await?;
     let url = server.url();
@@ -274,6 +275,7 @@ pub fn token(args: &TokenArgs) -> anyhow::Result<()> {
         &args.sub.hyphenated().to_string(),
         args.admin,
         Duration::from_secs(args.ttl),
+        args.sid.as_deref(),
     )?;
     println!("{t}");
     Ok(())

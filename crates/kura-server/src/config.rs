@@ -192,7 +192,7 @@ impl std::str::FromStr for RateLimitSetting {
 }
 
 /// The types the service can keep a near cache of.
-pub const NEAR_TYPES: &[&str] = &["profile"];
+pub const NEAR_TYPES: &[&str] = &["profile", "settings", "preferences", "blacklist", "session"];
 
 /// Database flags.
 #[derive(Debug, Clone, Args)]
@@ -442,6 +442,16 @@ pub enum FeedMode {
     Off,
 }
 
+/// A feature turned `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Switch {
+    /// On.
+    #[default]
+    On,
+    /// Off.
+    Off,
+}
+
 /// Invalidation feed flags of `kura serve`.
 #[derive(Debug, Clone, Args)]
 pub struct FeedArgs {
@@ -563,6 +573,13 @@ pub struct ServeArgs {
     /// in the variable), e.g. `read=1000/1h,write=100/1h`; off unless set.
     #[arg(long = "rate-limit", env = "KURA_RATE_LIMIT", value_delimiter = ',')]
     pub rate_limit: Vec<RateLimitSetting>,
+    /// Check every request's token against the revocations (`jti`,
+    /// `sid`); `off` only for measuring what the checks cost.
+    #[arg(long, env = "KURA_REVOCATION", value_enum, default_value_t = Switch::On)]
+    pub revocation: Switch,
+    /// Sessions kept per user: a new one past the cap revokes the oldest.
+    #[arg(long, env = "KURA_MAX_SESSIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions: u32,
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "KURA_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -668,6 +685,10 @@ pub struct Config {
     pub wb: WbConfig,
     /// The invalidation feed relay.
     pub feed: FeedConfig,
+    /// Whether requests' tokens are checked against the revocations.
+    pub revocation: bool,
+    /// Sessions kept per user.
+    pub max_sessions: u32,
 }
 
 impl Default for Config {
@@ -700,6 +721,8 @@ impl Default for Config {
             },
             wb: WbConfig::default(),
             feed: FeedConfig::default(),
+            revocation: true,
+            max_sessions: 10,
         }
     }
 }
@@ -720,6 +743,8 @@ impl Config {
             shutdown_grace: a.shutdown_grace,
             wb: a.wb.config(),
             feed: a.feed.config(),
+            revocation: a.revocation == Switch::On,
+            max_sessions: a.max_sessions,
             ..Config::default()
         };
         c.apply_db(&a.db);
@@ -771,7 +796,7 @@ mod tests {
         assert_eq!((n.kind.as_str(), n.entries), ("profile", 10_000));
         for (bad, says) in [
             ("profile", "TYPE=ENTRIES"),
-            ("session=10", "available for profile"),
+            ("document_meta=10", "available for profile"),
             ("profile=many", "whole number"),
             ("profile=0", "at least one"),
         ] {

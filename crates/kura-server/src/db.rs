@@ -28,6 +28,8 @@ use crate::model::{Fields, NewProfile, Profile, ProfilePatch};
 
 pub mod feed;
 pub mod sink;
+pub mod tokens;
+pub mod userdata;
 pub use sink::Guarded;
 
 /// The PostgreSQL migrations, embedded.
@@ -480,17 +482,45 @@ impl Db {
     ///
     /// [`DbError`] on a database failure.
     pub async fn delete(&self, user_id: Uuid) -> Result<bool, DbError> {
+        // The user's settings and preferences go with the profile, in the
+        // same transaction.
         let n = match self {
-            Db::Postgres(p) => sqlx::query("DELETE FROM profiles WHERE user_id = $1")
-                .bind(user_id)
-                .execute(p)
-                .await?
-                .rows_affected(),
-            Db::Sqlite(p) => sqlx::query("DELETE FROM profiles WHERE user_id = ?1")
-                .bind(hyphenated(user_id))
-                .execute(p)
-                .await?
-                .rows_affected(),
+            Db::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                for t in ["settings", "preferences"] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DELETE FROM {t} WHERE user_id = $1"
+                    )))
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let n = sqlx::query("DELETE FROM profiles WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                n
+            }
+            Db::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for t in ["settings", "preferences"] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DELETE FROM {t} WHERE user_id = ?1"
+                    )))
+                    .bind(hyphenated(user_id))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let n = sqlx::query("DELETE FROM profiles WHERE user_id = ?1")
+                    .bind(hyphenated(user_id))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                n
+            }
         };
         Ok(n > 0)
     }

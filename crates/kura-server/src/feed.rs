@@ -41,7 +41,12 @@ use crate::db::Db;
 use crate::db::feed::SqlFeedLog;
 
 /// The cache types the service's log rows name.
-pub const FED_KINDS: [Kind; 1] = [Kind::PROFILE];
+pub const FED_KINDS: [Kind; 4] = [
+    Kind::PROFILE,
+    Kind::SETTINGS,
+    Kind::PREFERENCES,
+    Kind::BLACKLIST,
+];
 
 /// How long a status read (health check, `kura feed status`) may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);

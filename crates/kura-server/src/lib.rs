@@ -58,6 +58,8 @@ pub mod profiles;
 pub mod seed;
 mod signal;
 pub mod telemetry;
+pub mod tokens;
+pub mod userdata;
 pub mod write_behind;
 
 pub use app::App;

@@ -219,6 +219,12 @@ impl ProfileService {
         &self.db
     }
 
+    /// The cache, with its write-behind queue.
+    #[must_use]
+    pub fn queued_cache(&self) -> &QueuedCache {
+        &self.cache
+    }
+
     /// The cache.
     #[must_use]
     pub fn cache(&self) -> &Cache {

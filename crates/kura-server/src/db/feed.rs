@@ -51,6 +51,15 @@ pub fn fed_tables() -> Result<Vec<TriggerSpec>, DbError> {
         TriggerSpec::new("profiles", Kind::PROFILE)?
             .id_column("user_id")?
             .version_column("version")?,
+        TriggerSpec::new("settings", Kind::SETTINGS)?
+            .id_column("user_id")?
+            .version_column("version")?,
+        TriggerSpec::new("preferences", Kind::PREFERENCES)?
+            .id_column("user_id")?
+            .version_column("version")?,
+        TriggerSpec::new("revocations", Kind::BLACKLIST)?
+            .id_column("key_id")?
+            .version_column("version")?,
     ])
 }
 

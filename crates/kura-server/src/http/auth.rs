@@ -52,7 +52,17 @@ pub struct Claims {
     /// Audience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<serde_json::Value>,
+    /// Token id: what an individual revocation names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Session id: the session the token belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
+
+/// The longest `jti` or `sid` accepted, in bytes (a longer one makes the
+/// token invalid: it could not be named by a cache key).
+pub const MAX_TOKEN_ID_LEN: usize = 120;
 
 /// Why a token was refused (all answered 401).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -92,6 +102,12 @@ pub struct Caller {
     pub user_id: Option<Uuid>,
     /// Whether the caller has the `admin` role.
     pub admin: bool,
+    /// The token's `jti`, when it has one.
+    pub jti: Option<Arc<str>>,
+    /// The token's `sid`, when it has one.
+    pub sid: Option<Arc<str>>,
+    /// The token's `exp`, seconds since the epoch.
+    pub exp: u64,
 }
 
 impl Caller {
@@ -141,7 +157,9 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or(AuthError::Missing)?;
-        Ok(state.auth.verify(token).await?)
+        let caller = state.auth.verify(token).await?;
+        state.tokens.admit(&caller, &parts.headers).await?;
+        Ok(caller)
     }
 }
 
@@ -318,10 +336,20 @@ impl Auth {
             }
             (None, None) => return Err(AuthError::Invalid),
         };
+        let too_long = |id: &Option<String>| {
+            id.as_ref()
+                .is_some_and(|i| i.len() > MAX_TOKEN_ID_LEN || i.is_empty())
+        };
+        if too_long(&claims.jti) || too_long(&claims.sid) {
+            return Err(AuthError::Invalid);
+        }
         let caller = Caller {
             user_id: Uuid::parse_str(&claims.sub).ok(),
             admin: claims.roles.iter().any(|r| r == ADMIN_ROLE),
             sub: claims.sub.into(),
+            jti: claims.jti.map(Into::into),
+            sid: claims.sid.map(Into::into),
+            exp: claims.exp,
         };
         // Until `exp` (with the validation leeway), at most a minute.
         let until = (claims.exp + LEEWAY_SECS).min(now + VERIFIED_MAX_AGE_SECS);
@@ -468,12 +496,19 @@ fn verifies_rs256(jwk: &Jwk) -> Result<(), &'static str> {
 }
 
 /// Signs an HS256 token for `sub` valid for `ttl` (what `kura token` and
-/// `kura serve --demo` print).
+/// `kura serve --demo` print), with a fresh `jti` (so that it can be
+/// revoked) and `sid` when given.
 ///
 /// # Errors
 ///
 /// When signing fails.
-pub fn sign_hs256(secret: &str, sub: &str, admin: bool, ttl: Duration) -> anyhow::Result<String> {
+pub fn sign_hs256(
+    secret: &str,
+    sub: &str,
+    admin: bool,
+    ttl: Duration,
+    sid: Option<&str>,
+) -> anyhow::Result<String> {
     let exp = jsonwebtoken::get_current_timestamp() + ttl.as_secs();
     let claims = Claims {
         sub: sub.to_owned(),
@@ -485,6 +520,8 @@ pub fn sign_hs256(secret: &str, sub: &str, admin: bool, ttl: Duration) -> anyhow
         },
         iss: None,
         aud: None,
+        jti: Some(Uuid::new_v4().simple().to_string()),
+        sid: sid.map(str::to_owned),
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

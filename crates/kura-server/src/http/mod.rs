@@ -7,6 +7,9 @@
 //! | `POST /api/v1/profiles` | the user named in the body, or `admin` |
 //! | `POST /api/v1/profiles/batch` | `admin` |
 //! | `GET/PUT /api/v1/profile` | the caller (JWT `sub`) |
+//! | `GET/PUT /api/v1/profiles/{user_id}/settings`, `…/preferences` | owner or `admin` |
+//! | `POST /api/v1/auth/revoke` | the caller (its own token); `admin` (any `jti`, any `sid`); a session's owner (its `sid`) |
+//! | `GET/DELETE /api/v1/sessions`, `DELETE /api/v1/sessions/{sid}` | the caller's own; `admin` for anyone's |
 //! | `/api/v1/admin/cache/…` | `admin` |
 //! | `GET /healthz`, `GET /openapi.json` | anyone |
 //! | `GET /metrics` | anyone who reaches its port: the API port, or with `--metrics-listen` only that listener |
@@ -25,6 +28,8 @@ pub mod error;
 pub mod health;
 pub mod profiles;
 pub mod ratelimit;
+pub mod tokens;
+pub mod userdata;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -77,6 +82,10 @@ pub struct AppState {
     pub feed: Option<Arc<crate::feed::Feed>>,
     /// The rate limits (`None`: off).
     pub limits: Option<Arc<ratelimit::Limits>>,
+    /// Revocation checks and sessions.
+    pub tokens: crate::tokens::Tokens,
+    /// Settings and preferences.
+    pub userdata: crate::userdata::UserData,
 }
 
 /// A JSON response from a value.
@@ -172,6 +181,14 @@ impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
         profiles::batch,
         profiles::get_own,
         profiles::put_own,
+        userdata::get_settings,
+        userdata::put_settings,
+        userdata::get_preferences,
+        userdata::put_preferences,
+        tokens::revoke,
+        tokens::list_sessions,
+        tokens::delete_session,
+        tokens::delete_sessions,
         admin::warm,
         admin::clear_profiles,
         admin::clear_user,
@@ -184,6 +201,7 @@ impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
     modifiers(&BearerScheme),
     tags(
         (name = "profiles", description = "Profiles, read through the cache"),
+        (name = "auth", description = "Token revocation and sessions"),
         (name = "admin", description = "Cache administration (admin role)"),
         (name = "operations", description = "Health, metrics, this document"),
     )
@@ -229,6 +247,20 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route(
             "/api/v1/profile",
             get(profiles::get_own).put(profiles::put_own),
+        )
+        .route("/api/v1/auth/revoke", post(tokens::revoke))
+        .route(
+            "/api/v1/sessions",
+            get(tokens::list_sessions).delete(tokens::delete_sessions),
+        )
+        .route("/api/v1/sessions/{sid}", delete(tokens::delete_session))
+        .route(
+            "/api/v1/profiles/{user_id}/settings",
+            get(userdata::get_settings).put(userdata::put_settings),
+        )
+        .route(
+            "/api/v1/profiles/{user_id}/preferences",
+            get(userdata::get_preferences).put(userdata::put_preferences),
         )
         .route("/api/v1/admin/cache/warm", post(admin::warm))
         .route(
@@ -400,6 +432,8 @@ pub struct Server {
     state: Arc<AppState>,
     grace: Duration,
     flushers: Option<crate::write_behind::Flushers>,
+    /// Stops the sessions' background work, and its task.
+    tokens: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Server {
@@ -435,6 +469,12 @@ impl Server {
         &self.state.service
     }
 
+    /// Revocations and sessions (for tests and embedding).
+    #[must_use]
+    pub fn tokens(&self) -> &crate::tokens::Tokens {
+        &self.state.tokens
+    }
+
     /// Stops accepting connections, lets requests in flight finish (up to
     /// the configured grace period), stops the write-behind flushers after
     /// their batch in hand, stops the invalidation feed relay, flushes the
@@ -458,6 +498,12 @@ impl Server {
                 "write-behind flushers stopped: {}",
                 crate::write_behind::describe(&r)
             );
+        }
+        if let Some((stop, task)) = self.tokens.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(self.grace, task).await.is_err() {
+                tracing::warn!("session activity flush still running after the grace period");
+            }
         }
         let _ = self.state.service.cache().flush_metrics().await;
         // A load abandoned by a timed-out request can hold a connection
@@ -499,6 +545,18 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         .await?
         .map(Arc::new);
     let limits = ratelimit::Limits::new(app.service.cache(), &config.rate_limits);
+    let tokens = crate::tokens::Tokens::new(
+        app.service.db().clone(),
+        app.service.queued_cache(),
+        config.revocation,
+        config.max_sessions,
+    );
+    let userdata =
+        crate::userdata::UserData::new(app.service.db().clone(), app.service.queued_cache());
+    let (stop_tokens, tokens_stopped) = oneshot::channel::<()>();
+    let tokens_task = tokio::spawn(tokens.clone().run(async move {
+        let _ = tokens_stopped.await;
+    }));
     let state = Arc::new(AppState {
         service: app.service,
         auth,
@@ -506,6 +564,8 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         openapi,
         feed,
         limits,
+        tokens,
+        userdata,
     });
     let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
     let metrics = match config.metrics_listen {
@@ -543,5 +603,6 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         state,
         grace: config.shutdown_grace,
         flushers: Some(flushers),
+        tokens: Some((stop_tokens, tokens_task)),
     })
 }

@@ -66,7 +66,7 @@ pub struct UpdateQuery {
 }
 
 impl UpdateQuery {
-    fn strategy(&self) -> Result<Option<WriteStrategy>, ApiError> {
+    pub(crate) fn strategy(&self) -> Result<Option<WriteStrategy>, ApiError> {
         self.strategy
             .as_deref()
             .map(|s| {

@@ -1,0 +1,442 @@
+//! Token revocation (the seed's blacklist) and sessions, each cache
+//! decision made by the `kura` library.
+//!
+//! | operation | database | cache (library call) |
+//! |---|---|---|
+//! | check a request's token | `SELECT` on a miss | [`CacheAside::get`] of `blacklist:jti-<jti>` and `blacklist:sid-<sid>` (near-cached, "not revoked" included) |
+//! | revoke a token or session | `INSERT … ON CONFLICT` into `revocations` | [`WriteThrough::invalidate`] after commit |
+//! | first request of a session | `INSERT … WHERE NOT EXISTS (revocation)` | [`CacheAside::get`] of `session:<sid>`, [`WriteThrough::invalidate`] after the insert |
+//! | later requests of a session | none: `last_seen` is coalesced ([`kura::coalesce`]) and written behind once a second | L1 hit |
+//!
+//! # Guarantee
+//!
+//! Once a revoke call has answered, the revocation is in the database and
+//! its cache entry (and "not revoked" marker) is gone: this instance
+//! refuses the token at once, another instance as soon as the marker's
+//! removal reaches its near cache (Redis sends that push before it answers
+//! the removal) — or at once, when its near cache is not serving (stream
+//! silent for over a second, Redis down: the checks read Redis, then the
+//! database). A revocation lasts until the token's `exp`; nothing is stored
+//! for a token already expired. The `revocations` table is fed to the
+//! cache by the invalidation feed, so a revocation written while Redis was
+//! unreachable, or straight into the database, reaches every cache too.
+//!
+//! # Not guaranteed
+//!
+//! - A token without `jti` cannot be revoked on its own (only its session,
+//!   when it has a `sid`).
+//! - `last_seen` is as of the last flush (up to a second old, and up to a
+//!   second of it is lost if the process dies).
+//! - With both Redis and the database unreachable, a request's token cannot
+//!   be checked: it is refused (503), never let through unchecked.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kura::coalesce::Coalescer;
+use kura::{CacheAside, Kind, QueuedCache, WriteThrough};
+
+use crate::db::tokens::{NewSession, Revocation, Session};
+use crate::db::{Db, DbError};
+use crate::http::auth::Caller;
+use crate::http::error::ApiError;
+
+/// The shortest a session revocation lasts: the seed's session TTL (the
+/// access token's lifetime), so that tokens of the session not seen yet
+/// are covered too.
+pub const SESSION_REVOCATION_MIN: Duration = Duration::from_secs(3600);
+
+/// How often coalesced session activity is written.
+pub const TOUCH_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Sessions with activity pending at which a flush starts at once.
+const TOUCH_MAX_PENDING: usize = 10_000;
+
+/// How often expired revocations and sessions are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// The cache id of a token id (`jti` or `sid`) under `prefix`: `<prefix>-<id>`
+/// when the id uses only the key alphabet, else `<prefix>x-<hex>` (ids
+/// are at most [`crate::http::auth::MAX_TOKEN_ID_LEN`] bytes, so both fit
+/// a key).
+#[must_use]
+pub fn key_id(prefix: &str, raw: &str) -> String {
+    let plain = raw
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if plain && !raw.is_empty() {
+        format!("{prefix}-{raw}")
+    } else {
+        let mut s = format!("{prefix}x-");
+        for b in raw.bytes() {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+fn now_unix() -> i64 {
+    Utc::now().timestamp()
+}
+
+/// What was revoked, as the revoke call answers it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Revoked {
+    /// `jti` or `sid`.
+    pub scope: String,
+    /// The token or session id.
+    pub id: String,
+    /// Until when it stays revoked, seconds since the epoch.
+    pub expires_at: i64,
+}
+
+impl From<Revocation> for Revoked {
+    fn from(r: Revocation) -> Self {
+        Self {
+            scope: r.scope,
+            id: r.token_id,
+            expires_at: r.expires_at,
+        }
+    }
+}
+
+/// The database as the source of the blacklist's entries.
+#[derive(Debug, Clone)]
+pub struct RevocationSource(pub Db);
+
+impl kura::Source for RevocationSource {
+    type Value = Revocation;
+    type Error = DbError;
+
+    async fn load(&self, id: &str) -> Result<Option<Revocation>, DbError> {
+        self.0.revocation(id).await
+    }
+}
+
+/// The database as the source of the sessions' entries.
+#[derive(Debug, Clone)]
+pub struct SessionSource(pub Db);
+
+impl kura::Source for SessionSource {
+    type Value = Session;
+    type Error = DbError;
+
+    async fn load(&self, id: &str) -> Result<Option<Session>, DbError> {
+        self.0.session(id).await
+    }
+}
+
+/// Counts kept for tests and the logs.
+#[derive(Debug, Default)]
+pub struct TokenStats {
+    /// Requests of a session recorded for a `last_seen` write.
+    pub touches: AtomicU64,
+    /// Statements that wrote coalesced session activity.
+    pub touch_writes: AtomicU64,
+    /// Sessions created.
+    pub sessions_created: AtomicU64,
+}
+
+/// Revocation checks and sessions. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Db,
+    revoked: CacheAside<RevocationSource>,
+    revoked_writes: WriteThrough,
+    sessions: CacheAside<SessionSource>,
+    session_writes: WriteThrough,
+    touches: Coalescer<String, (DateTime<Utc>, i64)>,
+    flush_now: tokio::sync::Notify,
+    check: bool,
+    max_sessions: u32,
+    stats: TokenStats,
+}
+
+fn later(old: &mut (DateTime<Utc>, i64), new: (DateTime<Utc>, i64)) {
+    old.0 = old.0.max(new.0);
+    old.1 = old.1.max(new.1);
+}
+
+impl Tokens {
+    /// Revocations and sessions over `db` and `cache`; `check` says
+    /// whether requests are checked against the revocations.
+    #[must_use]
+    pub fn new(db: Db, cache: &QueuedCache, check: bool, max_sessions: u32) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                revoked: cache.aside(Kind::BLACKLIST, RevocationSource(db.clone())),
+                revoked_writes: cache.write_through(Kind::BLACKLIST),
+                sessions: cache.aside(Kind::SESSION, SessionSource(db.clone())),
+                session_writes: cache.write_through(Kind::SESSION),
+                db,
+                touches: Coalescer::new(TOUCH_MAX_PENDING),
+                flush_now: tokio::sync::Notify::new(),
+                check,
+                max_sessions: max_sessions.max(1),
+                stats: TokenStats::default(),
+            }),
+        }
+    }
+
+    /// The counts kept so far.
+    #[must_use]
+    pub fn stats(&self) -> &TokenStats {
+        &self.inner.stats
+    }
+
+    /// Admits a verified caller: refuses a revoked token (401 `token
+    /// revoked`), then records the request in its session (creating the
+    /// session on its first request).
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::Unauthorized`] for a revoked token or session;
+    /// [`ApiError::Unavailable`] when neither the cache nor the database
+    /// can say.
+    pub async fn admit(
+        &self,
+        caller: &Caller,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(), ApiError> {
+        let i = &self.inner;
+        if i.check {
+            if let Some(jti) = &caller.jti {
+                self.refuse_if_revoked(&key_id("jti", jti)).await?;
+            }
+            if let Some(sid) = &caller.sid {
+                self.refuse_if_revoked(&key_id("sid", sid)).await?;
+            }
+        }
+        if let Some(sid) = &caller.sid {
+            let user_agent = headers
+                .get(axum::http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok());
+            self.observe(caller, sid, user_agent).await?;
+        }
+        Ok(())
+    }
+
+    async fn refuse_if_revoked(&self, id: &str) -> Result<(), ApiError> {
+        match self.inner.revoked.get(id).await {
+            Ok(f) if f.is_found() => Err(ApiError::Unauthorized("token revoked")),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "revocation status unknown");
+                Err(ApiError::Unavailable(
+                    "the token's revocation status cannot be checked now",
+                ))
+            }
+        }
+    }
+
+    /// A session's request: recorded for the coalesced `last_seen` write;
+    /// the first one creates the session.
+    async fn observe(
+        &self,
+        caller: &Caller,
+        sid: &str,
+        user_agent: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let i = &self.inner;
+        let key = key_id("sid", sid);
+        let exp = i64::try_from(caller.exp).unwrap_or(i64::MAX);
+        let known = match i.sessions.get(&key).await {
+            Ok(f) => f.is_found(),
+            Err(e) => {
+                // The session list is bookkeeping: its trouble does not fail
+                // the request.
+                tracing::warn!(error = %e, "session lookup failed");
+                return Ok(());
+            }
+        };
+        if known {
+            i.stats.touches.fetch_add(1, Ordering::Relaxed);
+            if i.touches.record(key, (Utc::now(), exp), later) {
+                i.flush_now.notify_one();
+            }
+            return Ok(());
+        }
+        let new = NewSession {
+            key_id: &key,
+            sid,
+            user_sub: &caller.sub,
+            expires_at: exp,
+            user_agent: user_agent.map(|u| &u[..u.len().min(512)]),
+            revocation_key: &key_id("sid", sid),
+        };
+        match i.db.create_session(&new).await {
+            Ok(created) => {
+                // A cached "not found" goes, whether this request or a
+                // concurrent one made the row.
+                let _ = i.session_writes.invalidate(&key).await;
+                if created.is_some() {
+                    i.stats.sessions_created.fetch_add(1, Ordering::Relaxed);
+                    self.enforce_cap(&caller.sub).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "session not recorded"),
+        }
+        Ok(())
+    }
+
+    /// Revokes the oldest sessions of `user_sub` past the cap.
+    async fn enforce_cap(&self, user_sub: &str) {
+        match self
+            .inner
+            .db
+            .sessions_over_cap(user_sub, self.inner.max_sessions)
+            .await
+        {
+            Ok(over) => {
+                for (_, s) in over {
+                    if let Err(e) = self.revoke_session(&s.sid, None).await {
+                        tracing::warn!(error = %e, "session over the cap not revoked");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "session cap not checked"),
+        }
+    }
+
+    /// Revokes the token `jti` until `exp` (seconds since the epoch);
+    /// `None` when it has already expired (nothing is stored).
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] when the database cannot record it.
+    pub async fn revoke_token(&self, jti: &str, exp: i64) -> Result<Option<Revoked>, DbError> {
+        if exp <= now_unix() {
+            return Ok(None);
+        }
+        let key = key_id("jti", jti);
+        let r = self.inner.db.revoke(&key, "jti", jti, exp).await?;
+        let _ = self.inner.revoked_writes.invalidate(&key).await;
+        Ok(Some(r.into()))
+    }
+
+    /// Revokes every token of session `sid`, until the latest of: the
+    /// session's known expiry, `exp`, and [`SESSION_REVOCATION_MIN`] from
+    /// now; deletes the session. Returns the revocation and the deleted
+    /// session, if there was one.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] when the database cannot record it.
+    pub async fn revoke_session(
+        &self,
+        sid: &str,
+        exp: Option<i64>,
+    ) -> Result<(Revoked, Option<Session>), DbError> {
+        let i = &self.inner;
+        let key = key_id("sid", sid);
+        let known = i.db.session(&key).await?;
+        let until = [
+            known.as_ref().map(|s| s.expires_at),
+            exp,
+            Some(now_unix() + SESSION_REVOCATION_MIN.as_secs() as i64),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or_default();
+        let r = i.db.revoke(&key, "sid", sid, until).await?;
+        let _ = i.revoked_writes.invalidate(&key).await;
+        let deleted = i.db.delete_session(&key).await?;
+        i.touches.forget(&key);
+        let _ = i.session_writes.invalidate(&key).await;
+        Ok((r.into(), deleted))
+    }
+
+    /// The session `sid`, if it exists (for ownership checks).
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn session(&self, sid: &str) -> Result<Option<Session>, DbError> {
+        self.inner.db.session(&key_id("sid", sid)).await
+    }
+
+    /// The unexpired sessions of `user_sub`, oldest first, with this
+    /// process's activity not yet written.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure.
+    pub async fn sessions_of(&self, user_sub: &str) -> Result<Vec<Session>, DbError> {
+        let mut list = self.inner.db.sessions_of(user_sub).await?;
+        for s in &mut list {
+            if let Some((seen, exp)) = self.inner.touches.peek(&key_id("sid", &s.sid)) {
+                s.last_seen = s.last_seen.max(seen);
+                s.expires_at = s.expires_at.max(exp);
+            }
+        }
+        Ok(list)
+    }
+
+    /// Writes the coalesced session activity now; returns the sessions
+    /// written. A failed write is kept for the next flush.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] when the write failed.
+    pub async fn flush(&self) -> Result<u64, DbError> {
+        let i = &self.inner;
+        let batch = i.touches.take();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<(String, DateTime<Utc>, i64)> = batch
+            .iter()
+            .map(|(k, (seen, exp))| (k.clone(), *seen, *exp))
+            .collect();
+        match i.db.touch_sessions(&rows).await {
+            Ok(n) => {
+                i.stats.touch_writes.fetch_add(1, Ordering::Relaxed);
+                Ok(n)
+            }
+            Err(e) => {
+                i.touches.restore(batch, later);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the background work until `stop` resolves: the coalesced
+    /// `last_seen` writes (every [`TOUCH_FLUSH_EVERY`], or at once when
+    /// many sessions are pending) and the pruning of expired revocations
+    /// and sessions; flushes once more at the end.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        let mut tick = tokio::time::interval(TOUCH_FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = tick.tick() => {}
+                () = self.inner.flush_now.notified() => {}
+            }
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "session activity not written: kept for the next flush");
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                match self.inner.db.prune_tokens().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(rows = n, "expired revocations and sessions pruned"),
+                    Err(e) => tracing::warn!(error = %e, "pruning revocations failed"),
+                }
+            }
+        }
+        if let Err(e) = self.flush().await {
+            tracing::warn!(error = %e, "session activity lost at shutdown");
+        }
+    }
+}
