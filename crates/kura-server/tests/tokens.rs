@@ -1,0 +1,410 @@
+//! Token revocation and sessions over HTTP: `POST /api/v1/auth/revoke`
+//! (own token, by `jti`, by `sid`), refusal on every instance as soon as
+//! the call answered, across a Redis restart and outage, sessions created
+//! on a `sid`'s first request with `last_seen` coalesced, the session
+//! routes and the per-user cap.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kura_testkit::RedisServer;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Backend, TestApp, expect_detail, now, token_with};
+use uuid::Uuid;
+
+/// A token with `jti` (and `sid` when given).
+fn token(app: &TestApp, sub: &Uuid, admin: bool, sid: Option<&str>) -> (String, String) {
+    let jti = Uuid::new_v4().simple().to_string();
+    let mut claims = json!({
+        "sub": sub.to_string(),
+        "exp": now() + 600,
+        "jti": jti,
+        "roles": if admin { json!(["admin"]) } else { json!([]) },
+    });
+    if let Some(s) = sid {
+        claims["sid"] = json!(s);
+    }
+    (token_with(&app.secret, &claims), jti)
+}
+
+async fn revoke(app: &TestApp, token: &str, body: Option<&Value>) -> reqwest::Response {
+    app.call(Method::POST, "/api/v1/auth/revoke", Some(token), body)
+        .await
+}
+
+async fn own_token_revocation(b: Backend) {
+    let app = TestApp::start(b).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let (t, jti) = token(&app, &user, false, None);
+    let (other, _) = token(&app, &user, false, None);
+    // Warm: the "not revoked" answers are cached (L1 on Redis).
+    for _ in 0..5 {
+        assert_eq!(app.get(&path, &t).await.status(), StatusCode::OK);
+    }
+    let r = revoke(&app, &t, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["revoked"][0]["scope"], "jti");
+    assert_eq!(v["revoked"][0]["id"], jti.as_str());
+    let d = expect_detail(app.get(&path, &t).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(d, "token revoked");
+    // The same user's other token is unaffected.
+    assert_eq!(app.get(&path, &other).await.status(), StatusCode::OK);
+    // A token without jti cannot be revoked on its own.
+    let plain = app.token(&user, false);
+    let d = expect_detail(
+        revoke(&app, &plain, None).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(d.contains("no jti"), "{d}");
+    app.stop().await;
+}
+
+async fn admin_revocations_and_bad_bodies(b: Backend) {
+    let app = TestApp::start(b).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let (admin, _) = token(&app, &Uuid::new_v4(), true, None);
+    let (t, jti) = token(&app, &user, false, None);
+    let (u2, _) = token(&app, &user, false, None);
+    assert_eq!(app.get(&path, &t).await.status(), StatusCode::OK);
+    // Only admins name a jti.
+    let body = json!({"jti": jti, "exp": now() + 600});
+    expect_detail(revoke(&app, &u2, Some(&body)).await, StatusCode::FORBIDDEN).await;
+    assert_eq!(
+        revoke(&app, &admin, Some(&body)).await.status(),
+        StatusCode::OK
+    );
+    expect_detail(app.get(&path, &t).await, StatusCode::UNAUTHORIZED).await;
+    // An expired token: nothing stored, nothing to refuse.
+    let r = revoke(
+        &app,
+        &admin,
+        Some(&json!({"jti": "old", "exp": now() - 10})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["revoked"], json!([]));
+    for (bad, says) in [
+        (json!({"jti": "x"}), "exp"),
+        (json!({"jti": "x", "sid": "y", "exp": 1}), "either"),
+        (json!({"jti": "x", "exp": "soon"}), "invalid request body"),
+        (json!({"token": "x"}), "unknown field"),
+        (json!({"jti": "", "exp": now() + 60}), "jti"),
+    ] {
+        let d = expect_detail(
+            revoke(&app, &admin, Some(&bad)).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert!(d.contains(says), "{bad}: {d}");
+    }
+    let r = app
+        .http
+        .post(format!("{}/api/v1/auth/revoke", app.url))
+        .bearer_auth(&admin)
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    expect_detail(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    // No token at all.
+    let r = app
+        .call(Method::POST, "/api/v1/auth/revoke", None, None)
+        .await;
+    expect_detail(r, StatusCode::UNAUTHORIZED).await;
+    app.stop().await;
+}
+
+async fn sessions_routes_and_cap(b: Backend) {
+    let app = TestApp::start_with(b, |c| c.max_sessions = 3).await;
+    let user = Uuid::new_v4();
+    let other = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        let sid = format!("s{i}-{}", Uuid::new_v4().simple());
+        let (t, _) = token(&app, &user, false, Some(&sid));
+        let r = app
+            .http
+            .get(format!("{}{path}", app.url))
+            .bearer_auth(&t)
+            .header("user-agent", format!("agent-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        tokens.push((sid, t));
+        // Creation order is what the cap goes by.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The cap (3) revoked the oldest session and its token.
+    let d = expect_detail(app.get(&path, &tokens[0].1).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(d, "token revoked");
+    let r = app.get("/api/v1/sessions", &tokens[3].1).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    let sids: Vec<&str> = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sid"].as_str().unwrap())
+        .collect();
+    assert_eq!(sids, vec![&tokens[1].0, &tokens[2].0, &tokens[3].0]);
+    assert_eq!(v["sessions"][0]["user_agent"], "agent-1");
+    assert_eq!(v["sessions"][0]["user_id"], user.to_string());
+
+    // Another user may not end these sessions, nor list them.
+    let (stranger, _) = token(&app, &other, false, None);
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", tokens[1].0),
+            Some(&stranger),
+            None,
+        )
+        .await;
+    expect_detail(r, StatusCode::FORBIDDEN).await;
+    let r = app
+        .get(&format!("/api/v1/sessions?user_id={user}"), &stranger)
+        .await;
+    expect_detail(r, StatusCode::FORBIDDEN).await;
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/sessions/nope",
+            Some(&stranger),
+            None,
+        )
+        .await;
+    expect_detail(r, StatusCode::NOT_FOUND).await;
+
+    // The owner ends one session: its token is refused, the others work.
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", tokens[1].0),
+            Some(&tokens[3].1),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    expect_detail(app.get(&path, &tokens[1].1).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(app.get(&path, &tokens[2].1).await.status(), StatusCode::OK);
+    // A session's owner may revoke it through the revoke route too.
+    let r = revoke(&app, &tokens[3].1, Some(&json!({"sid": tokens[2].0}))).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    expect_detail(app.get(&path, &tokens[2].1).await, StatusCode::UNAUTHORIZED).await;
+
+    // An admin lists and ends everything of the user (logout everywhere).
+    let (admin, _) = token(&app, &Uuid::new_v4(), true, None);
+    let r = app
+        .get(&format!("/api/v1/sessions?user_id={user}"), &admin)
+        .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["sessions"].as_array().unwrap().len(), 1);
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sessions?user_id={user}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["revoked"][0]["id"], tokens[3].0.as_str());
+    expect_detail(app.get(&path, &tokens[3].1).await, StatusCode::UNAUTHORIZED).await;
+    // A revoked session is not created again by a late request.
+    let r = app.get("/api/v1/sessions", &admin).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .get(&format!("/api/v1/sessions?user_id={user}"), &admin)
+        .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["sessions"], json!([]));
+    app.stop().await;
+}
+
+/// A busy session costs no database write per request: 200 requests, a
+/// few coalesced writes, and `last_seen` moves.
+async fn last_seen_is_coalesced(b: Backend) {
+    let app = TestApp::start(b).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let sid = format!("busy-{}", Uuid::new_v4().simple());
+    let (t, _) = token(&app, &user, false, Some(&sid));
+    assert_eq!(app.get(&path, &t).await.status(), StatusCode::OK);
+    let first: Value = app.get("/api/v1/sessions", &t).await.json().await.unwrap();
+    let created_seen = first["sessions"][0]["last_seen"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stats = app.server().tokens().stats();
+    let writes_before = stats.touch_writes.load(std::sync::atomic::Ordering::SeqCst);
+    let started = Instant::now();
+    for _ in 0..200 {
+        assert_eq!(app.get(&path, &t).await.status(), StatusCode::OK);
+    }
+    let elapsed = started.elapsed();
+    // Let the last flush run.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let writes = stats.touch_writes.load(std::sync::atomic::Ordering::SeqCst) - writes_before;
+    let touches = stats.touches.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(touches >= 200, "every request was recorded: {touches}");
+    // One write per flush interval (1 s) at most, plus the one after.
+    let most = elapsed.as_secs() + 2;
+    assert!(
+        writes >= 1 && writes <= most,
+        "{writes} session writes for 200 requests in {elapsed:?}"
+    );
+    let v: Value = app.get("/api/v1/sessions", &t).await.json().await.unwrap();
+    let seen = v["sessions"][0]["last_seen"].as_str().unwrap();
+    assert!(
+        seen > created_seen.as_str(),
+        "last_seen moved: {created_seen} → {seen}"
+    );
+    app.stop().await;
+}
+
+both_backends!(
+    own_token_revocation,
+    admin_revocations_and_bad_bodies,
+    sessions_routes_and_cap,
+    last_seen_is_coalesced,
+);
+
+/// Two instances on one database and Redis: a token revoked through one is
+/// refused by the other as soon as the call answered, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_the_other_instance_at_once() {
+    let a = TestApp::start(Backend::PgRedis).await;
+    let db_url = a.db.as_ref().unwrap().url.clone();
+    let (ns, secret) = (a.namespace.clone(), a.secret.clone());
+    let b = TestApp::start_with(Backend::PgRedis, |c| {
+        c.database_url = Some(db_url);
+        c.namespace = ns;
+        c.auth = kura_server::AuthConfig::hs256(&secret);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    a.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    for round in 0..30 {
+        let (t, _) = token(&a, &user, false, None);
+        // Warm both instances' "not revoked" answers into their L1.
+        for _ in 0..3 {
+            assert_eq!(b.get(&path, &t).await.status(), StatusCode::OK);
+            assert_eq!(a.get(&path, &t).await.status(), StatusCode::OK);
+        }
+        assert_eq!(revoke(&a, &t, None).await.status(), StatusCode::OK);
+        let r = b.get(&path, &t).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "round {round}: the other instance let a revoked token through"
+        );
+    }
+    // A session revoked on one instance is refused by the other.
+    let sid = format!("s-{}", Uuid::new_v4().simple());
+    let (t, _) = token(&a, &user, false, Some(&sid));
+    assert_eq!(b.get(&path, &t).await.status(), StatusCode::OK);
+    assert_eq!(b.get(&path, &t).await.status(), StatusCode::OK);
+    let (admin, _) = token(&a, &Uuid::new_v4(), true, None);
+    assert_eq!(
+        revoke(&a, &admin, Some(&json!({"sid": sid})))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    expect_detail(b.get(&path, &t).await, StatusCode::UNAUTHORIZED).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+/// Revocations are kept in the database: a Redis restart (empty) and an
+/// outage (Redis unreachable) do not let a revoked token through, and a
+/// revocation made during the outage holds on both sides of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_survive_a_redis_restart_and_outage() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = TestApp::start_with(Backend::PgRedis, |c| {
+        c.redis_url = Some(url.clone());
+        c.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let (before, _) = token(&app, &user, false, None);
+    let (during, _) = token(&app, &user, false, None);
+    for t in [&before, &during] {
+        assert_eq!(app.get(&path, t).await.status(), StatusCode::OK);
+        assert_eq!(app.get(&path, t).await.status(), StatusCode::OK);
+    }
+    assert_eq!(revoke(&app, &before, None).await.status(), StatusCode::OK);
+
+    // Restarted empty: the database still says revoked.
+    redis.restart().await;
+    expect_detail(app.get(&path, &before).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(app.get(&path, &during).await.status(), StatusCode::OK);
+
+    // Down: checks fall back to the database; a revocation is still taken.
+    redis.stop().await;
+    expect_detail(app.get(&path, &before).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(app.get(&path, &during).await.status(), StatusCode::OK);
+    assert_eq!(revoke(&app, &during, None).await.status(), StatusCode::OK);
+    expect_detail(app.get(&path, &during).await, StatusCode::UNAUTHORIZED).await;
+
+    // Back: neither comes back to life (no stale "not revoked" served).
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        for t in [&before, &during] {
+            expect_detail(app.get(&path, t).await, StatusCode::UNAUTHORIZED).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+    redis.stop().await;
+}
+
+/// `kura token --sid` tokens carry a fresh `jti` and the `sid`.
+#[test]
+fn minted_tokens_carry_jti_and_sid() {
+    let t = kura_server::http::auth::sign_hs256(
+        "s3cret",
+        &Uuid::new_v4().to_string(),
+        false,
+        Duration::from_secs(60),
+        Some("sess-1"),
+    )
+    .unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.validate_exp = true;
+    let c =
+        jsonwebtoken::decode::<Value>(&t, &jsonwebtoken::DecodingKey::from_secret(b"s3cret"), &v)
+            .unwrap()
+            .claims;
+    assert_eq!(c["sid"], "sess-1");
+    assert_eq!(c["jti"].as_str().unwrap().len(), 32);
+    let t2 =
+        kura_server::http::auth::sign_hs256("s3cret", "x", false, Duration::from_secs(60), None)
+            .unwrap();
+    let c2 =
+        jsonwebtoken::decode::<Value>(&t2, &jsonwebtoken::DecodingKey::from_secret(b"s3cret"), &v)
+            .unwrap()
+            .claims;
+    assert!(c2.get("sid").is_none());
+    assert_ne!(c["jti"], c2["jti"]);
+}
