@@ -246,6 +246,37 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Runs one statement straight on the test's database, not through
+    /// kura; returns the rows affected.
+    pub async fn direct_sql(&self, stmt: &str) -> u64 {
+        match self.backend {
+            Backend::PgRedis => {
+                let url = &self.db.as_ref().expect("pg").url;
+                let pool = sqlx::PgPool::connect(url).await.expect("connect");
+                let n = sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
+                    .execute(&pool)
+                    .await
+                    .expect("direct statement")
+                    .rows_affected();
+                pool.close().await;
+                n
+            }
+            Backend::SqliteMemory => {
+                let path = self.tmp.as_ref().expect("sqlite").path().join("kura.db");
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", path.display()))
+                    .await
+                    .expect("connect");
+                let n = sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
+                    .execute(&pool)
+                    .await
+                    .expect("direct statement")
+                    .rows_affected();
+                pool.close().await;
+                n
+            }
+        }
+    }
+
     /// Stops the server and removes this test's keys from Redis.
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
