@@ -15,13 +15,16 @@
 # 3. cross-instance staleness: two `kura serve --near-cache` on one Redis and database,
 #    PUTs on one and GETs on the other (the `near_staleness` example);
 # 4. memory: L1 bytes (`cache_l1_bytes`) and the process RSS with $MEM_ENTRIES entries;
+# 6. revocation checks (PARTS=revocation): warmed GETs with every token checked against
+#    the blacklist vs `--revocation off`, near cache off (L2) and on (L1), beside the
+#    ceiling's GET;
 # 5. what BCAST tracking costs Redis: redis-benchmark SET throughput (keys under one
 #    tracked prefix) with 0, 1, 4 and 16 tracking connections (instances) listening.
 #
 # Settings (environment): KURA_BIN / STALENESS_BIN (skip the builds) DURATION (10s)
 # WARMUP (2s) ROUNDS (3) CONCURRENCY (64) WARM (10000) MEM_ENTRIES (100000) NEAR_DB
 # (kura_bench_near, dropped and re-created) CEIL_SRC (../shared/peers/ceiling) PARTS
-# (throughput,staleness,memory,bcast: which measurements to run).
+# (throughput,staleness,memory,bcast; also revocation: which measurements to run).
 # Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
 # Needs: cargo, redis-server, psql, curl, python3, a PostgreSQL superuser `postgres` on
 # 127.0.0.1:5432.
@@ -108,13 +111,6 @@ if [[ -n "$CEILING_BIN" ]]; then
   for _ in $(seq 100); do curl -sf "$URL_ceiling/hello" >/dev/null && break; sleep 0.1; done
 fi
 
-if part throughput; then
-say "warming $WARM profiles (L2 first, then L1, through the API)"
-for pass in 1 2; do
-  "$KURA_BIN" bench --url "$URL_on" --token "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform \
-    --duration 5s --warmup 0s --concurrency 32 --json --out "$WORK/fill_$pass.json" >/dev/null
-done
-
 bench() { # bench <name> <url> <token or -> <kura bench args...>
   local name=$1 url=$2 token=$3; shift 3
   local auth=()
@@ -123,6 +119,14 @@ bench() { # bench <name> <url> <token or -> <kura bench args...>
     --concurrency "$CONCURRENCY" --json --out "$OUT/$name.json" "$@" >/dev/null
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'{sys.argv[2]}: {r[\"throughput\"]:.0f} req/s, p50 {r[\"latency_ms\"][\"p50\"]} ms, p99 {r[\"latency_ms\"][\"p99\"]} ms, x-cache {r.get(\"x_cache\")}')" "$OUT/$name.json" "$name"
 }
+
+if part throughput; then
+say "warming $WARM profiles (L2 first, then L1, through the API)"
+for pass in 1 2; do
+  "$KURA_BIN" bench --url "$URL_on" --token "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform \
+    --duration 5s --warmup 0s --concurrency 32 --json --out "$WORK/fill_$pass.json" >/dev/null
+done
+
 
 for round in $(seq "$ROUNDS"); do
   order=(on off ceiling hello)
@@ -150,6 +154,34 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+fi
+
+if part revocation; then
+say "revocation checks on vs off (every request's jti checked against the blacklist)"
+start_kura rev_off --revocation off
+start_kura rev_off_near --revocation off --near-cache "profile=$((MEM_ENTRIES * 2))" --near-cache-max-mb 512
+for url in "$URL_off" "$URL_rev_off" "$URL_on" "$URL_rev_off_near"; do
+  for pass in 1 2; do
+    "$KURA_BIN" bench --url "$url" --token "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform \
+      --duration 5s --warmup 0s --concurrency 32 --json --out "$WORK/rev_fill.json" >/dev/null
+  done
+done
+for round in $(seq "$ROUNDS"); do
+  order=(l2_on l2_off l1_on l1_off ceiling)
+  (( round % 2 == 0 )) && order=(ceiling l1_off l1_on l2_off l2_on)
+  for what in "${order[@]}"; do
+    case $what in
+      l2_on) bench "rev_l2_on.r$round" "$URL_off" "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform ;;
+      l2_off) bench "rev_l2_off.r$round" "$URL_rev_off" "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform ;;
+      l1_on) bench "rev_l1_on.r$round" "$URL_on" "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform ;;
+      l1_off) bench "rev_l1_off.r$round" "$URL_rev_off_near" "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform ;;
+      ceiling)
+        [[ -n "$CEILING_BIN" ]] || continue
+        bench "rev_ceiling.r$round" "$URL_ceiling" - --ids-file "$WORK/warm_ids.txt" --dist uniform
+        ;;
+    esac
+  done
+done
 fi
 
 if part staleness; then

@@ -14,7 +14,9 @@
 //!   handler passing the bytes on uses).
 //!
 //! - `near_cache/l1_get`, `near_cache/l1_get_json`: the same reads with
-//!   the type's near cache on, answered from L1.
+//!   the type's near cache on, answered from L1; `near_cache/l1_get_absent`
+//!   a "not found" answered from L1 (a negative entry: what a revocation
+//!   check of a valid token costs).
 //!
 //! Each is measured one request at a time (latency) and 64 in flight
 //! (throughput over the multiplexed connection).
@@ -73,11 +75,13 @@ impl Source for Db {
     type Value = Profile;
     type Error = std::io::Error;
     async fn load(&self, id: &str) -> Result<Option<Profile>, std::io::Error> {
-        Ok(Some(profile(id)))
+        Ok((id != ABSENT).then(|| profile(id)))
     }
 }
 
 const ID: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+/// An id the source has no row for ("not found", a negative L1 entry).
+const ABSENT: &str = "00000000-0000-0000-0000-000000000000";
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -137,13 +141,21 @@ fn bench(c: &mut Criterion) {
     let (near_cache, near) = rt.block_on(async {
         let cache = Cache::builder(store.clone())
             .namespace(&ns)
-            .near_cache(Kind::PROFILE, NearConfig::entries(1000))
+            .near_cache(
+                Kind::PROFILE,
+                // Longer than the benchmarks run, so that no entry ages out.
+                NearConfig::entries(1000).max_lifetime(Duration::from_secs(600)),
+            )
             .build()
             .unwrap();
         let near = cache.aside(Kind::PROFILE, Db);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while near.get(ID).await.unwrap().layer() != Some(Layer::L1) {
             assert!(std::time::Instant::now() < deadline, "no L1 hit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while near.get(ABSENT).await.unwrap().layer() != Some(Layer::L1) {
+            assert!(std::time::Instant::now() < deadline, "no negative L1 hit");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         (cache, near)
@@ -155,6 +167,12 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let f = near.get(ID).await.unwrap();
             assert_eq!(f.layer(), Some(Layer::L1));
+        })
+    });
+    g.bench_function("l1_get_absent", |b| {
+        b.to_async(&rt).iter(|| async {
+            let f = near.get(ABSENT).await.unwrap();
+            assert_eq!((f.is_found(), f.layer()), (false, Some(Layer::L1)));
         })
     });
     g.bench_function("l1_get_json", |b| {

@@ -82,7 +82,7 @@ pub(crate) struct CacheInner {
     pub(crate) counters: LocalCounters,
     reads: ReadCounter,
     pending: Mutex<Pending>,
-    has_pending: AtomicBool,
+    pub(crate) has_pending: AtomicBool,
     pending_limit: usize,
     /// A replay task is running.
     replay_running: AtomicBool,

@@ -525,23 +525,28 @@ impl<S: Source> CacheAside<S> {
     ) -> Result<R, Error> {
         let a = &self.inner;
         let c = &a.cache.inner;
-        let key = c.keys.value_key(&a.kind, id)?;
         let policy = &a.policy;
+        let near = a.near.as_deref();
+        // L1 first, without building the key, while no invalidation is
+        // pending anywhere (then nothing is distrusted): an entry exists
+        // only for an id that made a valid key.
+        let l1_first = near.is_some()
+            && policy.enabled()
+            && !c.has_pending.load(std::sync::atomic::Ordering::Acquire);
+        if l1_first {
+            if let Some(r) = near.and_then(|n| Self::from_l1::<R>(n, id)) {
+                return Ok(r);
+            }
+        }
+        let key = c.keys.value_key(&a.kind, id)?;
         // A key with an invalidation pending is read from the source until
         // the replay applied it.
         if !policy.enabled() || c.distrusts(&a.kind, &key) {
             return Box::pin(self.flight(id, key, false)).await.map(miss);
         }
-        let near = a.near.as_deref();
-        if let Some(n) = near {
-            if let Some(e) = n.get(id) {
-                match R::from_near(&e) {
-                    Ok(r) => return Ok(r),
-                    Err(err) => {
-                        tracing::warn!(key, error = %err, "undecodable near cache entry: dropped");
-                        crate::near::NearLayer::evict(n, id);
-                    }
-                }
+        if !l1_first {
+            if let Some(r) = near.and_then(|n| Self::from_l1::<R>(n, id)) {
+                return Ok(r);
             }
         }
         // Taken before the read is sent: an invalidation that arrives
@@ -584,6 +589,20 @@ impl<S: Source> CacheAside<S> {
             }
         }
         Ok(miss(fetched))
+    }
+
+    /// The answer from `id`'s L1 entry, if it has one that may be served
+    /// (an entry that does not decode is dropped).
+    fn from_l1<R: Answer<S::Value>>(n: &Near<S::Value>, id: &str) -> Option<R> {
+        let e = n.get(id)?;
+        match R::from_near(&e) {
+            Ok(r) => Some(r),
+            Err(err) => {
+                tracing::warn!(id, error = %err, "undecodable near cache entry: dropped");
+                crate::near::NearLayer::evict(n, id);
+                None
+            }
+        }
     }
 
     /// Joins or starts the one load of `key` in this process.
