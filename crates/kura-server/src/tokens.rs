@@ -81,6 +81,25 @@ fn now_unix() -> i64 {
     Utc::now().timestamp()
 }
 
+/// What the last revocation check of a token found, kept with the
+/// verified token ([`crate::http::auth::Claimed::checked`]): the blacklist's
+/// near cache stamp it was taken under and when. A later request of the
+/// same token skips the check while the stamp is unchanged (no invalidation
+/// of any blacklist key reached this process since, and the stream is
+/// live) and the check is younger than the near cache's entry lifetime —
+/// the rule an L1 entry lives by, without the L1 lookup. A session's
+/// existence is noted the same way, once.
+#[derive(Debug, Default)]
+pub struct Checked {
+    stamp: AtomicU64,
+    at_ms: AtomicU64,
+    session_known: std::sync::atomic::AtomicBool,
+}
+
+fn now_ms(epoch: std::time::Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
 /// What was revoked, as the revoke call answers it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Revoked {
@@ -157,6 +176,8 @@ struct Inner {
     check: bool,
     max_sessions: u32,
     stats: TokenStats,
+    /// The clock of [`Checked::at_ms`].
+    epoch: std::time::Instant,
 }
 
 fn later(old: &mut (DateTime<Utc>, i64), new: (DateTime<Utc>, i64)) {
@@ -181,6 +202,7 @@ impl Tokens {
                 check,
                 max_sessions: max_sessions.max(1),
                 stats: TokenStats::default(),
+                epoch: std::time::Instant::now(),
             }),
         }
     }
@@ -206,13 +228,8 @@ impl Tokens {
         headers: &axum::http::HeaderMap,
     ) -> Result<(), ApiError> {
         let i = &self.inner;
-        if i.check {
-            if let Some(jti) = &caller.jti {
-                self.refuse_if_revoked(&key_id("jti", jti)).await?;
-            }
-            if let Some(sid) = &caller.sid {
-                self.refuse_if_revoked(&key_id("sid", sid)).await?;
-            }
+        if i.check && (caller.jti.is_some() || caller.sid.is_some()) {
+            self.check(caller).await?;
         }
         if let Some(sid) = &caller.sid {
             let user_agent = headers
@@ -223,10 +240,46 @@ impl Tokens {
         Ok(())
     }
 
-    async fn refuse_if_revoked(&self, id: &str) -> Result<(), ApiError> {
+    /// Refuses a revoked token, or one whose status cannot be known; notes
+    /// a valid answer that came from the cache (see [`Checked`]).
+    async fn check(&self, caller: &Caller) -> Result<(), ApiError> {
+        let i = &self.inner;
+        let c = &caller.checked;
+        // Taken before the reads: an invalidation during them changes it.
+        let stamp = i.revoked.near_stamp().map(kura::near::Stamp::to_u64);
+        let lifetime = i
+            .revoked
+            .near_max_lifetime()
+            .unwrap_or_default()
+            .as_millis() as u64;
+        if let Some(s) = stamp {
+            if c.stamp.load(Ordering::Acquire) == s
+                && now_ms(i.epoch).saturating_sub(c.at_ms.load(Ordering::Acquire)) < lifetime
+            {
+                return Ok(());
+            }
+        }
+        let mut cached = true;
+        if let Some(jti) = &caller.jti {
+            cached &= self.refuse_if_revoked(&key_id("jti", jti)).await?;
+        }
+        if let Some(sid) = &caller.sid {
+            cached &= self.refuse_if_revoked(&key_id("sid", sid)).await?;
+        }
+        if let (Some(s), true) = (stamp, cached) {
+            c.at_ms.store(now_ms(i.epoch), Ordering::Release);
+            c.stamp.store(s, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Refuses a revoked id; `Ok(true)` when the "not revoked" answer came
+    /// from the cache (a marker the store tracks), `Ok(false)` when it was
+    /// loaded.
+    async fn refuse_if_revoked(&self, id: &str) -> Result<bool, ApiError> {
         match self.inner.revoked.get(id).await {
             Ok(f) if f.is_found() => Err(ApiError::Unauthorized("token revoked")),
-            Ok(_) => Ok(()),
+            Ok(f) => Ok(f.status() == kura::Status::Hit),
             Err(e) => {
                 tracing::error!(error = %e, "revocation status unknown");
                 Err(ApiError::Unavailable(
@@ -247,16 +300,21 @@ impl Tokens {
         let i = &self.inner;
         let key = key_id("sid", sid);
         let exp = i64::try_from(caller.exp).unwrap_or(i64::MAX);
-        let known = match i.sessions.get(&key).await {
-            Ok(f) => f.is_found(),
-            Err(e) => {
-                // The session list is bookkeeping: its trouble does not fail
-                // the request.
-                tracing::warn!(error = %e, "session lookup failed");
-                return Ok(());
-            }
-        };
+        // Once seen, a session stays known for this token: its end is a
+        // revocation, which the check above refuses.
+        let noted = caller.checked.session_known.load(Ordering::Acquire);
+        let known = noted
+            || match i.sessions.get(&key).await {
+                Ok(f) => f.is_found(),
+                Err(e) => {
+                    // The session list is bookkeeping: its trouble does not fail
+                    // the request.
+                    tracing::warn!(error = %e, "session lookup failed");
+                    return Ok(());
+                }
+            };
         if known {
+            caller.checked.session_known.store(true, Ordering::Release);
             i.stats.touches.fetch_add(1, Ordering::Relaxed);
             if i.touches.record(key, (Utc::now(), exp), later) {
                 i.flush_now.notify_one();

@@ -283,3 +283,75 @@ async fn negative_entries_are_served_from_l1_and_evicted_by_any_write() {
     }
     cleanup(&ns).await;
 }
+
+/// The near cache stamp: equal while nothing of the type changes, new
+/// after any client's change of any key of the type (not only one an L1
+/// entry holds) and after this process's own write; `None` while the
+/// stream is not live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stamp_changes_with_every_invalidation_of_the_type() {
+    let ns = ns();
+    let cache = near_cache(&redis_url(), &ns, Duration::from_secs(1));
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    until_l1(&p, "u1").await;
+    let s1 = p.near_stamp().expect("live");
+    assert_eq!(p.near_stamp(), Some(s1), "nothing changed");
+    assert_eq!(
+        p.near_max_lifetime(),
+        Some(kura::near::DEFAULT_MAX_LIFETIME)
+    );
+    // Another client changes a key no L1 entry holds.
+    let other = cache
+        .keys()
+        .value_key(&Kind::PROFILE, "never-read")
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&other)
+        .arg("x")
+        .query_async(&mut redis_conn().await)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while p.near_stamp() == Some(s1) {
+        assert!(
+            Instant::now() < deadline,
+            "the push did not change the stamp"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // This process's own write changes it before it returns.
+    let s2 = p.near_stamp().expect("live");
+    cache
+        .write_through(Kind::PROFILE)
+        .invalidate("u1")
+        .await
+        .unwrap();
+    assert_ne!(p.near_stamp(), Some(s2));
+    // Another type's change leaves it as it is.
+    let s3 = p.near_stamp().expect("live");
+    let settings = cache.keys().value_key(&Kind::SETTINGS, "u1").unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&settings)
+        .arg("x")
+        .query_async(&mut redis_conn().await)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        p.near_stamp(),
+        Some(s3),
+        "a settings key is not a profile key"
+    );
+    // Without a near cache there is no stamp.
+    let plain = support::cache_on(
+        Arc::new(RedisStore::builder(redis_url()).build().unwrap()),
+        &ns,
+    );
+    assert_eq!(
+        plain.aside(Kind::PROFILE, Db(db.clone())).near_stamp(),
+        None
+    );
+    cleanup(&ns).await;
+}

@@ -93,9 +93,23 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// A verified caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
+/// A verified caller: shared, so that handing the remembered one to a
+/// request is one reference count, and what its checks noted
+/// ([`Claimed::checked`]) lasts across the token's requests.
+#[derive(Debug, Clone)]
+pub struct Caller(Arc<Claimed>);
+
+impl std::ops::Deref for Caller {
+    type Target = Claimed;
+
+    fn deref(&self) -> &Claimed {
+        &self.0
+    }
+}
+
+/// What a verified token says, and what was checked about it.
+#[derive(Debug)]
+pub struct Claimed {
     /// The `sub` claim.
     pub sub: Arc<str>,
     /// `sub` as a user id, when it is a UUID.
@@ -108,9 +122,12 @@ pub struct Caller {
     pub sid: Option<Arc<str>>,
     /// The token's `exp`, seconds since the epoch.
     pub exp: u64,
+    /// The last revocation check that found the token valid (see
+    /// [`crate::tokens`]).
+    pub checked: crate::tokens::Checked,
 }
 
-impl Caller {
+impl Claimed {
     /// Allows the owner of `user_id` and admins.
     ///
     /// # Errors
@@ -343,14 +360,15 @@ impl Auth {
         if too_long(&claims.jti) || too_long(&claims.sid) {
             return Err(AuthError::Invalid);
         }
-        let caller = Caller {
+        let caller = Caller(Arc::new(Claimed {
             user_id: Uuid::parse_str(&claims.sub).ok(),
             admin: claims.roles.iter().any(|r| r == ADMIN_ROLE),
             sub: claims.sub.into(),
             jti: claims.jti.map(Into::into),
             sid: claims.sid.map(Into::into),
             exp: claims.exp,
-        };
+            checked: crate::tokens::Checked::default(),
+        }));
         // Until `exp` (with the validation leeway), at most a minute.
         let until = (claims.exp + LEEWAY_SECS).min(now + VERIFIED_MAX_AGE_SECS);
         self.verified.put(token, caller.clone(), until);

@@ -185,6 +185,29 @@ pub(crate) struct Near<T> {
     pub(crate) tracker: Arc<Tracker>,
     hits: metrics::Counter,
     misses: metrics::Counter,
+    /// Bumped by every invalidation that reaches this L1 (an entry evicted
+    /// or not, a clear): what a [`Stamp`] compares.
+    changes: std::sync::atomic::AtomicU64,
+    max_lifetime: Duration,
+}
+
+/// The state of one type's near cache at a moment (see
+/// [`crate::CacheAside::near_stamp`]): two equal stamps mean that no
+/// invalidation of the type reached the near cache between them, and that
+/// its stream was live at both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    generation: u64,
+    changes: u64,
+}
+
+impl Stamp {
+    /// The stamp packed in one number (to keep it in an atomic); `0` is
+    /// never a stamp.
+    #[must_use]
+    pub fn to_u64(self) -> u64 {
+        (self.generation << 40) ^ self.changes ^ (1 << 63)
+    }
 }
 
 impl<T: Send + Sync + 'static> Near<T> {
@@ -221,6 +244,8 @@ impl<T: Send + Sync + 'static> Near<T> {
             tracker: tracker.clone(),
             hits: metrics::counter!("cache_l1_hits_total", "cache_type" => kind.name()),
             misses: metrics::counter!("cache_l1_misses_total", "cache_type" => kind.name()),
+            changes: std::sync::atomic::AtomicU64::new(0),
+            max_lifetime: config.max_lifetime,
         });
         let pattern = keys
             .pattern(&kind, "*")
@@ -228,6 +253,23 @@ impl<T: Send + Sync + 'static> Near<T> {
         let weak: Weak<dyn NearLayer> = Arc::downgrade(&(near.clone() as Arc<dyn NearLayer>));
         tracker.register(kind, pattern, weak);
         near
+    }
+
+    /// The stamp now, while the stream is live.
+    pub(crate) fn stamp(&self) -> Option<Stamp> {
+        // Changes first: a flush bumps the generation after clearing, so a
+        // stamp read across a flush differs in one of the two.
+        let changes = self.changes.load(std::sync::atomic::Ordering::Acquire);
+        let generation = self.tracker.generation();
+        self.tracker.live().then_some(Stamp {
+            generation,
+            changes,
+        })
+    }
+
+    /// The longest an entry lives.
+    pub(crate) fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
     }
 
     /// The entry of `id`, if it may be served.
@@ -284,10 +326,14 @@ impl<T: Send + Sync + 'static> Near<T> {
 
 impl<T: Send + Sync + 'static> NearLayer for Near<T> {
     fn evict(&self, id: &str) -> bool {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.l1.remove(id).is_some()
     }
 
     fn clear(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.l1.invalidate_all();
     }
 }

@@ -435,6 +435,29 @@ impl<S: Source> CacheAside<S> {
         self.inner.near.as_ref().map(|n| n.stats())
     }
 
+    /// The type's near cache stamp now, `None` without a near cache or
+    /// while its invalidation stream is not live.
+    ///
+    /// For callers that keep an answer above the cache (a request memo): an
+    /// answer read as a [`Status::Hit`] after taking stamp `s` may be kept
+    /// while [`near_stamp`](Self::near_stamp) still returns `s`, and for at
+    /// most [`near_max_lifetime`](Self::near_max_lifetime) — the same rule
+    /// an L1 entry lives by, since any change of any key of the type that
+    /// reaches this process changes the stamp. Answers loaded from the
+    /// source ([`Status::Miss`], [`Status::Bypass`]) must not be kept this
+    /// way: nothing in the store tracks them.
+    #[must_use]
+    pub fn near_stamp(&self) -> Option<crate::near::Stamp> {
+        self.inner.near.as_ref().and_then(|n| n.stamp())
+    }
+
+    /// The longest an entry of the type's near cache lives (`None` without
+    /// one).
+    #[must_use]
+    pub fn near_max_lifetime(&self) -> Option<Duration> {
+        self.inner.near.as_ref().map(|n| n.max_lifetime())
+    }
+
     /// The source.
     #[must_use]
     pub fn source(&self) -> &S {
