@@ -38,7 +38,7 @@ mod behind;
 mod order;
 pub mod unsure;
 pub use behind::{WritePath, Written};
-use order::WriteLock;
+pub(crate) use order::{WriteLock, lock_entity};
 
 /// The types cached per user, all removed when the user is deleted.
 pub const USER_KINDS: [Kind; 3] = [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES];
@@ -180,7 +180,7 @@ where
 }
 
 /// Releases a profile write lock, if one was taken.
-async fn release(lock: Option<WriteLock>) {
+pub(crate) async fn release(lock: Option<WriteLock>) {
     if let Some(l) = lock {
         l.release().await;
     }

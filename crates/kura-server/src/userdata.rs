@@ -6,23 +6,36 @@
 //! | read | `SELECT` on a miss | [`CacheAside::get`] (kinds `settings`, `preferences`; TTL 1800 s) |
 //! | write, `invalidate` | `INSERT … ON CONFLICT DO UPDATE … version + 1 RETURNING` | [`WriteThrough::invalidate`] after commit |
 //! | write, `through` | same | [`WriteThrough::update`] after commit |
+//! | write, `behind` | later, by a flusher (`… WHERE version < $new`, [`DocSink`]) | [`WriteBehind::accept`] (queue `<ns>:~wb:settings`, `…:preferences`) |
 //! | profile deleted | both rows deleted with the profile | [`kura::Cache::invalidate_entity`] (profile, settings, preferences) |
 //!
 //! Both tables are fed to the cache by the invalidation feed, so a write
 //! made straight in the database invalidates too.
 //!
-//! # Not offered
+//! # Mixing `behind` with direct writes
 //!
-//! `behind`: these documents are written directly (`invalidate` or
-//! `through`); a `?strategy=behind` write is refused with 422.
+//! As for profiles ([`crate::profiles`]): per user and kind, a write lock
+//! in the cache store orders `behind` accepts and direct writes, and a
+//! direct write (and a profile delete) first waits until the document has
+//! no queued write left (5 s at most, else 503). A `behind` write of a
+//! document that does not exist yet is written directly (`X-Write:
+//! invalidate`); one that cannot be queued (Redis unreachable, the queue
+//! full with `--wb-on-full through`) is written through (`X-Write:
+//! through`).
 
-use kura::{CacheAside, Fetched, QueuedCache, WriteThrough};
+use std::time::Duration;
+
+use kura::{BehindError, CacheAside, Fetched, QueuedCache, WriteBehind, WriteThrough};
 use uuid::Uuid;
 
-use crate::config::WriteStrategy;
-use crate::db::userdata::{DocKind, UserDoc};
+use crate::config::{OnFull, WbConfig, WriteStrategy};
+use crate::db::userdata::{DocKind, DocSink, UserDoc};
 use crate::db::{Db, DbError};
-use crate::profiles::Finish;
+use crate::profiles::{Finish, ServiceError, WriteLock, lock_entity, release};
+
+/// How long a direct write (or a profile delete) waits for the
+/// document's queued writes to reach the database.
+const QUEUED_WAIT: Duration = Duration::from_secs(5);
 
 /// The largest document accepted, in bytes of compact JSON.
 pub const MAX_DOC_BYTES: usize = 16 * 1024;
@@ -65,18 +78,50 @@ pub enum DocError {
     /// The database failed and nothing usable is cached.
     #[error(transparent)]
     Cache(#[from] kura::Error),
+    /// The write cannot be taken now (queue full, queued writes not yet
+    /// in the database, another writer holds the lock).
+    #[error("{detail}")]
+    Busy {
+        /// When to try again.
+        retry_after: Duration,
+        /// What to tell the client.
+        detail: String,
+    },
+    /// Too many concurrent `behind` writes of one document.
+    #[error("too many concurrent writes to this document")]
+    Contended,
+}
+
+impl From<ServiceError> for DocError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::QueueFull {
+                retry_after,
+                detail,
+            } => DocError::Busy {
+                retry_after,
+                detail,
+            },
+            ServiceError::Database(e) => DocError::Database(e),
+            ServiceError::Cache(e) => DocError::Cache(e),
+            other => DocError::Invalid(other.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Docs {
     reads: CacheAside<DocSource>,
     writes: WriteThrough,
+    behind: WriteBehind<DocSource>,
 }
 
 /// Settings and preferences through the cache. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct UserData {
     db: Db,
+    cache: QueuedCache,
+    wb: WbConfig,
     settings: Docs,
     preferences: Docs,
 }
@@ -117,23 +162,117 @@ pub fn validate(
 }
 
 impl UserData {
-    /// Settings and preferences over `db` and `cache`.
+    /// Settings and preferences over `db` and `cache`, with the queue
+    /// limits of `wb`.
     #[must_use]
-    pub fn new(db: Db, cache: &QueuedCache) -> Self {
-        let docs = |kind: DocKind| Docs {
-            reads: cache.aside(
+    pub fn new(db: Db, cache: &QueuedCache, wb: &WbConfig) -> Self {
+        let docs = |kind: DocKind| {
+            let reads = cache.aside(
                 kind.kind(),
                 DocSource {
                     db: db.clone(),
                     kind,
                 },
-            ),
-            writes: cache.write_through(kind.kind()),
+            );
+            Docs {
+                behind: cache.write_behind(&reads).limits(wb.limits()),
+                writes: cache.write_through(kind.kind()),
+                reads,
+            }
         };
         Self {
             settings: docs(DocKind::Settings),
             preferences: docs(DocKind::Preferences),
+            cache: cache.clone(),
+            wb: wb.clone(),
             db,
+        }
+    }
+
+    /// A flusher of `kind`'s queue into the database, reading the queue
+    /// through `cache` (a cache of its own per flusher on Redis: see
+    /// [`crate::profiles::ProfileService::flusher_on`]).
+    pub fn flusher_on(
+        &self,
+        kind: DocKind,
+        cache: &QueuedCache,
+    ) -> kura::Flusher<DocSource, DocSink> {
+        let wb = cache
+            .behind(
+                kind.kind(),
+                DocSource {
+                    db: self.db.clone(),
+                    kind,
+                },
+            )
+            .limits(self.wb.limits());
+        wb.flusher(DocSink {
+            db: self.db.clone(),
+            kind,
+        })
+        .batch_size(self.wb.batch)
+        .linger(self.wb.linger)
+        .claim_idle(self.wb.claim_idle)
+        .max_attempts(self.wb.max_attempts)
+    }
+
+    /// The queue of `kind` (for status and tests).
+    #[must_use]
+    pub fn write_behind(&self, kind: DocKind) -> &WriteBehind<DocSource> {
+        &self.docs(kind).behind
+    }
+
+    /// Waits until the document has no queued write left, up to
+    /// [`QUEUED_WAIT`].
+    async fn wait_for_queued(&self, kind: DocKind, user_id: Uuid) -> Result<(), DocError> {
+        let id = user_id.hyphenated().to_string();
+        let deadline = tokio::time::Instant::now() + QUEUED_WAIT;
+        loop {
+            match self.docs(kind).behind.is_pending(&id).await {
+                Ok(false) | Err(_) => return Ok(()),
+                Ok(true) if tokio::time::Instant::now() >= deadline => {
+                    return Err(DocError::Busy {
+                        retry_after: Duration::from_secs(1),
+                        detail: format!(
+                            "the {} have writes waiting for the database; retry later",
+                            kind.table()
+                        ),
+                    });
+                }
+                Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Takes both documents' write locks and waits until neither has a
+    /// queued write (before a profile delete); the locks are released by
+    /// [`UserData::release`].
+    ///
+    /// # Errors
+    ///
+    /// [`DocError::Busy`] when a lock or the wait ran out.
+    pub(crate) async fn settle(&self, user_id: Uuid) -> Result<Vec<WriteLock>, DocError> {
+        let mut held = Vec::new();
+        for kind in [DocKind::Settings, DocKind::Preferences] {
+            match lock_entity(&self.cache, kind.kind(), user_id).await {
+                Ok(l) => held.extend(l),
+                Err(e) => {
+                    Self::release(held).await;
+                    return Err(e.into());
+                }
+            }
+            if let Err(e) = self.wait_for_queued(kind, user_id).await {
+                Self::release(held).await;
+                return Err(e);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Releases locks taken by [`UserData::settle`].
+    pub(crate) async fn release(locks: Vec<WriteLock>) {
+        for l in locks {
+            l.release().await;
         }
     }
 
@@ -159,50 +298,128 @@ impl UserData {
             .await?)
     }
 
-    /// Writes a user's document with `strategy` and returns the committed
-    /// row. The write runs to completion even if the request is dropped.
+    /// Writes a user's document with `strategy` and returns the row as
+    /// it now stands (for `behind`: as accepted) and how it was written.
+    /// A direct write runs to completion even if the request is dropped.
     ///
     /// # Errors
     ///
-    /// [`DocError::Invalid`] (a bad document, or `behind`),
-    /// [`DocError::NoProfile`], [`DocError::Database`].
+    /// [`DocError::Invalid`], [`DocError::NoProfile`],
+    /// [`DocError::Database`]; [`DocError::Busy`] when queued writes of the
+    /// document did not reach the database in time, or (`behind`) the
+    /// queue is full with `--wb-on-full reject`; [`DocError::Contended`].
     pub async fn put(
         &self,
         kind: DocKind,
         user_id: Uuid,
         data: &serde_json::Map<String, serde_json::Value>,
         strategy: WriteStrategy,
-    ) -> Result<UserDoc, DocError> {
-        if strategy == WriteStrategy::Behind {
-            return Err(DocError::Invalid(format!(
-                "strategy: {} are written directly (invalidate or through), not behind",
-                kind.table()
-            )));
-        }
+    ) -> Result<(UserDoc, WriteStrategy), DocError> {
         let text = validate(kind, data)?;
+        if strategy == WriteStrategy::Behind {
+            return self.put_behind(kind, user_id, data, text).await;
+        }
+        let doc = self.put_direct(kind, user_id, text, strategy).await?;
+        Ok((doc, strategy))
+    }
+
+    /// A direct write under the document's write lock, after its queued
+    /// writes reached the database.
+    async fn put_direct(
+        &self,
+        kind: DocKind,
+        user_id: Uuid,
+        text: String,
+        strategy: WriteStrategy,
+    ) -> Result<UserDoc, DocError> {
+        let lock = lock_entity(&self.cache, kind.kind(), user_id).await?;
+        if let Err(e) = self.wait_for_queued(kind, user_id).await {
+            release(lock).await;
+            return Err(e);
+        }
         let this = self.clone();
         Finish::new(async move {
-            let written = this.db.put_doc(kind, user_id, &text).await;
-            let docs = this.docs(kind);
-            let id = user_id.hyphenated().to_string();
-            let doc = match written {
-                Ok(Some(d)) => d,
-                Ok(None) => return Err(DocError::NoProfile),
-                Err(e) => {
-                    // It may have committed: the old value must not stay.
-                    let _ = docs.writes.invalidate(&id).await;
-                    return Err(e.into());
-                }
-            };
-            let r = match strategy {
-                WriteStrategy::Through => docs.writes.update(&id, &doc).await,
-                _ => docs.writes.invalidate(&id).await,
-            };
-            if let Err(e) = r {
-                tracing::error!(user_id = id, error = %e, "cache step after commit failed");
-            }
-            Ok(doc)
+            let r = this.commit(kind, user_id, &text, strategy).await;
+            release(lock).await;
+            r
         })
         .await
+    }
+
+    async fn commit(
+        &self,
+        kind: DocKind,
+        user_id: Uuid,
+        text: &str,
+        strategy: WriteStrategy,
+    ) -> Result<UserDoc, DocError> {
+        let written = self.db.put_doc(kind, user_id, text).await;
+        let docs = self.docs(kind);
+        let id = user_id.hyphenated().to_string();
+        let doc = match written {
+            Ok(Some(d)) => d,
+            Ok(None) => return Err(DocError::NoProfile),
+            Err(e) => {
+                // It may have committed: the old value must not stay.
+                let _ = docs.writes.invalidate(&id).await;
+                return Err(e.into());
+            }
+        };
+        let r = match strategy {
+            WriteStrategy::Through => docs.writes.update(&id, &doc).await,
+            _ => docs.writes.invalidate(&id).await,
+        };
+        if let Err(e) = r {
+            tracing::error!(user_id = id, error = %e, "cache step after commit failed");
+        }
+        Ok(doc)
+    }
+
+    /// A `behind` write: accepted into the cache and its queue under the
+    /// document's write lock; written directly when it cannot be queued.
+    async fn put_behind(
+        &self,
+        kind: DocKind,
+        user_id: Uuid,
+        data: &serde_json::Map<String, serde_json::Value>,
+        text: String,
+    ) -> Result<(UserDoc, WriteStrategy), DocError> {
+        let docs = self.docs(kind);
+        let id = user_id.hyphenated().to_string();
+        let lock = lock_entity(&self.cache, kind.kind(), user_id).await?;
+        let now = chrono::Utc::now();
+        let accepted = docs
+            .behind
+            .accept(&id, |cur| UserDoc {
+                user_id,
+                data: data.clone(),
+                updated_at: now,
+                version: cur.version + 1,
+            })
+            .await;
+        release(lock).await;
+        let (reason, strategy) = match accepted {
+            Ok(a) => return Ok((a.value, WriteStrategy::Behind)),
+            // Nothing to base a queued write on: the first write is direct.
+            Err(BehindError::NotFound) => ("absent", WriteStrategy::Invalidate),
+            Err(BehindError::Full { .. }) if self.wb.on_full == OnFull::Reject => {
+                return Err(DocError::Busy {
+                    retry_after: Duration::from_secs(1),
+                    detail: "the write-behind queue is full; retry later".to_owned(),
+                });
+            }
+            Err(BehindError::Full { .. }) => ("full", WriteStrategy::Through),
+            Err(BehindError::Contended) => return Err(DocError::Contended),
+            Err(BehindError::Read(e)) => return Err(DocError::Cache(e)),
+            Err(BehindError::Key(e)) => return Err(DocError::Invalid(e.to_string())),
+            Err(e) => {
+                tracing::warn!(user_id = id, error = %e, "behind write not queued: written through");
+                ("unavailable", WriteStrategy::Through)
+            }
+        };
+        metrics::counter!("kura_wb_write_through_total", "reason" => reason, "cache_type" => kind.table())
+            .increment(1);
+        let doc = self.put_direct(kind, user_id, text, strategy).await?;
+        Ok((doc, strategy))
     }
 }

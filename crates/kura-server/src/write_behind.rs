@@ -85,6 +85,18 @@ impl Flushers {
         Flushers { stop, tasks }
     }
 
+    /// Runs one more flusher (another queue's) with the others, stopped
+    /// with them.
+    pub fn spawn<S: Source, K: kura::Sink<Value = S::Value>>(
+        &mut self,
+        flusher: kura::Flusher<S, K>,
+    ) {
+        let mut stopped = self.stop.subscribe();
+        self.tasks.push(tokio::spawn(flusher.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })));
+    }
+
     /// How many flushers run.
     #[must_use]
     pub fn len(&self) -> usize {

@@ -171,3 +171,113 @@ impl Db {
         }
     }
 }
+
+/// The database as the write-behind sink of one document kind: each queued
+/// document is written only over an older row (`… WHERE version < $new`),
+/// so a replay changes nothing. A row that was not written is looked at:
+/// the same version with the same data is a replay (superseded); anything
+/// else is a conflict (refused, then dead-lettered by the flusher), and so
+/// is a row that is gone (the profile was deleted).
+#[derive(Debug, Clone)]
+pub struct DocSink {
+    /// The database.
+    pub db: Db,
+    /// Which documents.
+    pub kind: DocKind,
+}
+
+impl DocSink {
+    fn judge(&self, found: Option<(i64, String)>, doc: &UserDoc) -> kura::Applied {
+        match found {
+            None => {
+                kura::Applied::Rejected(format!("the user's {} row is gone", self.kind.table()))
+            }
+            Some((v, data)) => {
+                let same =
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&data)
+                        .is_ok_and(|d| d == doc.data);
+                if v == doc.version && same {
+                    kura::Applied::Superseded
+                } else {
+                    kura::Applied::Rejected(format!(
+                        "conflict: the row is at version {v}, the queued write is version {}",
+                        doc.version
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl kura::Sink for DocSink {
+    type Value = UserDoc;
+
+    async fn apply(
+        &self,
+        batch: &[(String, UserDoc)],
+    ) -> Result<Vec<kura::Applied>, kura::BoxError> {
+        let t = self.kind.table();
+        let mut out = Vec::with_capacity(batch.len());
+        match &self.db {
+            Db::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                for (_, doc) in batch {
+                    let data = serde_json::to_string(&doc.data)?;
+                    let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE {t} SET data = $2::jsonb, version = $3, updated_at = $4 \
+                         WHERE user_id = $1 AND version < $3"
+                    )))
+                    .bind(doc.user_id)
+                    .bind(&data)
+                    .bind(doc.version)
+                    .bind(doc.updated_at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 1 {
+                        out.push(kura::Applied::Written);
+                        continue;
+                    }
+                    let found: Option<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(
+                        format!("SELECT version, data::text FROM {t} WHERE user_id = $1"),
+                    ))
+                    .bind(doc.user_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    out.push(self.judge(found, doc));
+                }
+                tx.commit().await?;
+            }
+            Db::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for (_, doc) in batch {
+                    let data = serde_json::to_string(&doc.data)?;
+                    let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE {t} SET data = ?2, version = ?3, updated_at = ?4 \
+                         WHERE user_id = ?1 AND version < ?3"
+                    )))
+                    .bind(hyphenated(doc.user_id))
+                    .bind(&data)
+                    .bind(doc.version)
+                    .bind(ts(doc.updated_at))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 1 {
+                        out.push(kura::Applied::Written);
+                        continue;
+                    }
+                    let found: Option<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(
+                        format!("SELECT version, data FROM {t} WHERE user_id = ?1"),
+                    ))
+                    .bind(hyphenated(doc.user_id))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    out.push(self.judge(found, doc));
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -551,8 +551,11 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         config.revocation,
         config.max_sessions,
     );
-    let userdata =
-        crate::userdata::UserData::new(app.service.db().clone(), app.service.queued_cache());
+    let userdata = crate::userdata::UserData::new(
+        app.service.db().clone(),
+        app.service.queued_cache(),
+        &config.wb,
+    );
     let (stop_tokens, tokens_stopped) = oneshot::channel::<()>();
     let tokens_task = tokio::spawn(tokens.clone().run(async move {
         let _ = tokens_stopped.await;
@@ -582,7 +585,27 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
     // strategy and wherever the flushers run: say at start what the queue's
     // store can lose.
     crate::write_behind::check_durability(state.service.write_behind(), state.memory_store).await;
-    let flushers = crate::write_behind::Flushers::start(&state.service, config.wb.flushers, config);
+    let mut flushers =
+        crate::write_behind::Flushers::start(&state.service, config.wb.flushers, config);
+    // One flusher per document queue, with the profile flushers.
+    if config.wb.flushers > 0 {
+        for kind in [
+            crate::db::userdata::DocKind::Settings,
+            crate::db::userdata::DocKind::Preferences,
+        ] {
+            let f = match config
+                .redis_url
+                .is_some()
+                .then(|| crate::app::open_cache(config))
+            {
+                Some(Ok((cache, _))) => state.userdata.flusher_on(kind, &cache),
+                _ => state
+                    .userdata
+                    .flusher_on(kind, state.service.queued_cache()),
+            };
+            flushers.spawn(f);
+        }
+    }
     if config.warm_on_start {
         let service = state.service.clone();
         let (limit, days) = (config.warm_limit, config.warm_since_days);

@@ -250,7 +250,12 @@ pub async fn delete_profile(
     UserIdPath(id): UserIdPath,
 ) -> Result<StatusCode, ApiError> {
     caller.may_access(&id)?;
-    s.service.delete(id).await?;
+    // The user's queued settings and preferences reach the database (and
+    // no more are accepted) before the rows go with the profile.
+    let locks = s.userdata.settle(id).await?;
+    let r = s.service.delete(id).await;
+    crate::userdata::UserData::release(locks).await;
+    r?;
     Ok(StatusCode::NO_CONTENT)
 }
 

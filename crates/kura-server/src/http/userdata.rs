@@ -27,6 +27,16 @@ impl From<DocError> for ApiError {
             DocError::Invalid(m) => ApiError::Unprocessable(m),
             DocError::Database(e) => crate::profiles::ServiceError::Database(e).into(),
             DocError::Cache(e) => crate::profiles::ServiceError::Cache(e).into(),
+            DocError::Busy {
+                retry_after,
+                detail,
+            } => ApiError::Busy {
+                detail,
+                retry_after,
+            },
+            DocError::Contended => {
+                ApiError::Conflict("too many concurrent writes to this document; retry")
+            }
         }
     }
 }
@@ -77,16 +87,10 @@ async fn write(
 ) -> Result<Response, ApiError> {
     caller.may_access(&id)?;
     let strategy = q.strategy()?.unwrap_or(s.service.strategy());
-    // The configured default may be `behind`, which these documents do
-    // not offer: they are then written with `invalidate`.
-    let strategy = match (q.strategy.is_some(), strategy) {
-        (false, crate::config::WriteStrategy::Behind) => crate::config::WriteStrategy::Invalidate,
-        (_, st) => st,
-    };
-    let doc = s.userdata.put(kind, id, data, strategy).await?;
+    let (doc, applied) = s.userdata.put(kind, id, data, strategy).await?;
     let mut r = json_response(axum::http::StatusCode::OK, &doc);
     r.headers_mut()
-        .insert(X_WRITE, HeaderValue::from_static(strategy.as_str()));
+        .insert(X_WRITE, HeaderValue::from_static(applied.as_str()));
     Ok(r)
 }
 
@@ -122,14 +126,15 @@ macro_rules! doc_routes {
             request_body(content = Object, description = "The JSON object, at most 16 KiB and 32 levels deep"),
             security(("bearer" = [])),
             responses(
-                (status = 200, description = concat!("The ", $word, " as committed"), body = UserDoc,
-                 headers(("X-Write" = String, description = "invalidate or through"))),
+                (status = 200, description = concat!("The ", $word, " as committed (for `behind`: as accepted)"), body = UserDoc,
+                 headers(("X-Write" = String, description = "invalidate, through or behind: how the write was applied"))),
                 (status = 401, description = "Missing, invalid, expired or revoked token", body = ErrorBody),
                 (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
                 (status = 404, description = "No such profile", body = ErrorBody),
                 (status = 413, description = "Body over 64 KiB", body = ErrorBody),
-                (status = 422, description = "Not a JSON object, over 16 KiB or too deep, or strategy behind", body = ErrorBody),
-                (status = 503, description = "Database unavailable", body = ErrorBody),
+                (status = 409, description = "Too many concurrent writes (behind)", body = ErrorBody),
+                (status = 422, description = "Not a JSON object, over 16 KiB or too deep, or an unknown strategy", body = ErrorBody),
+                (status = 503, description = "Database unavailable, or queued writes still waiting (with Retry-After)", body = ErrorBody),
             )
         )]
         pub async fn $put(

@@ -39,7 +39,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kura::Store;
+use kura::{Kind, Store};
 use uuid::Uuid;
 
 use super::{ProfileService, ServiceError};
@@ -137,16 +137,35 @@ impl ProfileService {
         &self,
         user_id: Uuid,
     ) -> Result<Option<WriteLock>, ServiceError> {
-        if self.cache.breaker_state() == kura::BreakerState::Open {
+        lock_entity(&self.cache, Kind::PROFILE, user_id).await
+    }
+}
+
+/// Takes the write lock of `kind` for `user_id` (`<ns>:~lock:write:<kind>:<id>`),
+/// as [`ProfileService::lock_profile`] does for profiles: the same rules for
+/// every type written both `behind` and directly.
+///
+/// # Errors
+///
+/// [`ServiceError::QueueFull`] (503) when another writer held it for the
+/// whole wait.
+pub(crate) async fn lock_entity(
+    cache: &kura::QueuedCache,
+    kind: Kind,
+    user_id: Uuid,
+) -> Result<Option<WriteLock>, ServiceError> {
+    {
+        if cache.breaker_state() == kura::BreakerState::Open {
             // The cache already knows the store is down: don't pay a
             // timeout per write to learn it again.
             return Ok(None);
         }
-        let store = self.cache.store().clone();
-        let key = self
-            .cache
-            .keys()
-            .internal(&format!("lock:write:profile:{}", user_id.hyphenated()));
+        let store = cache.store().clone();
+        let key = cache.keys().internal(&format!(
+            "lock:write:{}:{}",
+            kind.name(),
+            user_id.hyphenated()
+        ));
         let token = format!("{:032x}", rand::random::<u128>());
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         let mut pause = Duration::from_millis(1);
@@ -176,7 +195,10 @@ impl ProfileService {
                 tracing::warn!(%user_id, waited = ?LOCK_WAIT, "another write of the profile held its lock: 503");
                 return Err(ServiceError::QueueFull {
                     retry_after: Duration::from_secs(1),
-                    detail: "another write of this profile is in progress; retry later".to_owned(),
+                    detail: format!(
+                        "another write of this {} is in progress; retry later",
+                        kind.name()
+                    ),
                 });
             }
             tokio::time::sleep(pause).await;
