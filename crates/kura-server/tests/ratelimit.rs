@@ -101,7 +101,35 @@ async fn limits_per_subject_and_class(b: Backend) {
     app.stop().await;
 }
 
-both_backends!(limits_per_subject_and_class);
+/// N concurrent requests of one subject over HTTP: exactly the limit is
+/// admitted, the rest answer 429.
+async fn exactly_the_limit_under_concurrency(b: Backend) {
+    let app = TestApp::start_with(b, limits).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let token = app.token(&user, false);
+    let path = format!("/api/v1/profiles/{user}");
+    let answers = futures::future::join_all((0..40).map(|_| app.get(&path, &token))).await;
+    let ok = answers
+        .iter()
+        .filter(|r| r.status() == StatusCode::OK)
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(
+        (ok, limited),
+        (5, 35),
+        "read=5/1h under 40 concurrent requests"
+    );
+    app.stop().await;
+}
+
+both_backends!(
+    limits_per_subject_and_class,
+    exactly_the_limit_under_concurrency
+);
 
 /// Two instances on one Redis share a subject's limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
