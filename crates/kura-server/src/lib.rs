@@ -9,14 +9,18 @@
 //! ```text
 //! main.rs (the `kura` binary: parse, then `run`)
 //!   cli.rs  commands.rs            the commands
-//!   http/{mod, auth, error, profiles, admin, health}.rs
+//!   http/{mod, auth, error, profiles, userdata, tokens, ratelimit, admin, health}.rs
 //!        │                         routes, JWT, errors, OpenAPI, server handle
 //!   write_behind.rs                flushers, durability check, queue status
 //!   feed.rs                        the invalidation feed relay, `kura feed status`
 //!   profiles.rs                    service layer: every cache decision via `kura`
+//!   userdata.rs                    settings and preferences (the same strategies)
+//!   tokens.rs                      token revocation checks, sessions, coalesced `last_seen`
 //!   app.rs                         opens the database, the store, the TTL policy
 //!   db.rs  model.rs  seed.rs       sqlx (PostgreSQL | SQLite), the profile, demo data
-//!   db/{sink, feed}.rs             write-behind sink; the invalidation log (install, read, prune)
+//!   db/{sink, feed, userdata, tokens}.rs
+//!                                  write-behind sinks; the invalidation log (install, read,
+//!                                  prune); settings/preferences, revocations and sessions
 //!   config.rs  telemetry.rs        flags and env, logs and Prometheus
 //!   signal.rs                      SIGINT/SIGTERM, for `serve` and `flush`
 //! migrations/{postgres,sqlite}/    embedded with `sqlx::migrate!`
@@ -32,7 +36,8 @@
 //! # Invalidation from the database
 //!
 //! `kura migrate` (and every start) installs the library's invalidation
-//! log and `profiles` triggers ([`db::Db::install_feed`]); `kura serve`
+//! log and the triggers of `profiles`, `settings`, `preferences` and
+//! `revocations` ([`db::Db::install_feed`]); `kura serve`
 //! runs a [`kura::feed::Relay`] over [`db::feed::SqlFeedLog`] ([`feed`]).
 //! A committed change reaches the cache whoever made it and whatever
 //! became of the process that made it, while one instance reaches both

@@ -54,6 +54,14 @@ async fn own_token_revocation(b: Backend) {
     assert_eq!(d, "token revoked");
     // The same user's other token is unaffected.
     assert_eq!(app.get(&path, &other).await.status(), StatusCode::OK);
+    if b == Backend::PgRedis {
+        // The cached revocation ends with the token (exp in 600 s), not
+        // with the blacklist's table TTL (3600 s).
+        let ttl = app
+            .redis_ttl(&format!("{}:blacklist:jti-{jti}", app.namespace))
+            .await;
+        assert!((1..=600).contains(&ttl), "revocation cached for {ttl} s");
+    }
     // A token without jti cannot be revoked on its own.
     let plain = app.token(&user, false);
     let d = expect_detail(
@@ -276,7 +284,37 @@ async fn last_seen_is_coalesced(b: Backend) {
     app.stop().await;
 }
 
+/// Revocations and sessions past their end are pruned from the database.
+async fn expired_revocations_are_pruned(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (admin, _) = token(&app, &Uuid::new_v4(), true, None);
+    let soon = json!({"jti": "short-lived", "exp": now() + 2});
+    assert_eq!(
+        revoke(&app, &admin, Some(&soon)).await.status(),
+        StatusCode::OK
+    );
+    let db = app.server().service().db();
+    assert!(db.revocation("jti-short-lived").await.unwrap().is_some());
+    assert_eq!(
+        db.prune_tokens().await.unwrap(),
+        0,
+        "nothing has expired yet"
+    );
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    assert!(
+        db.revocation("jti-short-lived").await.unwrap().is_none(),
+        "expired: not served"
+    );
+    assert_eq!(
+        db.prune_tokens().await.unwrap(),
+        1,
+        "the expired row is deleted"
+    );
+    app.stop().await;
+}
+
 both_backends!(
+    expired_revocations_are_pruned,
     own_token_revocation,
     admin_revocations_and_bad_bodies,
     sessions_routes_and_cap,
