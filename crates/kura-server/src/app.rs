@@ -67,6 +67,23 @@ pub const DEFAULT_TOKEN_NEAR_ENTRIES: u64 = 100_000;
 /// A malformed Redis URL or namespace. An unreachable Redis is not an
 /// error: the store connects lazily and the database answers meanwhile.
 pub fn open_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
+    build_cache(config, false)
+}
+
+/// [`open_cache`] for serving requests: the token kinds (`blacklist`,
+/// `session`), checked on every request, get near caches of
+/// [`DEFAULT_TOKEN_NEAR_ENTRIES`] unless `--near-cache` sizes them. Commands
+/// and flushers use [`open_cache`]: they check no tokens, and a near cache
+/// would hold a tracking connection for nothing.
+///
+/// # Errors
+///
+/// As [`open_cache`].
+pub fn open_serving_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
+    build_cache(config, true)
+}
+
+fn build_cache(config: &Config, serving: bool) -> anyhow::Result<(QueuedCache, bool)> {
     let (store, memory): (Arc<dyn QueueStore>, bool) = match &config.redis_url {
         Some(url) => (
             Arc::new(
@@ -94,8 +111,10 @@ pub fn open_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
     };
     // The token kinds are checked on every request: near-cached unless
     // configured otherwise, so that a check costs no round trip.
-    for kind in [Kind::BLACKLIST, Kind::SESSION] {
-        builder = builder.near_cache(kind, near(DEFAULT_TOKEN_NEAR_ENTRIES));
+    if serving {
+        for kind in [Kind::BLACKLIST, Kind::SESSION] {
+            builder = builder.near_cache(kind, near(DEFAULT_TOKEN_NEAR_ENTRIES));
+        }
     }
     for n in &config.near_cache {
         if let Some(kind) = kind_named(&n.kind) {
@@ -121,7 +140,7 @@ impl App {
             .await
             .context("connecting to the database")?;
         db.migrate().await.context("migrating the database")?;
-        let (cache, memory_store) = open_cache(config)?;
+        let (cache, memory_store) = open_serving_cache(config)?;
         let service =
             ProfileService::new(db, cache, config.write_strategy).with_write_behind(&config.wb);
         Ok(App {
