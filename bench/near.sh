@@ -18,13 +18,15 @@
 # 6. revocation checks (PARTS=revocation): warmed GETs with every token checked against
 #    the blacklist vs `--revocation off`, near cache off (L2) and on (L1), beside the
 #    ceiling's GET;
+# 7. per-route request metrics (PARTS=http_metrics): hot-key GETs with the near cache,
+#    `--http-metrics` on vs off, beside the ceiling;
 # 5. what BCAST tracking costs Redis: redis-benchmark SET throughput (keys under one
 #    tracked prefix) with 0, 1, 4 and 16 tracking connections (instances) listening.
 #
 # Settings (environment): KURA_BIN / STALENESS_BIN (skip the builds) DURATION (10s)
 # WARMUP (2s) ROUNDS (3) CONCURRENCY (64) WARM (10000) MEM_ENTRIES (100000) NEAR_DB
 # (kura_bench_near, dropped and re-created) CEIL_SRC (../shared/peers/ceiling) PARTS
-# (throughput,staleness,memory,bcast; also revocation: which measurements to run).
+# (throughput,staleness,memory,bcast; also revocation, http_metrics: which measurements to run).
 # Not part of the test suite: refuses to run under CI=true unless BENCH_FORCE=1.
 # Needs: cargo, redis-server, psql, curl, python3, a PostgreSQL superuser `postgres` on
 # 127.0.0.1:5432.
@@ -178,6 +180,31 @@ for round in $(seq "$ROUNDS"); do
       ceiling)
         [[ -n "$CEILING_BIN" ]] || continue
         bench "rev_ceiling.r$round" "$URL_ceiling" - --ids-file "$WORK/warm_ids.txt" --dist uniform
+        ;;
+    esac
+  done
+done
+fi
+
+if part http_metrics; then
+say "per-route request metrics on vs off (hot key, near cache on)"
+start_kura hm_off --http-metrics off --near-cache "profile=$((MEM_ENTRIES * 2))" --near-cache-max-mb 512
+for url in "$URL_on" "$URL_hm_off"; do
+  for pass in 1 2; do
+    "$KURA_BIN" bench --url "$url" --token "$TOKEN" --ids-file "$WORK/warm_ids.txt" --dist uniform \
+      --duration 5s --warmup 0s --concurrency 32 --json --out "$WORK/hm_fill.json" >/dev/null
+  done
+done
+for round in $(seq "$ROUNDS"); do
+  order=(on off ceiling)
+  (( round % 2 == 0 )) && order=(ceiling off on)
+  for what in "${order[@]}"; do
+    case $what in
+      on) bench "hm_hot_on.r$round" "$URL_on" "$TOKEN" --id "$HOT" --dist hot ;;
+      off) bench "hm_hot_off.r$round" "$URL_hm_off" "$TOKEN" --id "$HOT" --dist hot ;;
+      ceiling)
+        [[ -n "$CEILING_BIN" ]] || continue
+        bench "hm_hot_ceiling.r$round" "$URL_ceiling" - --id "$HOT" --dist hot
         ;;
     esac
   done

@@ -577,6 +577,10 @@ pub struct ServeArgs {
     /// `sid`); `off` only for measuring what the checks cost.
     #[arg(long, env = "KURA_REVOCATION", value_enum, default_value_t = Switch::On)]
     pub revocation: Switch,
+    /// Record per-route request metrics (`http_requests_total`,
+    /// `http_request_duration_seconds`).
+    #[arg(long, env = "KURA_HTTP_METRICS", value_enum, default_value_t = Switch::On)]
+    pub http_metrics: Switch,
     /// Sessions kept per user: a new one past the cap revokes the oldest.
     #[arg(long, env = "KURA_MAX_SESSIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sessions: u32,
@@ -689,6 +693,8 @@ pub struct Config {
     pub revocation: bool,
     /// Sessions kept per user.
     pub max_sessions: u32,
+    /// Whether per-route request metrics are recorded.
+    pub http_metrics: bool,
 }
 
 impl Default for Config {
@@ -723,6 +729,7 @@ impl Default for Config {
             feed: FeedConfig::default(),
             revocation: true,
             max_sessions: 10,
+            http_metrics: true,
         }
     }
 }
@@ -745,6 +752,7 @@ impl Config {
             feed: a.feed.config(),
             revocation: a.revocation == Switch::On,
             max_sessions: a.max_sessions,
+            http_metrics: a.http_metrics == Switch::On,
             ..Config::default()
         };
         c.apply_db(&a.db);

@@ -94,6 +94,109 @@ async fn every_series_has_help_text() {
     app.stop().await;
 }
 
+/// The value of the one sample line that starts with `prefix`.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Per-route request series: counted by route template, method, status and
+/// X-Cache, with a latency histogram; requests to no route are `unmatched`;
+/// `--http-metrics off` leaves them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_by_route_status_and_outcome() {
+    let app = TestApp::start(Backend::SqliteMemory).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let token = app.token(&user, false);
+    for _ in 0..3 {
+        assert_eq!(app.get(&path, &token).await.status(), StatusCode::OK);
+    }
+    let ghost = format!("/api/v1/profiles/{}", Uuid::new_v4());
+    assert_eq!(
+        app.get(&ghost, &app.admin()).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.get("/nowhere", &token).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = app.call(Method::GET, &path, None, None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (_, m) = scrape(&app.http, &format!("{}/metrics", app.url)).await;
+    let route = r#"route="/api/v1/profiles/{user_id}",method="GET""#;
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"http_requests_total{{{route},status="200",cache="miss"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"http_requests_total{{{route},status="200",cache="hit"}}"#)
+        ),
+        Some(2.0)
+    );
+    assert!(
+        sample(
+            &m,
+            &format!(r#"http_requests_total{{{route},status="404","#)
+        )
+        .is_some(),
+        "the cached miss of the ghost: {m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"http_requests_total{{{route},status="401",cache="none"}}"#)
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"http_requests_total{route="unmatched",method="GET",status="404",cache="none"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"http_requests_total{route="/api/v1/profiles",method="POST",status="201",cache="none"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"http_request_duration_seconds_count{{{route},cache="hit"}}"#)
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"http_request_duration_seconds_bucket{{{route},cache="hit",le="+Inf"}}"#)
+        ),
+        Some(2.0)
+    );
+    let missing = undescribed(&m);
+    assert!(missing.is_empty(), "no # HELP for {missing:?}");
+    app.stop().await;
+
+    let off = TestApp::start_with(Backend::SqliteMemory, |c| c.http_metrics = false).await;
+    off.get("/healthz", &off.admin()).await;
+    let (_, m) = scrape(&off.http, &format!("{}/metrics", off.url)).await;
+    assert!(!m.contains("http_requests_total"), "--http-metrics off");
+    off.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_listen_serves_metrics_apart_from_the_api() {
     let app = TestApp::start_with(Backend::SqliteMemory, |c| {

@@ -104,14 +104,20 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         metrics::gauge!("cache_l1_bytes", "cache_type" => "profile").set(n.bytes as f64);
     }
     match crate::telemetry::prometheus() {
-        Some(h) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            )],
-            h.render(),
-        )
-            .into_response(),
+        Some(h) => {
+            let mut text = h.render();
+            if let Some(m) = &s.http_metrics {
+                m.render(&mut text);
+            }
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                )],
+                text,
+            )
+                .into_response()
+        }
         None => ApiError::Unavailable("metrics recorder not installed").into_response(),
     }
 }

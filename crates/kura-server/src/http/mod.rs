@@ -26,6 +26,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod profiles;
 pub mod ratelimit;
 pub mod tokens;
@@ -86,7 +87,30 @@ pub struct AppState {
     pub tokens: crate::tokens::Tokens,
     /// Settings and preferences.
     pub userdata: crate::userdata::UserData,
+    /// Per-route request metrics (`None`: `--http-metrics off`).
+    pub http_metrics: Option<Arc<metrics::HttpMetrics>>,
 }
+
+/// Every route template of the API, as the router names them (the
+/// `route` label of the request metrics).
+pub const ROUTES: &[&str] = &[
+    "/metrics",
+    "/api/v1/profiles",
+    "/api/v1/profiles/batch",
+    "/api/v1/profiles/{user_id}",
+    "/api/v1/profile",
+    "/api/v1/profiles/{user_id}/settings",
+    "/api/v1/profiles/{user_id}/preferences",
+    "/api/v1/auth/revoke",
+    "/api/v1/sessions",
+    "/api/v1/sessions/{sid}",
+    "/api/v1/admin/cache/warm",
+    "/api/v1/admin/cache/profiles",
+    "/api/v1/admin/cache/users/{user_id}",
+    "/api/v1/admin/cache/metrics",
+    "/healthz",
+    "/openapi.json",
+];
 
 /// A JSON response from a value.
 pub(crate) fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response {
@@ -285,9 +309,15 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     } else {
         api
     };
-    api.layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(RequestTimeoutLayer(config.request_timeout))
-        .with_state(state)
+    let api = api
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(RequestTimeoutLayer(config.request_timeout));
+    // Outermost, so that timeouts (504) are counted too.
+    let api = match &state.http_metrics {
+        Some(m) => api.layer(metrics::HttpMetricsLayer(m.clone())),
+        None => api,
+    };
+    api.with_state(state)
 }
 
 /// The router of the `--metrics-listen` listener: `/metrics` only.
@@ -569,6 +599,9 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         limits,
         tokens,
         userdata,
+        http_metrics: config
+            .http_metrics
+            .then(|| Arc::new(metrics::HttpMetrics::new(ROUTES))),
     });
     let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
     let metrics = match config.metrics_listen {
