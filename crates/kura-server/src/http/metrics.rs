@@ -2,8 +2,9 @@
 //! status and `X-Cache`, and `http_request_duration_seconds` (a histogram)
 //! by route, method and `X-Cache`.
 //!
-//! Recorded by a plain tower layer into a fixed table of atomics made when
-//! the router is built (one slot per route template × method × status ×
+//! Recorded by the request timeout layer (one layer for both, so that
+//! recording adds no service of its own to every route) into a fixed table
+//! of atomics made when the router is built (one slot per route template × method × status ×
 //! outcome): a request costs a clock read at each end, one map lookup of
 //! its route template and a few atomic adds — no boxing, no allocation, no
 //! registry lookup. The table is rendered in the Prometheus text format
@@ -15,11 +16,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::MatchedPath;
@@ -48,11 +45,12 @@ const BOUNDS: [f64; 14] = [
 /// The route label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
+/// One latency histogram; its count is the sum of the matching request
+/// counters (one atomic fewer per request).
 #[derive(Default)]
 struct Hist {
     buckets: [AtomicU64; BOUNDS.len()],
     sum_ns: AtomicU64,
-    count: AtomicU64,
 }
 
 /// The table the layer records into. See the module docs.
@@ -76,6 +74,14 @@ impl std::fmt::Debug for HttpMetrics {
 const N_STATUS: usize = STATUSES.len() + 1;
 
 impl HttpMetrics {
+    /// A table for these route templates, kept for the life of the process
+    /// (a server's requests then carry a plain reference to it, not a
+    /// reference count: about 100 KiB per server started).
+    #[must_use]
+    pub fn leaked(routes: &[&'static str]) -> &'static Self {
+        Box::leak(Box::new(Self::new(routes)))
+    }
+
     /// A table for these route templates (as the router names them, e.g.
     /// `/api/v1/profiles/{user_id}`).
     #[must_use]
@@ -112,7 +118,15 @@ impl HttpMetrics {
             h.buckets[b].fetch_add(1, Ordering::Relaxed);
         }
         h.sum_ns.fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
-        h.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests of one route, method and outcome, over all statuses.
+    fn count(&self, rm: usize, outcome: usize) -> u64 {
+        (0..N_STATUS)
+            .map(|s| {
+                self.counts[(rm * N_STATUS + s) * OUTCOMES.len() + outcome].load(Ordering::Relaxed)
+            })
+            .sum()
     }
 
     /// Appends the table in the Prometheus text format.
@@ -149,8 +163,9 @@ impl HttpMetrics {
         for (r, route) in self.routes.iter().enumerate() {
             for (m, method) in METHODS.iter().enumerate() {
                 for (o, outcome) in OUTCOMES.iter().enumerate() {
-                    let h = &self.hists[(r * METHODS.len() + m) * OUTCOMES.len() + o];
-                    let count = h.count.load(Ordering::Relaxed);
+                    let rm = r * METHODS.len() + m;
+                    let h = &self.hists[rm * OUTCOMES.len() + o];
+                    let count = self.count(rm, o);
                     if count == 0 {
                         continue;
                     }
@@ -180,26 +195,12 @@ impl HttpMetrics {
     }
 }
 
-/// Records every request into an [`HttpMetrics`] table.
-#[derive(Debug, Clone)]
-pub struct HttpMetricsLayer(pub Arc<HttpMetrics>);
-
-impl<S> tower::Layer<S> for HttpMetricsLayer {
-    type Service = Recorded<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Recorded {
-            inner,
-            table: self.0.clone(),
-        }
-    }
-}
-
-/// The service made by [`HttpMetricsLayer`].
-#[derive(Debug, Clone)]
-pub struct Recorded<S> {
-    inner: S,
-    table: Arc<HttpMetrics>,
+/// Where a request goes in the table: its route and method, read from the
+/// request as routed (the route template is in its extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    route: usize,
+    method: usize,
 }
 
 fn method_index(m: &Method) -> usize {
@@ -212,69 +213,32 @@ fn method_index(m: &Method) -> usize {
     }
 }
 
-impl<S, B> tower::Service<Request<B>> for Recorded<S>
-where
-    S: tower::Service<Request<B>, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = RecordedFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let route = self.table.route(req.extensions().get::<MatchedPath>());
-        let method = method_index(req.method());
-        RecordedFuture {
-            inner: self.inner.call(req),
-            started: Instant::now(),
-            route,
-            method,
-            table: self.table.clone(),
+impl HttpMetrics {
+    /// The slot of a request about to be handled.
+    pub fn slot<B>(&self, req: &Request<B>) -> Slot {
+        Slot {
+            route: self.route(req.extensions().get::<MatchedPath>()),
+            method: method_index(req.method()),
         }
     }
-}
 
-pin_project_lite::pin_project! {
-    /// The future of [`Recorded`].
-    pub struct RecordedFuture<F> {
-        #[pin]
-        inner: F,
-        started: Instant,
-        route: usize,
-        method: usize,
-        table: Arc<HttpMetrics>,
-    }
-}
-
-impl<F, E> Future for RecordedFuture<F>
-where
-    F: Future<Output = Result<Response, E>>,
-{
-    type Output = Result<Response, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
-        if let Ok(r) = &out {
-            let outcome = match r.headers().get(X_CACHE).map(|v| v.as_bytes()) {
-                Some(b"hit") => 0,
-                Some(b"miss") => 1,
-                Some(b"stale") => 2,
-                Some(b"bypass") => 3,
-                _ => 4,
-            };
-            this.table.record(
-                *this.route,
-                *this.method,
-                r.status().as_u16(),
-                outcome,
-                this.started.elapsed().as_secs_f64(),
-            );
-        }
-        Poll::Ready(out)
+    /// Records an answer: its status, `X-Cache` and the time since
+    /// `started`.
+    pub fn answered(&self, slot: Slot, r: &Response, started: Instant) {
+        let outcome = match r.headers().get(X_CACHE).map(|v| v.as_bytes()) {
+            Some(b"hit") => 0,
+            Some(b"miss") => 1,
+            Some(b"stale") => 2,
+            Some(b"bypass") => 3,
+            _ => 4,
+        };
+        self.record(
+            slot.route,
+            slot.method,
+            r.status().as_u16(),
+            outcome,
+            started.elapsed().as_secs_f64(),
+        );
     }
 }
 

@@ -88,7 +88,7 @@ pub struct AppState {
     /// Settings and preferences.
     pub userdata: crate::userdata::UserData,
     /// Per-route request metrics (`None`: `--http-metrics off`).
-    pub http_metrics: Option<Arc<metrics::HttpMetrics>>,
+    pub http_metrics: Option<&'static metrics::HttpMetrics>,
 }
 
 /// Every route template of the API, as the router names them (the
@@ -309,15 +309,9 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     } else {
         api
     };
-    let api = api
-        .layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(RequestTimeoutLayer(config.request_timeout));
-    // Outermost, so that timeouts (504) are counted too.
-    let api = match &state.http_metrics {
-        Some(m) => api.layer(metrics::HttpMetricsLayer(m.clone())),
-        None => api,
-    };
-    api.with_state(state)
+    api.layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(RequestTimeoutLayer::new(config.request_timeout).recording(state.http_metrics))
+        .with_state(state)
 }
 
 /// The router of the `--metrics-listen` listener: `/metrics` only.
@@ -326,7 +320,7 @@ pub fn metrics_router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/metrics", get(health::metrics))
         .fallback(|| async { ApiError::NotFound("not found") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(RequestTimeoutLayer(config.request_timeout))
+        .layer(RequestTimeoutLayer::new(config.request_timeout))
         .with_state(state)
 }
 
@@ -382,10 +376,32 @@ fn url_of(mut a: SocketAddr) -> String {
 }
 
 /// Answers 504 `{"detail": "request timed out"}` when the inner service
-/// takes longer than the limit. A plain future wrapper: no boxing, no extra
-/// task.
+/// takes longer than the limit, and records each answer (timeouts
+/// included) in the per-route request metrics when given a table. A plain
+/// future wrapper: no boxing, no extra task.
 #[derive(Debug, Clone, Copy)]
-pub struct RequestTimeoutLayer(pub Duration);
+pub struct RequestTimeoutLayer {
+    limit: Duration,
+    metrics: Option<&'static metrics::HttpMetrics>,
+}
+
+impl RequestTimeoutLayer {
+    /// Requests past `limit` answer 504.
+    #[must_use]
+    pub fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            metrics: None,
+        }
+    }
+
+    /// Also records every answer in `metrics` (`None`: not recorded).
+    #[must_use]
+    pub fn recording(mut self, metrics: Option<&'static metrics::HttpMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+}
 
 impl<S> tower::Layer<S> for RequestTimeoutLayer {
     type Service = RequestTimeout<S>;
@@ -393,7 +409,8 @@ impl<S> tower::Layer<S> for RequestTimeoutLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RequestTimeout {
             inner,
-            limit: self.0,
+            limit: self.limit,
+            metrics: self.metrics,
         }
     }
 }
@@ -403,6 +420,7 @@ impl<S> tower::Layer<S> for RequestTimeoutLayer {
 pub struct RequestTimeout<S> {
     inner: S,
     limit: Duration,
+    metrics: Option<&'static metrics::HttpMetrics>,
 }
 
 impl<S, B> tower::Service<axum::http::Request<B>> for RequestTimeout<S>
@@ -418,9 +436,13 @@ where
     }
 
     fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let recording = self
+            .metrics
+            .map(|m| (m, m.slot(&req), std::time::Instant::now()));
         TimeoutFuture {
             inner: self.inner.call(req),
             sleep: tokio::time::sleep(self.limit),
+            recording,
         }
     }
 }
@@ -433,6 +455,7 @@ pin_project_lite::pin_project! {
         inner: F,
         #[pin]
         sleep: tokio::time::Sleep,
+        recording: Option<(&'static metrics::HttpMetrics, metrics::Slot, std::time::Instant)>,
     }
 }
 
@@ -441,16 +464,20 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for TimeoutFuture<
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(r) = this.inner.poll(cx) {
-            return Poll::Ready(r);
+        let r = match this.inner.poll(cx) {
+            Poll::Ready(Ok(r)) => r,
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::warn!("request timed out");
+                    ApiError::Timeout.into_response()
+                }
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        if let Some((m, slot, started)) = this.recording.take() {
+            m.answered(slot, &r, started);
         }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => {
-                tracing::warn!("request timed out");
-                Poll::Ready(Ok(ApiError::Timeout.into_response()))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        Poll::Ready(Ok(r))
     }
 }
 
@@ -601,7 +628,7 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         userdata,
         http_metrics: config
             .http_metrics
-            .then(|| Arc::new(metrics::HttpMetrics::new(ROUTES))),
+            .then(|| metrics::HttpMetrics::leaked(ROUTES)),
     });
     let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
     let metrics = match config.metrics_listen {
