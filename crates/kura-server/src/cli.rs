@@ -118,6 +118,21 @@ pub struct StatsArgs {
     /// Print `{"hits","misses","total","hit_rate"}`.
     #[arg(long)]
     pub json: bool,
+    /// A live view of running instances from their `/metrics` (hit ratio
+    /// per type, req/s, p99, loads, write-behind depth, feed lag),
+    /// refreshed every `--interval` until interrupted.
+    #[arg(long, conflicts_with = "json")]
+    pub watch: bool,
+    /// An instance to watch (repeatable; with `--watch`).
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080")]
+    pub urls: Vec<String>,
+    /// How often the view refreshes (with `--watch`).
+    #[arg(long, default_value = "1s", value_parser = crate::config::parse_duration)]
+    pub interval: std::time::Duration,
+    /// Stop after this many refreshes (with `--watch`; default: until
+    /// interrupted).
+    #[arg(long)]
+    pub iterations: Option<u64>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub cache: CacheArgs,

@@ -235,6 +235,9 @@ pub async fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
 ///
 /// When the output cannot be written.
 pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    if args.watch {
+        return crate::watch::run(&args.urls, args.interval, args.iterations).await;
+    }
     memory_note(&args.cache);
     let config = cache_config(&args.cache);
     let (cache, _) = open_cache(&config)?;

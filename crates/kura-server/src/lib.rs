@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! main.rs (the `kura` binary: parse, then `run`)
-//!   cli.rs  commands.rs            the commands
+//!   cli.rs  commands.rs            the commands; watch.rs the `kura stats --watch` view
 //!   http/{mod, auth, error, profiles, userdata, tokens, ratelimit, admin, health}.rs
 //!        │                         routes, JWT, errors, OpenAPI, server handle
 //!   write_behind.rs                flushers, durability check, queue status
@@ -65,6 +65,7 @@ mod signal;
 pub mod telemetry;
 pub mod tokens;
 pub mod userdata;
+pub mod watch;
 pub mod write_behind;
 
 pub use app::App;
