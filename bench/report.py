@@ -9,6 +9,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import charts  # noqa: E402  (bench/charts.py, beside this file)
+
 SCENARIOS = [
     ("s1_hot", "1. hot key GET (one id)"),
     ("s2_warm", "2. 10,000 warmed ids, uniform GET"),
@@ -412,6 +415,16 @@ def write(res: dict, out: Path, raw_rel: Path, findings: Path | None = None) -> 
       "acknowledges before its background task writes the database; its DB rows are counted from `pg_stat_statements`.")
     w("- The seed answers without `X-Cache`; its hit ratio comes from its own `metrics:cache:hits|misses` counters.")
     w("")
+    # ------------------------------------------------------------ charts
+    made = charts.render_all(res, out.parent / "charts")
+    if made:
+        w("## Charts")
+        w("")
+        w("Drawn from the same raw files by `bench/charts.py` (re-rendered with this report).")
+        w("")
+        for title, name in made:
+            w(f"![{title}](charts/{name})")
+            w("")
     if findings and findings.exists():
         w(findings.read_text().rstrip())
         w("")
