@@ -59,6 +59,8 @@ pub mod db;
 pub mod feed;
 pub mod http;
 pub mod model;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod profiles;
 pub mod seed;
 mod signal;

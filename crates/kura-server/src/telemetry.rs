@@ -11,14 +11,34 @@ use crate::config::LogFormat;
 /// Installs the log subscriber: `RUST_LOG` filters (default `info`), lines
 /// go to stderr. A second call (tests) is ignored.
 pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    // With the `otel` feature and an OTLP endpoint configured, spans are
+    // exported too (all of kura's, whatever RUST_LOG says of the logs).
+    #[cfg(feature = "otel")]
+    let registry = {
+        let provider = crate::otel::provider_from_env();
+        let layer = provider.as_ref().map(|p| {
+            crate::otel::layer(p).with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("kura", tracing::Level::INFO)
+                    .with_target("kura_server", tracing::Level::INFO),
+            )
+        });
+        if let Some(p) = provider {
+            opentelemetry::global::set_tracer_provider(p);
+        }
+        registry.with(layer)
+    };
+    let _ = registry.try_init();
 }
 
 /// Describes the series the service emits itself (the library's are

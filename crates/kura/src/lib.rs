@@ -161,6 +161,7 @@ pub mod metrics;
 pub mod near;
 pub mod ratelimit;
 pub mod source;
+mod spans;
 pub mod store;
 pub mod strategy;
 pub mod ttl;

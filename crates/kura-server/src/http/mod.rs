@@ -309,9 +309,13 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     } else {
         api
     };
-    api.layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(RequestTimeoutLayer::new(config.request_timeout).recording(state.http_metrics))
-        .with_state(state)
+    let api = api
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(RequestTimeoutLayer::new(config.request_timeout).recording(state.http_metrics));
+    // A span per request, parented by the request's trace context.
+    #[cfg(feature = "otel")]
+    let api = api.layer(crate::otel::TraceLayer);
+    api.with_state(state)
 }
 
 /// The router of the `--metrics-listen` listener: `/metrics` only.

@@ -214,6 +214,9 @@ impl<T> From<Fetched<T>> for FetchedJson {
 /// What a read returns, as far as the metrics and the near cache care.
 trait Answer<T>: Sized {
     fn status(&self) -> Status;
+    /// Where a hit came from.
+    #[cfg_attr(not(feature = "spans"), allow(dead_code))]
+    fn layer(&self) -> Option<Layer>;
     /// What an L1 entry holds of it: the JSON and, if decoded, the value.
     fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)>;
     /// The answer to an L1 hit.
@@ -223,6 +226,10 @@ trait Answer<T>: Sized {
 impl<T: serde::de::DeserializeOwned> Answer<T> for Fetched<T> {
     fn status(&self) -> Status {
         self.status
+    }
+
+    fn layer(&self) -> Option<Layer> {
+        Fetched::layer(self)
     }
 
     fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)> {
@@ -259,6 +266,10 @@ impl<T: serde::de::DeserializeOwned> Answer<T> for Fetched<T> {
 impl<T> Answer<T> for FetchedJson {
     fn status(&self) -> Status {
         self.status
+    }
+
+    fn layer(&self) -> Option<Layer> {
+        FetchedJson::layer(self)
     }
 
     fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)> {
@@ -531,7 +542,24 @@ impl<S: Source> CacheAside<S> {
         miss: impl FnOnce(Fetched<S::Value>) -> R,
     ) -> Result<R, Error> {
         let started = Instant::now();
-        let r = self.read_inner(id, started, hit, miss).await;
+        #[cfg(feature = "spans")]
+        let span = tracing::info_span!(
+            "cache.read",
+            cache.r#type = self.inner.kind.name(),
+            cache.outcome = tracing::field::Empty,
+            cache.layer = tracing::field::Empty,
+        );
+        let fut = self.read_inner(id, started, hit, miss);
+        #[cfg(feature = "spans")]
+        let fut = tracing::Instrument::instrument(fut, span.clone());
+        let r = fut.await;
+        #[cfg(feature = "spans")]
+        if let Ok(f) = &r {
+            span.record("cache.outcome", f.status().as_str());
+            if let Some(l) = f.layer() {
+                span.record("cache.layer", l.as_str());
+            }
+        }
         self.inner.metrics.get_seconds.record(started.elapsed());
         if let Ok(f) = &r {
             self.inner.count(f.status());
@@ -799,7 +827,12 @@ impl<S: Source> Aside<S> {
                 // answer from the source rather than wait longer.
                 return self.load_only(id, Status::Miss).await;
             }
-            tokio::time::sleep(backoff).await;
+            crate::spans::in_span!(
+                tokio::time::sleep(backoff),
+                "cache.lease_wait",
+                cache.r#type = self.kind.name()
+            )
+            .await;
             backoff = (backoff * 2).min(Duration::from_millis(50));
             if let Ok(Some(bytes)) = c.call(None, c.store.get(&entry.value, None)).await {
                 if let Ok(d) = codec::decode(&bytes) {
@@ -812,7 +845,12 @@ impl<S: Source> Aside<S> {
     async fn timed_load(&self, id: &str) -> Result<Option<S::Value>, S::Error> {
         self.metrics.loads.increment(1);
         let t = Instant::now();
-        let r = self.source.load(id).await;
+        let r = crate::spans::in_span!(
+            self.source.load(id),
+            "cache.load",
+            cache.r#type = self.kind.name()
+        )
+        .await;
         self.metrics.load_seconds.record(t.elapsed());
         if r.is_err() {
             self.metrics.load_errors.increment(1);
@@ -881,7 +919,13 @@ impl<S: Source> Aside<S> {
                     value,
                     lifetimes,
                 };
-                match c.call(Some(&self.metrics), c.store.fill(&[req])).await {
+                match crate::spans::in_span!(
+                    c.call(Some(&self.metrics), c.store.fill(&[req])),
+                    "cache.fill",
+                    cache.r#type = self.kind.name()
+                )
+                .await
+                {
                     Ok(v) if v.first() == Some(&FillOutcome::Stored) => {}
                     Ok(_) => self.metrics.fills_rejected.increment(1),
                     // The lease expires by itself.

@@ -914,6 +914,17 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
     }
 
     async fn step(&mut self, claim: bool, stop: &AtomicBool) -> Result<FlushReport, Error> {
+        let kind = self.wb.aside.kind().name();
+        let _ = kind;
+        crate::spans::in_span!(
+            self.step_inner(claim, stop),
+            "cache.flush",
+            cache.r#type = kind
+        )
+        .await
+    }
+
+    async fn step_inner(&mut self, claim: bool, stop: &AtomicBool) -> Result<FlushReport, Error> {
         let wb = self.wb.clone();
         let c = wb.cache();
         let store = &wb.store;

@@ -107,9 +107,13 @@ impl WriteThrough {
         let c = &self.cache.inner;
         let entry = c.keys.entry(&self.kind, id)?;
         self.metrics.invalidations.increment(1);
-        let r = c
-            .call(Some(&self.metrics), c.store.invalidate(&[&entry]))
-            .await;
+        let r = crate::spans::in_span!(
+            c.call(Some(&self.metrics), c.store.invalidate(&[&entry])),
+            "cache.write",
+            cache.r#type = self.kind.name(),
+            cache.op = "invalidate"
+        )
+        .await;
         // From here no new reader in this process joins a load that began
         // before this write.
         c.epochs.bump(&entry.value);
@@ -163,7 +167,13 @@ impl WriteThrough {
             version,
             lifetimes,
         };
-        let r = c.call(Some(&self.metrics), c.store.update(&[req])).await;
+        let r = crate::spans::in_span!(
+            c.call(Some(&self.metrics), c.store.update(&[req])),
+            "cache.write",
+            cache.r#type = self.kind.name(),
+            cache.op = "update"
+        )
+        .await;
         c.epochs.bump(&entry.value);
         c.near_evict(&entry.value);
         match r {
