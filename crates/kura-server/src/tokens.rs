@@ -207,6 +207,19 @@ impl Tokens {
         }
     }
 
+    /// What the blacklist's and the sessions' near caches hold, by type.
+    #[must_use]
+    pub fn near_stats(&self) -> Vec<(&'static str, kura::near::NearStats)> {
+        let i = &self.inner;
+        [
+            (Kind::BLACKLIST.name(), i.revoked.near_stats()),
+            (Kind::SESSION.name(), i.sessions.near_stats()),
+        ]
+        .into_iter()
+        .filter_map(|(k, s)| Some((k, s?)))
+        .collect()
+    }
+
     /// The counts kept so far.
     #[must_use]
     pub fn stats(&self) -> &TokenStats {

@@ -216,6 +216,21 @@ impl UserData {
         .max_attempts(self.wb.max_attempts)
     }
 
+    /// What the settings' and preferences' near caches hold, by type.
+    #[must_use]
+    pub fn near_stats(&self) -> Vec<(&'static str, kura::near::NearStats)> {
+        [
+            (DocKind::Settings.table(), self.settings.reads.near_stats()),
+            (
+                DocKind::Preferences.table(),
+                self.preferences.reads.near_stats(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, s)| Some((k, s?)))
+        .collect()
+    }
+
     /// The queue of `kind` (for status and tests).
     #[must_use]
     pub fn write_behind(&self, kind: DocKind) -> &WriteBehind<DocSource> {

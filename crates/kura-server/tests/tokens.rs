@@ -61,6 +61,27 @@ async fn own_token_revocation(b: Backend) {
             .redis_ttl(&format!("{}:blacklist:jti-{jti}", app.namespace))
             .await;
         assert!((1..=600).contains(&ttl), "revocation cached for {ttl} s");
+        // The blacklist's near cache is on by default, and shows in the
+        // L1 gauges (the other token's "not revoked" is held there).
+        for _ in 0..3 {
+            assert_eq!(app.get(&path, &other).await.status(), StatusCode::OK);
+        }
+        let m = app
+            .http
+            .get(format!("{}/metrics", app.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let entries: f64 = m
+            .lines()
+            .find(|l| l.starts_with(r#"cache_l1_entries{cache_type="blacklist""#))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no blacklist L1 gauge:\n{m}"));
+        assert!(entries >= 1.0, "blacklist L1 entries {entries}");
     }
     // A token without jti cannot be revoked on its own.
     let plain = app.token(&user, false);

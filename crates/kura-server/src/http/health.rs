@@ -99,9 +99,16 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     // runs (the library sets them as it reads the queue).
     let _ = tokio::time::timeout(PROBE_TIMEOUT, s.service.write_behind().status()).await;
     s.service.publish_gauges();
-    if let Some(n) = s.service.near_stats() {
-        metrics::gauge!("cache_l1_entries", "cache_type" => "profile").set(n.entries as f64);
-        metrics::gauge!("cache_l1_bytes", "cache_type" => "profile").set(n.bytes as f64);
+    let near = s
+        .service
+        .near_stats()
+        .map(|n| ("profile", n))
+        .into_iter()
+        .chain(s.userdata.near_stats())
+        .chain(s.tokens.near_stats());
+    for (kind, n) in near {
+        metrics::gauge!("cache_l1_entries", "cache_type" => kind).set(n.entries as f64);
+        metrics::gauge!("cache_l1_bytes", "cache_type" => kind).set(n.bytes as f64);
     }
     match crate::telemetry::prometheus() {
         Some(h) => {
