@@ -340,7 +340,8 @@ impl Tokens {
             user_sub: &caller.sub,
             expires_at: exp,
             user_agent: user_agent.map(|u| &u[..u.len().min(512)]),
-            revocation_key: &key_id("sid", sid),
+            // The session's revocation has the same cache id.
+            revocation_key: &key,
         };
         match i.db.create_session(&new).await {
             Ok(created) => {

@@ -64,6 +64,13 @@ pub struct Claims {
 /// token invalid: it could not be named by a cache key).
 pub const MAX_TOKEN_ID_LEN: usize = 120;
 
+/// Whether `id` can be a token's `jti` or `sid`: 1 to
+/// [`MAX_TOKEN_ID_LEN`] bytes.
+#[must_use]
+pub fn token_id_fits(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_TOKEN_ID_LEN
+}
+
 /// Why a token was refused (all answered 401).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -353,11 +360,8 @@ impl Auth {
             }
             (None, None) => return Err(AuthError::Invalid),
         };
-        let too_long = |id: &Option<String>| {
-            id.as_ref()
-                .is_some_and(|i| i.len() > MAX_TOKEN_ID_LEN || i.is_empty())
-        };
-        if too_long(&claims.jti) || too_long(&claims.sid) {
+        let unfit = |id: &Option<String>| id.as_deref().is_some_and(|i| !token_id_fits(i));
+        if unfit(&claims.jti) || unfit(&claims.sid) {
             return Err(AuthError::Invalid);
         }
         let caller = Caller(Arc::new(Claimed {

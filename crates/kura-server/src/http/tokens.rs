@@ -63,7 +63,7 @@ pub struct SessionList {
 }
 
 fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > super::auth::MAX_TOKEN_ID_LEN {
+    if !super::auth::token_id_fits(id) {
         return Err(ApiError::Unprocessable(format!(
             "{what}: 1 to {} bytes",
             super::auth::MAX_TOKEN_ID_LEN
