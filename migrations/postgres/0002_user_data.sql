@@ -32,7 +32,7 @@ CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
 
 -- Revoked tokens (`jti`) and sessions (`sid`): kept until `expires_at`
 -- (unix seconds), then pruned. `key_id` is the cache id: `jti-<jti>` or
--- `sid-<sid>` (`jtx-`/`sidx-` and hex for ids outside the key alphabet).
+-- `sid-<sid>` (`jtix-`/`sidx-` and hex for ids outside the key alphabet).
 CREATE TABLE IF NOT EXISTS revocations (
     key_id      TEXT PRIMARY KEY,
     scope       TEXT NOT NULL,

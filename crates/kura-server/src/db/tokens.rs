@@ -306,7 +306,20 @@ impl Db {
     ///
     /// [`DbError`] on a database failure.
     pub async fn session(&self, key_id: &str) -> Result<Option<Session>, DbError> {
-        let sql = |p: &str| format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE key_id = {p}1");
+        self.one_session(
+            |p| format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE key_id = {p}1"),
+            key_id,
+        )
+        .await
+    }
+
+    /// Runs a statement over one session's key (`sql` is given the
+    /// placeholder prefix, `$` or `?`) and reads the row it returns.
+    async fn one_session(
+        &self,
+        sql: impl Fn(&str) -> String,
+        key_id: &str,
+    ) -> Result<Option<Session>, DbError> {
         match self {
             Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(sql("$")))
                 .bind(key_id)
@@ -363,25 +376,11 @@ impl Db {
     ///
     /// [`DbError`] on a database failure.
     pub async fn delete_session(&self, key_id: &str) -> Result<Option<Session>, DbError> {
-        let sql = |p: &str| {
-            format!("DELETE FROM sessions WHERE key_id = {p}1 RETURNING {SESSION_COLUMNS}")
-        };
-        match self {
-            Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(sql("$")))
-                .bind(key_id)
-                .fetch_optional(p)
-                .await?
-                .as_ref()
-                .map(pg_session)
-                .transpose(),
-            Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(sql("?")))
-                .bind(key_id)
-                .fetch_optional(p)
-                .await?
-                .as_ref()
-                .map(sqlite_session)
-                .transpose(),
-        }
+        self.one_session(
+            |p| format!("DELETE FROM sessions WHERE key_id = {p}1 RETURNING {SESSION_COLUMNS}"),
+            key_id,
+        )
+        .await
     }
 
     /// Writes a batch of coalesced session activity: per session, the later
