@@ -519,7 +519,9 @@ async fn database_outage_and_sigkill_lose_nothing() {
         "killed after {at_kill} acknowledged writes; queue: {}",
         env.status()
     );
-    load.wait_for(at_kill + 600, Duration::from_secs(60)).await;
+    // 600 more after the restart, or all of them if fewer are left.
+    load.wait_for((at_kill + 600).min(total), Duration::from_secs(60))
+        .await;
     // Refusing connections: flushes fail and are retried.
     proxy.refuse();
     tokio::time::sleep(Duration::from_secs(3)).await;
