@@ -39,6 +39,12 @@ pub fn ttl_policy(config: &Config) -> TtlPolicy {
         }
         policy.set(&o.kind, p);
     }
+    // "Not revoked" is kept as long as a revocation is: a revocation
+    // removes it at once (and the feed covers the table), and a token seen
+    // once keeps being checked from the cache through a database outage.
+    let mut blacklist = policy.get("blacklist");
+    blacklist.absent_ttl = blacklist.ttl;
+    policy.set("blacklist", blacklist);
     policy
 }
 

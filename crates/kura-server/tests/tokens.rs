@@ -82,6 +82,15 @@ async fn own_token_revocation(b: Backend) {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no blacklist L1 gauge:\n{m}"));
         assert!(entries >= 1.0, "blacklist L1 entries {entries}");
+        // "Not revoked" is cached as long as the blacklist's TTL (3600 s),
+        // not the 30 s of other types' "not found": through a database
+        // outage a token already seen is still checked from Redis.
+        let (fresh, fresh_jti) = token(&app, &user, false, None);
+        assert_eq!(app.get(&path, &fresh).await.status(), StatusCode::OK);
+        let marker = app
+            .redis_ttl(&format!("{}:~n:blacklist:jti-{fresh_jti}", app.namespace))
+            .await;
+        assert!(marker > 3000, "\"not revoked\" cached for {marker} s");
     }
     // A token without jti cannot be revoked on its own.
     let plain = app.token(&user, false);
