@@ -11,6 +11,12 @@
 //!   prefix match (no JSON parsing inside Redis), which is what makes
 //!   "set only if newer" one cheap atomic step.
 //! - `cached_at` is the seed's timestamp, RFC 3339 in UTC.
+//! - `_m` (only when one of its parts is set, [`Header`]): `[expires_ms,
+//!   epoch, "tag", …]`, the moment the entry expires (Unix milliseconds,
+//!   0 unknown; written for types with eager refresh, see
+//!   [`crate::freshness`]), the stamp epoch its load began in and its tags
+//!   (see [`crate::tags`]). Read without parsing the JSON
+//!   ([`peek_meta`]).
 //!
 //! Non-ASCII text is written as UTF-8, not `\u` escapes, as the seed's
 //! `ensure_ascii=False` does. Values written by other services without the
@@ -54,6 +60,51 @@ pub struct Encoded {
     pub json: Bytes,
 }
 
+/// What the envelope's `_m` field records (nothing is written when all
+/// parts are empty).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header<'a> {
+    /// When the entry expires, Unix milliseconds (0: not recorded).
+    pub expires_ms: u64,
+    /// The stamp epoch the value's load began in (see [`crate::tags`]).
+    pub epoch: u64,
+    /// The value's tags, each checked by [`crate::tags::validate_tag`].
+    pub tags: &'a [String],
+}
+
+impl Header<'_> {
+    fn is_empty(&self) -> bool {
+        self.expires_ms == 0 && self.epoch == 0 && self.tags.is_empty()
+    }
+}
+
+/// The `_m` field of an envelope as read ([`peek_meta`]); all zero and no
+/// tags when the envelope has none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Meta<'a> {
+    /// When the entry expires, Unix milliseconds (0: not recorded).
+    pub expires_ms: u64,
+    /// The stamp epoch the value's load began in.
+    pub epoch: u64,
+    tags: &'a [u8],
+}
+
+impl<'a> Meta<'a> {
+    /// The value's tags.
+    pub fn tags(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let raw = self.tags;
+        raw.split(|&b| b == b',')
+            .filter_map(|t| t.strip_prefix(b"\"").and_then(|t| t.strip_suffix(b"\"")))
+            .filter_map(|t| std::str::from_utf8(t).ok())
+    }
+
+    /// Whether the value has tags.
+    #[must_use]
+    pub fn has_tags(&self) -> bool {
+        !self.tags.is_empty()
+    }
+}
+
 /// Encodes `value` with its `version`.
 ///
 /// # Errors
@@ -64,6 +115,21 @@ pub fn encode<T: Serialize + ?Sized>(
     value: &T,
     version: u64,
     limit: usize,
+) -> Result<Encoded, CodecError> {
+    encode_with(value, version, limit, &Header::default())
+}
+
+/// Encodes `value` with its `version` and the `_m` header.
+///
+/// # Errors
+///
+/// As [`encode`]; [`CodecError::Encode`] for a tag that
+/// [`crate::tags::validate_tag`] refuses.
+pub fn encode_with<T: Serialize + ?Sized>(
+    value: &T,
+    version: u64,
+    limit: usize,
+    header: &Header<'_>,
 ) -> Result<Encoded, CodecError> {
     let json = serde_json::to_vec(value).map_err(|e| CodecError::Encode(e.to_string()))?;
     if json.first() != Some(&b'{') || json.last() != Some(&b'}') {
@@ -78,6 +144,19 @@ pub fn encode<T: Serialize + ?Sized>(
     env.put_slice(b",\"cached_at\":\"");
     env.put_slice(now.to_string().as_bytes());
     env.put_u8(b'"');
+    if !header.is_empty() {
+        env.put_slice(b",\"_m\":[");
+        env.put_slice(itoa(header.expires_ms).as_bytes());
+        env.put_u8(b',');
+        env.put_slice(itoa(header.epoch).as_bytes());
+        for t in header.tags {
+            crate::tags::validate_tag(t).map_err(|e| CodecError::Encode(e.to_string()))?;
+            env.put_slice(b",\"");
+            env.put_slice(t.as_bytes());
+            env.put_u8(b'"');
+        }
+        env.put_u8(b']');
+    }
     if json.len() > 2 {
         env.put_u8(b',');
         env.put_slice(&json[1..]);
@@ -123,14 +202,46 @@ pub fn peek_version(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
-/// Splits the envelope header off: returns the version and the bare JSON.
-fn strip_header(bytes: &Bytes) -> Option<(u64, Bytes)> {
+/// The parts of kura's header: the version, the `_m` field and where the
+/// value's own fields begin (at a `,` or the closing `}`).
+fn header(bytes: &[u8]) -> Option<(u64, Meta<'_>, usize)> {
     let version = peek_version(bytes)?;
     let after_v = 6 + digits(version);
     let rest = bytes.get(after_v..)?;
     let rest = rest.strip_prefix(b",\"cached_at\":\"")?;
     let close = rest.iter().position(|&b| b == b'"')?;
-    let tail = &rest[close + 1..];
+    let mut at = after_v + 14 + close + 1;
+    let mut meta = Meta::default();
+    if let Some(m) = bytes[at..].strip_prefix(b",\"_m\":[") {
+        let end = m.iter().position(|&b| b == b']')?;
+        let inner = &m[..end];
+        let mut parts = inner.splitn(3, |&b| b == b',');
+        let num = |p: Option<&[u8]>| -> Option<u64> {
+            let p = p?;
+            if p.is_empty() || p.len() > 19 || !p.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(p).ok()?.parse().ok()
+        };
+        meta.expires_ms = num(parts.next())?;
+        meta.epoch = num(parts.next())?;
+        meta.tags = parts.next().unwrap_or_default();
+        at += 7 + end + 1;
+    }
+    Some((version, meta, at))
+}
+
+/// Reads the `_m` field of an envelope without parsing the JSON (all zero
+/// when there is none or the bytes are not kura's).
+#[must_use]
+pub fn peek_meta(bytes: &[u8]) -> Meta<'_> {
+    header(bytes).map(|(_, m, _)| m).unwrap_or_default()
+}
+
+/// Splits the envelope header off: returns the version and the bare JSON.
+fn strip_header(bytes: &Bytes) -> Option<(u64, Bytes)> {
+    let (version, _, at) = header(bytes)?;
+    let tail = &bytes[at..];
     let body = match tail.first()? {
         b'}' if tail.len() == 1 => Bytes::from_static(b"{}"),
         b',' => {
@@ -219,6 +330,65 @@ mod tests {
         assert_eq!(&d.json[..], &e.json[..]);
         let v: serde_json::Value = serde_json::from_slice(&e.envelope).unwrap();
         assert!(v["cached_at"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn meta_header_round_trip() {
+        let p = P {
+            name: "x".into(),
+            n: 1,
+        };
+        let tags = vec!["tenant:acme".to_owned(), "kind:profile".to_owned()];
+        let h = Header {
+            expires_ms: 1_700_000_000_123,
+            epoch: 7,
+            tags: &tags,
+        };
+        let e = encode_with(&p, 3, 1000, &h).unwrap();
+        let text = std::str::from_utf8(&e.envelope).unwrap();
+        assert!(
+            text.contains(",\"_m\":[1700000000123,7,\"tenant:acme\",\"kind:profile\"],\"name\""),
+            "{text}"
+        );
+        let m = peek_meta(&e.envelope);
+        assert_eq!((m.expires_ms, m.epoch), (1_700_000_000_123, 7));
+        assert_eq!(
+            m.tags().collect::<Vec<_>>(),
+            ["tenant:acme", "kind:profile"]
+        );
+        let d: Decoded<P> = decode(&e.envelope).unwrap();
+        assert_eq!((d.value, d.version), (p, 3));
+        assert_eq!(decode_json(&e.envelope).unwrap().1, e.json);
+        // Without tags, and an empty object.
+        #[derive(Serialize, Deserialize)]
+        struct E {}
+        let h = Header {
+            expires_ms: 5,
+            ..Header::default()
+        };
+        let e = encode_with(&E {}, 0, 100, &h).unwrap();
+        assert_eq!(peek_meta(&e.envelope).expires_ms, 5);
+        assert!(!peek_meta(&e.envelope).has_tags());
+        let _: Decoded<E> = decode(&e.envelope).unwrap();
+        // No header: all zero; a bad tag is refused.
+        let plain = encode(&E {}, 0, 100).unwrap();
+        assert_eq!(peek_meta(&plain.envelope), Meta::default());
+        let bad = vec!["a\"b".to_owned()];
+        let h = Header {
+            tags: &bad,
+            ..Header::default()
+        };
+        assert!(matches!(
+            encode_with(&E {}, 0, 100, &h),
+            Err(CodecError::Encode(_))
+        ));
+        // A truncated `_m` is not kura's envelope.
+        assert!(
+            decode_json(&Bytes::from_static(
+                b"{\"_v\":1,\"cached_at\":\"x\",\"_m\":[1,2"
+            ))
+            .is_err()
+        );
     }
 
     #[test]

@@ -60,9 +60,17 @@ pub enum Error {
     /// The id cannot be a cache key.
     #[error("invalid key: {0}")]
     Key(#[from] KeyError),
+    /// The tag is not one kura accepts ([`crate::tags::validate_tag`]).
+    #[error("invalid tag: {0}")]
+    Tag(#[from] crate::tags::TagError),
     /// The source failed and no stale value was on hand.
     #[error("source failed: {0}")]
     Source(Arc<dyn std::error::Error + Send + Sync + 'static>),
+    /// The load took longer than the type's hard load timeout and no stale
+    /// copy was on hand (see [`crate::freshness`]); the load goes on in the
+    /// background and fills the cache.
+    #[error("the load did not finish within {0:?}")]
+    LoadTimeout(std::time::Duration),
     /// The value cannot be encoded (not a JSON object).
     #[error("{0}")]
     Codec(Arc<CodecError>),

@@ -155,6 +155,7 @@ pub mod coalesce;
 pub mod codec;
 pub mod error;
 pub mod feed;
+pub mod freshness;
 pub mod invalidation;
 pub mod key;
 pub mod metrics;
@@ -164,6 +165,7 @@ pub mod source;
 mod spans;
 pub mod store;
 pub mod strategy;
+pub mod tags;
 pub mod ttl;
 pub mod warming;
 

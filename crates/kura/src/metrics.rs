@@ -11,6 +11,9 @@
 //! | `cache_loads_total` | counter | `cache_type` |
 //! | `cache_load_errors_total` | counter | `cache_type` |
 //! | `cache_fills_rejected_total` | counter | `cache_type` |
+//! | `cache_refreshes_total` | counter (eager refreshes started by this process: `stored`, `refused` (lease lost, older, cleared), `failed` (load error or row gone), `busy` (another holds the lease)) | `cache_type`, `outcome` |
+//! | `cache_load_timeouts_total` | counter (loads past a timeout: `soft` answered stale, `hard` answered an error or stale) | `cache_type`, `timeout` |
+//! | `cache_cleared_total` | counter (values found cleared by [`crate::Cache::clear`] or a tag, and removed) | `cache_type` |
 //! | `cache_redis_errors_total` | counter | `cache_type` |
 //! | `cache_invalidations_total` | counter | `cache_type` |
 //! | `cache_get_duration_seconds` | histogram | `cache_type` |
@@ -80,6 +83,18 @@ pub fn describe() {
     describe_counter!(
         "cache_fills_rejected_total",
         "Loaded values not cached because a newer write or invalidation got in first."
+    );
+    describe_counter!(
+        "cache_refreshes_total",
+        "Eager refreshes started by this process, by outcome."
+    );
+    describe_counter!(
+        "cache_load_timeouts_total",
+        "Loads past the type's soft or hard load timeout (finished in the background)."
+    );
+    describe_counter!(
+        "cache_cleared_total",
+        "Cached values found cleared (by type or tag) and removed on read."
     );
     describe_counter!(
         "cache_redis_errors_total",
@@ -249,6 +264,8 @@ pub(crate) struct KindMetrics {
     pub(crate) invalidations: Counter,
     pub(crate) get_seconds: Histogram,
     pub(crate) load_seconds: Histogram,
+    pub(crate) cleared: Counter,
+    kind: &'static str,
 }
 
 impl KindMetrics {
@@ -266,7 +283,21 @@ impl KindMetrics {
             invalidations: metrics::counter!("cache_invalidations_total", &l),
             get_seconds: metrics::histogram!("cache_get_duration_seconds", &l),
             load_seconds: metrics::histogram!("cache_load_duration_seconds", &l),
+            cleared: metrics::counter!("cache_cleared_total", &l),
+            kind,
         }
+    }
+
+    /// One eager refresh that ended with `outcome`.
+    pub(crate) fn refreshed(&self, outcome: &'static str) {
+        metrics::counter!("cache_refreshes_total", "cache_type" => self.kind, "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// One load past a timeout (`soft` or `hard`).
+    pub(crate) fn timed_out(&self, timeout: &'static str) {
+        metrics::counter!("cache_load_timeouts_total", "cache_type" => self.kind, "timeout" => timeout)
+            .increment(1);
     }
 }
 

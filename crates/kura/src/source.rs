@@ -20,6 +20,14 @@ pub trait Versioned {
     fn expires_at(&self) -> Option<std::time::SystemTime> {
         None
     }
+
+    /// The value's tags (see [`crate::tags`]): [`crate::Cache::invalidate_tag`]
+    /// of any of them stops the cached copy being served. Each must pass
+    /// [`crate::tags::validate_tag`]; a value with a bad tag is served but not
+    /// cached. None by default.
+    fn tags(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The bounds a cached value needs.

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 
+use crate::freshness::EagerRefresh;
+
 /// The seed's adaptive rule: more than `reads` reads within `window` extend
 /// the TTL to `ttl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,15 @@ pub struct TypePolicy {
     /// stale, when the source fails or while another caller reloads it.
     /// Zero keeps no stale copy (and halves the memory per entry).
     pub max_stale: Duration,
+    /// Reload a hot value before it expires (XFetch, see
+    /// [`crate::freshness`]); `None` (the default): at expiry.
+    pub eager_refresh: Option<EagerRefresh>,
+    /// A load slower than this, when a stale copy is on hand, answers with
+    /// the stale copy and finishes in the background to fill the cache.
+    pub load_soft_timeout: Option<Duration>,
+    /// A load slower than this answers [`crate::Error::LoadTimeout`] (or the
+    /// stale copy, if one is on hand) and finishes in the background.
+    pub load_hard_timeout: Option<Duration>,
 }
 
 impl TypePolicy {
@@ -76,7 +87,31 @@ impl TypePolicy {
             adaptive: None,
             absent_ttl: Duration::from_secs(30),
             max_stale: Duration::ZERO,
+            eager_refresh: None,
+            load_soft_timeout: None,
+            load_hard_timeout: None,
         }
+    }
+
+    /// Turns eager refresh on with `rule`.
+    #[must_use]
+    pub const fn eager_refresh(mut self, rule: EagerRefresh) -> Self {
+        self.eager_refresh = Some(rule);
+        self
+    }
+
+    /// Sets the soft load timeout (see [`TypePolicy::load_soft_timeout`]).
+    #[must_use]
+    pub const fn load_soft_timeout(mut self, d: Duration) -> Self {
+        self.load_soft_timeout = Some(d);
+        self
+    }
+
+    /// Sets the hard load timeout (see [`TypePolicy::load_hard_timeout`]).
+    #[must_use]
+    pub const fn load_hard_timeout(mut self, d: Duration) -> Self {
+        self.load_hard_timeout = Some(d);
+        self
     }
 
     /// Sets the adaptive rule.

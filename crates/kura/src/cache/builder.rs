@@ -17,7 +17,7 @@ use crate::ttl::{ReadCounter, TtlPolicy};
 
 use super::journal::Pending;
 use super::maintenance::maintenance;
-use super::{Cache, CacheInner, Epochs, NearCaches, QueuedCache};
+use super::{Cache, CacheInner, Epochs, NearCaches, QueuedCache, Stamps};
 
 /// Builds a [`Cache`], or a [`QueuedCache`] when made by [`Cache::queued`].
 ///
@@ -225,8 +225,15 @@ impl<Q> CacheBuilder<Q> {
         let counter_keys = keys.counter_keys();
         let self_bounded = self.store.bounds_own_latency() && !self.force_timer;
         let near = self.start_near(&keys);
+        let stamps = Stamps::new(
+            keys.internal("stamps"),
+            self.near_max_silence,
+            near.as_ref().map(|n| n.tracker.clone()),
+        );
+        stamps.start(&*self.store);
         let inner = Arc::new_cyclic(|me| CacheInner {
             near,
+            stamps,
             self_bounded,
             store: self.store,
             keys,

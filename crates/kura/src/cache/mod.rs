@@ -10,6 +10,8 @@
 //! - `counters`: hit/miss counts and the fleet's shared counters.
 //! - `maintenance`: the background task (counter flushes, replays).
 //! - `owned`: values the cache owns ([`Cache::put`], [`Cache::peek`]).
+//! - `stamps`: this process's copy of the clear and tag stamps
+//!   ([`crate::tags`]), and [`Cache::clear`] / [`Cache::invalidate_tag`].
 //! - here: [`Cache`], and [`CacheInner::call`], the one way to a store step
 //!   (breaker, operation timeout).
 
@@ -36,11 +38,13 @@ mod journal;
 mod maintenance;
 mod owned;
 mod queued;
+mod stamps;
 
 pub use self::builder::CacheBuilder;
 pub(crate) use self::epochs::{Epoch, Epochs};
 use self::journal::Pending;
 pub use self::queued::QueuedCache;
+pub(crate) use self::stamps::Stamps;
 
 /// A cache over one store and namespace; cheap to clone, shared by all the
 /// strategy handles made from it.
@@ -98,6 +102,8 @@ pub(crate) struct CacheInner {
     pub(crate) epochs: Epochs,
     /// The near caches, when some type has one and the store a stream.
     pub(crate) near: Option<NearCaches>,
+    /// The clear and tag stamps (see [`crate::tags`]).
+    pub(crate) stamps: Arc<Stamps>,
 }
 
 /// The near caches of a [`Cache`]: the tracker every L1 is registered

@@ -161,6 +161,9 @@ pub struct NearStats {
 pub(crate) struct NearEntry<T> {
     pub(crate) json: Bytes,
     pub(crate) value: OnceLock<Arc<T>>,
+    /// When the store's entry expires, Unix milliseconds (0: not known), for
+    /// eager refresh ([`crate::freshness`]).
+    pub(crate) expires_ms: u64,
     generation: u64,
 }
 
@@ -289,7 +292,14 @@ impl<T: Send + Sync + 'static> Near<T> {
     }
 
     /// Stores what a read of `key` returned, if `ticket` still allows.
-    pub(crate) fn fill(&self, ticket: &Ticket, id: &str, json: Bytes, value: Option<Arc<T>>) {
+    pub(crate) fn fill(
+        &self,
+        ticket: &Ticket,
+        id: &str,
+        json: Bytes,
+        value: Option<Arc<T>>,
+        expires_ms: u64,
+    ) {
         // `finish` runs the insert only while the ticket's generation is
         // the current one.
         let generation = ticket.generation();
@@ -302,6 +312,7 @@ impl<T: Send + Sync + 'static> Near<T> {
             let entry = Arc::new(NearEntry {
                 json,
                 value: cell,
+                expires_ms,
                 generation,
             });
             self.bytes.fetch_add(
@@ -369,7 +380,7 @@ mod tests {
                 0 | 1 => {
                     let t = n.tracker.begin(&key);
                     let json = Bytes::from(vec![b'x'; usize::from(len % 700)]);
-                    n.fill(&t, &id, json, Some(Arc::new(1)));
+                    n.fill(&t, &id, json, Some(Arc::new(1)), 0);
                 }
                 2 => n.tracker.invalidated(Some(&[key.as_bytes()])),
                 _ => {
@@ -418,7 +429,7 @@ mod tests {
             let t = n
                 .tracker
                 .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
-            n.fill(&t, &id, Bytes::from_static(b"{}"), None);
+            n.fill(&t, &id, Bytes::from_static(b"{}"), None, 0);
         }
         assert!(n.stats().entries <= 10, "{:?}", n.stats());
         // Large entries: the byte bound binds.
@@ -428,7 +439,7 @@ mod tests {
             let t = n
                 .tracker
                 .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
-            n.fill(&t, &id, Bytes::from(vec![b'x'; 1000]), None);
+            n.fill(&t, &id, Bytes::from(vec![b'x'; 1000]), None, 0);
         }
         let s = n.stats();
         assert!(s.bytes <= 10_000, "{s:?}");

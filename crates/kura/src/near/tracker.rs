@@ -244,6 +244,12 @@ impl Tracker {
         self.pending.iter().map(lock).collect()
     }
 
+    /// Voids every L1 entry and fill in flight (the stamps moved: a type
+    /// or tag was cleared).
+    pub(crate) fn flush_all(&self, reason: &'static str) {
+        self.flush(reason);
+    }
+
     /// Voids every L1 entry and fill in flight.
     fn flush(&self, reason: &'static str) {
         let mut all = self.lock_all();

@@ -352,6 +352,11 @@ struct Inner {
     started: Instant,
     queues: Mutex<HashMap<String, MemQueue>>,
     queued: tokio::sync::Notify,
+    /// The stamps hashes ([`Store::bump_stamp`]), by key: tiny, outside the
+    /// byte bound.
+    stamps: Mutex<HashMap<String, HashMap<String, u64>>>,
+    /// Raised by every stamp change ([`Store::stamps_version`]).
+    stamps_version: std::sync::atomic::AtomicU64,
     /// How far the tests moved the entry clock forward (nanoseconds).
     #[cfg(test)]
     skew: std::sync::atomic::AtomicU64,
@@ -472,10 +477,64 @@ impl MemoryStore {
                 started: Instant::now(),
                 queues: Mutex::new(HashMap::new()),
                 queued: tokio::sync::Notify::new(),
+                stamps: Mutex::new(HashMap::new()),
+                stamps_version: std::sync::atomic::AtomicU64::new(0),
                 #[cfg(test)]
                 skew: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// A fill, or with `refresh` a refill ([`Store::refill`]).
+    fn fill_as(&self, reqs: &[FillRequest<'_>], refresh: bool) -> Vec<FillOutcome> {
+        reqs.iter()
+            .map(|r| {
+                self.step(r.keys, |slot, now| {
+                    let Some(lease) = slot.lease.take() else {
+                        return FillOutcome::LeaseLost;
+                    };
+                    if lease_token(&lease.v) != r.token {
+                        slot.lease = Some(lease);
+                        return FillOutcome::LeaseLost;
+                    }
+                    // A change committed while the load was in flight: a
+                    // load of an older row (or of none) is void.
+                    if let Some(floor) = lease_floor(&lease.v) {
+                        match &r.value {
+                            FillValue::Value { version, .. } if *version >= floor => {}
+                            _ => return FillOutcome::LeaseLost,
+                        }
+                    }
+                    match &r.value {
+                        FillValue::Absent => {
+                            if !r.lifetimes.ttl.is_zero() {
+                                slot.absent = Some(now + r.lifetimes.ttl);
+                            }
+                            FillOutcome::Stored
+                        }
+                        FillValue::Value { bytes, version } => {
+                            let cached = slot.value.as_ref().and_then(|t| peek_version(&t.v));
+                            let refused = if refresh {
+                                cached.is_some_and(|c| *version < c)
+                            } else {
+                                slot.value.is_some() && !version_newer(*version, cached)
+                            };
+                            if refused {
+                                return FillOutcome::NotNewer;
+                            }
+                            slot.value = Some(timed(bytes.clone(), now, r.lifetimes.ttl));
+                            // As `keep_stale` in the scripts: no stale copy
+                            // survives a fill that asked for none (it would
+                            // be older than the value now cached).
+                            slot.stale = (!r.lifetimes.stale_ttl.is_zero())
+                                .then(|| timed(bytes.clone(), now, r.lifetimes.stale_ttl));
+                            slot.absent = None;
+                            FillOutcome::Stored
+                        }
+                    }
+                })
+            })
+            .collect()
     }
 
     /// Bytes held, as charged against the bound: exactly the sizes of the
@@ -673,50 +732,53 @@ impl Store for MemoryStore {
     }
 
     async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
-        Ok(reqs
-            .iter()
-            .map(|r| {
-                self.step(r.keys, |slot, now| {
-                    let Some(lease) = slot.lease.take() else {
-                        return FillOutcome::LeaseLost;
-                    };
-                    if lease_token(&lease.v) != r.token {
-                        slot.lease = Some(lease);
-                        return FillOutcome::LeaseLost;
-                    }
-                    // A change committed while the load was in flight: a
-                    // load of an older row (or of none) is void.
-                    if let Some(floor) = lease_floor(&lease.v) {
-                        match &r.value {
-                            FillValue::Value { version, .. } if *version >= floor => {}
-                            _ => return FillOutcome::LeaseLost,
-                        }
-                    }
-                    match &r.value {
-                        FillValue::Absent => {
-                            if !r.lifetimes.ttl.is_zero() {
-                                slot.absent = Some(now + r.lifetimes.ttl);
-                            }
-                            FillOutcome::Stored
-                        }
-                        FillValue::Value { bytes, version } => {
-                            let cached = slot.value.as_ref().and_then(|t| peek_version(&t.v));
-                            if slot.value.is_some() && !version_newer(*version, cached) {
-                                return FillOutcome::NotNewer;
-                            }
-                            slot.value = Some(timed(bytes.clone(), now, r.lifetimes.ttl));
-                            // As `keep_stale` in the scripts: no stale copy
-                            // survives a fill that asked for none (it would
-                            // be older than the value now cached).
-                            slot.stale = (!r.lifetimes.stale_ttl.is_zero())
-                                .then(|| timed(bytes.clone(), now, r.lifetimes.stale_ttl));
-                            slot.absent = None;
-                            FillOutcome::Stored
-                        }
-                    }
-                })
-            })
-            .collect())
+        Ok(self.fill_as(reqs, false))
+    }
+
+    async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
+        Ok(self.fill_as(reqs, true))
+    }
+
+    async fn refresh_lease(
+        &self,
+        keys: &EntryKeys,
+        token: &str,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        Ok(self.step(keys, |slot, now| {
+            if slot.value.is_none() || slot.lease.is_some() {
+                return false;
+            }
+            slot.lease = Some(timed(token.into(), now, ttl));
+            true
+        }))
+    }
+
+    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>> {
+        Ok(lock(&self.inner.stamps)
+            .get(key)
+            .map(|h| h.iter().map(|(f, v)| (f.clone(), *v)).collect())
+            .unwrap_or_default())
+    }
+
+    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
+        let mut all = lock(&self.inner.stamps);
+        let h = all.entry(key.to_owned()).or_default();
+        let e = h.get(crate::tags::EPOCH_FIELD).copied().unwrap_or(0) + 1;
+        h.insert(crate::tags::EPOCH_FIELD.to_owned(), e);
+        h.insert(field.to_owned(), e);
+        self.inner
+            .stamps_version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(e)
+    }
+
+    fn stamps_version(&self) -> Option<u64> {
+        Some(
+            self.inner
+                .stamps_version
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
     }
 
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {

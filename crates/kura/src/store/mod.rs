@@ -268,6 +268,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// lease.
     async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>>;
 
+    /// Takes the lease of a cached value for an early reload (eager
+    /// refresh, see [`crate::freshness`]): granted only while the value is
+    /// cached and no lease is held. `true` when granted.
+    async fn refresh_lease(
+        &self,
+        keys: &EntryKeys,
+        token: &str,
+        ttl: Duration,
+    ) -> StoreResult<bool>;
+
+    /// As [`Store::fill`], under a refresh lease: the value is stored when
+    /// it is the cached version or newer (a reload of the same row resets
+    /// its lifetime).
+    async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>>;
+
+    /// Reads the stamps hash at `key` (see [`crate::tags`]): every field
+    /// with its number (none when the key is missing).
+    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>>;
+
+    /// In one atomic step: raises the stamps hash's `epoch` field by one and
+    /// sets `field` to it; returns the new epoch. The key has no TTL: it is
+    /// one small hash per namespace, and losing it would bring cleared
+    /// values back.
+    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64>;
+
+    /// For a store inside this process: a counter that changes with every
+    /// [`Store::bump_stamp`], so a copy of the stamps can be trusted without
+    /// a read. `None` (the default): the store is shared with other
+    /// processes, and changes are learnt from its invalidation stream.
+    fn stamps_version(&self) -> Option<u64> {
+        None
+    }
+
     /// Gives back leases whose loads failed, if still held by `token`.
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()>;
 

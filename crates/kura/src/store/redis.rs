@@ -52,9 +52,13 @@ static GET_REFRESH: LazyLock<Script> = script!("get_refresh.lua");
 static INVALIDATE_OLDER: LazyLock<Script> = script!("invalidate_older.lua");
 static ADVANCE: LazyLock<Script> = script!("advance.lua");
 static GCRA: LazyLock<Script> = script!("gcra.lua");
+static REFRESH_LEASE: LazyLock<Script> = script!("refresh_lease.lua");
+static BUMP_STAMP: LazyLock<Script> = script!("bump_stamp.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 16] = [
+const SOURCES: [&str; 18] = [
+    source!("refresh_lease.lua"),
+    source!("bump_stamp.lua"),
     source!("acquire.lua"),
     source!("fill.lua"),
     source!("release.lua"),
@@ -356,6 +360,46 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// A fill, or with `refresh` a refill ([`Store::refill`]).
+    async fn fill_as(
+        &self,
+        reqs: &[FillRequest<'_>],
+        refresh: bool,
+    ) -> StoreResult<Vec<FillOutcome>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in reqs {
+            entry_invocation(&mut pipe, &FILL, r.keys, |inv| {
+                inv.arg(r.token);
+                match &r.value {
+                    FillValue::Value { bytes, version } => {
+                        inv.arg("v").arg(&bytes[..]).arg(version.to_string())
+                    }
+                    FillValue::Absent => inv.arg("n").arg("").arg("0"),
+                };
+                inv.arg(millis(r.lifetimes.ttl))
+                    .arg(r.lifetimes.stale_ttl.as_millis() as u64);
+                if refresh {
+                    inv.arg("r");
+                }
+            });
+        }
+        self.run(&pipe)
+            .await?
+            .iter()
+            .map(|v| match as_int(v)? {
+                1 => Ok(FillOutcome::Stored),
+                0 => Ok(FillOutcome::LeaseLost),
+                2 => Ok(FillOutcome::NotNewer),
+                _ => Err(unexpected(v)),
+            })
+            .collect()
+    }
+}
+
 /// A `SCAN` in progress over one or more nodes.
 struct Scan {
     pattern: String,
@@ -613,33 +657,38 @@ impl Store for RedisStore {
     }
 
     async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
-        if reqs.is_empty() {
-            return Ok(Vec::new());
-        }
+        self.fill_as(reqs, false).await
+    }
+
+    async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
+        self.fill_as(reqs, true).await
+    }
+
+    async fn refresh_lease(
+        &self,
+        keys: &EntryKeys,
+        token: &str,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
         let mut pipe = redis::pipe();
-        for r in reqs {
-            entry_invocation(&mut pipe, &FILL, r.keys, |inv| {
-                inv.arg(r.token);
-                match &r.value {
-                    FillValue::Value { bytes, version } => {
-                        inv.arg("v").arg(&bytes[..]).arg(version.to_string())
-                    }
-                    FillValue::Absent => inv.arg("n").arg("").arg("0"),
-                };
-                inv.arg(millis(r.lifetimes.ttl))
-                    .arg(r.lifetimes.stale_ttl.as_millis() as u64);
-            });
-        }
-        self.run(&pipe)
-            .await?
-            .iter()
-            .map(|v| match as_int(v)? {
-                1 => Ok(FillOutcome::Stored),
-                0 => Ok(FillOutcome::LeaseLost),
-                2 => Ok(FillOutcome::NotNewer),
-                _ => Err(unexpected(v)),
-            })
-            .collect()
+        entry_invocation(&mut pipe, &REFRESH_LEASE, keys, |inv| {
+            inv.arg(token).arg(millis(ttl));
+        });
+        let v = self.run(&pipe).await?;
+        Ok(v.first().map(as_int).transpose()?.unwrap_or(0) == 1)
+    }
+
+    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>> {
+        let fields: Vec<(String, String)> = self.query(redis::cmd("HGETALL").arg(key)).await?;
+        Ok(fields
+            .into_iter()
+            .filter_map(|(f, v)| Some((f, v.parse().ok()?)))
+            .collect())
+    }
+
+    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
+        let v = self.run_one(BUMP_STAMP.key(key).arg(field)).await?;
+        Ok(as_int(&v)?.max(0) as u64)
     }
 
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {

@@ -40,6 +40,8 @@ use crate::source::{Source, Versioned};
 use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
 use crate::ttl::TypePolicy;
 
+mod refresh;
+
 /// Where a read was answered from (the service's `X-Cache` header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -397,6 +399,10 @@ pub(crate) struct Aside<S: Source> {
     flights: Flights<S::Value>,
     /// The type's near cache, if it has one.
     near: Option<Arc<Near<S::Value>>>,
+    /// The type's measured load time (eager refresh's `δ`).
+    load_time: crate::freshness::LoadTime,
+    /// Ids with an eager refresh of this process in flight.
+    refreshing: Mutex<std::collections::HashSet<String>>,
 }
 
 impl<S: Source> CacheAside<S> {
@@ -424,6 +430,8 @@ impl<S: Source> CacheAside<S> {
                 policy,
                 flights: Mutex::new(HashMap::new()),
                 near,
+                load_time: crate::freshness::LoadTime::new(),
+                refreshing: Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -585,7 +593,7 @@ impl<S: Source> CacheAside<S> {
             && policy.enabled()
             && !c.has_pending.load(std::sync::atomic::Ordering::Acquire);
         if l1_first {
-            if let Some(r) = near.and_then(|n| Self::from_l1::<R>(n, id)) {
+            if let Some(r) = near.and_then(|n| self.from_l1::<R>(n, id)) {
                 return Ok(r);
             }
         }
@@ -596,7 +604,7 @@ impl<S: Source> CacheAside<S> {
             return Box::pin(self.flight(id, key, false)).await.map(miss);
         }
         if !l1_first {
-            if let Some(r) = near.and_then(|n| Self::from_l1::<R>(n, id)) {
+            if let Some(r) = near.and_then(|n| self.from_l1::<R>(n, id)) {
                 return Ok(r);
             }
         }
@@ -605,20 +613,44 @@ impl<S: Source> CacheAside<S> {
         let ticket = near.map(|n| n.tracker.begin(&key));
         let refresh = c.adaptive_refresh(&key, policy, now);
         match c.call(Some(&a.metrics), c.store.get(&key, refresh)).await {
-            Ok(Some(bytes)) => match hit(&bytes) {
-                Ok(r) => {
-                    if let (Some(n), Some(t)) = (near, &ticket) {
-                        if let Some((json, value)) = r.near_parts() {
-                            n.fill(t, id, json.clone(), value.cloned());
+            Ok(Some(bytes)) => {
+                // Cleared (by type or tag) since its load began: removed, so
+                // the reload's fill is not refused as "not newer".
+                let admitted = match c.stamps.admits_now(&*c.store, a.kind.name(), &bytes) {
+                    Some(ok) => ok,
+                    None => match Box::pin(c.admits(&a.kind, &bytes)).await {
+                        Some(ok) => ok,
+                        None => return Box::pin(self.flight(id, key, false)).await.map(miss),
+                    },
+                };
+                if !admitted {
+                    a.metrics.cleared.increment(1);
+                    c.discard(&key, &bytes).await;
+                } else {
+                    match hit(&bytes) {
+                        Ok(r) => {
+                            let expires_ms = match policy.eager_refresh {
+                                Some(rule) => {
+                                    let at = codec::peek_meta(&bytes).expires_ms;
+                                    a.consider_refresh(rule, id, at);
+                                    at
+                                }
+                                None => 0,
+                            };
+                            if let (Some(n), Some(t)) = (near, &ticket) {
+                                if let Some((json, value)) = r.near_parts() {
+                                    n.fill(t, id, json.clone(), value.cloned(), expires_ms);
+                                }
+                            }
+                            return Ok(r);
+                        }
+                        Err(e) => {
+                            tracing::warn!(key, error = %e, "undecodable cached value: removed");
+                            c.discard(&key, &bytes).await;
                         }
                     }
-                    return Ok(r);
                 }
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "undecodable cached value: removed");
-                    c.discard(&key, &bytes).await;
-                }
-            },
+            }
             Ok(None) => {}
             Err(StoreError::WrongType(_)) => {
                 tracing::warn!(key, "cached key of the wrong type: removed");
@@ -636,7 +668,7 @@ impl<S: Source> CacheAside<S> {
         // entry from it.
         if let (Some(n), Some(t), true) = (near, &ticket, started) {
             if fetched.status == Status::Hit && fetched.value.is_none() {
-                n.fill(t, id, Bytes::new(), None);
+                n.fill(t, id, Bytes::new(), None, 0);
             }
         }
         Ok(miss(fetched))
@@ -644,10 +676,15 @@ impl<S: Source> CacheAside<S> {
 
     /// The answer from `id`'s L1 entry, if it has one that may be served
     /// (an entry that does not decode is dropped).
-    fn from_l1<R: Answer<S::Value>>(n: &Near<S::Value>, id: &str) -> Option<R> {
+    fn from_l1<R: Answer<S::Value>>(&self, n: &Near<S::Value>, id: &str) -> Option<R> {
         let e = n.get(id)?;
         match R::from_near(&e) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if let Some(rule) = self.inner.policy.eager_refresh {
+                    self.inner.consider_refresh(rule, id, e.expires_ms);
+                }
+                Some(r)
+            }
             Err(err) => {
                 tracing::warn!(id, error = %err, "undecodable near cache entry: dropped");
                 crate::near::NearLayer::evict(n, id);
@@ -786,13 +823,21 @@ impl<S: Source> Aside<S> {
 
     /// The cross-process part of a miss: lease, load, fill; or wait for the
     /// lease holder's fill.
-    async fn resolve(&self, id: &str) -> Result<Fetched<S::Value>, Error> {
+    async fn resolve(self: &Arc<Self>, id: &str) -> Result<Fetched<S::Value>, Error> {
         let c = &self.cache.inner;
         let entry = c.keys.entry_unchecked(&self.kind, id);
         let token = CacheInner::token();
-        let deadline = Instant::now() + c.lease_wait;
+        let started = Instant::now();
+        let deadline = started + c.lease_wait;
+        let soft = self
+            .policy
+            .load_soft_timeout
+            .or(self.policy.load_hard_timeout);
         let mut backoff = Duration::from_millis(2);
         loop {
+            // Before the lease is asked for: a clear after this moment
+            // refuses what the load brings.
+            let epoch = c.load_epoch();
             let req = AcquireRequest {
                 keys: &entry,
                 token: &token,
@@ -805,6 +850,12 @@ impl<S: Source> Aside<S> {
             };
             let stale = match acquired {
                 Acquired::Value(bytes) => match codec::decode(&bytes) {
+                    // A value cleared since its load began (or put back
+                    // from a pending write, which a clear does not cover):
+                    // the first is answered from the source, not cached.
+                    Ok(_) if c.admits(&self.kind, &bytes).await != Some(true) => {
+                        return self.load_only(id, Status::Bypass).await;
+                    }
                     Ok(d) => return Ok(Fetched::decoded(d, Status::Hit)),
                     Err(_) => {
                         c.discard(&entry.value, &bytes).await;
@@ -813,12 +864,15 @@ impl<S: Source> Aside<S> {
                 },
                 Acquired::Absent => return Ok(Fetched::absent(Status::Hit)),
                 Acquired::Leased { stale } => {
-                    return self.load_and_fill(id, &entry, &token, stale).await;
+                    let stale = self.usable_stale(stale).await;
+                    return self.load_and_fill(id, entry, token, stale, epoch).await;
                 }
-                Acquired::Busy { stale } => stale,
+                Acquired::Busy { stale } => self.usable_stale(stale).await,
             };
-            if c.stale_while_loading {
-                if let Some(d) = stale.as_ref().and_then(|s| codec::decode(s).ok()) {
+            if let Some(d) = stale.clone() {
+                // Another process loads: its stale copy now, or once the
+                // load has taken the type's soft timeout.
+                if c.stale_while_loading || soft.is_some_and(|t| started.elapsed() >= t) {
                     return Ok(Fetched::decoded(d, Status::Stale));
                 }
             }
@@ -836,10 +890,19 @@ impl<S: Source> Aside<S> {
             backoff = (backoff * 2).min(Duration::from_millis(50));
             if let Ok(Some(bytes)) = c.call(None, c.store.get(&entry.value, None)).await {
                 if let Ok(d) = codec::decode(&bytes) {
-                    return Ok(Fetched::decoded(d, Status::Hit));
+                    if c.admits(&self.kind, &bytes).await == Some(true) {
+                        return Ok(Fetched::decoded(d, Status::Hit));
+                    }
                 }
             }
         }
+    }
+
+    /// A stale copy that decodes and was not cleared.
+    async fn usable_stale(&self, stale: Option<Bytes>) -> Option<codec::Decoded<S::Value>> {
+        let bytes = stale?;
+        let d = codec::decode(&bytes).ok()?;
+        (self.cache.inner.admits(&self.kind, &bytes).await == Some(true)).then_some(d)
     }
 
     async fn timed_load(&self, id: &str) -> Result<Option<S::Value>, S::Error> {
@@ -851,29 +914,96 @@ impl<S: Source> Aside<S> {
             cache.r#type = self.kind.name()
         )
         .await;
-        self.metrics.load_seconds.record(t.elapsed());
+        let took = t.elapsed();
+        self.metrics.load_seconds.record(took);
+        self.load_time.record(took);
         if r.is_err() {
             self.metrics.load_errors.increment(1);
         }
         r
     }
 
-    /// Loads under the lease and fills.
+    /// Loads under the lease and fills; with a load timeout for the type,
+    /// the load runs as a task of its own and a caller past the timeout
+    /// gets the stale copy (or [`Error::LoadTimeout`]) while it goes on to
+    /// fill (see [`crate::freshness`]).
     async fn load_and_fill(
+        self: &Arc<Self>,
+        id: &str,
+        entry: EntryKeys,
+        token: String,
+        stale: Option<codec::Decoded<S::Value>>,
+        epoch: u64,
+    ) -> Result<Fetched<S::Value>, Error> {
+        let limit = match (
+            &stale,
+            self.policy.load_soft_timeout,
+            self.policy.load_hard_timeout,
+        ) {
+            (Some(_), Some(soft), _) => Some((soft, "soft")),
+            (_, _, Some(hard)) => Some((hard, "hard")),
+            _ => None,
+        };
+        let Some((limit, which)) = limit else {
+            return self.load_then_fill(id, &entry, &token, stale, epoch).await;
+        };
+        let me = self.clone();
+        let id = id.to_owned();
+        let fallback = stale.clone();
+        let mut task = tokio::spawn(async move {
+            me.load_then_fill(&id, &entry, &token, fallback, epoch)
+                .await
+        });
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(r) => {
+                r.unwrap_or_else(|e| Err(Error::source_error(format!("the load task failed: {e}"))))
+            }
+            Err(_) => {
+                // The task goes on: it fills the cache for the next reader.
+                self.metrics.timed_out(which);
+                match stale {
+                    Some(d) => Ok(Fetched::decoded(d, Status::Stale)),
+                    None => Err(Error::LoadTimeout(limit)),
+                }
+            }
+        }
+    }
+
+    /// The value's envelope, its lifetimes (`None`: past its end, not
+    /// cached) and whether it may be written: not when a clear this
+    /// process knows of covers a load that began at `epoch`.
+    fn envelope(
+        &self,
+        v: &S::Value,
+        key: &str,
+        epoch: u64,
+    ) -> Result<(codec::Encoded, Option<crate::store::Lifetimes>), CodecError> {
+        let c = &self.cache.inner;
+        let lifetimes = CacheInner::capped(c.lifetimes(key, &self.policy), v.expires_at());
+        let tags = v.tags();
+        let header = CacheInner::header(&self.policy, lifetimes.as_ref(), epoch, &tags);
+        let enc = codec::encode_with(v, v.version(), c.max_value_bytes, &header)?;
+        let lifetimes = lifetimes.filter(|_| c.writable(&self.kind, epoch, &tags));
+        Ok((enc, lifetimes))
+    }
+
+    /// The load and fill of [`load_and_fill`](Self::load_and_fill).
+    async fn load_then_fill(
         &self,
         id: &str,
         entry: &EntryKeys,
         token: &str,
-        stale: Option<Bytes>,
+        stale: Option<codec::Decoded<S::Value>>,
+        epoch: u64,
     ) -> Result<Fetched<S::Value>, Error> {
         let c = &self.cache.inner;
         let policy = self.policy();
         let loaded = self.timed_load(id).await;
-        let mut expires_at = None;
+        let mut lifetimes = None;
         let (fill, result) = match loaded {
-            Ok(Some(v)) => match codec::encode(&v, v.version(), c.max_value_bytes) {
-                Ok(enc) => {
-                    expires_at = v.expires_at();
+            Ok(Some(v)) => match self.envelope(&v, &entry.value, epoch) {
+                Ok((enc, l)) => {
+                    lifetimes = l;
                     (
                         Some(FillValue::Value {
                             bytes: enc.envelope,
@@ -892,25 +1022,24 @@ impl<S: Source> Aside<S> {
                 }
             },
             Ok(None) if !policy.absent_ttl.is_zero() => {
+                if c.writable(&self.kind, epoch, &[]) {
+                    lifetimes = Some(crate::store::Lifetimes {
+                        ttl: policy.absent_ttl,
+                        stale_ttl: Duration::ZERO,
+                    });
+                }
                 (Some(FillValue::Absent), Fetched::absent(Status::Miss))
             }
             Ok(None) => (None, Fetched::absent(Status::Miss)),
             Err(e) => {
                 self.release(entry, token).await;
-                if let Some(d) = stale.as_ref().and_then(|s| codec::decode(s).ok()) {
+                if let Some(d) = stale {
                     tracing::warn!(key = entry.value, error = %e, "source failed: serving stale");
                     return Ok(Fetched::decoded(d, Status::Stale));
                 }
                 return Err(Error::source_error(e));
             }
         };
-        let lifetimes = fill.as_ref().and_then(|value| match value {
-            FillValue::Absent => Some(crate::store::Lifetimes {
-                ttl: policy.absent_ttl,
-                stale_ttl: Duration::ZERO,
-            }),
-            _ => CacheInner::capped(c.lifetimes(&entry.value, &policy), expires_at),
-        });
         match fill.zip(lifetimes) {
             Some((value, lifetimes)) => {
                 let req = FillRequest {
@@ -948,13 +1077,24 @@ impl<S: Source> Aside<S> {
         Ok(Fetched::found(v, Bytes::from(json), status))
     }
 
-    /// Loads from the source without touching the cache.
+    /// Loads from the source without touching the cache, within the type's
+    /// hard load timeout if it has one.
     pub(crate) async fn load_only(
         &self,
         id: &str,
         status: Status,
     ) -> Result<Fetched<S::Value>, Error> {
-        match self.timed_load(id).await {
+        let loaded = match self.policy.load_hard_timeout {
+            Some(limit) => match tokio::time::timeout(limit, self.timed_load(id)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.metrics.timed_out("hard");
+                    return Err(Error::LoadTimeout(limit));
+                }
+            },
+            None => self.timed_load(id).await,
+        };
+        match loaded {
             Ok(Some(v)) => self.plain(v, status),
             Ok(None) => Ok(Fetched::absent(status)),
             Err(e) => Err(Error::source_error(e)),
@@ -995,7 +1135,15 @@ impl<S: Source> Aside<S> {
                 continue;
             }
             match slot.map(|b| (codec::decode(&b), b)) {
-                Some((Ok(d), _)) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
+                Some((Ok(d), b)) => match c.admits(&self.kind, &b).await {
+                    Some(true) => results[i] = Some(Fetched::decoded(d, Status::Hit)),
+                    Some(false) => {
+                        self.metrics.cleared.increment(1);
+                        c.discard(&keys[i], &b).await;
+                        missing.push(i);
+                    }
+                    None => missing.push(i),
+                },
                 Some((Err(_), b)) => {
                     c.discard(&keys[i], &b).await;
                     missing.push(i);
@@ -1077,6 +1225,8 @@ impl<S: Source> Aside<S> {
         let mut asked = cacheable.to_vec();
         let mut to_load = Vec::new();
         let want: Vec<usize> = (0..n).filter(|&j| cacheable[j]).collect();
+        // Before the leases are asked for (see `resolve`).
+        let epoch = c.load_epoch();
         let acquired = if want.is_empty() {
             None
         } else {
@@ -1111,8 +1261,10 @@ impl<S: Source> Aside<S> {
                         }
                         _ if mode == BatchMode::Warm => {}
                         Acquired::Value(b) => match codec::decode(&b) {
-                            Ok(d) => slots[j].fetched = Some(Fetched::decoded(d, Status::Hit)),
-                            Err(_) => to_load.push(j),
+                            Ok(d) if c.admits(&self.kind, &b).await == Some(true) => {
+                                slots[j].fetched = Some(Fetched::decoded(d, Status::Hit));
+                            }
+                            _ => to_load.push(j),
                         },
                         Acquired::Absent => slots[j].fetched = Some(Fetched::absent(Status::Hit)),
                         Acquired::Busy { stale: s } => {
@@ -1147,7 +1299,7 @@ impl<S: Source> Aside<S> {
                     return Err(err);
                 }
                 for &j in &to_load {
-                    match stale[j].as_ref().and_then(|s| codec::decode(s).ok()) {
+                    match self.usable_stale(stale[j].take()).await {
                         Some(d) => slots[j].fetched = Some(Fetched::decoded(d, Status::Stale)),
                         None => return Err(err),
                     }
@@ -1168,12 +1320,8 @@ impl<S: Source> Aside<S> {
             match found.remove(ids[j]) {
                 Some(v) => {
                     let version = v.version();
-                    match codec::encode(&v, version, c.max_value_bytes) {
-                        Ok(enc) => {
-                            let lifetimes = CacheInner::capped(
-                                c.lifetimes(&entries[j].value, &policy),
-                                v.expires_at(),
-                            );
+                    match self.envelope(&v, &entries[j].value, epoch) {
+                        Ok((enc, lifetimes)) => {
                             match lifetimes {
                                 Some(lifetimes) if leased => {
                                     fills.push(FillRequest {

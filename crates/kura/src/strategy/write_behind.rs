@@ -460,7 +460,10 @@ impl<S: Source> WriteBehind<S> {
                     next.version()
                 )));
             }
-            let enc = codec::encode(&next, next.version(), c.max_value_bytes)
+            let lifetimes = c.lifetimes(&entry.value, &policy);
+            let tags = next.tags();
+            let header = CacheInner::header(&policy, Some(&lifetimes), c.load_epoch(), &tags);
+            let enc = codec::encode_with(&next, next.version(), c.max_value_bytes, &header)
                 .map_err(|e: CodecError| BehindError::Invalid(e.to_string()))?;
             let req = AcceptRequest {
                 keys: &entry,
@@ -469,7 +472,7 @@ impl<S: Source> WriteBehind<S> {
                 expected_version: current.version(),
                 bytes: enc.envelope,
                 version: next.version(),
-                lifetimes: c.lifetimes(&entry.value, &policy),
+                lifetimes,
                 max_depth: self.limits.max_depth,
                 max_age: self.limits.max_age,
                 min_replicas: self.limits.min_replicas,

@@ -145,7 +145,10 @@ impl WriteThrough {
         let entry = c.keys.entry(&self.kind, id)?;
         let policy = c.policy.get(self.kind.name());
         let version = value.version();
-        let enc = match codec::encode(value, version, c.max_value_bytes) {
+        let lifetimes = CacheInner::capped(c.lifetimes(&entry.value, &policy), value.expires_at());
+        let tags = value.tags();
+        let header = CacheInner::header(&policy, lifetimes.as_ref(), c.load_epoch(), &tags);
+        let enc = match codec::encode_with(value, version, c.max_value_bytes, &header) {
             Ok(enc) if policy.enabled() => enc,
             Ok(_) => return self.invalidate(id).await,
             Err(
@@ -155,9 +158,7 @@ impl WriteThrough {
                 return self.invalidate(id).await;
             }
         };
-        let Some(lifetimes) =
-            CacheInner::capped(c.lifetimes(&entry.value, &policy), value.expires_at())
-        else {
+        let Some(lifetimes) = lifetimes else {
             // Past its end: nothing to cache, the old entry goes.
             return self.invalidate(id).await;
         };

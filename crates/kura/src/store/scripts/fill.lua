@@ -1,5 +1,7 @@
 -- KEYS: value, lease, stale, absent
--- ARGV: token, 'v' | 'n', bytes, version, ttl_ms, stale_ms
+-- ARGV: token, 'v' | 'n', bytes, version, ttl_ms, stale_ms[, 'r']
+-- With 'r' (a refresh under a refresh lease) the same version replaces
+-- the cached value, resetting its lifetime.
 -- Returns 1 stored, 0 lease lost (or the load is older than the lease's
 -- floor), 2 a same-or-newer value is cached
 local lease = read(KEYS[2])
@@ -15,7 +17,13 @@ if ARGV[2] == 'n' then
   end
   return 1
 end
-if not newer(ARGV[4], read(KEYS[1])) then return 2 end
+if ARGV[7] == 'r' then
+  local cur = read(KEYS[1])
+  local cv = cur and string.match(cur, '^{"_v":(%d+)')
+  if cv and below(ARGV[4], cv) then return 2 end
+elseif not newer(ARGV[4], read(KEYS[1])) then
+  return 2
+end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[5])
 keep_stale(KEYS[3], ARGV[3], ARGV[6])
 redis.call('DEL', KEYS[4])

@@ -1,0 +1,424 @@
+//! This process's copy of the namespace's clear and tag stamps (see
+//! [`crate::tags`]), and when it can be trusted without asking the store.
+//!
+//! The copy is trusted when nothing announced a change since it was read
+//! and either the store is in this process (its change counter,
+//! [`Store::stamps_version`], is the one the copy was read at) or the
+//! store's invalidation stream for the stamps key was confirmed within the
+//! allowed silence. Otherwise the next check reads the hash again (one
+//! read at a time; the others wait for it).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use super::{Cache, CacheInner};
+use crate::codec::Meta;
+use crate::error::Error;
+use crate::key::Kind;
+use crate::store::{Store, StoreResult, Tracking, TrackingSink};
+use crate::tags::{Cleared, EPOCH_FIELD, kind_field, tag_field, validate_tag};
+
+/// The stamps as last read.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    /// The epoch counter.
+    pub(crate) epoch: u64,
+    kinds: HashMap<String, u64>,
+    tags: HashMap<String, u64>,
+    /// The highest stamp of any type or tag (0: nothing was ever cleared).
+    max: u64,
+}
+
+impl Table {
+    fn from_fields(fields: Vec<(String, u64)>) -> Self {
+        let mut t = Table::default();
+        for (f, v) in fields {
+            if f == EPOCH_FIELD {
+                t.epoch = v;
+            } else if let Some(k) = f.strip_prefix("kind:") {
+                t.kinds.insert(k.to_owned(), v);
+                t.max = t.max.max(v);
+            } else if let Some(g) = f.strip_prefix("tag:") {
+                t.tags.insert(g.to_owned(), v);
+                t.max = t.max.max(v);
+            }
+        }
+        t
+    }
+
+    /// Whether a value of `kind` with envelope `meta` may be served.
+    pub(crate) fn admits(&self, kind: &str, meta: &Meta<'_>) -> bool {
+        if self.max <= meta.epoch {
+            return true;
+        }
+        if self.kinds.get(kind).is_some_and(|&s| s > meta.epoch) {
+            return false;
+        }
+        !meta
+            .tags()
+            .any(|t| self.tags.get(t).is_some_and(|&s| s > meta.epoch))
+    }
+
+    /// Whether values of `kind` with `tags` whose loads began at `epoch`
+    /// may be written.
+    pub(crate) fn admits_tags(&self, kind: &str, epoch: u64, tags: &[String]) -> bool {
+        if self.max <= epoch {
+            return true;
+        }
+        !self.kinds.get(kind).is_some_and(|&s| s > epoch)
+            && !tags
+                .iter()
+                .any(|t| self.tags.get(t.as_str()).is_some_and(|&s| s > epoch))
+    }
+}
+
+/// See the module docs.
+pub(crate) struct Stamps {
+    key: String,
+    table: RwLock<Arc<Table>>,
+    /// A change was announced (or the copy was never read).
+    dirty: AtomicBool,
+    /// The local store's change counter the copy was read at.
+    read_at_version: AtomicU64,
+    started: Instant,
+    /// Milliseconds since `started` until which the stream counts as live
+    /// (0: not live).
+    live_until_ms: AtomicU64,
+    max_silence: Duration,
+    reading: tokio::sync::Mutex<()>,
+    /// The copy's highest stamp, read without the lock (0: nothing was
+    /// ever cleared, every value is admitted).
+    max: AtomicU64,
+    tracking: Mutex<Option<Tracking>>,
+    /// Emptied when the stamps change (the near caches).
+    on_change: Option<Arc<crate::near::Tracker>>,
+}
+
+impl Stamps {
+    pub(crate) fn new(
+        key: String,
+        max_silence: Duration,
+        on_change: Option<Arc<crate::near::Tracker>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            table: RwLock::new(Arc::new(Table::default())),
+            dirty: AtomicBool::new(true),
+            read_at_version: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
+            live_until_ms: AtomicU64::new(0),
+            max_silence,
+            reading: tokio::sync::Mutex::new(()),
+            max: AtomicU64::new(0),
+            tracking: Mutex::new(None),
+            on_change,
+        })
+    }
+
+    /// Starts the store's stream for the stamps key, if it has one.
+    pub(crate) fn start(self: &Arc<Self>, store: &dyn Store) {
+        let sink: Arc<dyn TrackingSink> = self.clone();
+        let weak: Weak<dyn TrackingSink> = Arc::downgrade(&sink);
+        drop(sink);
+        if let Some(t) = store.track(vec![self.key.clone()], weak) {
+            *self
+                .tracking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(t);
+        }
+    }
+
+    /// The key of the stamps hash.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn trusted(&self, store: &dyn Store) -> bool {
+        if self.dirty.load(Ordering::Acquire) {
+            return false;
+        }
+        match store.stamps_version() {
+            Some(v) => v == self.read_at_version.load(Ordering::Acquire),
+            None => self.ms(Instant::now()) < self.live_until_ms.load(Ordering::Acquire),
+        }
+    }
+
+    /// The copy, without asking the store: `None` when it cannot be
+    /// trusted now.
+    pub(crate) fn cached(&self, store: &dyn Store) -> Option<Arc<Table>> {
+        if !self.trusted(store) {
+            return None;
+        }
+        Some(
+            self.table
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+
+    /// Whether a value of `kind` in `bytes` may be served, from the copy
+    /// alone; `None` when the copy cannot be trusted now.
+    pub(crate) fn admits_now(&self, store: &dyn Store, kind: &str, bytes: &[u8]) -> Option<bool> {
+        if !self.trusted(store) {
+            return None;
+        }
+        let max = self.max.load(Ordering::Acquire);
+        if max == 0 {
+            return Some(true);
+        }
+        let meta = crate::codec::peek_meta(bytes);
+        if meta.epoch >= max {
+            return Some(true);
+        }
+        Some(
+            self.table
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .admits(kind, &meta),
+        )
+    }
+
+    /// The last copy read, trusted or not (what a fill records).
+    pub(crate) fn last(&self) -> Arc<Table> {
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A trusted copy, reading the hash when needed.
+    pub(crate) async fn current(
+        &self,
+        store: &dyn Store,
+        read: impl std::future::Future<Output = StoreResult<Vec<(String, u64)>>>,
+    ) -> StoreResult<Arc<Table>> {
+        if let Some(t) = self.cached(store) {
+            return Ok(t);
+        }
+        let _one = self.reading.lock().await;
+        if let Some(t) = self.cached(store) {
+            return Ok(t);
+        }
+        // Cleared before the read: a change announced during it marks the
+        // copy dirty again.
+        self.dirty.store(false, Ordering::Release);
+        let version = store.stamps_version();
+        let fields = match read.await {
+            Ok(f) => f,
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
+        Ok(self.install(Table::from_fields(fields), version))
+    }
+
+    /// Takes a freshly read table; empties the near caches if it moved.
+    fn install(&self, table: Table, version: Option<u64>) -> Arc<Table> {
+        let table = Arc::new(table);
+        let moved = {
+            let mut t = self
+                .table
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let moved = t.epoch != table.epoch;
+            // The epoch only grows: a read that raced a newer one loses.
+            if table.epoch >= t.epoch {
+                *t = table.clone();
+                self.max.store(table.max, Ordering::Release);
+            }
+            moved
+        };
+        if let Some(v) = version {
+            self.read_at_version.store(v, Ordering::Release);
+        }
+        if moved {
+            if let Some(n) = &self.on_change {
+                n.flush_all("cleared");
+            }
+        }
+        table
+    }
+
+    /// After this process's own clear: the copy must be read again before
+    /// anything is served, and the near caches are emptied now.
+    pub(crate) fn changed_here(&self) {
+        self.dirty.store(true, Ordering::Release);
+        if let Some(n) = &self.on_change {
+            n.flush_all("cleared");
+        }
+    }
+}
+
+impl CacheInner {
+    /// Whether a value of `kind` in `bytes` may be served; reads the
+    /// stamps when this process's copy cannot be trusted. `None` when they
+    /// cannot be read (the caller answers from the source).
+    pub(crate) async fn admits(&self, kind: &Kind, bytes: &[u8]) -> Option<bool> {
+        if let Some(ok) = self.stamps.admits_now(&*self.store, kind.name(), bytes) {
+            return Some(ok);
+        }
+        let read = self.call(None, self.store.stamps(self.stamps.key()));
+        match self.stamps.current(&*self.store, read).await {
+            Ok(t) => Some(t.admits(kind.name(), &crate::codec::peek_meta(bytes))),
+            Err(e) => {
+                tracing::debug!(error = %e, "stamps unreadable: answering from the source");
+                None
+            }
+        }
+    }
+
+    /// The epoch a load starting now records.
+    pub(crate) fn load_epoch(&self) -> u64 {
+        self.stamps.last().epoch
+    }
+
+    /// Whether a value of `kind` with `tags`, loaded from `epoch`, may be
+    /// written: not when this process already knows a clear that covers it.
+    pub(crate) fn writable(&self, kind: &Kind, epoch: u64, tags: &[String]) -> bool {
+        self.stamps.last().admits_tags(kind.name(), epoch, tags)
+    }
+
+    /// The envelope header of a value written now for `policy`, loaded
+    /// from `epoch`, with `tags`.
+    pub(crate) fn header<'a>(
+        policy: &crate::ttl::TypePolicy,
+        lifetimes: Option<&crate::store::Lifetimes>,
+        epoch: u64,
+        tags: &'a [String],
+    ) -> crate::codec::Header<'a> {
+        let expires_ms = match (policy.eager_refresh, lifetimes) {
+            (Some(_), Some(l)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                (now + l.ttl).as_millis() as u64
+            }
+            _ => 0,
+        };
+        crate::codec::Header {
+            expires_ms,
+            epoch,
+            tags,
+        }
+    }
+
+    async fn bump(&self, field: &str) -> Result<Cleared, Error> {
+        let key = self.stamps.key().to_owned();
+        let epoch = self
+            .call(None, self.store.bump_stamp(&key, field))
+            .await
+            .map_err(Error::Unavailable)?;
+        self.stamps.changed_here();
+        // Read back now, so this process's next reads need not.
+        let read = self.call(None, self.store.stamps(&key));
+        let _ = self.stamps.current(&*self.store, read).await;
+        Ok(Cleared { epoch })
+    }
+}
+
+impl Cache {
+    /// Stops every cached value of `kind` being served, in one store step
+    /// whatever their number (see [`crate::tags`]); the entries expire by
+    /// their TTL. A load in flight when it is called does not put an older
+    /// value back.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for a bad kind; [`Error::Unavailable`] when the store
+    /// cannot be reached (nothing was cleared).
+    pub async fn clear(&self, kind: Kind) -> Result<Cleared, Error> {
+        kind.validate()?;
+        crate::spans::in_span!(
+            self.inner.bump(&kind_field(kind.name())),
+            "cache.write",
+            cache.r#type = kind.name(),
+            cache.op = "clear"
+        )
+        .await
+    }
+
+    /// Stops every cached value carrying `tag` ([`crate::Versioned::tags`])
+    /// being served, of any type, in one store step (see [`crate::tags`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tag`] for a tag [`crate::tags::validate_tag`] refuses;
+    /// [`Error::Unavailable`] when the store cannot be reached.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<Cleared, Error> {
+        validate_tag(tag)?;
+        self.inner.bump(&tag_field(tag)).await
+    }
+}
+
+impl TrackingSink for Stamps {
+    fn invalidated(&self, _keys: Option<&[&[u8]]>) {
+        // The only key tracked is the hash (or a flush of everything).
+        self.dirty.store(true, Ordering::Release);
+        if let Some(n) = &self.on_change {
+            n.flush_all("cleared");
+        }
+    }
+
+    fn confirmed(&self, sent_at: Instant) {
+        let until = self.ms(sent_at) + self.max_silence.as_millis() as u64;
+        self.live_until_ms.fetch_max(until, Ordering::AcqRel);
+    }
+
+    fn lost(&self, _reason: &'static str) {
+        self.live_until_ms.store(0, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(fields: &[(&str, u64)]) -> Table {
+        Table::from_fields(fields.iter().map(|(f, v)| ((*f).to_owned(), *v)).collect())
+    }
+
+    #[test]
+    fn admits_by_kind_and_tag() {
+        let t = table(&[("epoch", 5), ("kind:profile", 3), ("tag:tenant:a", 5)]);
+        let bytes = |epoch: u64, tags: &[&str]| {
+            let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
+            crate::codec::encode_with(
+                &serde_json::json!({"a": 1}),
+                1,
+                1000,
+                &crate::codec::Header {
+                    expires_ms: 0,
+                    epoch,
+                    tags: &tags,
+                },
+            )
+            .unwrap()
+            .envelope
+        };
+        let check = |b: &bytes::Bytes, kind: &str| t.admits(kind, &crate::codec::peek_meta(b));
+        // Loaded before the profile clear at 3: refused; after: served.
+        assert!(!check(&bytes(2, &[]), "profile"));
+        assert!(check(&bytes(3, &[]), "profile"));
+        // Another type is untouched by the profile clear.
+        assert!(check(&bytes(0, &[]), "settings"));
+        // The tag invalidated at 5 refuses what began before it.
+        assert!(!check(&bytes(4, &["tenant:a"]), "settings"));
+        assert!(check(&bytes(4, &["tenant:b"]), "settings"));
+        assert!(check(&bytes(5, &["tenant:a"]), "profile"));
+        assert!(!t.admits_tags("profile", 2, &[]));
+        assert!(!t.admits_tags("x", 4, &["tenant:a".to_owned()]));
+        assert!(t.admits_tags("x", 4, &["tenant:b".to_owned()]));
+        // Nothing cleared: everything admitted.
+        let empty = Table::default();
+        assert!(empty.admits("profile", &crate::codec::peek_meta(&bytes(0, &["t"]))));
+    }
+}

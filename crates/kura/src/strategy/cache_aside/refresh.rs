@@ -1,0 +1,115 @@
+//! Eager refresh of cache-aside reads (see [`crate::freshness`]): the
+//! XFetch roll on a hit, and the background reload under a refresh lease.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::Aside;
+use crate::cache::CacheInner;
+use crate::freshness::EagerRefresh;
+use crate::source::{Source, Versioned};
+use crate::store::{FillOutcome, FillRequest, FillValue};
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl<S: Source> Aside<S> {
+    /// A hit of `id`, whose entry expires at `expires_ms` (0: not known):
+    /// rolls XFetch and, when due, starts a background reload unless this
+    /// process already has one of the key in flight.
+    pub(super) fn consider_refresh(
+        self: &Arc<Self>,
+        rule: EagerRefresh,
+        id: &str,
+        expires_ms: u64,
+    ) {
+        if expires_ms == 0 {
+            return;
+        }
+        let remaining = Duration::from_millis(expires_ms.saturating_sub(now_ms()));
+        if !rule.roll(remaining, self.load_time.estimate()) {
+            return;
+        }
+        {
+            let mut r = self
+                .refreshing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !r.insert(id.to_owned()) {
+                return;
+            }
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.clone();
+        let id = id.to_owned();
+        rt.spawn(async move {
+            let outcome = me.refresh(&id).await;
+            me.metrics.refreshed(outcome);
+            me.refreshing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+
+    /// One background reload of `id`: refresh lease, load, refill. Returns
+    /// the outcome's metric label.
+    async fn refresh(&self, id: &str) -> &'static str {
+        let c = &self.cache.inner;
+        let entry = c.keys.entry_unchecked(&self.kind, id);
+        let token = CacheInner::token();
+        let epoch = c.load_epoch();
+        match c
+            .call(None, c.store.refresh_lease(&entry, &token, c.lease_ttl))
+            .await
+        {
+            Ok(true) => {}
+            // Another process (or a miss's load) has it, or the value went.
+            Ok(false) => return "busy",
+            Err(_) => return "failed",
+        }
+        let v = match self.timed_load(id).await {
+            Ok(Some(v)) => v,
+            // Gone, or the source failed: the cached value lives out its
+            // TTL as without the rule.
+            Ok(None) | Err(_) => {
+                self.release(&entry, &token).await;
+                return "failed";
+            }
+        };
+        let (enc, lifetimes) = match self.envelope(&v, &entry.value, epoch) {
+            Ok((enc, Some(l))) => (enc, l),
+            _ => {
+                self.release(&entry, &token).await;
+                return "refused";
+            }
+        };
+        let req = FillRequest {
+            keys: &entry,
+            token: &token,
+            value: FillValue::Value {
+                bytes: enc.envelope,
+                version: v.version(),
+            },
+            lifetimes,
+        };
+        let r = c.call(Some(&self.metrics), c.store.refill(&[req])).await;
+        // This process's L1 takes the new value at its next read.
+        c.near_evict(&entry.value);
+        match r {
+            Ok(v) if v.first() == Some(&FillOutcome::Stored) => "stored",
+            Ok(_) => {
+                self.metrics.fills_rejected.increment(1);
+                "refused"
+            }
+            Err(_) => "failed",
+        }
+    }
+}
