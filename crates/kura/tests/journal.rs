@@ -105,6 +105,26 @@ impl Store for Flaky {
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {
         self.inner.release(entries).await
     }
+    async fn refresh_lease(
+        &self,
+        keys: &EntryKeys,
+        token: &str,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        self.inner.refresh_lease(keys, token, ttl).await
+    }
+    async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
+        self.inner.refill(reqs).await
+    }
+    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>> {
+        self.inner.stamps(key).await
+    }
+    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
+        self.inner.bump_stamp(key, field).await
+    }
+    fn stamps_version(&self) -> Option<u64> {
+        self.inner.stamps_version()
+    }
     async fn update(&self, reqs: &[UpdateRequest<'_>]) -> StoreResult<Vec<UpdateOutcome>> {
         self.inner.update(reqs).await
     }

@@ -198,6 +198,8 @@ impl<Q> CacheBuilder<Q> {
             // Values, and "not found" markers for the negative entries.
             .flat_map(|(kind, _)| [keys.value_prefix(kind), keys.absent_prefix(kind)])
             .collect();
+        // The stamps hash rides on the same stream (see `Stamps`).
+        prefixes.push(keys.internal("stamps"));
         prefixes.sort();
         prefixes.dedup();
         let tracker = Tracker::new(self.near_max_silence);
@@ -230,7 +232,13 @@ impl<Q> CacheBuilder<Q> {
             self.near_max_silence,
             near.as_ref().map(|n| n.tracker.clone()),
         );
-        stamps.start(&*self.store);
+        match &near {
+            Some(n) => {
+                let sink: Arc<dyn TrackingSink> = stamps.clone();
+                n.tracker.forward(stamps.key(), Arc::downgrade(&sink));
+            }
+            None => stamps.start(&*self.store),
+        }
         let inner = Arc::new_cyclic(|me| CacheInner {
             near,
             stamps,

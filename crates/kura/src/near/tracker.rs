@@ -84,6 +84,9 @@ pub(crate) struct Tracker {
     layers: RwLock<Vec<Registered>>,
     own_writes: Mutex<HashMap<Box<str>, Instant>>,
     handle: Mutex<Option<Tracking>>,
+    /// Where the stream's news of another key goes (the cache's stamps,
+    /// see [`crate::tags`]: one stream carries both).
+    forward: RwLock<Option<(Box<str>, Weak<dyn TrackingSink>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,7 +105,25 @@ impl Tracker {
             layers: RwLock::new(Vec::new()),
             own_writes: Mutex::new(HashMap::new()),
             handle: Mutex::new(None),
+            forward: RwLock::new(None),
         })
+    }
+
+    /// Hands the stream's news of `key` (and its liveness) to `sink`.
+    pub(crate) fn forward(&self, key: &str, sink: Weak<dyn TrackingSink>) {
+        *self
+            .forward
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((key.into(), sink));
+    }
+
+    fn forwarded(&self) -> Option<(Box<str>, Arc<dyn TrackingSink>)> {
+        let f = self
+            .forward
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (key, sink) = f.as_ref()?;
+        Some((key.clone(), sink.upgrade()?))
     }
 
     /// Keeps the store's tracking task for as long as the tracker lives.
@@ -269,7 +290,11 @@ impl Tracker {
 
 impl TrackingSink for Tracker {
     fn invalidated(&self, keys: Option<&[&[u8]]>) {
+        let forward = self.forwarded();
         let Some(keys) = keys else {
+            if let Some((_, f)) = &forward {
+                f.invalidated(None);
+            }
             self.flush("server_flush");
             return;
         };
@@ -277,6 +302,12 @@ impl TrackingSink for Tracker {
             let Ok(key) = std::str::from_utf8(raw) else {
                 continue;
             };
+            if let Some((k, f)) = &forward {
+                if **k == *key {
+                    f.invalidated(Some(&[*raw]));
+                    continue;
+                }
+            }
             // A "not found" marker's change concerns its entry's value key
             // (a negative L1 entry, a negative fill in flight).
             let value_key = crate::key::value_key_of_absent(key);
@@ -301,9 +332,15 @@ impl TrackingSink for Tracker {
     fn confirmed(&self, sent_at: Instant) {
         let until = self.ms(sent_at) + self.max_silence.as_millis() as u64;
         self.live_until_ms.fetch_max(until, Ordering::AcqRel);
+        if let Some((_, f)) = self.forwarded() {
+            f.confirmed(sent_at);
+        }
     }
 
     fn lost(&self, reason: &'static str) {
+        if let Some((_, f)) = self.forwarded() {
+            f.lost(reason);
+        }
         self.live_until_ms.store(0, Ordering::Release);
         self.flush(reason);
         tracing::debug!(reason, "near cache flushed");
