@@ -110,8 +110,9 @@ impl Store for Flaky {
         keys: &EntryKeys,
         token: &str,
         ttl: Duration,
+        seen: u64,
     ) -> StoreResult<bool> {
-        self.inner.refresh_lease(keys, token, ttl).await
+        self.inner.refresh_lease(keys, token, ttl, seen).await
     }
     async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
         self.inner.refill(reqs).await

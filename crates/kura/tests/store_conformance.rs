@@ -41,6 +41,8 @@ both_stores!(
     feed_delete_event_always_invalidates,
     feed_event_keeps_the_pending_copy,
     feed_position_only_moves_forward,
+    refresh_lease_only_over_a_cached_value,
+    stamps_bump_atomically,
 );
 
 /// The memory store's bound in the bounded cases.

@@ -744,9 +744,14 @@ impl Store for MemoryStore {
         keys: &EntryKeys,
         token: &str,
         ttl: Duration,
+        seen_expires_ms: u64,
     ) -> StoreResult<bool> {
         Ok(self.step(keys, |slot, now| {
-            if slot.value.is_none() || slot.lease.is_some() {
+            let same = slot
+                .value
+                .as_ref()
+                .is_some_and(|v| crate::codec::peek_meta(&v.v).expires_ms == seen_expires_ms);
+            if !same || slot.lease.is_some() {
                 return false;
             }
             slot.lease = Some(timed(token.into(), now, ttl));

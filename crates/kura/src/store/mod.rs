@@ -270,12 +270,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Takes the lease of a cached value for an early reload (eager
     /// refresh, see [`crate::freshness`]): granted only while the value is
-    /// cached and no lease is held. `true` when granted.
+    /// cached, is still the one the caller read (its envelope's expiry is
+    /// `seen_expires_ms`, see [`crate::codec::Meta`]) and no lease is held.
+    /// `true` when granted.
     async fn refresh_lease(
         &self,
         keys: &EntryKeys,
         token: &str,
         ttl: Duration,
+        seen_expires_ms: u64,
     ) -> StoreResult<bool>;
 
     /// As [`Store::fill`], under a refresh lease: the value is stored when

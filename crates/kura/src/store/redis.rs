@@ -669,10 +669,13 @@ impl Store for RedisStore {
         keys: &EntryKeys,
         token: &str,
         ttl: Duration,
+        seen_expires_ms: u64,
     ) -> StoreResult<bool> {
         let mut pipe = redis::pipe();
         entry_invocation(&mut pipe, &REFRESH_LEASE, keys, |inv| {
-            inv.arg(token).arg(millis(ttl));
+            inv.arg(token)
+                .arg(millis(ttl))
+                .arg(seen_expires_ms.to_string());
         });
         let v = self.run(&pipe).await?;
         Ok(v.first().map(as_int).transpose()?.unwrap_or(0) == 1)

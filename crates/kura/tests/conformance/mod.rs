@@ -1282,6 +1282,132 @@ pub async fn feed_position_only_moves_forward(b: Backend) {
 }
 
 /// Every case, one after another, against one backend.
+
+pub async fn refresh_lease_only_over_a_cached_value(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let e = entry(&*s, &ns, "u1");
+    let ttl = Duration::from_secs(5);
+    let at = |name: &str, version: u64, expires_ms: u64| {
+        let row = Row {
+            id: "x".into(),
+            name: name.into(),
+            version,
+        };
+        let h = codec::Header {
+            expires_ms,
+            ..codec::Header::default()
+        };
+        codec::encode_with(&row, version, codec::DEFAULT_MAX_VALUE_BYTES, &h)
+            .unwrap()
+            .envelope
+    };
+    assert!(
+        !s.refresh_lease(&e, "R", ttl, 1000).await.unwrap(),
+        "nothing cached: a miss's lease, not a refresh"
+    );
+    s.acquire(&[acq(&e, "A")]).await.unwrap();
+    s.fill(&[fill_req(&e, "A", at("a", 3, 1000), 3)])
+        .await
+        .unwrap();
+    assert!(
+        !s.refresh_lease(&e, "R", ttl, 999).await.unwrap(),
+        "not the value the caller read"
+    );
+    assert!(s.refresh_lease(&e, "R", ttl, 1000).await.unwrap());
+    assert!(
+        !s.refresh_lease(&e, "R2", ttl, 1000).await.unwrap(),
+        "one refresh at a time"
+    );
+    // Readers still get the cached value while the refresh runs.
+    match &s.acquire(&[acq(&e, "C")]).await.unwrap()[0] {
+        Acquired::Value(b) => assert_eq!(name_of(b), "a"),
+        other => panic!("expected the value, got {other:?}"),
+    }
+    // The same version replaces the value (a reload resets its lifetime).
+    let out = s
+        .refill(&[fill_req(&e, "R", at("same", 3, 2000), 3)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+    assert_eq!(
+        name_of(&s.get(&e.value, None).await.unwrap().unwrap()),
+        "same"
+    );
+    // A reader that saw the value before the refill cannot start another.
+    assert!(!s.refresh_lease(&e, "late", ttl, 1000).await.unwrap());
+    // An older one does not, and an update voids the refresh lease.
+    assert!(s.refresh_lease(&e, "R3", ttl, 2000).await.unwrap());
+    let out = s
+        .refill(&[fill_req(&e, "R3", at("old", 2, 3000), 2)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::NotNewer]);
+    assert!(s.refresh_lease(&e, "R4", ttl, 2000).await.unwrap());
+    s.update(&[UpdateRequest {
+        keys: &e,
+        bytes: at("written", 4, 4000),
+        version: 4,
+        lifetimes: life(60_000, 0),
+    }])
+    .await
+    .unwrap();
+    let out = s
+        .refill(&[fill_req(&e, "R4", at("reloaded", 4, 5000), 4)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::LeaseLost]);
+    assert_eq!(
+        name_of(&s.get(&e.value, None).await.unwrap().unwrap()),
+        "written"
+    );
+    cleanup(&ns).await;
+}
+
+pub async fn stamps_bump_atomically(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let key = format!("{ns}:~stamps");
+    assert!(s.stamps(&key).await.unwrap().is_empty());
+    let before = s.stamps_version();
+    assert_eq!(s.bump_stamp(&key, "kind:profile").await.unwrap(), 1);
+    assert_eq!(s.bump_stamp(&key, "tag:tenant:a").await.unwrap(), 2);
+    assert_eq!(s.bump_stamp(&key, "kind:profile").await.unwrap(), 3);
+    let mut got = s.stamps(&key).await.unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("epoch".to_owned(), 3),
+            ("kind:profile".to_owned(), 3),
+            ("tag:tenant:a".to_owned(), 2)
+        ]
+    );
+    if let Some(v) = before {
+        assert!(
+            s.stamps_version().unwrap() > v,
+            "a local store counts changes"
+        );
+    }
+    // Concurrent bumps each get an epoch of their own.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            s.bump_stamp(&key, &format!("tag:t{i}")).await.unwrap()
+        }));
+    }
+    let mut epochs = Vec::new();
+    for t in tasks {
+        epochs.push(t.await.unwrap());
+    }
+    epochs.sort_unstable();
+    assert_eq!(epochs, (4..24).collect::<Vec<u64>>());
+    // The hash is under the namespace: the cleanup removes it.
+    cleanup(&ns).await;
+}
+
 pub async fn run_all(b: Backend) {
     accept_is_compare_and_set_and_durable(b.clone()).await;
     queue_delivers_reclaims_and_acknowledges(b.clone()).await;
@@ -1313,4 +1439,6 @@ pub async fn run_all(b: Backend) {
     feed_delete_event_always_invalidates(b.clone()).await;
     feed_event_keeps_the_pending_copy(b.clone()).await;
     feed_position_only_moves_forward(b.clone()).await;
+    refresh_lease_only_over_a_cached_value(b.clone()).await;
+    stamps_bump_atomically(b.clone()).await;
 }

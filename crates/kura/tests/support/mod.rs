@@ -180,6 +180,14 @@ impl Versioned for Row {
     fn version(&self) -> u64 {
         self.version
     }
+
+    /// A name `x@acme` is tagged `tenant:acme`.
+    fn tags(&self) -> Vec<String> {
+        self.name
+            .split_once('@')
+            .map(|(_, t)| vec![format!("tenant:{t}")])
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +212,7 @@ pub struct TestDb {
     fail: AtomicBool,
     delay: Mutex<Duration>,
     gate: Mutex<Option<Arc<Gate>>>,
+    load_times: Mutex<Vec<std::time::Instant>>,
 }
 
 impl TestDb {
@@ -246,6 +255,11 @@ impl TestDb {
         self.loads.load(Ordering::SeqCst)
     }
 
+    /// When each single load began.
+    pub fn load_times(&self) -> Vec<std::time::Instant> {
+        self.load_times.lock().unwrap().clone()
+    }
+
     pub fn batch_loads(&self) -> usize {
         self.batch_loads.load(Ordering::SeqCst)
     }
@@ -276,6 +290,11 @@ impl Source for Db {
 
     async fn load(&self, id: &str) -> Result<Option<Row>, DbDown> {
         self.0.loads.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .load_times
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
         if self.0.fail.load(Ordering::SeqCst) {
             return Err(DbDown);
         }

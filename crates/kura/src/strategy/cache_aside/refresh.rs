@@ -50,7 +50,7 @@ impl<S: Source> Aside<S> {
         let me = self.clone();
         let id = id.to_owned();
         rt.spawn(async move {
-            let outcome = me.refresh(&id).await;
+            let outcome = me.refresh(&id, expires_ms).await;
             me.metrics.refreshed(outcome);
             me.refreshing
                 .lock()
@@ -59,15 +59,20 @@ impl<S: Source> Aside<S> {
         });
     }
 
-    /// One background reload of `id`: refresh lease, load, refill. Returns
-    /// the outcome's metric label.
-    async fn refresh(&self, id: &str) -> &'static str {
+    /// One background reload of `id`, unless the value read (expiring at
+    /// `seen_expires_ms`) was replaced meanwhile: refresh lease, load,
+    /// refill. Returns the outcome's metric label.
+    async fn refresh(&self, id: &str, seen_expires_ms: u64) -> &'static str {
         let c = &self.cache.inner;
         let entry = c.keys.entry_unchecked(&self.kind, id);
         let token = CacheInner::token();
         let epoch = c.load_epoch();
         match c
-            .call(None, c.store.refresh_lease(&entry, &token, c.lease_ttl))
+            .call(
+                None,
+                c.store
+                    .refresh_lease(&entry, &token, c.lease_ttl, seen_expires_ms),
+            )
             .await
         {
             Ok(true) => {}
