@@ -1,0 +1,247 @@
+//! Clear by type and invalidation by tag (`kura::tags`): O(1) steps that
+//! stop cached values being served, on both stores, with the near cache,
+//! across instances, and against a load in flight.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kura::near::Layer;
+use kura::{Cache, Error, Kind, Status, TtlPolicy};
+use support::{Backend, Db, TestDb, cleanup, ns};
+
+async fn clear_stops_every_value_of_the_type(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    for i in 0..50 {
+        db.put(&format!("u{i}"), &format!("n{i}"));
+    }
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    for i in 0..50 {
+        profiles.get(&format!("u{i}")).await.unwrap();
+    }
+    settings.get("u0").await.unwrap();
+    assert_eq!(profiles.get("u7").await.unwrap().status(), Status::Hit);
+    let cleared = cache.clear(Kind::PROFILE).await.unwrap();
+    assert!(cleared.epoch >= 1);
+    for i in 0..50 {
+        let f = profiles.get(&format!("u{i}")).await.unwrap();
+        assert_eq!(f.status(), Status::Miss, "u{i} was cleared");
+    }
+    assert_eq!(db.loads(), 101, "50 loads, one of settings, 50 reloads");
+    // Reloaded values are served again; the other type was not touched.
+    assert_eq!(profiles.get("u3").await.unwrap().status(), Status::Hit);
+    assert_eq!(settings.get("u0").await.unwrap().status(), Status::Hit);
+    // Batches see the clear too.
+    cache.clear(Kind::PROFILE).await.unwrap();
+    let batch = profiles.get_many(&["u1", "u2", "u3"]).await.unwrap();
+    assert_eq!((batch.hits, batch.misses), (0, 3));
+    let batch = profiles.get_many(&["u1", "u2", "u3"]).await.unwrap();
+    assert_eq!((batch.hits, batch.misses), (3, 0));
+    cleanup(&ns).await;
+}
+
+async fn a_tag_stops_only_its_values(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("a", "a@acme");
+    db.put("b", "b@acme");
+    db.put("c", "c@other");
+    db.put("d", "plain");
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    for id in ["a", "b", "c", "d"] {
+        profiles.get(id).await.unwrap();
+    }
+    settings.get("a").await.unwrap();
+    cache.invalidate_tag("tenant:acme").await.unwrap();
+    let status = |f: kura::Fetched<support::Row>| f.status();
+    assert_eq!(status(profiles.get("a").await.unwrap()), Status::Miss);
+    assert_eq!(status(profiles.get("b").await.unwrap()), Status::Miss);
+    assert_eq!(
+        status(settings.get("a").await.unwrap()),
+        Status::Miss,
+        "every type"
+    );
+    assert_eq!(status(profiles.get("c").await.unwrap()), Status::Hit);
+    assert_eq!(status(profiles.get("d").await.unwrap()), Status::Hit);
+    assert_eq!(status(profiles.get("a").await.unwrap()), Status::Hit);
+    // Bad tags are typed errors.
+    for bad in ["", "a b", "x\"y", &"t".repeat(200)] {
+        let err = cache.invalidate_tag(bad).await.unwrap_err();
+        assert!(matches!(err, Error::Tag(_)), "{bad:?}: {err:?}");
+    }
+    cleanup(&ns).await;
+}
+
+/// The race: a load that read its row before the clear fills after it. Its
+/// value must not be served (the fill records the epoch its load began in).
+async fn a_fill_that_began_before_a_clear_does_not_land(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "old");
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let gate = db.arm_gate();
+    let reader = tokio::spawn({
+        let p = profiles.clone();
+        async move { p.get("u1").await.unwrap() }
+    });
+    gate.loaded.notified().await;
+    // The row changes and the type is cleared while the load holds "old".
+    db.put("u1", "new");
+    cache.clear(Kind::PROFILE).await.unwrap();
+    gate.release.notify_one();
+    let first = reader.await.unwrap();
+    assert_eq!(
+        first.value().unwrap().name,
+        "old",
+        "the caller gets what it loaded"
+    );
+    // Whatever that fill did, no later read is answered "old".
+    for _ in 0..3 {
+        let f = profiles.get("u1").await.unwrap();
+        assert_eq!(f.value().unwrap().name, "new");
+    }
+    assert_eq!(db.loads(), 2);
+    cleanup(&ns).await;
+}
+
+/// The same race for a tag: the value's tags are known only after the
+/// load, and still the fill does not land.
+async fn a_fill_that_began_before_a_tag_invalidation_does_not_land(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "old@acme");
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let gate = db.arm_gate();
+    let reader = tokio::spawn({
+        let p = profiles.clone();
+        async move { p.get("u1").await.unwrap() }
+    });
+    gate.loaded.notified().await;
+    db.put("u1", "new@acme");
+    cache.invalidate_tag("tenant:acme").await.unwrap();
+    gate.release.notify_one();
+    reader.await.unwrap();
+    let f = profiles.get("u1").await.unwrap();
+    assert_eq!(f.value().unwrap().name, "new@acme");
+    cleanup(&ns).await;
+}
+
+/// Another instance stops serving the cleared values as soon as the
+/// stamps' push reaches it; its near cache is emptied too.
+async fn another_instance_sees_the_clear(b: Backend) {
+    let ns = ns();
+    let stores = b.fleet(2);
+    let build = |s| {
+        let mut builder = Cache::builder_shared(s)
+            .namespace(&ns)
+            .ttl_policy(TtlPolicy::seed().with_jitter(0.0));
+        if b == Backend::RedisNear {
+            builder = builder.near_cache(Kind::PROFILE, kura::near::NearConfig::entries(1000));
+        }
+        builder.build().unwrap()
+    };
+    let a = build(stores[0].clone());
+    let other = build(stores[1].clone());
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let pa = a.aside(Kind::PROFILE, Db(db.clone()));
+    let pb = other.aside(Kind::PROFILE, Db(db.clone()));
+    pa.get("u1").await.unwrap();
+    // Until the other instance serves it from its own layers.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let f = pb.get("u1").await.unwrap();
+        let warm = match b {
+            Backend::RedisNear => f.layer() == Some(Layer::L1),
+            _ => f.status() == Status::Hit,
+        };
+        if warm {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the other instance never warmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cleared_at = Instant::now();
+    a.clear(Kind::PROFILE).await.unwrap();
+    let deadline = cleared_at + Duration::from_secs(1);
+    loop {
+        let f = pb.get("u1").await.unwrap();
+        if f.status() == Status::Miss {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still served after {:?}",
+            cleared_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = cleared_at.elapsed();
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    cleanup(&ns).await;
+}
+
+/// A cleared entry stays in the store (it expires by its TTL), and one
+/// read replaces it; the clear itself touches one key.
+async fn clear_touches_one_key(b: Backend) {
+    if b == Backend::Memory {
+        return;
+    }
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    profiles.get("u1").await.unwrap();
+    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let mut c = support::redis_conn().await;
+    let before: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    cache.clear(Kind::PROFILE).await.unwrap();
+    let after: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(before, after, "the value key was not touched");
+    let stamps: Vec<(String, u64)> = redis::cmd("HGETALL")
+        .arg(format!("{ns}:~stamps"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        stamps.iter().any(|(f, _)| f == "kind:profile"),
+        "{stamps:?}"
+    );
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
+    let replaced: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_ne!(before, replaced);
+    let meta = kura::codec::peek_meta(&replaced);
+    assert!(meta.epoch >= 1, "the reload records the epoch");
+    cleanup(&ns).await;
+}
+
+both_stores!(
+    clear_stops_every_value_of_the_type,
+    a_tag_stops_only_its_values,
+    a_fill_that_began_before_a_clear_does_not_land,
+    a_fill_that_began_before_a_tag_invalidation_does_not_land,
+    another_instance_sees_the_clear,
+    clear_touches_one_key,
+);
+
+with_near_cache!(
+    clear_stops_every_value_of_the_type,
+    a_tag_stops_only_its_values,
+    a_fill_that_began_before_a_clear_does_not_land,
+    another_instance_sees_the_clear,
+);
