@@ -38,9 +38,18 @@
 //! - Values the cache owns ([`Cache::put`](crate::Cache::put)) and pending
 //!   write-behind copies are not cleared: they are not copies of the
 //!   database.
-//! - A count of the keys a clear covered: the store is not walked. Callers
-//!   that want one can count what they know cheaply (a near cache's size,
-//!   or the database's rows).
+//! - A count of the keys a clear covered, on Redis: the keyspace is not
+//!   walked ([`Cleared::covered`] is `None`; the memory store counts its
+//!   own entries).
+//! - "Not found" markers: they carry no epoch, so one cached before a clear
+//!   is still answered until its `absent_ttl` (30 s by default) ends; a
+//!   row created behind the cache's back then shows after at most that
+//!   (write-through invalidations and the feed remove markers at once).
+//! - A tag invalidation while the store is unreachable is refused
+//!   ([`crate::Error::Unavailable`]) and nothing is pending; a clear of a
+//!   type is then kept as a pending invalidation of the type's keys (this
+//!   process reads the type from the source until it is replayed), as
+//!   [`Cache::invalidate_all`](crate::Cache::invalidate_all) does.
 
 use std::fmt;
 
@@ -81,15 +90,23 @@ pub fn validate_tag(tag: &str) -> Result<(), TagError> {
 /// What a [`Cache::clear`](crate::Cache::clear) or
 /// [`Cache::invalidate_tag`](crate::Cache::invalidate_tag) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Cleared {
     /// The epoch the clear set: values whose loads began before it are no
     /// longer served.
     pub epoch: u64,
+    /// How many cached values it covered, when the store can tell cheaply
+    /// ([`crate::Store::count_matching`]: the memory store); `None` on
+    /// Redis, and for a tag.
+    pub covered: Option<u64>,
 }
 
 impl fmt::Display for Cleared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cleared at epoch {}", self.epoch)
+        match self.covered {
+            Some(n) => write!(f, "cleared {n} values at epoch {}", self.epoch),
+            None => write!(f, "cleared at epoch {}", self.epoch),
+        }
     }
 }
 

@@ -123,6 +123,9 @@ impl Store for Flaky {
     async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
         self.inner.bump_stamp(key, field).await
     }
+    async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
+        self.inner.count_matching(pattern).await
+    }
     fn stamps_version(&self) -> Option<u64> {
         self.inner.stamps_version()
     }

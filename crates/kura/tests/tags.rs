@@ -25,6 +25,9 @@ async fn clear_stops_every_value_of_the_type(b: Backend) {
     assert_eq!(profiles.get("u7").await.unwrap().status(), Status::Hit);
     let cleared = cache.clear(Kind::PROFILE).await.unwrap();
     assert!(cleared.epoch >= 1);
+    // The memory store counts what it covered; Redis is not walked.
+    let expected = (b == Backend::Memory).then_some(50);
+    assert_eq!(cleared.covered, expected);
     for i in 0..50 {
         let f = profiles.get(&format!("u{i}")).await.unwrap();
         assert_eq!(f.status(), Status::Miss, "u{i} was cleared");
@@ -228,6 +231,29 @@ async fn clear_touches_one_key(b: Backend) {
     let meta = kura::codec::peek_meta(&replaced);
     assert!(meta.epoch >= 1, "the reload records the epoch");
     cleanup(&ns).await;
+}
+
+/// With the store unreachable a clear is refused, and kept as a pending
+/// invalidation of the type: this process reads the type from the source.
+#[tokio::test]
+async fn a_clear_without_the_store_is_pending() {
+    let store = kura::store::RedisStore::builder("redis://127.0.0.1:1")
+        .connect_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let cache = Cache::builder(store)
+        .namespace(&ns())
+        .op_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let err = cache.clear(Kind::PROFILE).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    let err = cache.invalidate_tag("tenant:a").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let f = cache.aside(Kind::PROFILE, Db(db)).get("u1").await.unwrap();
+    assert_eq!(f.status(), Status::Bypass);
 }
 
 both_stores!(

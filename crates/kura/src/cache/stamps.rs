@@ -310,17 +310,19 @@ impl CacheInner {
         }
     }
 
-    async fn bump(&self, field: &str) -> Result<Cleared, Error> {
+    async fn bump(&self, field: &str) -> Result<u64, Error> {
         let key = self.stamps.key().to_owned();
         let epoch = self
             .call(None, self.store.bump_stamp(&key, field))
             .await
             .map_err(Error::Unavailable)?;
+        // No read that starts now joins a load that began before.
+        self.epochs.bump_all();
         self.stamps.changed_here();
         // Read back now, so this process's next reads need not.
         let read = self.call(None, self.store.stamps(&key));
         let _ = self.stamps.current(&*self.store, read).await;
-        Ok(Cleared { epoch })
+        Ok(epoch)
     }
 }
 
@@ -333,16 +335,36 @@ impl Cache {
     /// # Errors
     ///
     /// [`Error::Key`] for a bad kind; [`Error::Unavailable`] when the store
-    /// cannot be reached (nothing was cleared).
+    /// cannot be reached: the clear is then kept as a pending invalidation
+    /// of the type's keys, replayed (by `SCAN`) once the store is back, and
+    /// until then this process reads the type from the source.
     pub async fn clear(&self, kind: Kind) -> Result<Cleared, Error> {
         kind.validate()?;
-        crate::spans::in_span!(
-            self.inner.bump(&kind_field(kind.name())),
+        let c = &self.inner;
+        let pattern = c.keys.pattern(&kind, "*")?;
+        let covered = c
+            .call(None, c.store.count_matching(&pattern))
+            .await
+            .ok()
+            .flatten();
+        let r = crate::spans::in_span!(
+            c.bump(&kind_field(kind.name())),
             "cache.write",
             cache.r#type = kind.name(),
             cache.op = "clear"
         )
-        .await
+        .await;
+        match r {
+            Ok(epoch) => Ok(Cleared { epoch, covered }),
+            Err(e) => {
+                // Kept as a pending invalidation of the type's keys: this
+                // process reads the type from the source until it is
+                // replayed.
+                tracing::warn!(error = %e, kind = kind.name(), "clear deferred as a pattern invalidation");
+                c.defer_pattern(pattern);
+                Err(e)
+            }
+        }
     }
 
     /// Stops every cached value carrying `tag` ([`crate::Versioned::tags`])
@@ -354,7 +376,11 @@ impl Cache {
     /// [`Error::Unavailable`] when the store cannot be reached.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<Cleared, Error> {
         validate_tag(tag)?;
-        self.inner.bump(&tag_field(tag)).await
+        let epoch = self.inner.bump(&tag_field(tag)).await?;
+        Ok(Cleared {
+            epoch,
+            covered: None,
+        })
     }
 }
 

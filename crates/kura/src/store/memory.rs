@@ -163,7 +163,6 @@ mod slots {
             (k, s)
         }
 
-        #[cfg(test)]
         pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
             self.map.iter().map(|(k, s)| (&**k, s))
         }
@@ -890,6 +889,22 @@ impl Store for MemoryStore {
             }
         }
         Ok(n)
+    }
+
+    async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
+        let now = self.now();
+        let mut n = 0;
+        for i in 0..self.inner.shards.len() {
+            let shard = self.shard_at(i);
+            n += shard
+                .slots
+                .iter()
+                .filter(|(k, slot)| {
+                    pattern.matches_value_key(k) && slot.value.as_ref().is_some_and(|v| v.live(now))
+                })
+                .count() as u64;
+        }
+        Ok(Some(n))
     }
 
     async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {

@@ -296,6 +296,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// values back.
     async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64>;
 
+    /// How many values matching `pattern` are cached, when the store can
+    /// tell without walking a shared keyspace: the memory store counts its
+    /// own entries; `None` (the default) otherwise. Reported by a clear
+    /// ([`crate::tags::Cleared::covered`]).
+    async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
+        let _ = pattern;
+        Ok(None)
+    }
+
     /// For a store inside this process: a counter that changes with every
     /// [`Store::bump_stamp`], so a copy of the stamps can be trusted without
     /// a read. `None` (the default): the store is shared with other
