@@ -45,6 +45,7 @@ pub fn ttl_policy(config: &Config) -> TtlPolicy {
     let mut blacklist = policy.get("blacklist");
     blacklist.absent_ttl = blacklist.ttl;
     policy.set("blacklist", blacklist);
+    config.freshness.apply(&mut policy);
     policy
 }
 

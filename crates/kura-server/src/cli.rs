@@ -93,9 +93,10 @@ pub struct WarmArgs {
     pub cache: CacheArgs,
 }
 
-/// `kura invalidate`: exactly one of `--user`, `--pattern`, `--all-profiles`.
+/// `kura invalidate`: exactly one of `--user`, `--pattern`, `--all-profiles`,
+/// `--tag`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("what").required(true).args(["user", "pattern", "all_profiles"])))]
+#[command(group(ArgGroup::new("what").required(true).args(["user", "pattern", "all_profiles", "tag"])))]
 pub struct InvalidateArgs {
     /// Every cached entry of one user (profile, settings, preferences).
     #[arg(long)]
@@ -104,9 +105,13 @@ pub struct InvalidateArgs {
     /// type literal; SCAN + UNLINK, never KEYS).
     #[arg(long)]
     pub pattern: Option<String>,
-    /// Every cached profile.
+    /// Every cached profile: one step whatever their number (a clear; the
+    /// entries expire by their TTL).
     #[arg(long)]
     pub all_profiles: bool,
+    /// Every cached value carrying a tag (profiles carry `kind:profile`).
+    #[arg(long)]
+    pub tag: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub cache: CacheArgs,

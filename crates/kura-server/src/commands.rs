@@ -222,9 +222,18 @@ pub async fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
             .invalidate_glob(glob, &crate::profiles::USER_KINDS)
             .await?;
         println!("deleted {n} entries matching {glob}");
+    } else if let Some(tag) = &args.tag {
+        let c = cache.invalidate_tag(tag).await?;
+        println!("cleared every value tagged {tag} (epoch {})", c.epoch);
     } else {
-        let n = cache.invalidate_all(kura::Kind::PROFILE).await?;
-        println!("deleted {n} profiles");
+        let c = cache.clear(kura::Kind::PROFILE).await?;
+        match c.covered {
+            Some(n) => println!("deleted {n} profiles (cleared at epoch {})", c.epoch),
+            None => println!(
+                "cleared every cached profile (epoch {}; the cache server does not count them)",
+                c.epoch
+            ),
+        }
     }
     Ok(())
 }

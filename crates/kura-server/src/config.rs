@@ -4,6 +4,10 @@
 //! Tests build a [`Config`] directly; the binary builds it from
 //! [`ServeArgs`].
 
+mod freshness;
+
+pub use self::freshness::{EagerRefreshSetting, FreshnessConfig, LoadTimeoutSetting};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -261,6 +265,34 @@ pub struct CacheArgs {
     /// invalidations).
     #[arg(long, env = "KURA_NEAR_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
     pub near_cache_ttl: Duration,
+    /// Reload hot values before they expire, `TYPE=BETA` (repeatable, or
+    /// comma-separated in the variable), e.g. `profile=1.0`: XFetch with
+    /// factor BETA, one background reload per key across the fleet. Off by
+    /// default.
+    #[arg(
+        long = "eager-refresh",
+        env = "KURA_EAGER_REFRESH",
+        value_delimiter = ','
+    )]
+    pub eager_refresh: Vec<EagerRefreshSetting>,
+    /// A load slower than this answers the stale copy (`X-Cache: stale`,
+    /// needs `--max-stale`) and fills in the background, `TYPE=DURATION`
+    /// (repeatable, or comma-separated), e.g. `profile=100ms`.
+    #[arg(
+        long = "load-soft-timeout",
+        env = "KURA_LOAD_SOFT_TIMEOUT",
+        value_delimiter = ','
+    )]
+    pub load_soft_timeout: Vec<LoadTimeoutSetting>,
+    /// A load slower than this answers 504 when no stale copy is on hand
+    /// (and still fills in the background), `TYPE=DURATION` (repeatable,
+    /// or comma-separated), e.g. `profile=2s`.
+    #[arg(
+        long = "load-hard-timeout",
+        env = "KURA_LOAD_HARD_TIMEOUT",
+        value_delimiter = ','
+    )]
+    pub load_hard_timeout: Vec<LoadTimeoutSetting>,
 }
 
 /// Authentication flags.
@@ -669,6 +701,8 @@ pub struct Config {
     pub near_cache_max_bytes: u64,
     /// Longest life of a near cache entry.
     pub near_cache_ttl: Duration,
+    /// Eager refresh and load timeouts per type.
+    pub freshness: FreshnessConfig,
     /// Default write strategy.
     pub write_strategy: WriteStrategy,
     /// Warm the cache in the background after start-up.
@@ -714,6 +748,7 @@ impl Default for Config {
             rate_limits: Vec::new(),
             near_cache_max_bytes: 64 << 20,
             near_cache_ttl: Duration::from_secs(30),
+            freshness: FreshnessConfig::default(),
             write_strategy: WriteStrategy::Invalidate,
             warm_on_start: false,
             warm_limit: 1000,
@@ -781,6 +816,11 @@ impl Config {
         self.near_cache = a.near_cache.clone();
         self.near_cache_max_bytes = a.near_cache_max_mb.max(1) << 20;
         self.near_cache_ttl = a.near_cache_ttl;
+        self.freshness = FreshnessConfig {
+            eager_refresh: a.eager_refresh.clone(),
+            load_soft_timeout: a.load_soft_timeout.clone(),
+            load_hard_timeout: a.load_hard_timeout.clone(),
+        };
     }
 }
 

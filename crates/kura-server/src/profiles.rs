@@ -444,13 +444,28 @@ impl ProfileService {
         })
     }
 
-    /// Removes every cached profile (`SCAN` + `UNLINK`).
+    /// Stops every cached profile being served, in one step whatever their
+    /// number ([`kura::Cache::clear`]); the entries expire by their TTL.
     ///
     /// # Errors
     ///
-    /// [`ServiceError::Cache`] when the cache server cannot be reached.
-    pub async fn invalidate_all_profiles(&self) -> Result<u64, ServiceError> {
-        Ok(self.cache.invalidate_all(Kind::PROFILE).await?)
+    /// [`ServiceError::Cache`] when the cache server cannot be reached
+    /// (the clear is then pending: this instance reads profiles from the
+    /// database until it is applied).
+    pub async fn invalidate_all_profiles(&self) -> Result<kura::tags::Cleared, ServiceError> {
+        Ok(self.cache.clear(Kind::PROFILE).await?)
+    }
+
+    /// Stops every cached value carrying `tag` being served. Profiles have
+    /// no organisation field to tag by: they carry only their kind's tag,
+    /// `kind:profile`, as every cached value does ([`kura::tags`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Cache`] for a malformed tag, or when the cache
+    /// server cannot be reached.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<kura::tags::Cleared, ServiceError> {
+        Ok(self.cache.invalidate_tag(tag).await?)
     }
 
     /// Removes the cached entries matching a key glob such as

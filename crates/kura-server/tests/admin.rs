@@ -91,6 +91,7 @@ async fn warm_then_reads_are_hits(b: Backend) {
 }
 
 async fn invalidation_routes(b: Backend) {
+    let memory = b == Backend::SqliteMemory;
     let app = TestApp::start(b).await;
     let admin = app.admin();
     let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
@@ -129,11 +130,66 @@ async fn invalidation_routes(b: Backend) {
         )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.json::<Value>().await.unwrap(), json!({"deleted": 3}));
+    let body = r.json::<Value>().await.unwrap();
+    // A clear: the embedded store counts what it covered, Redis does not.
+    assert_eq!(body["cleared"], true, "{body}");
+    let counted = if memory {
+        (json!(3), json!(3))
+    } else {
+        (json!(0), Value::Null)
+    };
+    assert_eq!(
+        (body["deleted"].clone(), body["covered"].clone()),
+        counted,
+        "{body}"
+    );
+    assert!(body["epoch"].as_u64().unwrap() >= 1, "{body}");
     for u in &users {
         let r = app.get(&format!("/api/v1/profiles/{u}"), &admin).await;
         assert_eq!(x_cache(&r), "miss");
     }
+    // Profiles carry the tag `kind:profile`: its invalidation reaches them.
+    for u in &users {
+        let r = app.get(&format!("/api/v1/profiles/{u}"), &admin).await;
+        assert_eq!(x_cache(&r), "hit");
+    }
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/admin/cache/tags/kind:profile",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.json::<Value>().await.unwrap();
+    assert_eq!(
+        (body["cleared"].clone(), body["covered"].clone()),
+        (json!(true), Value::Null),
+        "{body}"
+    );
+    for u in &users {
+        let r = app.get(&format!("/api/v1/profiles/{u}"), &admin).await;
+        assert_eq!(x_cache(&r), "miss");
+    }
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/admin/cache/tags/no%20spaces",
+            Some(&admin),
+            None,
+        )
+        .await;
+    expect_detail(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/admin/cache/tags/kind:profile",
+            Some(&app.token(&users[0], false)),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let r = app
         .call(
             Method::DELETE,
@@ -231,6 +287,7 @@ async fn health_metrics_and_openapi(b: Backend) {
         ("/api/v1/admin/cache/warm", &["post"]),
         ("/api/v1/admin/cache/profiles", &["delete"]),
         ("/api/v1/admin/cache/users/{user_id}", &["delete"]),
+        ("/api/v1/admin/cache/tags/{tag}", &["delete"]),
         ("/api/v1/admin/cache/metrics", &["get"]),
         ("/healthz", &["get"]),
         ("/metrics", &["get"]),

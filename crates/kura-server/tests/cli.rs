@@ -158,12 +158,30 @@ fn commands_against_sqlite() {
         "{}",
         stdout(&out)
     );
+    // A clear: one step, whatever the number of profiles (Redis does not
+    // count them).
     let out = kura(dir.path(), &["invalidate", "--all-profiles"], &env);
     assert!(
-        stdout(&out).contains("deleted 998 profiles"),
+        stdout(&out).contains("cleared every cached profile (epoch 1;"),
         "{}",
         stdout(&out)
     );
+    let out = kura(dir.path(), &["invalidate", "--tag", "kind:profile"], &env);
+    assert!(
+        stdout(&out).contains("cleared every value tagged kind:profile (epoch 2)"),
+        "{}",
+        stdout(&out)
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kura"));
+    cmd.current_dir(dir.path())
+        .args(["invalidate", "--tag", "no spaces"]);
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let bad = cmd.output().unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("invalid tag"), "{err}");
 
     // invalidate needs exactly one target.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
@@ -201,6 +219,12 @@ fn default_database_is_kura_db_in_the_working_directory() {
         "--redis-timeout",
         "--log-format",
         "--demo",
+        "--eager-refresh",
+        "--load-soft-timeout",
+        "--load-hard-timeout",
+        "KURA_EAGER_REFRESH",
+        "KURA_LOAD_SOFT_TIMEOUT",
+        "KURA_LOAD_HARD_TIMEOUT",
         "KURA_LISTEN",
         "DATABASE_URL",
         "REDIS_URL",

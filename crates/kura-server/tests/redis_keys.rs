@@ -89,7 +89,7 @@ async fn each_write_strategy_leaves_the_key_right() {
     // through on a key that is not cached leaves it to the next read.
     app.call(
         Method::DELETE,
-        "/api/v1/admin/cache/profiles",
+        &format!("/api/v1/admin/cache/users/{user}"),
         Some(&app.admin()),
         None,
     )

@@ -11,7 +11,8 @@
 //! records in its envelope ([`crate::codec::Header`]) the epoch its load
 //! began in and its tags ([`crate::Versioned::tags`]); it is served only
 //! while its type's field and each of its tags' fields are at or below that
-//! epoch. Nothing else is touched: the old entries are misses from then on
+//! epoch. Every value also carries its kind's tag, `kind:<type>`, without
+//! writing it: `invalidate_tag("kind:profile")` is `clear(Kind::PROFILE)`. Nothing else is touched: the old entries are misses from then on
 //! and expire by their TTL (a read that finds one removes it and loads).
 //!
 //! Each process keeps the hash in memory, so the check costs no round trip:

@@ -242,7 +242,7 @@ async fn a_clear_without_the_store_is_pending() {
         .build()
         .unwrap();
     let cache = Cache::builder(store)
-        .namespace(&ns())
+        .namespace(ns())
         .op_timeout(Duration::from_millis(100))
         .build()
         .unwrap();

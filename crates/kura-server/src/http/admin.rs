@@ -37,12 +37,50 @@ pub struct WarmResponse {
 /// The outcome of an invalidation request.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeletedResponse {
-    /// Cached values deleted.
+    /// Cached values deleted. For a clear: the values it covered when the
+    /// cache can count them cheaply (the embedded store), otherwise 0 with
+    /// `covered` null.
     pub deleted: u64,
     /// The cache server was unreachable: the invalidation is pending and is
     /// applied before this instance uses the cache again.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub deferred: bool,
+}
+
+/// The outcome of a clear (every profile) or a tag invalidation: one step
+/// whatever the number of values; the old entries are no longer served and
+/// expire by their TTL.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClearedResponse {
+    /// The values covered when the cache can count them cheaply (the
+    /// embedded store), otherwise 0.
+    pub deleted: u64,
+    /// Always `true`: done by the O(1) clear, not by deleting keys.
+    pub cleared: bool,
+    /// The values covered, `null` when the cache does not count them
+    /// (Redis: the keyspace is not walked).
+    pub covered: Option<u64>,
+    /// The stamp epoch the clear set.
+    pub epoch: u64,
+}
+
+impl From<kura::tags::Cleared> for ClearedResponse {
+    fn from(c: kura::tags::Cleared) -> Self {
+        Self {
+            deleted: c.covered.unwrap_or(0),
+            cleared: true,
+            covered: c.covered,
+            epoch: c.epoch,
+        }
+    }
+}
+
+/// A tag in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TagPath {
+    /// The tag, e.g. `kind:profile`.
+    pub tag: String,
 }
 
 /// Hit and miss counts of the whole fleet.
@@ -96,27 +134,49 @@ pub async fn warm(
     }))
 }
 
-/// Removes every cached profile.
+/// Stops every cached profile being served: one step whatever their
+/// number (a clear, not SCAN + UNLINK); the entries expire by their TTL.
 #[utoipa::path(
     delete, path = "/api/v1/admin/cache/profiles", tag = "admin",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Profiles removed from the cache", body = DeletedResponse),
+        (status = 200, description = "Profiles cleared from the cache", body = ClearedResponse),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 403, description = "Admin role required", body = ErrorBody),
-        (status = 503, description = "Cache unavailable (the deletion is pending)", body = ErrorBody),
+        (status = 503, description = "Cache unavailable (the clear is pending)", body = ErrorBody),
     )
 )]
 pub async fn clear_profiles(
     State(s): State<Arc<AppState>>,
     caller: Caller,
-) -> Result<Json<DeletedResponse>, ApiError> {
+) -> Result<Json<ClearedResponse>, ApiError> {
     caller.require_admin()?;
-    let deleted = s.service.invalidate_all_profiles().await?;
-    Ok(Json(DeletedResponse {
-        deleted,
-        deferred: false,
-    }))
+    let c = s.service.invalidate_all_profiles().await?;
+    Ok(Json(c.into()))
+}
+
+/// Stops every cached value carrying a tag being served (profiles carry
+/// `kind:profile`), in one step.
+#[utoipa::path(
+    delete, path = "/api/v1/admin/cache/tags/{tag}", tag = "admin",
+    params(TagPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Values with the tag cleared", body = ClearedResponse),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+        (status = 403, description = "Admin role required", body = ErrorBody),
+        (status = 422, description = "Malformed tag", body = ErrorBody),
+        (status = 503, description = "Cache unavailable (nothing was cleared)", body = ErrorBody),
+    )
+)]
+pub async fn clear_tag(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    axum::extract::Path(p): axum::extract::Path<TagPath>,
+) -> Result<Json<ClearedResponse>, ApiError> {
+    caller.require_admin()?;
+    let c = s.service.invalidate_tag(&p.tag).await?;
+    Ok(Json(c.into()))
 }
 
 /// Removes every cached entry of one user (profile, settings,

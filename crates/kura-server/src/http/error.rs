@@ -67,6 +67,11 @@ pub enum ApiError {
     /// timeout.
     #[error("request timed out")]
     Timeout,
+    /// 504 Gateway Timeout: a database load took longer than the type's
+    /// hard load timeout (`--load-hard-timeout`) and no stale copy was on
+    /// hand; the load goes on and fills the cache.
+    #[error("{0}")]
+    LoadTimeout(String),
 }
 
 impl ApiError {
@@ -84,7 +89,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Timeout | ApiError::LoadTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -166,6 +171,11 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Database(e) => from_db(&e),
             ServiceError::Cache(kura::Error::Key(k)) => ApiError::Unprocessable(k.to_string()),
+            ServiceError::Cache(kura::Error::Tag(t)) => ApiError::Unprocessable(t.to_string()),
+            ServiceError::Cache(kura::Error::LoadTimeout(d)) => ApiError::LoadTimeout(format!(
+                "the database did not answer within {} ms; the load goes on and fills the cache",
+                d.as_millis()
+            )),
             ServiceError::Cache(kura::Error::Source(s)) => {
                 // The library wraps the database error; report it by kind.
                 match s.downcast_ref::<DbError>() {

@@ -107,6 +107,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/admin/cache/warm",
     "/api/v1/admin/cache/profiles",
     "/api/v1/admin/cache/users/{user_id}",
+    "/api/v1/admin/cache/tags/{tag}",
     "/api/v1/admin/cache/metrics",
     "/healthz",
     "/openapi.json",
@@ -216,6 +217,7 @@ impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
         admin::warm,
         admin::clear_profiles,
         admin::clear_user,
+        admin::clear_tag,
         admin::cache_metrics,
         health::health,
         health::metrics,
@@ -295,6 +297,7 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
             "/api/v1/admin/cache/users/{user_id}",
             delete(admin::clear_user),
         )
+        .route("/api/v1/admin/cache/tags/{tag}", delete(admin::clear_tag))
         .route("/api/v1/admin/cache/metrics", get(admin::cache_metrics))
         .route("/healthz", get(health::health))
         .route("/openapi.json", get(health::openapi))

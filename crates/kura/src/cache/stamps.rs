@@ -48,12 +48,19 @@ impl Table {
         t
     }
 
+    /// Whether `kind` was cleared, or its implicit tag `kind:<kind>`
+    /// invalidated, after `epoch`.
+    fn kind_cleared_after(&self, kind: &str, epoch: u64) -> bool {
+        self.kinds.get(kind).is_some_and(|&s| s > epoch)
+            || self.tags.get(&kind_field(kind)).is_some_and(|&s| s > epoch)
+    }
+
     /// Whether a value of `kind` with envelope `meta` may be served.
     pub(crate) fn admits(&self, kind: &str, meta: &Meta<'_>) -> bool {
         if self.max <= meta.epoch {
             return true;
         }
-        if self.kinds.get(kind).is_some_and(|&s| s > meta.epoch) {
+        if self.kind_cleared_after(kind, meta.epoch) {
             return false;
         }
         !meta
@@ -67,7 +74,7 @@ impl Table {
         if self.max <= epoch {
             return true;
         }
-        !self.kinds.get(kind).is_some_and(|&s| s > epoch)
+        !self.kind_cleared_after(kind, epoch)
             && !tags
                 .iter()
                 .any(|t| self.tags.get(t.as_str()).is_some_and(|&s| s > epoch))
@@ -434,6 +441,10 @@ mod tests {
         // Loaded before the profile clear at 3: refused; after: served.
         assert!(!check(&bytes(2, &[]), "profile"));
         assert!(check(&bytes(3, &[]), "profile"));
+        // Every value carries its kind's tag.
+        let t2 = table(&[("epoch", 2), ("tag:kind:settings", 2)]);
+        assert!(!t2.admits("settings", &crate::codec::peek_meta(&bytes(1, &[]))));
+        assert!(t2.admits("profile", &crate::codec::peek_meta(&bytes(1, &[]))));
         // Another type is untouched by the profile clear.
         assert!(check(&bytes(0, &[]), "settings"));
         // The tag invalidated at 5 refuses what began before it.

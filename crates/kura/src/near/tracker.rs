@@ -71,6 +71,9 @@ impl Drop for Ticket {
     }
 }
 
+/// A key whose news goes elsewhere, and where.
+type Forward = (Box<str>, Weak<dyn TrackingSink>);
+
 /// See the module docs.
 pub(crate) struct Tracker {
     epoch: Instant,
@@ -86,7 +89,7 @@ pub(crate) struct Tracker {
     handle: Mutex<Option<Tracking>>,
     /// Where the stream's news of another key goes (the cache's stamps,
     /// see [`crate::tags`]: one stream carries both).
-    forward: RwLock<Option<(Box<str>, Weak<dyn TrackingSink>)>>,
+    forward: RwLock<Option<Forward>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -593,7 +593,7 @@ impl<S: Source> CacheAside<S> {
             && policy.enabled()
             && !c.has_pending.load(std::sync::atomic::Ordering::Acquire);
         if l1_first {
-            if let Some(r) = near.and_then(|n| self.from_l1::<R>(n, id)) {
+            if let Some(r) = near.and_then(|n| self.answer_l1::<R>(n, id)) {
                 return Ok(r);
             }
         }
@@ -604,7 +604,7 @@ impl<S: Source> CacheAside<S> {
             return Box::pin(self.flight(id, key, false)).await.map(miss);
         }
         if !l1_first {
-            if let Some(r) = near.and_then(|n| self.from_l1::<R>(n, id)) {
+            if let Some(r) = near.and_then(|n| self.answer_l1::<R>(n, id)) {
                 return Ok(r);
             }
         }
@@ -676,7 +676,7 @@ impl<S: Source> CacheAside<S> {
 
     /// The answer from `id`'s L1 entry, if it has one that may be served
     /// (an entry that does not decode is dropped).
-    fn from_l1<R: Answer<S::Value>>(&self, n: &Near<S::Value>, id: &str) -> Option<R> {
+    fn answer_l1<R: Answer<S::Value>>(&self, n: &Near<S::Value>, id: &str) -> Option<R> {
         let e = n.get(id)?;
         match R::from_near(&e) {
             Ok(r) => {
@@ -1185,6 +1185,41 @@ impl<S: Source> Aside<S> {
         })
     }
 
+    /// What one lease request of a batch found, put in its place: a lease
+    /// to load under, a hit, or (for a read) an id to load without one.
+    #[allow(clippy::too_many_arguments)]
+    async fn take_acquired(
+        &self,
+        j: usize,
+        a: Acquired,
+        mode: BatchMode,
+        held: &mut HeldLeases,
+        slots: &mut [Slot<S::Value>],
+        stale: &mut [Option<Bytes>],
+        to_load: &mut Vec<usize>,
+    ) {
+        let c = &self.cache.inner;
+        match a {
+            Acquired::Leased { stale: s } => {
+                held.took(j);
+                stale[j] = s;
+                to_load.push(j);
+            }
+            _ if mode == BatchMode::Warm => {}
+            Acquired::Value(b) => match codec::decode(&b) {
+                Ok(d) if c.admits(&self.kind, &b).await == Some(true) => {
+                    slots[j].fetched = Some(Fetched::decoded(d, Status::Hit));
+                }
+                _ => to_load.push(j),
+            },
+            Acquired::Absent => slots[j].fetched = Some(Fetched::absent(Status::Hit)),
+            Acquired::Busy { stale: s } => {
+                stale[j] = s;
+                to_load.push(j);
+            }
+        }
+    }
+
     /// The lease-load-fill sequence of a batch of misses, shared by
     /// [`get_many`](CacheAside::get_many) and the warmer: one pipelined lease
     /// request for the `cacheable` ids, one [`Source::load_many`], one
@@ -1252,25 +1287,48 @@ impl<S: Source> Aside<S> {
         };
         match acquired {
             Some(acq) => {
+                // Values found cleared (see `crate::tags`) are removed and
+                // asked for once more, so warming and batches reload them.
+                let mut again = Vec::new();
                 for (&j, a) in want.iter().zip(acq) {
-                    match a {
-                        Acquired::Leased { stale: s } => {
-                            held.took(j);
-                            stale[j] = s;
-                            to_load.push(j);
+                    if let Acquired::Value(b) = &a {
+                        if c.admits(&self.kind, b).await == Some(false) {
+                            self.metrics.cleared.increment(1);
+                            c.discard(&entries[j].value, b).await;
+                            again.push(j);
+                            continue;
+                        }
+                    }
+                    self.take_acquired(j, a, mode, &mut held, &mut slots, &mut stale, &mut to_load)
+                        .await;
+                }
+                if !again.is_empty() {
+                    let reqs: Vec<AcquireRequest<'_>> = again
+                        .iter()
+                        .map(|&j| AcquireRequest {
+                            keys: &entries[j],
+                            token: &token,
+                            lease_ttl: c.lease_ttl,
+                            value_ttl: policy.ttl,
+                        })
+                        .collect();
+                    match c.call(Some(&self.metrics), c.store.acquire(&reqs)).await {
+                        Ok(v) if v.len() == again.len() => {
+                            for (&j, a) in again.iter().zip(v) {
+                                self.take_acquired(
+                                    j,
+                                    a,
+                                    mode,
+                                    &mut held,
+                                    &mut slots,
+                                    &mut stale,
+                                    &mut to_load,
+                                )
+                                .await;
+                            }
                         }
                         _ if mode == BatchMode::Warm => {}
-                        Acquired::Value(b) => match codec::decode(&b) {
-                            Ok(d) if c.admits(&self.kind, &b).await == Some(true) => {
-                                slots[j].fetched = Some(Fetched::decoded(d, Status::Hit));
-                            }
-                            _ => to_load.push(j),
-                        },
-                        Acquired::Absent => slots[j].fetched = Some(Fetched::absent(Status::Hit)),
-                        Acquired::Busy { stale: s } => {
-                            stale[j] = s;
-                            to_load.push(j);
-                        }
+                        _ => to_load.extend(again.iter().copied()),
                     }
                 }
                 to_load.extend((0..n).filter(|&j| !cacheable[j]));

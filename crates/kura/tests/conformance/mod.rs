@@ -1281,8 +1281,6 @@ pub async fn feed_position_only_moves_forward(b: Backend) {
     cleanup(&ns).await;
 }
 
-/// Every case, one after another, against one backend.
-
 pub async fn refresh_lease_only_over_a_cached_value(b: Backend) {
     let s = b.store();
     let ns = ns();
@@ -1407,7 +1405,7 @@ pub async fn stamps_bump_atomically(b: Backend) {
     // The hash is under the namespace: the cleanup removes it.
     cleanup(&ns).await;
 }
-
+/// Every case, one after another, against one backend.
 pub async fn run_all(b: Backend) {
     accept_is_compare_and_set_and_durable(b.clone()).await;
     queue_delivers_reclaims_and_acknowledges(b.clone()).await;

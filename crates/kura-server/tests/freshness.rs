@@ -1,0 +1,139 @@
+//! `--load-soft-timeout`, `--load-hard-timeout` and `--eager-refresh`
+//! through `kura serve`, with PostgreSQL slowed by a `FaultProxy`.
+
+#[allow(dead_code)]
+mod drills_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use drills_support::{Api, CacheTag, DrillLock, Fixture, Service, pg_addr};
+use kura_testkit::{FaultProxy, RedisServer};
+
+/// The sum of a counter's series with all of `labels`, from `/metrics`.
+async fn counter(api: &Api, name: &str, labels: &[&str]) -> f64 {
+    let text = api
+        .http
+        .get(format!("{}/metrics", api.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A slow database: a profile with a stale copy answers `stale` at the
+/// soft timeout, a cold one 504 at the hard timeout, and both loads go on
+/// to fill the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_timeouts_through_a_slow_database() {
+    let _lock = DrillLock::acquire().await;
+    let fx = Fixture::new(20).await;
+    let redis = RedisServer::start().await;
+    let pg = FaultProxy::start(pg_addr()).await;
+    let svc = Service::start(
+        &fx,
+        &fx.db.url_via(pg.addr()),
+        &redis.url(),
+        &[
+            "--ttl",
+            "profile=2s",
+            "--max-stale",
+            "60s",
+            "--load-soft-timeout",
+            "profile=150ms",
+            "--load-hard-timeout",
+            "profile=400ms",
+        ],
+    )
+    .await;
+    let api = Api::new(&svc, &fx);
+    let (warm, cold) = (fx.ids[0], fx.ids[1]);
+    assert_eq!(api.get(&warm).await.cache, CacheTag::Miss);
+    // Expired, its stale copy kept.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Every round trip to PostgreSQL now takes at least 600 ms.
+    pg.set_latency(Duration::from_millis(300));
+    let r = api.get(&warm).await;
+    assert_eq!((r.status, r.cache), (200, CacheTag::Stale), "{:?}", r.body);
+    assert!(r.latency < Duration::from_millis(450), "{:?}", r.latency);
+    let r = api.get(&cold).await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert!(r.detail().contains("within 400 ms"), "{:?}", r.body);
+    assert!(r.latency < Duration::from_millis(700), "{:?}", r.latency);
+    let started = Instant::now();
+    pg.set_latency(Duration::ZERO);
+    // The loads finish in the background and fill.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for id in [warm, cold] {
+        let r = api.get(&id).await;
+        assert_eq!(
+            (r.status, r.cache),
+            (200, CacheTag::Hit),
+            "{id} after {:?}",
+            started.elapsed()
+        );
+    }
+    let soft = counter(&api, "cache_load_timeouts_total", &["timeout=\"soft\""]).await;
+    let hard = counter(&api, "cache_load_timeouts_total", &["timeout=\"hard\""]).await;
+    assert_eq!((soft, hard), (1.0, 1.0));
+}
+
+/// A hot profile with a 1 s TTL and `--eager-refresh profile=1.0`: every
+/// read after the first is a hit, and the key is reloaded in the
+/// background about once per TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_refresh_keeps_a_hot_profile_warm() {
+    let _lock = DrillLock::acquire().await;
+    let fx = Fixture::new(5).await;
+    let redis = RedisServer::start().await;
+    let svc = Service::start(
+        &fx,
+        &fx.db.url(),
+        &redis.url(),
+        &["--ttl", "profile=1s", "--eager-refresh", "profile=1.0"],
+    )
+    .await;
+    let api = Api::new(&svc, &fx);
+    let hot = fx.ids[0];
+    assert_eq!(api.get(&hot).await.cache, CacheTag::Miss);
+    let until = Instant::now() + Duration::from_millis(3500);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tags = Vec::new();
+            while Instant::now() < until {
+                tags.push(api.get(&hot).await.cache);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tags
+        }));
+    }
+    let mut tags = Vec::new();
+    for t in tasks {
+        tags.extend(t.await.unwrap());
+    }
+    let not_hits = tags.iter().filter(|t| **t != CacheTag::Hit).count();
+    assert_eq!(
+        not_hits,
+        0,
+        "{not_hits} of {} reads were not hits",
+        tags.len()
+    );
+    let stored = counter(&api, "cache_refreshes_total", &["outcome=\"stored\""]).await;
+    let loads = counter(&api, "cache_loads_total", &["cache_type=\"profile\""]).await;
+    // The adaptive rule makes the hot key's TTL 2 s after its first
+    // refresh: a reload about every 2 s.
+    assert!((1.0..=8.0).contains(&stored), "refreshes stored: {stored}");
+    assert_eq!(
+        loads,
+        stored + 1.0,
+        "one load per refresh, and the first miss"
+    );
+}
