@@ -253,6 +253,8 @@ class Kura:
     def __init__(self, rds: Redis):
         self.rds = rds
         self.db_url = f"postgres://postgres@127.0.0.1:5432/{CFG.kura_db}"
+        # more `kura serve` flags (bench/freshness.py)
+        self.extra: list[str] = []
         self.urls: list[str] = []
         self.names: list[str] = []
         self.token = sh([CFG.kura_bin, "token", "--sub", "00000000-0000-4000-8000-00000000beef",
@@ -266,7 +268,7 @@ class Kura:
             name = f"kura-{i}"
             p = PROCS.start(name, [CFG.kura_bin, "serve", "--listen", f"127.0.0.1:{port}",
                                    "--database-url", self.db_url, "--redis-url", self.rds.url,
-                                   "--namespace", "cache"],
+                                   "--namespace", "cache"] + self.extra,
                             env={"KURA_JWT_SECRET": CFG.jwt_secret})
             url = f"http://127.0.0.1:{port}"
             wait_http(url + "/healthz", proc=p)

@@ -56,21 +56,7 @@ PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -Atq -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -c 'select 1' >/dev/null || { echo "bench/run.sh: PostgreSQL at 127.0.0.1:5432 not reachable as postgres" >&2; exit 1; }
 
 # --- pg_stat_statements (counts the SELECTs of the stampede scenario) -----------------------
-loaded=$("${PSQL[@]}" -c 'show shared_preload_libraries')
-if [[ ",${loaded// /}," != *",pg_stat_statements,"* ]]; then
-  if [[ "${BENCH_PG_RESTART:-1}" != "1" ]]; then
-    echo "bench/run.sh: pg_stat_statements is not in shared_preload_libraries; add it (and restart PostgreSQL) or allow BENCH_PG_RESTART=1" >&2
-    exit 1
-  fi
-  ver=$("${PSQL[@]}" -c 'show server_version_num'); ver=${ver:0:2}
-  cluster=${PG_CLUSTER:-main}
-  say "pg_stat_statements not loaded: ALTER SYSTEM SET shared_preload_libraries and restart PostgreSQL $ver/$cluster"
-  "${PSQL[@]}" -c "ALTER SYSTEM SET shared_preload_libraries = '${loaded:+$loaded,}pg_stat_statements'"
-  pg_ctlcluster --skip-systemctl-redirect "$ver" "$cluster" restart
-  for _ in $(seq 60); do "${PSQL[@]}" -c 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
-  "${PSQL[@]}" -c 'show shared_preload_libraries' | grep -q pg_stat_statements \
-    || { echo "bench/run.sh: pg_stat_statements still not loaded" >&2; exit 1; }
-fi
+ensure_pg_stat_statements bench/run.sh
 
 # --- kura (release) and its load generator -------------------------------------------------
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -91,18 +77,7 @@ if [[ ",$SCENARIOS," == *",s7,"* ]]; then
 fi
 
 # --- the seed's Python service (copied to .seed-python/, git-ignored) -----------------------
-SEED_SRC=${SEED_SRC:-$ROOT/../shared/peers/seed-python}
-export SEED_DIR=${SEED_DIR:-$ROOT/.seed-python/peer}
-if [[ ! -f "$SEED_DIR/seedpeer/main.py" ]]; then
-  [[ -d "$SEED_SRC" ]] || { echo "bench/run.sh: the seed's service is not at $SEED_SRC (set SEED_SRC)" >&2; exit 1; }
-  say "copying the seed's service to $SEED_DIR"
-  mkdir -p "$SEED_DIR"; cp -R "$SEED_SRC/." "$SEED_DIR/"; chmod -R u+w "$SEED_DIR"
-fi
-if [[ ! -x "$SEED_DIR/.venv/bin/uvicorn" ]]; then
-  say "creating the seed's venv"
-  python3 -m venv "$SEED_DIR/.venv"
-  "$SEED_DIR/.venv/bin/pip" install -q fastapi 'uvicorn[standard]' sqlalchemy psycopg2-binary redis
-fi
+prepare_seed "$ROOT" bench/run.sh
 PY=$SEED_DIR/.venv/bin/python
 
 # --- the ceiling server (bare axum + redis-rs), built outside the workspace -----------------

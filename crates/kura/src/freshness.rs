@@ -15,8 +15,9 @@
 //! t − δ · β · ln(U) ≥ expiry        U uniform in (0, 1]
 //! ```
 //!
-//! where `δ` is the type's measured load time (a moving average of this
-//! process's loads) and `β` the rule's factor (1.0 is the paper's optimum;
+//! where `δ` is what a refresh of the type takes, lease to refill (a moving
+//! average of this process's refreshes, and of its loads before the first
+//! refresh) and `β` the rule's factor (1.0 is the paper's optimum;
 //! larger reloads earlier). The reload runs in the background under a
 //! refresh lease (one per key across the fleet, taken only while the value
 //! is cached and no lease is held), and at most one per key per process;
@@ -25,6 +26,10 @@
 //! fill, when an invalidation or update voided the lease. A value's expiry
 //! is written in its envelope ([`crate::codec`]) when the type has the rule,
 //! so the check costs no round trip.
+//!
+//! With `λ` reads per second of a key, the first roll that comes up falls
+//! about `δβ·ln(λδβ)` before expiry: the busier the key, the earlier (and
+//! the more often) it is reloaded, never more than once per key at a time.
 //!
 //! Not guaranteed: a refresh before expiry when the key is read too rarely
 //! (a key read less than about once per `δ·β` near its end expires as
@@ -121,6 +126,14 @@ impl LoadTime {
         let old = self.micros.load(Ordering::Relaxed);
         let new = if old == 0 { t } else { old - old / 8 + t / 8 };
         self.micros.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The average, `None` before the first sample.
+    pub(crate) fn measured(&self) -> Option<Duration> {
+        match self.micros.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// The current estimate.

@@ -399,8 +399,11 @@ pub(crate) struct Aside<S: Source> {
     flights: Flights<S::Value>,
     /// The type's near cache, if it has one.
     near: Option<Arc<Near<S::Value>>>,
-    /// The type's measured load time (eager refresh's `δ`).
+    /// The type's measured load time.
     load_time: crate::freshness::LoadTime,
+    /// The type's measured refresh time, lease to refill (eager refresh's
+    /// `δ`, with the load time until a refresh was measured).
+    refresh_time: crate::freshness::LoadTime,
     /// Ids with an eager refresh of this process in flight.
     refreshing: Mutex<std::collections::HashSet<String>>,
 }
@@ -431,6 +434,7 @@ impl<S: Source> CacheAside<S> {
                 flights: Mutex::new(HashMap::new()),
                 near,
                 load_time: crate::freshness::LoadTime::new(),
+                refresh_time: crate::freshness::LoadTime::new(),
                 refreshing: Mutex::new(std::collections::HashSet::new()),
             }),
         }

@@ -32,7 +32,13 @@ impl<S: Source> Aside<S> {
             return;
         }
         let remaining = Duration::from_millis(expires_ms.saturating_sub(now_ms()));
-        if !rule.roll(remaining, self.load_time.estimate()) {
+        // δ: what a refresh takes, lease to refill (a load alone until one
+        // was measured).
+        let delta = match self.refresh_time.measured() {
+            Some(d) => d.max(self.load_time.estimate()),
+            None => self.load_time.estimate(),
+        };
+        if !rule.roll(remaining, delta) {
             return;
         }
         {
@@ -50,7 +56,11 @@ impl<S: Source> Aside<S> {
         let me = self.clone();
         let id = id.to_owned();
         rt.spawn(async move {
+            let started = std::time::Instant::now();
             let outcome = me.refresh(&id, expires_ms).await;
+            if outcome == "stored" {
+                me.refresh_time.record(started.elapsed());
+            }
             me.metrics.refreshed(outcome);
             me.refreshing
                 .lock()
