@@ -14,12 +14,16 @@ of its own, one redis-server per service, two instances of each service.
   every 5 s to stand for an expiry; loads: SELECTs on `profiles`.
 - the ceiling: the same load on its Redis GET (no expiry), the limit line.
 
+Both services reach PostgreSQL through bench/pg_delay.py, which delays every reply by
+$DB_DELAY_MS (20 ms): a load takes at least that long, as a real query over a network does.
+
 Each of kura off, kura on and the seed runs $ROUNDS times in rotating order. Writes
 docs/bench/raw/freshness-<date>/ (each run's JSON, results.json) and prints a summary.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +46,9 @@ ROUNDS = int(os.environ.get("ROUNDS", "2"))
 BETA = os.environ.get("BETA", "1.0")
 TTL = os.environ.get("TTL", "5s")
 TOOL = os.environ.get("HOT_KEY_BIN", str(CFG.root / "target/release/examples/hot_key_expiry"))
+# Every database reply is delayed by this much (bench/pg_delay.py), so a load takes a known
+# time and a reader that waits for one shows it.
+DB_DELAY_MS = float(os.environ.get("DB_DELAY_MS", "20"))
 
 SELECTS = r"""
 select coalesce(sum(calls),0)::bigint from pg_stat_statements
@@ -97,13 +104,16 @@ def summary(rep, loads_db):
     }
 
 
-def kura_round(run, rds, mode, r):
+def kura_round(run, rds, mode, r, db_port):
     k = Kura(rds)
+    k.db_url = f"postgres://postgres@127.0.0.1:{db_port}/{CFG.kura_db}"
     k.extra = ["--ttl", f"settings={TTL}"] + (["--eager-refresh", f"settings={BETA}"] if mode == "on" else [])
     rds.flush()
     k.start(2)
     hot = run.ids["kura"][0]
     http("PUT", f"{k.urls[0]}/api/v1/profiles/{hot}/settings", k.token, {"theme": "dark", "lang": "ja"})
+    # Cached before the load starts: every miss measured is an expiry's.
+    http("GET", f"{k.urls[0]}/api/v1/profiles/{hot}/settings", k.token)
     harness.pgss_reset(CFG.kura_db)
     before = selects(CFG.kura_db, "settings")
     rep = tool(f"kura_{mode}.r{r + 1}", k.urls, f"/api/v1/profiles/{hot}/settings", k.token,
@@ -127,16 +137,23 @@ def seed_round(run, seed, r):
 
 
 def main():
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, harness._on_signal)
     run = Run()
     run.res["meta"] = harness.environment()
     run.res["meta"].update({"duration": DURATION, "rounds": ROUNDS, "beta": BETA, "ttl": TTL,
-                            "concurrency": CFG.concurrency})
+                            "concurrency": CFG.concurrency, "db_delay_ms": DB_DELAY_MS})
     res = run.res["freshness"] = {"kura_off": [], "kura_on": [], "seed": [], "ceiling": []}
     try:
         run.setup_databases()
         kura_redis = Redis("redis-kura")
         seed_redis = Redis("redis-seed")
+        db_port = free_port()
+        PROCS.start("pg-delay", [sys.executable, str(CFG.root / "bench/pg_delay.py"), "--listen-port",
+                                 str(db_port), "--delay-ms", str(DB_DELAY_MS)])
+        time.sleep(0.5)
         seed = Seed(seed_redis)
+        seed.db_url = f"postgresql+psycopg2://seedpeer:seedpeer@127.0.0.1:{db_port}/{CFG.seed_db}"
         seed.start(2)
         ceiling = None
         if CFG.ceiling_bin:
@@ -152,7 +169,7 @@ def main():
                 if what == "seed":
                     s = seed_round(run, seed, r)
                 else:
-                    s = kura_round(run, kura_redis, what.split("_")[1], r)
+                    s = kura_round(run, kura_redis, what.split("_")[1], r, db_port)
                 res[what].append(s)
                 log(f"  {what}: {s['throughput']} req/s, p99 {s['p99_ms']} ms, max {s['max_ms']} ms, "
                     f"misses {s['misses']}, events {s['events']}, loads/event {s['loads_per_event']}, "
@@ -162,6 +179,7 @@ def main():
             if ceiling:
                 # The same hot profile, cached by kura's first read, through the bare GET.
                 k = Kura(kura_redis)
+                k.db_url = f"postgres://postgres@127.0.0.1:{db_port}/{CFG.kura_db}"
                 k.start(1)
                 hot = run.ids["kura"][0]
                 http("GET", f"{k.url}/api/v1/profiles/{hot}", k.token)

@@ -12,18 +12,26 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside, write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}   coalesce
+//! strategy/{cache_aside (+ refresh), write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}   coalesce
 //!        │                                    │             │              │
-//!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned}
+//!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned, stamps}
 //!                              │
 //!                        near/{mod, tracker}
 //!                              │
-//!     key   codec   ttl   metrics   source   store/{mod, queue, redis, memory, tracking} (+ scripts/*.lua)
+//!     key   codec   ttl   freshness   tags   metrics   source   store/{mod, queue, redis, memory, tracking} (+ scripts/*.lua)
 //! ```
 //!
 //! - [`key`]: key naming (`cache:<type>:<id>[:<sub>]`), id validation, glob escaping.
 //! - [`codec`]: the JSON envelope (`_v` version and `cached_at`), size limit.
-//! - [`ttl`]: the per-type TTL table, jitter, adaptive TTL, TTL from an expiry.
+//! - [`ttl`]: the per-type TTL table, jitter, adaptive TTL, TTL from an expiry;
+//!   each type's [`TypePolicy`] also holds its eager refresh rule and load
+//!   timeouts.
+//! - [`freshness`]: eager refresh (XFetch, [`freshness::EagerRefresh`]) and
+//!   the soft and hard load timeouts; the refresh itself is
+//!   `strategy/cache_aside/refresh.rs`.
+//! - [`tags`]: clear by type and invalidation by tag in O(1) (the stamps
+//!   hash, [`Cache::clear`], [`Cache::invalidate_tag`]); this process's copy
+//!   of the stamps is `cache/stamps.rs`.
 //! - [`source`]: the system of record ([`Source`]) and row versions ([`Versioned`]).
 //! - [`store`]: the seam to the cache server, split by capability: the
 //!   entry protocol every store has ([`Store`]) and the write-behind queue
@@ -74,8 +82,12 @@
 //! | invalidation feed | every committed change to a table with the feed's triggers, by any writer, invalidates the entity (voiding loads in flight) at least once, in commit order per entity, while one relay reaches the database and Redis; a relay killed mid-batch or cut off skips nothing; many relays never move the position back; duplicates are harmless (version rule) |
 //! | near cache (L1) | an L1 hit costs no round trip and no decode; a change to the key by anyone evicts it from every instance's L1 when the push arrives; a fill that raced an invalidation is dropped (a ticket per fill); a write through this process evicts before it returns; a lost, reconnected or moved stream flushes L1 |
 //! | near cache: negative entries | "not found" is kept in L1 as well, only from a load this caller started (its lease request was sent after the fill ticket), and evicted by any change of the entry's marker (`<ns>:~n:<type>:` is tracked beside the values) |
+//! | eager refresh ([`freshness`]) | a hot value is reloaded before it expires, in the background, by one process of the fleet at a time (a refresh lease over the value the reader saw); readers keep the cached value meanwhile; a refill is refused like any fill when a write voided its lease |
+//! | load timeouts | past the soft timeout a caller gets the stale copy, past the hard one [`Error::LoadTimeout`]; the load goes on and fills the cache |
+//! | clear / tag ([`tags`]) | one store step whatever the number of values; after it returns this process serves no value of the type (or tag) loaded before it, and no fill of a load that began before it lands; other processes stop when the stamps' push reaches them |
 //! | values with an end ([`Versioned::expires_at`]) | an entry lives at most until the value's end; a value past it is served but never cached |
 //! | near cache: not guaranteed | that another instance stops serving the old value at the instant of a write: it does when the push reaches it, or after `max_silence` (1 s) without a confirmed stream; stores without a stream (the memory store) get no near cache |
+//! | eager refresh / clear: not guaranteed | a reload before expiry of a key read less than about once per `δβ` near its end; that another process stops serving cleared values at the instant the clear returns (it does when the push arrives, or reads the stamps on every check while its stream is not live); cached "not found" markers are not cleared (they expire within `absent_ttl`); cleared entries keep their memory until their TTL |
 //! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
 //!
 //! # Failure modes
