@@ -256,6 +256,70 @@ async fn a_clear_without_the_store_is_pending() {
     assert_eq!(f.status(), Status::Bypass);
 }
 
+/// The stamps are checked in process: hits cost one `GET` each and no
+/// read of the stamps hash, before and after a clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_reads_no_stamps() {
+    let server = kura_testkit::RedisServer::start().await;
+    let cache = Cache::builder(kura::store::RedisStore::open(&server.url()).unwrap())
+        .namespace(ns())
+        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .build()
+        .unwrap();
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let calls = |info: &str, cmd: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    for cleared in [false, true] {
+        if cleared {
+            cache.clear(Kind::PROFILE).await.unwrap();
+        }
+        // Warm, and wait for the stamps stream to be confirmed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let _ = p.get("u1").await.unwrap();
+            let before: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            for _ in 0..200 {
+                assert_eq!(p.get("u1").await.unwrap().status(), Status::Hit);
+            }
+            let after: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            let (gets, hgetalls) = (
+                calls(&after, "get") - calls(&before, "get"),
+                calls(&after, "hgetall") - calls(&before, "hgetall"),
+            );
+            if hgetalls == 0 {
+                assert_eq!(gets, 200, "one GET per hit (cleared: {cleared})");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hits kept reading the stamps: {hgetalls} HGETALLs"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 both_stores!(
     clear_stops_every_value_of_the_type,
     a_tag_stops_only_its_values,

@@ -680,12 +680,16 @@ impl<S: Source> CacheAside<S> {
 
     /// The answer from `id`'s L1 entry, if it has one that may be served
     /// (an entry that does not decode is dropped).
+    #[inline]
     fn answer_l1<R: Answer<S::Value>>(&self, n: &Near<S::Value>, id: &str) -> Option<R> {
         let e = n.get(id)?;
         match R::from_near(&e) {
             Ok(r) => {
-                if let Some(rule) = self.inner.policy.eager_refresh {
-                    self.inner.consider_refresh(rule, id, e.expires_ms);
+                // An expiry is recorded only for types with eager refresh.
+                if e.expires_ms != 0 {
+                    if let Some(rule) = self.inner.policy.eager_refresh {
+                        self.inner.consider_refresh(rule, id, e.expires_ms);
+                    }
                 }
                 Some(r)
             }
