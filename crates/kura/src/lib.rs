@@ -12,7 +12,7 @@
 //! Imports point downwards only:
 //!
 //! ```text
-//! strategy/{cache_aside (+ refresh), write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}   coalesce
+//! strategy/{cache_aside (+ batch, refresh), write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}   coalesce
 //!        │                                    │             │              │
 //!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned, stamps}
 //!                              │
