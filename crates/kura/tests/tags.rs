@@ -320,7 +320,36 @@ async fn a_hit_reads_no_stamps() {
     }
 }
 
+/// A write-behind write not yet in the database is newer than the
+/// database: a clear does not take it away from readers.
+async fn a_pending_write_outlives_a_clear(b: Backend) {
+    let (cache, ns) = b.queued();
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    profiles.get("u1").await.unwrap();
+    // No flusher runs: the write stays queued.
+    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    wb.accept("u1", |cur| support::Row {
+        name: "pending".into(),
+        version: cur.version + 1,
+        ..cur.clone()
+    })
+    .await
+    .unwrap();
+    cache.clear(Kind::PROFILE).await.unwrap();
+    for _ in 0..3 {
+        let f = profiles.get("u1").await.unwrap();
+        assert_eq!(f.value().unwrap().name, "pending", "{:?}", f.status());
+    }
+    let batch = profiles.get_many(&["u1"]).await.unwrap();
+    assert_eq!(batch.entries[0].1.value().unwrap().name, "pending");
+    assert_eq!(db.get("u1").unwrap().name, "v1", "still only in the queue");
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    a_pending_write_outlives_a_clear,
     clear_stops_every_value_of_the_type,
     a_tag_stops_only_its_values,
     a_fill_that_began_before_a_clear_does_not_land,

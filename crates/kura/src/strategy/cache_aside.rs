@@ -871,13 +871,12 @@ impl<S: Source> Aside<S> {
                 _ => return self.load_only(id, Status::Bypass).await,
             };
             let stale = match acquired {
+                // Served without the stamps check: the value key was just
+                // found empty or cleared (and removed), so what the lease
+                // request finds is a fill since, or a pending write-behind
+                // write put back in place, which a clear does not cover
+                // (it is newer than the database).
                 Acquired::Value(bytes) => match codec::decode(&bytes) {
-                    // A value cleared since its load began (or put back
-                    // from a pending write, which a clear does not cover):
-                    // the first is answered from the source, not cached.
-                    Ok(_) if c.admits(&self.kind, &bytes).await != Some(true) => {
-                        return self.load_only(id, Status::Bypass).await;
-                    }
                     Ok(d) => return Ok(Fetched::decoded(d, Status::Hit)),
                     Err(_) => {
                         c.discard(&entry.value, &bytes).await;

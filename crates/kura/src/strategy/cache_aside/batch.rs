@@ -110,7 +110,7 @@ impl<S: Source> Aside<S> {
     /// What one lease request of a batch found, put in its place: a lease
     /// to load under, a hit, or (for a read) an id to load without one.
     #[allow(clippy::too_many_arguments)]
-    async fn take_acquired(
+    fn take_acquired(
         &self,
         j: usize,
         a: Acquired,
@@ -120,7 +120,6 @@ impl<S: Source> Aside<S> {
         stale: &mut [Option<Bytes>],
         to_load: &mut Vec<usize>,
     ) {
-        let c = &self.cache.inner;
         match a {
             Acquired::Leased { stale: s } => {
                 held.took(j);
@@ -128,11 +127,12 @@ impl<S: Source> Aside<S> {
                 to_load.push(j);
             }
             _ if mode == BatchMode::Warm => {}
+            // As in a single read: a value the lease request finds after a
+            // cleared one was removed is a fill since or a pending
+            // write-behind write put back, served as it is.
             Acquired::Value(b) => match codec::decode(&b) {
-                Ok(d) if c.admits(&self.kind, &b).await == Some(true) => {
-                    slots[j].fetched = Some(Fetched::decoded(d, Status::Hit));
-                }
-                _ => to_load.push(j),
+                Ok(d) => slots[j].fetched = Some(Fetched::decoded(d, Status::Hit)),
+                Err(_) => to_load.push(j),
             },
             Acquired::Absent => slots[j].fetched = Some(Fetched::absent(Status::Hit)),
             Acquired::Busy { stale: s } => {
@@ -223,8 +223,7 @@ impl<S: Source> Aside<S> {
                             continue;
                         }
                     }
-                    self.take_acquired(j, a, mode, &mut held, &mut slots, &mut stale, &mut to_load)
-                        .await;
+                    self.take_acquired(j, a, mode, &mut held, &mut slots, &mut stale, &mut to_load);
                 }
                 if !again.is_empty() {
                     let reqs = lease_requests(&again);
@@ -239,8 +238,7 @@ impl<S: Source> Aside<S> {
                                     &mut slots,
                                     &mut stale,
                                     &mut to_load,
-                                )
-                                .await;
+                                );
                             }
                         }
                         _ if mode == BatchMode::Warm => {}
