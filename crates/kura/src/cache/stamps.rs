@@ -414,6 +414,104 @@ impl TrackingSink for Stamps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The model: a value loaded at `epoch` of `kind` with `tags` is
+    /// served unless some bump after `epoch` named its kind, its kind's
+    /// tag or one of its tags.
+    fn model(bumps: &[(String, u64)], kind: &str, tags: &[String], epoch: u64) -> bool {
+        bumps.iter().all(|(field, at)| {
+            let covers = *field == format!("kind:{kind}")
+                || *field == format!("tag:kind:{kind}")
+                || tags.iter().any(|t| *field == format!("tag:{t}"));
+            !covers || *at <= epoch
+        })
+    }
+
+    /// Plays `ops` against a hash like the store's (each bump raises the
+    /// epoch and sets its field) and checks every value against the model,
+    /// through the envelope as a reader sees it and as a fill is checked.
+    fn check(ops: &[(bool, u8, u8, Vec<u8>)]) {
+        let kinds = ["profile", "settings"];
+        let mut hash: HashMap<String, u64> = HashMap::new();
+        let mut bumps: Vec<(String, u64)> = Vec::new();
+        let mut epoch = 0;
+        for (bump, k, t, value_tags) in ops {
+            let kind = kinds[usize::from(*k) % 2];
+            if *bump {
+                epoch += 1;
+                let field = match t % 3 {
+                    0 => format!("kind:{kind}"),
+                    1 => format!("tag:kind:{kind}"),
+                    _ => format!("tag:t{}", t % 5),
+                };
+                hash.insert("epoch".to_owned(), epoch);
+                hash.insert(field.clone(), epoch);
+                bumps.push((field, epoch));
+                continue;
+            }
+            let table = Table::from_fields(hash.clone().into_iter().collect());
+            let tags: Vec<String> = value_tags.iter().map(|x| format!("t{}", x % 5)).collect();
+            let loaded_at = u64::from(*t) % (epoch + 1);
+            let enc = crate::codec::encode_with(
+                &serde_json::json!({"a": 1}),
+                1,
+                1 << 16,
+                &crate::codec::Header {
+                    expires_ms: 0,
+                    epoch: loaded_at,
+                    tags: &tags,
+                },
+            )
+            .unwrap();
+            let want = model(&bumps, kind, &tags, loaded_at);
+            let meta = crate::codec::peek_meta(&enc.envelope);
+            assert_eq!(
+                table.admits(kind, &meta),
+                want,
+                "{kind} {tags:?} at {loaded_at}"
+            );
+            assert_eq!(table.admits_tags(kind, loaded_at, &tags), want);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn admits_exactly_what_no_later_bump_covers(
+            ops in proptest::collection::vec(
+                (any::<bool>(), any::<u8>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..3)),
+                1..200,
+            )
+        ) {
+            check(&ops);
+        }
+    }
+
+    /// A long run of reads of the hash arriving out of order: the copy only
+    /// ever moves forward, and its quick bound is always its own highest
+    /// stamp.
+    #[test]
+    fn soak_the_copy_never_moves_back() {
+        let stamps = Stamps::new("ns:~stamps".into(), Duration::from_secs(1), None);
+        let mut seen_max = 0;
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 1..=100_000u64 {
+            // xorshift: a read of an epoch up to 50 behind the newest.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let epoch = i.saturating_sub(state % 50);
+            let fields = vec![
+                ("epoch".to_owned(), epoch),
+                (format!("tag:t{}", epoch % 7), epoch),
+            ];
+            stamps.install(Table::from_fields(fields), None);
+            seen_max = seen_max.max(epoch);
+            let last = stamps.last();
+            assert_eq!(last.epoch, seen_max, "at {i}");
+            assert_eq!(stamps.max.load(Ordering::Acquire), last.max);
+        }
+    }
 
     fn table(fields: &[(&str, u64)]) -> Table {
         Table::from_fields(fields.iter().map(|(f, v)| ((*f).to_owned(), *v)).collect())

@@ -128,3 +128,91 @@ impl<S: Source> Aside<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use crate::freshness::EagerRefresh;
+    use crate::store::MemoryStore;
+    use crate::{Cache, Kind, Source, Status, TtlPolicy, TypePolicy, Versioned};
+
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct V {
+        v: u64,
+    }
+
+    impl Versioned for V {
+        fn version(&self) -> u64 {
+            self.v
+        }
+    }
+
+    struct Src(Arc<AtomicU64>);
+
+    impl Source for Src {
+        type Value = V;
+        type Error = std::io::Error;
+        async fn load(&self, _id: &str) -> Result<Option<V>, std::io::Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(Some(V { v: 1 }))
+        }
+    }
+
+    /// A long run of eager refreshes of 20 keys with a 100 ms TTL: each key
+    /// is reloaded about once per TTL, readers almost never miss, and when
+    /// the reads stop no refresh is left marked in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn soak_refreshes_leave_nothing_in_flight() {
+        let policy = TtlPolicy::seed().with_jitter(0.0).with_type(
+            "profile",
+            TypePolicy::new(Duration::from_millis(100))
+                .eager_refresh(EagerRefresh::new(4.0).unwrap()),
+        );
+        let cache = Cache::builder(MemoryStore::new())
+            .ttl_policy(policy)
+            .build()
+            .unwrap();
+        let loads = Arc::new(AtomicU64::new(0));
+        let p = cache.aside(Kind::PROFILE, Src(loads.clone()));
+        let ids: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+        let until = Instant::now() + Duration::from_secs(4);
+        let (mut reads, mut misses) = (0u64, 0u64);
+        while Instant::now() < until {
+            for id in &ids {
+                reads += 1;
+                if p.get(id).await.unwrap().status() != Status::Hit {
+                    misses += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            p.parts()
+                .refreshing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty(),
+            "refreshes left marked in flight"
+        );
+        let n = loads.load(Ordering::SeqCst);
+        assert!(
+            n >= 20 * 20,
+            "each key reloaded about once per TTL: {n} loads"
+        );
+        // XFetch reloads δβ·ln(λδβ) early (here some 20 ms of 100): more
+        // often than once per TTL, far less than once per read.
+        assert!(
+            n <= 20 * 100,
+            "at most about twice per TTL: {n} loads of {reads} reads"
+        );
+        assert!(
+            misses <= 20 + reads / 200,
+            "{misses} misses of {reads} reads"
+        );
+    }
+}
