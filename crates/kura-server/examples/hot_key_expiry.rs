@@ -40,14 +40,14 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// How long to measure.
-    #[arg(long, default_value = "60s", value_parser = parse_secs)]
+    #[arg(long, default_value = "60s", value_parser = kura_server::config::parse_duration)]
     duration: Duration,
     /// A counter of loads in each instance's `/metrics`, as it appears
     /// before the value (`name{labels}`).
     #[arg(long)]
     loads_metric: Option<String>,
     /// How often the counter is read.
-    #[arg(long, default_value = "20ms", value_parser = parse_secs)]
+    #[arg(long, default_value = "20ms", value_parser = kura_server::config::parse_duration)]
     poll: Duration,
     /// Stand for expiries by deleting this key on `--expire-redis` every
     /// `--expire-every` (a service whose TTL cannot be set).
@@ -57,21 +57,8 @@ struct Args {
     #[arg(long)]
     expire_redis: Option<String>,
     /// The interval of the deletions.
-    #[arg(long, default_value = "5s", value_parser = parse_secs)]
+    #[arg(long, default_value = "5s", value_parser = kura_server::config::parse_duration)]
     expire_every: Duration,
-}
-
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = n.parse().map_err(|_| format!("{s:?}: not a duration"))?;
-    Ok(Duration::from_secs_f64(match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit ms, s or m")),
-    }))
 }
 
 /// One response: when it started (since the start), how long it took, and

@@ -10,23 +10,6 @@ use std::time::{Duration, Instant};
 use drills_support::{Api, CacheTag, DrillLock, Fixture, Service, pg_addr};
 use kura_testkit::{FaultProxy, RedisServer};
 
-/// The sum of a counter's series with all of `labels`, from `/metrics`.
-async fn counter(api: &Api, name: &str, labels: &[&str]) -> f64 {
-    let text = api
-        .http
-        .get(format!("{}/metrics", api.url))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A slow database: a profile with a stale copy answers `stale` at the
 /// soft timeout, a cold one 504 at the hard timeout, and both loads go on
 /// to fill the cache.
@@ -79,8 +62,12 @@ async fn load_timeouts_through_a_slow_database() {
             started.elapsed()
         );
     }
-    let soft = counter(&api, "cache_load_timeouts_total", &["timeout=\"soft\""]).await;
-    let hard = counter(&api, "cache_load_timeouts_total", &["timeout=\"hard\""]).await;
+    let soft = api
+        .counter("cache_load_timeouts_total", &["timeout=\"soft\""])
+        .await;
+    let hard = api
+        .counter("cache_load_timeouts_total", &["timeout=\"hard\""])
+        .await;
     assert_eq!((soft, hard), (1.0, 1.0));
 }
 
@@ -126,8 +113,12 @@ async fn eager_refresh_keeps_a_hot_profile_warm() {
         "{not_hits} of {} reads were not hits",
         tags.len()
     );
-    let stored = counter(&api, "cache_refreshes_total", &["outcome=\"stored\""]).await;
-    let loads = counter(&api, "cache_loads_total", &["cache_type=\"profile\""]).await;
+    let stored = api
+        .counter("cache_refreshes_total", &["outcome=\"stored\""])
+        .await;
+    let loads = api
+        .counter("cache_loads_total", &["cache_type=\"profile\""])
+        .await;
     // The adaptive rule makes the hot key's TTL 2 s after its first
     // refresh: a reload about every 2 s.
     assert!((1.0..=8.0).contains(&stored), "refreshes stored: {stored}");

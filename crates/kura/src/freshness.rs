@@ -136,12 +136,9 @@ impl LoadTime {
         }
     }
 
-    /// The current estimate.
+    /// The current estimate: the average, or the guess before any load.
     pub(crate) fn estimate(&self) -> Duration {
-        match self.micros.load(Ordering::Relaxed) {
-            0 => Self::INITIAL,
-            us => Duration::from_micros(us),
-        }
+        self.measured().unwrap_or(Self::INITIAL)
     }
 }
 

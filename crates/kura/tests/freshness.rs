@@ -11,6 +11,20 @@ use kura::freshness::EagerRefresh;
 use kura::{Cache, Error, Kind, Status, TtlPolicy, TypePolicy};
 use support::{Backend, Db, TestDb, cleanup, ns};
 
+/// A builder over `store` in namespace `ns` with `policy` for profiles and
+/// no TTL jitter.
+fn profile_cache(
+    store: Arc<dyn kura::QueueStore>,
+    ns: &str,
+    policy: TypePolicy,
+) -> kura::CacheBuilder {
+    Cache::builder_shared(store).namespace(ns).ttl_policy(
+        TtlPolicy::seed()
+            .with_jitter(0.0)
+            .with_type("profile", policy),
+    )
+}
+
 /// A hot key with a 1 s TTL read by `readers` tasks on each of `instances`
 /// caches for `run`; returns every status seen after the first load, and
 /// the database.
@@ -28,13 +42,7 @@ async fn hot_key(
         .fleet(instances)
         .into_iter()
         .map(|store| {
-            Cache::builder_shared(store)
-                .namespace(&ns)
-                .ttl_policy(
-                    TtlPolicy::seed()
-                        .with_jitter(0.0)
-                        .with_type("profile", policy),
-                )
+            profile_cache(store, &ns, policy)
                 .build()
                 .unwrap()
                 .aside(Kind::PROFILE, Db(db.clone()))
@@ -132,15 +140,7 @@ async fn soft_timeout_serves_stale_and_fills_later(b: Backend) {
     let policy = TypePolicy::new(Duration::from_millis(1000))
         .max_stale(Duration::from_secs(60))
         .load_soft_timeout(Duration::from_millis(100));
-    let cache = Cache::builder_shared(b.store())
-        .namespace(&ns)
-        .ttl_policy(
-            TtlPolicy::seed()
-                .with_jitter(0.0)
-                .with_type("profile", policy),
-        )
-        .build()
-        .unwrap();
+    let cache = profile_cache(b.store(), &ns, policy).build().unwrap();
     let db = TestDb::new();
     db.put("u1", "v1");
     let p = cache.aside(Kind::PROFILE, Db(db.clone()));
@@ -176,15 +176,7 @@ async fn hard_timeout_bounds_a_cold_load(b: Backend) {
     let policy = TypePolicy::new(Duration::from_secs(60))
         .load_soft_timeout(Duration::from_millis(50))
         .load_hard_timeout(Duration::from_millis(150));
-    let cache = Cache::builder_shared(b.store())
-        .namespace(&ns)
-        .ttl_policy(
-            TtlPolicy::seed()
-                .with_jitter(0.0)
-                .with_type("profile", policy),
-        )
-        .build()
-        .unwrap();
+    let cache = profile_cache(b.store(), &ns, policy).build().unwrap();
     let db = TestDb::new();
     db.put("u1", "v1");
     db.set_delay(Duration::from_millis(500));
@@ -219,13 +211,7 @@ async fn waiters_on_another_instance_get_stale_at_the_soft_timeout(b: Backend) {
         .fleet(2)
         .into_iter()
         .map(|s| {
-            Cache::builder_shared(s)
-                .namespace(&ns)
-                .ttl_policy(
-                    TtlPolicy::seed()
-                        .with_jitter(0.0)
-                        .with_type("profile", policy),
-                )
+            profile_cache(s, &ns, policy)
                 // Waiters wait for the fill rather than take the stale copy
                 // at once: only the soft timeout hands it out.
                 .stale_while_loading(false)

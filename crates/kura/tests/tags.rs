@@ -78,12 +78,21 @@ async fn a_tag_stops_only_its_values(b: Backend) {
     cleanup(&ns).await;
 }
 
-/// The race: a load that read its row before the clear fills after it. Its
-/// value must not be served (the fill records the epoch its load began in).
-async fn a_fill_that_began_before_a_clear_does_not_land(b: Backend) {
+/// What stops the values in a race test: a clear of the type, or an
+/// invalidation of the rows' tag.
+#[derive(Clone, Copy)]
+enum Stop {
+    Clear,
+    Tag,
+}
+
+/// The race: a load that read its row (`old`) before the clear fills after
+/// it. Its value must not be served (the fill records the epoch its load
+/// began in).
+async fn a_fill_that_began_before_it_does_not_land(b: Backend, stop: Stop, old: &str, new: &str) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    db.put("u1", "old");
+    db.put("u1", old);
     let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
     let gate = db.arm_gate();
     let reader = tokio::spawn({
@@ -91,45 +100,36 @@ async fn a_fill_that_began_before_a_clear_does_not_land(b: Backend) {
         async move { p.get("u1").await.unwrap() }
     });
     gate.loaded.notified().await;
-    // The row changes and the type is cleared while the load holds "old".
-    db.put("u1", "new");
-    cache.clear(Kind::PROFILE).await.unwrap();
+    // The row changes and the values are stopped while the load holds `old`.
+    db.put("u1", new);
+    match stop {
+        Stop::Clear => cache.clear(Kind::PROFILE).await.unwrap(),
+        Stop::Tag => cache.invalidate_tag("tenant:acme").await.unwrap(),
+    };
     gate.release.notify_one();
     let first = reader.await.unwrap();
     assert_eq!(
         first.value().unwrap().name,
-        "old",
+        old,
         "the caller gets what it loaded"
     );
-    // Whatever that fill did, no later read is answered "old".
+    // Whatever that fill did, no later read is answered `old`.
     for _ in 0..3 {
         let f = profiles.get("u1").await.unwrap();
-        assert_eq!(f.value().unwrap().name, "new");
+        assert_eq!(f.value().unwrap().name, new);
     }
     assert_eq!(db.loads(), 2);
     cleanup(&ns).await;
 }
 
+async fn a_fill_that_began_before_a_clear_does_not_land(b: Backend) {
+    a_fill_that_began_before_it_does_not_land(b, Stop::Clear, "old", "new").await;
+}
+
 /// The same race for a tag: the value's tags are known only after the
 /// load, and still the fill does not land.
 async fn a_fill_that_began_before_a_tag_invalidation_does_not_land(b: Backend) {
-    let (cache, ns) = b.cache();
-    let db = TestDb::new();
-    db.put("u1", "old@acme");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let gate = db.arm_gate();
-    let reader = tokio::spawn({
-        let p = profiles.clone();
-        async move { p.get("u1").await.unwrap() }
-    });
-    gate.loaded.notified().await;
-    db.put("u1", "new@acme");
-    cache.invalidate_tag("tenant:acme").await.unwrap();
-    gate.release.notify_one();
-    reader.await.unwrap();
-    let f = profiles.get("u1").await.unwrap();
-    assert_eq!(f.value().unwrap().name, "new@acme");
-    cleanup(&ns).await;
+    a_fill_that_began_before_it_does_not_land(b, Stop::Tag, "old@acme", "new@acme").await;
 }
 
 /// Another instance stops serving the cleared values as soon as the

@@ -436,6 +436,12 @@ impl Api {
     /// A counter from `/metrics` with the `cache_type="profile"` label (0
     /// when not yet registered).
     pub async fn profile_counter(&self, name: &str) -> f64 {
+        self.counter(name, &["cache_type=\"profile\""]).await
+    }
+
+    /// The sum of a counter's series that carry every one of `labels`
+    /// (0 when none is registered yet).
+    pub async fn counter(&self, name: &str, labels: &[&str]) -> f64 {
         let text = self
             .http
             .get(format!("{}/metrics", self.url))
@@ -446,10 +452,9 @@ impl Api {
             .await
             .expect("metrics text");
         text.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("cache_type=\"profile\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 

@@ -48,36 +48,33 @@ impl Table {
         t
     }
 
-    /// Whether `kind` was cleared, or its implicit tag `kind:<kind>`
-    /// invalidated, after `epoch`.
-    fn kind_cleared_after(&self, kind: &str, epoch: u64) -> bool {
-        self.kinds.get(kind).is_some_and(|&s| s > epoch)
-            || self.tags.get(&kind_field(kind)).is_some_and(|&s| s > epoch)
+    /// Whether a value of `kind` with `tags` whose load began at `epoch` is
+    /// still good: no clear of `kind`, invalidation of its implicit tag
+    /// `kind:<kind>` or of one of `tags` came after `epoch`.
+    fn admits_loaded<'a>(
+        &self,
+        kind: &str,
+        epoch: u64,
+        tags: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
+        if self.max <= epoch {
+            return true;
+        }
+        let after = |s: Option<&u64>| s.is_some_and(|&s| s > epoch);
+        !after(self.kinds.get(kind))
+            && !after(self.tags.get(&kind_field(kind)))
+            && !tags.into_iter().any(|t| after(self.tags.get(t)))
     }
 
     /// Whether a value of `kind` with envelope `meta` may be served.
     pub(crate) fn admits(&self, kind: &str, meta: &Meta<'_>) -> bool {
-        if self.max <= meta.epoch {
-            return true;
-        }
-        if self.kind_cleared_after(kind, meta.epoch) {
-            return false;
-        }
-        !meta
-            .tags()
-            .any(|t| self.tags.get(t).is_some_and(|&s| s > meta.epoch))
+        self.admits_loaded(kind, meta.epoch, meta.tags())
     }
 
     /// Whether values of `kind` with `tags` whose loads began at `epoch`
     /// may be written.
     pub(crate) fn admits_tags(&self, kind: &str, epoch: u64, tags: &[String]) -> bool {
-        if self.max <= epoch {
-            return true;
-        }
-        !self.kind_cleared_after(kind, epoch)
-            && !tags
-                .iter()
-                .any(|t| self.tags.get(t.as_str()).is_some_and(|&s| s > epoch))
+        self.admits_loaded(kind, epoch, tags.iter().map(String::as_str))
     }
 }
 
@@ -315,6 +312,30 @@ impl CacheInner {
             epoch,
             tags,
         }
+    }
+
+    /// A loaded or committed `value` of a type with `policy`, at `key`,
+    /// encoded with its header: the envelope, its lifetimes (`None`: past
+    /// the value's end, not to be cached) and the value's tags.
+    pub(crate) fn envelope<T: serde::Serialize + crate::Versioned + ?Sized>(
+        &self,
+        value: &T,
+        key: &str,
+        policy: &crate::ttl::TypePolicy,
+        epoch: u64,
+    ) -> Result<
+        (
+            crate::codec::Encoded,
+            Option<crate::store::Lifetimes>,
+            Vec<String>,
+        ),
+        crate::codec::CodecError,
+    > {
+        let lifetimes = Self::capped(self.lifetimes(key, policy), value.expires_at());
+        let tags = value.tags();
+        let header = Self::header(policy, lifetimes.as_ref(), epoch, &tags);
+        let enc = crate::codec::encode_with(value, value.version(), self.max_value_bytes, &header)?;
+        Ok((enc, lifetimes, tags))
     }
 
     async fn bump(&self, field: &str) -> Result<u64, Error> {

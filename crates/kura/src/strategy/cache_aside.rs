@@ -1000,10 +1000,7 @@ impl<S: Source> Aside<S> {
         epoch: u64,
     ) -> Result<(codec::Encoded, Option<crate::store::Lifetimes>), CodecError> {
         let c = &self.cache.inner;
-        let lifetimes = CacheInner::capped(c.lifetimes(key, &self.policy), v.expires_at());
-        let tags = v.tags();
-        let header = CacheInner::header(&self.policy, lifetimes.as_ref(), epoch, &tags);
-        let enc = codec::encode_with(v, v.version(), c.max_value_bytes, &header)?;
+        let (enc, lifetimes, tags) = c.envelope(v, key, &self.policy, epoch)?;
         let lifetimes = lifetimes.filter(|_| c.writable(&self.kind, epoch, &tags));
         Ok((enc, lifetimes))
     }

@@ -23,8 +23,8 @@
 //! that is cached (an absent one is loaded by the next read), which is what
 //! makes an out-of-order writer harmless.
 
-use crate::cache::{Cache, CacheInner};
-use crate::codec::{self, CodecError};
+use crate::cache::Cache;
+use crate::codec::CodecError;
 use crate::error::Error;
 use crate::key::Kind;
 use crate::metrics::KindMetrics;
@@ -145,11 +145,8 @@ impl WriteThrough {
         let entry = c.keys.entry(&self.kind, id)?;
         let policy = c.policy.get(self.kind.name());
         let version = value.version();
-        let lifetimes = CacheInner::capped(c.lifetimes(&entry.value, &policy), value.expires_at());
-        let tags = value.tags();
-        let header = CacheInner::header(&policy, lifetimes.as_ref(), c.load_epoch(), &tags);
-        let enc = match codec::encode_with(value, version, c.max_value_bytes, &header) {
-            Ok(enc) if policy.enabled() => enc,
+        let (enc, lifetimes) = match c.envelope(value, &entry.value, &policy, c.load_epoch()) {
+            Ok((enc, lifetimes, _)) if policy.enabled() => (enc, lifetimes),
             Ok(_) => return self.invalidate(id).await,
             Err(
                 e @ (CodecError::TooLarge { .. } | CodecError::Encode(_) | CodecError::Decode(_)),

@@ -34,10 +34,11 @@ impl<S: Source> Aside<S> {
         let remaining = Duration::from_millis(expires_ms.saturating_sub(now_ms()));
         // δ: what a refresh takes, lease to refill (a load alone until one
         // was measured).
-        let delta = match self.refresh_time.measured() {
-            Some(d) => d.max(self.load_time.estimate()),
-            None => self.load_time.estimate(),
-        };
+        let delta = self
+            .refresh_time
+            .measured()
+            .unwrap_or_default()
+            .max(self.load_time.estimate());
         if !rule.roll(remaining, delta) {
             return;
         }
