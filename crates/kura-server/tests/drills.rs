@@ -13,6 +13,7 @@
 //! - hit ratio back to 90 % of its level before the fault: within
 //!   [`RECOVER_WITHIN`] of Redis answering again.
 
+#[allow(dead_code)]
 mod drills_support;
 mod support;
 

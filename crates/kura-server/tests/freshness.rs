@@ -128,3 +128,109 @@ async fn eager_refresh_keeps_a_hot_profile_warm() {
         "one load per refresh, and the first miss"
     );
 }
+
+/// Clears the fixture's namespace from an instance of its own, which then
+/// stops: what follows runs on instances that never saw the clear happen.
+async fn clear_from_a_past_instance(fx: &Fixture, redis_url: &str) {
+    let past = Service::start(fx, &fx.db.url(), redis_url, &[]).await;
+    let r = Api::new(&past, fx).clear_profiles().await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    drop(past);
+}
+
+/// A new instance on a namespace with a past clear fills from its first
+/// read, and serves what it filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_after_a_clear_fills_from_its_first_read() {
+    let _lock = DrillLock::acquire().await;
+    let fx = Fixture::new(5).await;
+    let redis = RedisServer::start().await;
+    clear_from_a_past_instance(&fx, &redis.url()).await;
+    let svc = Service::start(&fx, &fx.db.url(), &redis.url(), &[]).await;
+    let api = Api::new(&svc, &fx);
+    for id in &fx.ids {
+        assert_eq!(api.get(id).await.cache, CacheTag::Miss);
+        let r = api.get(id).await;
+        assert_eq!(
+            (r.status, r.cache),
+            (200, CacheTag::Hit),
+            "{id}: {:?}",
+            r.body
+        );
+    }
+}
+
+/// A new instance after a clear, a short TTL, a stale window and a soft
+/// timeout: an expired profile read first by this instance answers its
+/// stale copy at the soft timeout when the database turns slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_after_a_clear_answers_stale_at_the_soft_timeout() {
+    let _lock = DrillLock::acquire().await;
+    let fx = Fixture::new(5).await;
+    let redis = RedisServer::start().await;
+    clear_from_a_past_instance(&fx, &redis.url()).await;
+    let pg = FaultProxy::start(pg_addr()).await;
+    let svc = Service::start(
+        &fx,
+        &fx.db.url_via(pg.addr()),
+        &redis.url(),
+        &[
+            "--ttl",
+            "profile=2s",
+            "--max-stale",
+            "60s",
+            "--load-soft-timeout",
+            "profile=100ms",
+        ],
+    )
+    .await;
+    let api = Api::new(&svc, &fx);
+    let id = fx.ids[0];
+    assert_eq!(api.get(&id).await.cache, CacheTag::Miss);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Every round trip to PostgreSQL now takes at least a second.
+    pg.set_latency(Duration::from_millis(500));
+    let r = api.get(&id).await;
+    pg.set_latency(Duration::ZERO);
+    assert_eq!((r.status, r.cache), (200, CacheTag::Stale), "{:?}", r.body);
+    assert!(r.latency < Duration::from_millis(600), "{:?}", r.latency);
+}
+
+/// A new instance after a clear keeps a hot profile warm by eager refresh
+/// over a slow database: no read after the first waits for a load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_after_a_clear_keeps_a_hot_key_warm() {
+    let _lock = DrillLock::acquire().await;
+    let fx = Fixture::new(5).await;
+    let redis = RedisServer::start().await;
+    clear_from_a_past_instance(&fx, &redis.url()).await;
+    let pg = FaultProxy::start(pg_addr()).await;
+    pg.set_latency(Duration::from_millis(150));
+    let svc = Service::start(
+        &fx,
+        &fx.db.url_via(pg.addr()),
+        &redis.url(),
+        &["--ttl", "profile=3s", "--eager-refresh", "profile=1.0"],
+    )
+    .await;
+    let api = Api::new(&svc, &fx);
+    let hot = fx.ids[0];
+    assert_eq!(api.get(&hot).await.cache, CacheTag::Miss);
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut slow = Vec::new();
+    let mut reads = 0;
+    while Instant::now() < until {
+        let r = api.get(&hot).await;
+        reads += 1;
+        if r.cache != CacheTag::Hit {
+            slow.push((r.cache, r.latency));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(reads > 100, "{reads} reads");
+    assert!(
+        slow.is_empty(),
+        "{} of {reads} reads were not hits: {slow:?}",
+        slow.len()
+    );
+}

@@ -7,7 +7,7 @@
 //! `epoch` counter and one field per cleared type (`kind:<type>`) and per
 //! invalidated tag (`tag:<tag>`). [`Cache::clear`](crate::Cache::clear) and
 //! [`Cache::invalidate_tag`](crate::Cache::invalidate_tag) are one atomic
-//! step: the epoch goes up by one and the field is set to it. A value
+//! step: the epoch goes up and the field is set to it. A value
 //! records in its envelope ([`crate::codec::Header`]) the epoch its load
 //! began in and its tags ([`crate::Versioned::tags`]); it is served only
 //! while its type's field and each of its tags' fields are at or below that
@@ -15,12 +15,36 @@
 //! writing it: `invalidate_tag("kind:profile")` is `clear(Kind::PROFILE)`. Nothing else is touched: the old entries are misses from then on
 //! and expire by their TTL (a read that finds one removes it and loads).
 //!
+//! # Losing the hash
+//!
+//! The hash has no TTL, but a store can still lose it (a Redis restart
+//! without persistence, `FLUSHALL`, an eviction under an `allkeys-*`
+//! policy) while values stamped with its epochs survive elsewhere. Two rules
+//! keep a clear after the loss effective:
+//!
+//! - an epoch is the store's clock in microseconds, or one past the highest
+//!   epoch the hash or the clearing process knows, whichever is higher
+//!   ([`crate::Store::bump_stamp`]): the first clear of a hash made again
+//!   is above every epoch a surviving value carries;
+//! - the hash names its incarnation (`id`, its first epoch): a process
+//!   whose copy came from another incarnation (or from a hash that is gone)
+//!   takes the new one even if its epoch is lower, and empties its near
+//!   caches. Without this, processes would keep the old epoch and keep
+//!   refusing what processes started after the loss fill.
+//!
 //! Each process keeps the hash in memory, so the check costs no round trip:
 //! the store's invalidation stream (Redis client tracking on
 //! `<ns>:~stamps`) tells it when the hash changes and it reads the hash
 //! again before serving the next value; a process clearing applies its own
 //! change before the call returns. A near cache (L1) is emptied when the
 //! hash changes.
+//!
+//! A load records the epoch of a copy this process can trust: a process
+//! that has not read the hash yet (just started), or whose stream is not
+//! confirmed live, reads it before the load (one round trip on that miss),
+//! so a new process fills from its first read and is never refused for an
+//! epoch it could not know. There is no window in which a new process
+//! answers `bypass` because of the stamps.
 //!
 //! A fill whose load began before a clear records the older epoch, so it
 //! is refused by every reader that knows the clear (and not written by a
@@ -123,6 +147,9 @@ pub(crate) fn tag_field(tag: &str) -> String {
 
 /// The hash's epoch counter.
 pub(crate) const EPOCH_FIELD: &str = "epoch";
+
+/// The hash's incarnation: its first epoch.
+pub(crate) const ID_FIELD: &str = "id";
 
 #[cfg(test)]
 mod tests {

@@ -120,8 +120,8 @@ impl Store for Flaky {
     async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>> {
         self.inner.stamps(key).await
     }
-    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
-        self.inner.bump_stamp(key, field).await
+    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64> {
+        self.inner.bump_stamp(key, field, held).await
     }
     async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
         self.inner.count_matching(pattern).await

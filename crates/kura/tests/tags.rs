@@ -348,7 +348,79 @@ async fn a_pending_write_outlives_a_clear(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// The stamps hash lost after several clears (a Redis restart without
+/// persistence, `FLUSHALL`, an eviction under `allkeys-*`): a later clear
+/// still stops the values this process filled meanwhile, and the process
+/// takes the new hash for what it is.
+async fn a_clear_after_the_stamps_were_lost_stops_values(b: Backend) {
+    if b == Backend::Memory {
+        return; // the in-process store never loses its hash
+    }
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    for _ in 0..5 {
+        cache.clear(Kind::SETTINGS).await.unwrap();
+    }
+    profiles.get("u1").await.unwrap();
+    let mut c = support::redis_conn().await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{ns}:~stamps"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // Read and fill after the loss (the old value is removed first, so the
+    // fill is one made with whatever this process holds now).
+    cache
+        .write_through(Kind::PROFILE)
+        .invalidate("u1")
+        .await
+        .unwrap();
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit);
+    cache.clear(Kind::PROFILE).await.unwrap();
+    assert_eq!(
+        profiles.get("u1").await.unwrap().status(),
+        Status::Miss,
+        "the clear after the loss stops the value filled before it"
+    );
+    cleanup(&ns).await;
+}
+
+/// A process started on a namespace with a past clear fills from its very
+/// first read, and serves what it filled.
+async fn a_new_instance_fills_from_its_first_read(b: Backend) {
+    let ns = ns();
+    let stores = b.fleet(2);
+    let build = |s| {
+        Cache::builder_shared(s)
+            .namespace(&ns)
+            .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+            .build()
+            .unwrap()
+    };
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let first = build(stores[0].clone());
+    first.clear(Kind::PROFILE).await.unwrap();
+    first.clear(Kind::PROFILE).await.unwrap();
+    drop(first);
+    let later = build(stores[1].clone());
+    let profiles = later.aside(Kind::PROFILE, Db(db.clone()));
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
+    assert_eq!(
+        profiles.get("u1").await.unwrap().status(),
+        Status::Hit,
+        "the first fill is served"
+    );
+    assert_eq!(db.loads(), 1);
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    a_new_instance_fills_from_its_first_read,
+    a_clear_after_the_stamps_were_lost_stops_values,
     a_pending_write_outlives_a_clear,
     clear_stops_every_value_of_the_type,
     a_tag_stops_only_its_values,
@@ -359,6 +431,7 @@ both_stores!(
 );
 
 with_near_cache!(
+    a_clear_after_the_stamps_were_lost_stops_values,
     clear_stops_every_value_of_the_type,
     a_tag_stops_only_its_values,
     a_fill_that_began_before_a_clear_does_not_land,

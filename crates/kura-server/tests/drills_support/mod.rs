@@ -419,6 +419,15 @@ impl Api {
         .await
     }
 
+    /// `DELETE /api/v1/admin/cache/profiles`: every cached profile cleared.
+    pub async fn clear_profiles(&self) -> Reply {
+        self.send(
+            self.http
+                .delete(format!("{}/api/v1/admin/cache/profiles", self.url)),
+        )
+        .await
+    }
+
     pub async fn batch(&self, ids: &[Uuid]) -> Reply {
         self.send(
             self.http

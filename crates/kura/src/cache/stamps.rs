@@ -18,13 +18,15 @@ use crate::codec::Meta;
 use crate::error::Error;
 use crate::key::Kind;
 use crate::store::{Store, StoreResult, Tracking, TrackingSink};
-use crate::tags::{Cleared, EPOCH_FIELD, kind_field, tag_field, validate_tag};
+use crate::tags::{Cleared, EPOCH_FIELD, ID_FIELD, kind_field, tag_field, validate_tag};
 
 /// The stamps as last read.
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     /// The epoch counter.
     pub(crate) epoch: u64,
+    /// The hash's incarnation (0: no hash).
+    id: u64,
     kinds: HashMap<String, u64>,
     tags: HashMap<String, u64>,
     /// The highest stamp of any type or tag (0: nothing was ever cleared).
@@ -37,6 +39,8 @@ impl Table {
         for (f, v) in fields {
             if f == EPOCH_FIELD {
                 t.epoch = v;
+            } else if f == ID_FIELD {
+                t.id = v;
             } else if let Some(k) = f.strip_prefix("kind:") {
                 t.kinds.insert(k.to_owned(), v);
                 t.max = t.max.max(v);
@@ -232,9 +236,12 @@ impl Stamps {
                 .table
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let moved = t.epoch != table.epoch;
-            // The epoch only grows: a read that raced a newer one loses.
-            if table.epoch >= t.epoch {
+            let moved = t.epoch != table.epoch || t.id != table.id;
+            // The epoch only grows within one incarnation of the hash: a
+            // read that raced a newer one loses. A hash that is gone or was
+            // made again replaces the copy (see `crate::tags`, "Losing the
+            // hash"): its clears are above every epoch the old one gave.
+            if table.epoch >= t.epoch || table.id != t.id {
                 *t = table.clone();
                 self.max.store(table.max, Ordering::Release);
             }
@@ -279,9 +286,22 @@ impl CacheInner {
         }
     }
 
-    /// The epoch a load starting now records.
-    pub(crate) fn load_epoch(&self) -> u64 {
-        self.stamps.last().epoch
+    /// The epoch a load starting now records: the trusted copy's, read
+    /// first when the copy cannot be trusted (a process that never read the
+    /// hash would otherwise stamp its first fills with 0, and every reader
+    /// that knows a past clear would refuse them). When the hash cannot be
+    /// read, the last copy's: the fill then goes to a store that is likely
+    /// unreachable too, and an older epoch only makes its value refused
+    /// sooner.
+    pub(crate) async fn load_epoch(&self) -> u64 {
+        if let Some(t) = self.stamps.cached(&*self.store) {
+            return t.epoch;
+        }
+        let read = self.call(None, self.store.stamps(self.stamps.key()));
+        match self.stamps.current(&*self.store, read).await {
+            Ok(t) => t.epoch,
+            Err(_) => self.stamps.last().epoch,
+        }
     }
 
     /// Whether a value of `kind` with `tags`, loaded from `epoch`, may be
@@ -340,8 +360,9 @@ impl CacheInner {
 
     async fn bump(&self, field: &str) -> Result<u64, Error> {
         let key = self.stamps.key().to_owned();
+        let held = self.stamps.last().epoch;
         let epoch = self
-            .call(None, self.store.bump_stamp(&key, field))
+            .call(None, self.store.bump_stamp(&key, field, held))
             .await
             .map_err(Error::Unavailable)?;
         // No read that starts now joins a load that began before.
@@ -532,6 +553,37 @@ mod tests {
             assert_eq!(last.epoch, seen_max, "at {i}");
             assert_eq!(stamps.max.load(Ordering::Acquire), last.max);
         }
+    }
+
+    /// A hash that is gone, or made again, replaces the copy even with a
+    /// lower epoch; within one incarnation the copy never moves back.
+    #[test]
+    fn a_new_incarnation_replaces_the_copy() {
+        let stamps = Stamps::new("ns:~stamps".into(), Duration::from_secs(1), None);
+        let install = |fields: &[(&str, u64)]| {
+            stamps.install(table(fields), None);
+            let t = stamps.last();
+            (t.epoch, t.id)
+        };
+        assert_eq!(
+            install(&[("epoch", 500), ("id", 100), ("kind:profile", 500)]),
+            (500, 100)
+        );
+        assert_eq!(
+            install(&[("epoch", 400), ("id", 100)]),
+            (500, 100),
+            "an older read loses"
+        );
+        // The hash is gone: nothing is cleared any more.
+        assert_eq!(install(&[]), (0, 0));
+        assert!(stamps.last().admits_tags("profile", 0, &[]));
+        assert_eq!(stamps.max.load(Ordering::Acquire), 0);
+        // Made again by a clear.
+        assert_eq!(
+            install(&[("epoch", 900), ("id", 900), ("kind:profile", 900)]),
+            (900, 900)
+        );
+        assert!(!stamps.last().admits_tags("profile", 500, &[]));
     }
 
     fn table(fields: &[(&str, u64)]) -> Table {

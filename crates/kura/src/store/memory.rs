@@ -765,12 +765,17 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
+    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64> {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         let mut all = lock(&self.inner.stamps);
         let h = all.entry(key.to_owned()).or_default();
-        let e = h.get(crate::tags::EPOCH_FIELD).copied().unwrap_or(0) + 1;
+        let cur = h.get(crate::tags::EPOCH_FIELD).copied().unwrap_or(0);
+        let e = now_us.max(cur + 1).max(held + 1);
         h.insert(crate::tags::EPOCH_FIELD.to_owned(), e);
         h.insert(field.to_owned(), e);
+        h.entry(crate::tags::ID_FIELD.to_owned()).or_insert(e);
         self.inner
             .stamps_version
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);

@@ -290,11 +290,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// with its number (none when the key is missing).
     async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>>;
 
-    /// In one atomic step: raises the stamps hash's `epoch` field by one and
-    /// sets `field` to it; returns the new epoch. The key has no TTL: it is
-    /// one small hash per namespace, and losing it would bring cleared
-    /// values back.
-    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64>;
+    /// In one atomic step: raises the stamps hash's `epoch` field and sets
+    /// `field` to it; returns the new epoch. The new epoch is the store's
+    /// clock in microseconds since the Unix epoch, or one past the higher
+    /// of the hash's epoch and `held` (the epoch the caller knows),
+    /// whichever is highest: a hash that was lost and is made again starts
+    /// above every epoch a value can carry. The hash's `id` field is set to
+    /// its first epoch when the hash is made (its incarnation). The key has
+    /// no TTL: it is one small hash per namespace.
+    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64>;
 
     /// How many values matching `pattern` are cached, when the store can
     /// tell without walking a shared keyspace: the memory store counts its

@@ -689,8 +689,10 @@ impl Store for RedisStore {
             .collect())
     }
 
-    async fn bump_stamp(&self, key: &str, field: &str) -> StoreResult<u64> {
-        let v = self.run_one(BUMP_STAMP.key(key).arg(field)).await?;
+    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64> {
+        let v = self
+            .run_one(BUMP_STAMP.key(key).arg(field).arg(held))
+            .await?;
         Ok(as_int(&v)?.max(0) as u64)
     }
 

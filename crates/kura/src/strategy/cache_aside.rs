@@ -859,7 +859,7 @@ impl<S: Source> Aside<S> {
         loop {
             // Before the lease is asked for: a clear after this moment
             // refuses what the load brings.
-            let epoch = c.load_epoch();
+            let epoch = c.load_epoch().await;
             let req = AcquireRequest {
                 keys: &entry,
                 token: &token,

@@ -462,7 +462,8 @@ impl<S: Source> WriteBehind<S> {
             }
             let lifetimes = c.lifetimes(&entry.value, &policy);
             let tags = next.tags();
-            let header = CacheInner::header(&policy, Some(&lifetimes), c.load_epoch(), &tags);
+            let epoch = c.load_epoch().await;
+            let header = CacheInner::header(&policy, Some(&lifetimes), epoch, &tags);
             let enc = codec::encode_with(&next, next.version(), c.max_value_bytes, &header)
                 .map_err(|e: CodecError| BehindError::Invalid(e.to_string()))?;
             let req = AcceptRequest {

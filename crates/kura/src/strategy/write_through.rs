@@ -145,7 +145,8 @@ impl WriteThrough {
         let entry = c.keys.entry(&self.kind, id)?;
         let policy = c.policy.get(self.kind.name());
         let version = value.version();
-        let (enc, lifetimes) = match c.envelope(value, &entry.value, &policy, c.load_epoch()) {
+        let epoch = c.load_epoch().await;
+        let (enc, lifetimes) = match c.envelope(value, &entry.value, &policy, epoch) {
             Ok((enc, lifetimes, _)) if policy.enabled() => (enc, lifetimes),
             Ok(_) => return self.invalidate(id).await,
             Err(

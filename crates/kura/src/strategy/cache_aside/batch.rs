@@ -183,7 +183,7 @@ impl<S: Source> Aside<S> {
         let mut to_load = Vec::new();
         let want: Vec<usize> = (0..n).filter(|&j| cacheable[j]).collect();
         // Before the leases are asked for (see `resolve`).
-        let epoch = c.load_epoch();
+        let epoch = c.load_epoch().await;
         let lease_requests = |js: &[usize]| -> Vec<AcquireRequest<'_>> {
             js.iter()
                 .map(|&j| AcquireRequest {

@@ -77,7 +77,7 @@ impl<S: Source> Aside<S> {
         let c = &self.cache.inner;
         let entry = c.keys.entry_unchecked(&self.kind, id);
         let token = CacheInner::token();
-        let epoch = c.load_epoch();
+        let epoch = c.load_epoch().await;
         match c
             .call(
                 None,
