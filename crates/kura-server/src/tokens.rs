@@ -16,8 +16,9 @@
 //! removal reaches its near cache (Redis sends that push before it answers
 //! the removal) — or at once, when its near cache is not serving (stream
 //! silent for over a second, Redis down: the checks read Redis, then the
-//! database). A revocation lasts until the token's `exp`; nothing is stored
-//! for a token already expired. The `revocations` table is fed to the
+//! database). A revocation lasts until the token's `exp` plus the 30 s of
+//! clock-skew leeway verification allows ([`LEEWAY_SECS`]): a token still
+//! admitted can be revoked; nothing is stored for a token past that. The `revocations` table is fed to the
 //! cache by the invalidation feed, so a revocation written while Redis was
 //! unreachable, or straight into the database, reaches every cache too.
 //!
@@ -42,6 +43,11 @@ use crate::db::tokens::{NewSession, Revocation, Session};
 use crate::db::{Db, DbError};
 use crate::http::auth::Caller;
 use crate::http::error::ApiError;
+
+/// Clock skew allowed on a token's `exp` and `nbf`: verification admits a
+/// token up to this long past its `exp`, so a revocation lasts that much
+/// longer than the token's `exp` too.
+pub const LEEWAY_SECS: u64 = 30;
 
 /// The shortest a session revocation lasts: the seed's session TTL (the
 /// access token's lifetime), so that tokens of the session not seen yet
@@ -377,25 +383,27 @@ impl Tokens {
         }
     }
 
-    /// Revokes the token `jti` until `exp` (seconds since the epoch);
-    /// `None` when it has already expired (nothing is stored).
+    /// Revokes the token `jti` until `exp` (seconds since the epoch) plus
+    /// [`LEEWAY_SECS`], as long as verification would admit it; `None`
+    /// when it is past that already (nothing is stored).
     ///
     /// # Errors
     ///
     /// [`DbError`] when the database cannot record it.
     pub async fn revoke_token(&self, jti: &str, exp: i64) -> Result<Option<Revoked>, DbError> {
-        if exp <= now_unix() {
+        let until = exp.saturating_add(LEEWAY_SECS as i64);
+        if until <= now_unix() {
             return Ok(None);
         }
         let key = key_id("jti", jti);
-        let r = self.inner.db.revoke(&key, "jti", jti, exp).await?;
+        let r = self.inner.db.revoke(&key, "jti", jti, until).await?;
         let _ = self.inner.revoked_writes.invalidate(&key).await;
         Ok(Some(r.into()))
     }
 
     /// Revokes every token of session `sid`, until the latest of: the
-    /// session's known expiry, `exp`, and [`SESSION_REVOCATION_MIN`] from
-    /// now; deletes the session. Returns the revocation and the deleted
+    /// session's known expiry and `exp` (each plus [`LEEWAY_SECS`]), and
+    /// [`SESSION_REVOCATION_MIN`] from now; deletes the session. Returns the revocation and the deleted
     /// session, if there was one.
     ///
     /// # Errors
@@ -409,9 +417,10 @@ impl Tokens {
         let i = &self.inner;
         let key = key_id("sid", sid);
         let known = i.db.session(&key).await?;
+        let leeway = LEEWAY_SECS as i64;
         let until = [
-            known.as_ref().map(|s| s.expires_at),
-            exp,
+            known.as_ref().map(|s| s.expires_at.saturating_add(leeway)),
+            exp.map(|e| e.saturating_add(leeway)),
             Some(now_unix() + SESSION_REVOCATION_MIN.as_secs() as i64),
         ]
         .into_iter()

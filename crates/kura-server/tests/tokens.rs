@@ -55,12 +55,13 @@ async fn own_token_revocation(b: Backend) {
     // The same user's other token is unaffected.
     assert_eq!(app.get(&path, &other).await.status(), StatusCode::OK);
     if b == Backend::PgRedis {
-        // The cached revocation ends with the token (exp in 600 s), not
-        // with the blacklist's table TTL (3600 s).
+        // The cached revocation ends with the token (exp in 600 s, and the
+        // 30 s of leeway verification allows), not with the blacklist's
+        // table TTL (3600 s).
         let ttl = app
             .redis_ttl(&format!("{}:blacklist:jti-{jti}", app.namespace))
             .await;
-        assert!((1..=600).contains(&ttl), "revocation cached for {ttl} s");
+        assert!((571..=630).contains(&ttl), "revocation cached for {ttl} s");
         // The blacklist's near cache is on by default, and shows in the
         // L1 gauges (the other token's "not revoked" is held there).
         for _ in 0..3 {
@@ -120,11 +121,11 @@ async fn admin_revocations_and_bad_bodies(b: Backend) {
         StatusCode::OK
     );
     expect_detail(app.get(&path, &t).await, StatusCode::UNAUTHORIZED).await;
-    // An expired token: nothing stored, nothing to refuse.
+    // A token expired past its leeway: nothing stored, nothing to refuse.
     let r = revoke(
         &app,
         &admin,
-        Some(&json!({"jti": "old", "exp": now() - 10})),
+        Some(&json!({"jti": "old", "exp": now() - 40})),
     )
     .await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -318,7 +319,8 @@ async fn last_seen_is_coalesced(b: Backend) {
 async fn expired_revocations_are_pruned(b: Backend) {
     let app = TestApp::start(b).await;
     let (admin, _) = token(&app, &Uuid::new_v4(), true, None);
-    let soon = json!({"jti": "short-lived", "exp": now() + 2});
+    // Expired 28 s ago: revoked for the 2 s of leeway it has left.
+    let soon = json!({"jti": "short-lived", "exp": now() - 28});
     assert_eq!(
         revoke(&app, &admin, Some(&soon)).await.status(),
         StatusCode::OK
@@ -343,7 +345,58 @@ async fn expired_revocations_are_pruned(b: Backend) {
     app.stop().await;
 }
 
+/// A token past its `exp` but inside the 30 s of clock-skew leeway is
+/// still accepted: a logout then revokes it, and an admin revoke of it too,
+/// and the revocation lasts until the leeway ends.
+async fn a_token_inside_its_leeway_can_be_revoked(b: Backend) {
+    let app = TestApp::start(b).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let expired_token = |exp: u64| {
+        let jti = Uuid::new_v4().simple().to_string();
+        let claims = json!({"sub": user.to_string(), "exp": exp, "jti": jti});
+        (token_with(&app.secret, &claims), jti)
+    };
+    let exp = now() - 10;
+    let (t, jti) = expired_token(exp);
+    assert_eq!(
+        app.get(&path, &t).await.status(),
+        StatusCode::OK,
+        "inside the leeway"
+    );
+    let r = revoke(&app, &t, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["revoked"][0]["id"], jti.as_str(), "{v}");
+    let until = v["revoked"][0]["expires_at"].as_i64().unwrap();
+    assert!(until >= exp as i64 + 30, "revoked until {until}, exp {exp}");
+    let d = expect_detail(app.get(&path, &t).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(d, "token revoked");
+    // By an admin, naming the token.
+    let (t2, jti2) = expired_token(exp);
+    assert_eq!(app.get(&path, &t2).await.status(), StatusCode::OK);
+    let (admin, _) = token(&app, &Uuid::new_v4(), true, None);
+    let body = json!({"jti": jti2, "exp": exp});
+    let r = revoke(&app, &admin, Some(&body)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["revoked"][0]["id"], jti2.as_str(), "{v}");
+    let d = expect_detail(app.get(&path, &t2).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(d, "token revoked");
+    // A token past its leeway is refused anyway: nothing to store.
+    let gone = json!({"jti": "long-gone", "exp": now() - 31});
+    let v: Value = revoke(&app, &admin, Some(&gone))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["revoked"], json!([]), "{v}");
+    app.stop().await;
+}
+
 both_backends!(
+    a_token_inside_its_leeway_can_be_revoked,
     expired_revocations_are_pruned,
     own_token_revocation,
     admin_revocations_and_bad_bodies,

@@ -2,7 +2,8 @@
 //! and `sessions` tables.
 //!
 //! A revocation is kept until its `expires_at` (the token's `exp`, or for
-//! a session the latest `exp` among its tokens), then pruned
+//! a session the latest `exp` among its tokens, plus the verification's
+//! clock-skew leeway), then pruned
 //! ([`Db::prune_tokens`]). A session row is created by the first request
 //! that carries its `sid`, never for a session already revoked (one
 //! statement: `INSERT … WHERE NOT EXISTS (revocation)`), and its

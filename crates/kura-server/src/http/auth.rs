@@ -214,8 +214,7 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Clock skew allowed on `exp` and `nbf`.
-const LEEWAY_SECS: u64 = 30;
+use crate::tokens::LEEWAY_SECS;
 /// How long a verified token is remembered.
 const VERIFIED_MAX_AGE_SECS: u64 = 60;
 /// Shards of the verified-token memory, and tokens per shard.
