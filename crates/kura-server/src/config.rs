@@ -310,6 +310,11 @@ pub struct AuthArgs {
     /// Required `aud` claim.
     #[arg(long, env = "KURA_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// Longest a JWKS is used before it is fetched again (sooner when its
+    /// `Cache-Control: max-age` says so): a key removed from the set stops
+    /// verifying within it.
+    #[arg(long, env = "KURA_JWKS_REFRESH", default_value = "60s", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
 }
 
 /// What a `behind` write does when the write-behind queue is past its
@@ -652,8 +657,13 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Required audience.
     pub audience: Option<String>,
-    /// Least time between two JWKS fetches triggered by unknown key ids.
+    /// Least time between two JWKS fetches (unknown key ids, a short
+    /// `max-age`, a failed fetch).
     pub jwks_min_refresh: Duration,
+    /// Longest a fetched JWKS is used: it is fetched again after this, or
+    /// after its `Cache-Control: max-age` if shorter (never sooner than
+    /// [`AuthConfig::jwks_min_refresh`]).
+    pub jwks_refresh: Duration,
 }
 
 impl AuthConfig {
@@ -663,6 +673,7 @@ impl AuthConfig {
         Self {
             jwt_secret: Some(secret.into()),
             jwks_min_refresh: Duration::from_secs(30),
+            jwks_refresh: Duration::from_secs(60),
             ..Self::default()
         }
     }
@@ -758,6 +769,7 @@ impl Default for Config {
             body_limit: 64 * 1024,
             auth: AuthConfig {
                 jwks_min_refresh: Duration::from_secs(30),
+                jwks_refresh: Duration::from_secs(60),
                 ..AuthConfig::default()
             },
             wb: WbConfig::default(),
@@ -796,6 +808,7 @@ impl Config {
         c.auth.jwks_url = a.auth.jwks_url.clone().filter(|s| !s.is_empty());
         c.auth.issuer = a.auth.jwt_issuer.clone().filter(|s| !s.is_empty());
         c.auth.audience = a.auth.jwt_audience.clone().filter(|s| !s.is_empty());
+        c.auth.jwks_refresh = a.auth.jwks_refresh;
         c
     }
 

@@ -383,3 +383,88 @@ async fn jwks_keys_not_published_for_rs256_signatures_do_not_verify() {
     expect_detail(r, StatusCode::UNAUTHORIZED).await;
     app.stop().await;
 }
+
+/// A JWKS endpoint on port 0 whose document can be changed, answered with
+/// `cache_control` (when given), counting its fetches.
+async fn jwks_changing(
+    doc: Value,
+    cache_control: Option<&'static str>,
+) -> (String, Arc<std::sync::Mutex<Value>>, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let current = Arc::new(std::sync::Mutex::new(doc));
+    let (h, c) = (hits.clone(), current.clone());
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            let d = c.lock().unwrap().clone();
+            async move {
+                let mut r = axum::response::IntoResponse::into_response(axum::Json(d));
+                if let Some(cc) = cache_control {
+                    r.headers_mut().insert("cache-control", cc.parse().unwrap());
+                }
+                r
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/jwks.json"), current, hits)
+}
+
+/// A key removed from the JWKS stops verifying tokens once the set is
+/// refreshed, which happens on a schedule (here the document's
+/// `Cache-Control: max-age=1`), not only when a token names an unknown key;
+/// a token verified before is not taken on trust after the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_from_the_jwks_stops_verifying() {
+    let key = json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": "key-1",
+                     "n": support::RSA_N, "e": "AQAB"});
+    let (jwks, doc, fetches) = jwks_changing(json!({"keys": [key]}), Some("max-age=1")).await;
+    let app = TestApp::start_with(Backend::SqliteMemory, |c| {
+        c.auth.jwt_secret = None;
+        c.auth.jwks_url = Some(jwks);
+        c.auth.jwks_min_refresh = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let admin = rs256_token(
+        Some("key-1"),
+        &json!({"sub": Uuid::new_v4().to_string(), "exp": now() + 600, "roles": ["admin"]}),
+    );
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/profiles",
+            Some(&admin),
+            Some(&json!({"user_id": user})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let path = format!("/api/v1/profiles/{user}");
+    assert_eq!(app.get(&path, &admin).await.status(), StatusCode::OK);
+    // The key is rotated out.
+    *doc.lock().unwrap() = json!({"keys": []});
+    let removed = std::time::Instant::now();
+    loop {
+        let s = app.get(&path, &admin).await.status();
+        if s == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert_eq!(s, StatusCode::OK);
+        assert!(
+            removed.elapsed() < std::time::Duration::from_secs(5),
+            "the removed key still verifies after {:?} ({} fetches)",
+            removed.elapsed(),
+            fetches.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        removed.elapsed() < std::time::Duration::from_millis(2500),
+        "{:?}",
+        removed.elapsed()
+    );
+    app.stop().await;
+}

@@ -10,11 +10,23 @@
 //! whose `use` (when given) is `sig`, whose `alg` (when given) is `RS256`,
 //! and whose `key_ops` (when given) include `verify`. A key published for
 //! encryption or another algorithm is skipped, so a token naming it by
-//! `kid` is refused. JWKS keys are cached by `kid`; a token with an unknown `kid` triggers a
-//! refetch, at most once per minimum interval, so a flood of made-up key ids
-//! cannot turn into a flood of fetches.
+//! `kid` is refused.
+//!
+//! JWKS keys are cached by `kid`. The set is fetched again on a schedule:
+//! after `--jwks-refresh` (60 s by default), or after the document's
+//! `Cache-Control: max-age` when that is shorter (`no-cache` / `no-store`:
+//! after the minimum interval), so a key removed from the set stops
+//! verifying within that period — tokens verified earlier included: a
+//! change of the set voids the memory of verified tokens. The fetch runs
+//! on the first verification past the due time (the requests that arrive
+//! meanwhile wait for it, bounded by the 5 s fetch timeout); a failed fetch
+//! keeps the last set and is retried after the minimum interval. A token
+//! with an unknown `kid` triggers a refetch too, at most once per minimum
+//! interval, so a flood of made-up key ids cannot turn into a flood of
+//! fetches.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -224,15 +236,16 @@ const VERIFIED_PER_SHARD: usize = 1024;
 /// Tokens verified recently: a repeat request with the same token skips
 /// the signature check and claim parsing (most of the cost of auth on the
 /// hit path). Keyed by the whole token, so a different token is always
-/// verified; entries end at `exp` (plus leeway) and after a minute at most,
-/// so a JWKS key rotation takes effect within that minute. Bounded: a full
-/// shard is cleared.
+/// verified; entries end at `exp` (plus leeway), after a minute at most,
+/// and when the JWKS changes (each entry records the key set's generation).
+/// Bounded: a full shard is cleared.
 struct VerifiedTokens {
     shards: Box<[Mutex<VerifiedShard>]>,
 }
 
-/// Token → (caller, valid until, seconds since the epoch).
-type VerifiedShard = HashMap<Box<str>, (Caller, u64)>;
+/// Token → (caller, valid until in seconds since the epoch, key set
+/// generation).
+type VerifiedShard = HashMap<Box<str>, (Caller, u64, u64)>;
 
 impl VerifiedTokens {
     fn new() -> Self {
@@ -250,18 +263,18 @@ impl VerifiedTokens {
         &self.shards[usize::from(b) % self.shards.len()]
     }
 
-    fn get(&self, token: &str, now: u64) -> Option<Caller> {
+    fn get(&self, token: &str, now: u64, generation: u64) -> Option<Caller> {
         let shard = self
             .shard(token)
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match shard.get(token) {
-            Some((c, until)) if *until >= now => Some(c.clone()),
+            Some((c, until, g)) if *until >= now && *g == generation => Some(c.clone()),
             _ => None,
         }
     }
 
-    fn put(&self, token: &str, caller: Caller, until: u64) {
+    fn put(&self, token: &str, caller: Caller, until: u64, generation: u64) {
         let mut shard = self
             .shard(token)
             .lock()
@@ -269,7 +282,7 @@ impl VerifiedTokens {
         if shard.len() >= VERIFIED_PER_SHARD {
             shard.clear();
         }
-        shard.insert(token.into(), (caller, until));
+        shard.insert(token.into(), (caller, until, generation));
     }
 }
 
@@ -311,7 +324,11 @@ impl Auth {
             )
         });
         let jwks = match &cfg.jwks_url {
-            Some(url) => Some(Jwks::new(url.clone(), cfg.jwks_min_refresh)?),
+            Some(url) => Some(Jwks::new(
+                url.clone(),
+                cfg.jwks_min_refresh,
+                cfg.jwks_refresh,
+            )?),
             None => None,
         };
         Ok(Self {
@@ -337,7 +354,16 @@ impl Auth {
     /// [`AuthError::NotYetValid`].
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some(c) = self.verified.get(token, now) {
+        // A set past its due time is fetched again first, so that a key
+        // removed from it stops verifying remembered tokens too.
+        let generation = match &self.jwks {
+            Some(j) => {
+                j.refresh_if_due().await;
+                j.generation()
+            }
+            None => 0,
+        };
+        if let Some(c) = self.verified.get(token, now, generation) {
             return Ok(c);
         }
         let claims = match (&self.hs, &self.jwks) {
@@ -374,7 +400,7 @@ impl Auth {
         }));
         // Until `exp` (with the validation leeway), at most a minute.
         let until = (claims.exp + LEEWAY_SECS).min(now + VERIFIED_MAX_AGE_SECS);
-        self.verified.put(token, caller.clone(), until);
+        self.verified.put(token, caller.clone(), until, generation);
         Ok(caller)
     }
 }
@@ -397,6 +423,11 @@ struct KeySet {
     by_kid: HashMap<String, Arc<DecodingKey>>,
     /// The key to use for tokens without `kid` when the set has exactly one.
     only: Option<Arc<DecodingKey>>,
+    /// The usable keys as published (kid and JWK), to tell a changed set.
+    published: Vec<(Option<String>, String)>,
+    /// How long the document may be used (`Cache-Control: max-age`;
+    /// `Some(0)` for `no-cache` / `no-store`).
+    max_age: Option<Duration>,
 }
 
 struct Jwks {
@@ -405,10 +436,37 @@ struct Jwks {
     keys: RwLock<Arc<KeySet>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     min_interval: Duration,
+    max_interval: Duration,
+    /// Milliseconds since `started` at which the set is to be fetched
+    /// again (0: now).
+    due_ms: AtomicU64,
+    started: Instant,
+    /// Raised whenever a fetched set differs from the one before.
+    generation: AtomicU64,
+}
+
+/// The `max-age` of a `Cache-Control` header; zero for `no-cache` and
+/// `no-store`.
+fn max_age(cache_control: &str) -> Option<Duration> {
+    let mut age = None;
+    for d in cache_control.split(',').map(str::trim) {
+        let d = d.to_ascii_lowercase();
+        if d == "no-cache" || d == "no-store" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(v) = d.strip_prefix("max-age=") {
+            age = v
+                .trim_matches('"')
+                .parse::<u64>()
+                .ok()
+                .map(Duration::from_secs);
+        }
+    }
+    age
 }
 
 impl Jwks {
-    fn new(url: String, min_interval: Duration) -> anyhow::Result<Self> {
+    fn new(url: String, min_interval: Duration, max_interval: Duration) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?;
@@ -418,7 +476,36 @@ impl Jwks {
             keys: RwLock::new(Arc::default()),
             last_fetch: tokio::sync::Mutex::new(None),
             min_interval,
+            max_interval: max_interval.max(min_interval),
+            due_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn ms_now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn due(&self) -> bool {
+        self.ms_now() >= self.due_ms.load(Ordering::Acquire)
+    }
+
+    fn set_due_in(&self, d: Duration) {
+        self.due_ms
+            .store(self.ms_now() + d.as_millis() as u64, Ordering::Release);
+    }
+
+    /// Fetches the set if its time has come (one fetch at a time; callers
+    /// that wait for it use its result).
+    async fn refresh_if_due(&self) {
+        if self.due() {
+            let _ = self.fetch_now(true).await;
+        }
     }
 
     fn lookup(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
@@ -443,33 +530,71 @@ impl Jwks {
 
     /// Refetches the set unless it was fetched within the minimum interval.
     async fn refresh(&self) {
+        self.fetch_now(false).await;
+    }
+
+    /// Fetches the set: when `scheduled`, only if it is still due once this
+    /// caller has the fetch lock; otherwise unless it was fetched within
+    /// the minimum interval.
+    async fn fetch_now(&self, scheduled: bool) {
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
+        if scheduled && !self.due() {
+            return;
+        }
+        if !scheduled && last.is_some_and(|t| t.elapsed() < self.min_interval) {
             return;
         }
         *last = Some(Instant::now());
         match self.fetch().await {
             Ok(set) => {
-                tracing::info!(keys = set.by_kid.len(), url = %self.url, "JWKS loaded");
+                let next = set
+                    .max_age
+                    .map_or(self.max_interval, |a| a.min(self.max_interval))
+                    .max(self.min_interval);
+                let changed = {
+                    let old = self
+                        .keys
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    old.published != set.published
+                };
+                if changed {
+                    tracing::info!(keys = set.by_kid.len(), url = %self.url, "JWKS loaded");
+                }
                 *self
                     .keys
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+                if changed {
+                    // Tokens verified with the old set are verified again.
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                self.set_due_in(next);
             }
-            Err(e) => tracing::warn!(error = %e, url = %self.url, "JWKS fetch failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, url = %self.url, "JWKS fetch failed: the last set is kept");
+                self.set_due_in(self.min_interval);
+            }
         }
     }
 
     async fn fetch(&self) -> anyhow::Result<KeySet> {
-        let set: JwkSet = self
+        let response = self
             .client
             .get(&self.url)
             .send()
             .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let mut out = KeySet::default();
+            .error_for_status()?;
+        let cache_for = response
+            .headers()
+            .get(axum::http::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(max_age);
+        let set: JwkSet = response.json().await?;
+        let mut out = KeySet {
+            max_age: cache_for,
+            ..KeySet::default()
+        };
         let mut usable = Vec::new();
         for jwk in &set.keys {
             if let Err(why) = verifies_rs256(jwk) {
@@ -482,6 +607,10 @@ impl Jwks {
                     if let Some(kid) = &jwk.common.key_id {
                         out.by_kid.insert(kid.clone(), k.clone());
                     }
+                    out.published.push((
+                        jwk.common.key_id.clone(),
+                        serde_json::to_string(jwk).unwrap_or_default(),
+                    ));
                     usable.push(k);
                 }
                 Err(e) => tracing::debug!(error = %e, "JWKS key skipped"),
@@ -549,4 +678,22 @@ pub fn sign_hs256(
         &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_max_age() {
+        assert_eq!(max_age("max-age=300"), Some(Duration::from_secs(300)));
+        assert_eq!(
+            max_age("public, Max-Age=60, must-revalidate"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(max_age("max-age=60, no-cache"), Some(Duration::ZERO));
+        assert_eq!(max_age("public"), None);
+        assert_eq!(max_age("max-age=soon"), None);
+    }
 }
