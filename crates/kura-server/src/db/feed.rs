@@ -296,6 +296,22 @@ fn to_u64(v: i64) -> Result<u64, DbError> {
     u64::try_from(v).map_err(|_| DbError::Row(format!("negative log position {v}")))
 }
 
+/// A log row as read: position, seq, kind, id, version, committed at (Unix
+/// ms), and whether a version was there but not an integer (SQLite).
+type LogRow = (i64, i64, String, String, Option<i64>, i64, bool);
+
+/// A log row the relay takes without its version: logged and counted.
+fn bad_row(seq: i64, kind: &str, id: &str, why: &str) {
+    tracing::warn!(
+        seq,
+        kind,
+        id,
+        why,
+        "invalidation feed: log row read without its version; its entity is invalidated unconditionally"
+    );
+    metrics::counter!("cache_feed_bad_rows_total").increment(1);
+}
+
 impl SqlFeedLog {
     /// The log of `db` (nothing is checked or opened yet).
     #[must_use]
@@ -375,9 +391,15 @@ impl SqlFeedLog {
     /// `(position, seq)` of the previous page), at most `limit`, in
     /// `(position, seq)` order.
     ///
+    /// A row whose version cannot be taken as it is (negative, or on SQLite
+    /// not an integer) is read without a version, so that its entity is
+    /// invalidated unconditionally: the row is logged and counted
+    /// (`cache_feed_bad_rows_total`), and the feed goes on. On SQLite, whose
+    /// columns take any type, kind and id are read as text.
+    ///
     /// # Errors
     ///
-    /// [`DbError`] on a database failure or a malformed row.
+    /// [`DbError`] on a database failure.
     pub async fn read(
         &self,
         from: u64,
@@ -390,11 +412,11 @@ impl SqlFeedLog {
         }
         let (after_pos, after_seq) = after.unwrap_or((from, i64::MIN));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows: Vec<(i64, i64, String, String, Option<i64>, i64)> = match &self.db {
+        let rows: Vec<LogRow> = match &self.db {
             Db::Postgres(p) => {
                 sqlx::query_as(AssertSqlSafe(format!(
                     "SELECT txid::text::bigint, seq, kind, entity_id, version, \
-                 (extract(epoch FROM committed_at) * 1000)::bigint \
+                 (extract(epoch FROM committed_at) * 1000)::bigint, false \
                  FROM {LOG_TABLE} \
                  WHERE txid >= $1::text::xid8 AND txid < $2::text::xid8 \
                  AND (txid, seq) > ($3::text::xid8, $4) \
@@ -410,7 +432,10 @@ impl SqlFeedLog {
             }
             Db::Sqlite(p) => {
                 sqlx::query_as(AssertSqlSafe(format!(
-                    "SELECT seq, seq, kind, entity_id, version, committed_at \
+                    "SELECT seq, seq, CAST(kind AS TEXT), CAST(entity_id AS TEXT), \
+                 CASE WHEN typeof(version) = 'integer' THEN version END, \
+                 CASE WHEN typeof(committed_at) = 'integer' THEN committed_at ELSE 0 END, \
+                 typeof(version) NOT IN ('integer', 'null') \
                  FROM {LOG_TABLE} \
                  WHERE seq >= ?1 AND seq < ?2 AND seq > ?3 \
                  ORDER BY seq LIMIT ?4"
@@ -424,14 +449,26 @@ impl SqlFeedLog {
             }
         };
         rows.into_iter()
-            .map(|(pos, seq, kind, id, version, at)| {
+            .map(|(pos, seq, kind, id, version, at, unreadable)| {
+                let version = match version.map(u64::try_from) {
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(_)) => {
+                        bad_row(seq, &kind, &id, "negative version");
+                        None
+                    }
+                    None if unreadable => {
+                        bad_row(seq, &kind, &id, "version is not an integer");
+                        None
+                    }
+                    None => None,
+                };
                 Ok((
                     to_u64(pos)?,
                     FeedEvent {
                         seq,
                         kind,
                         id,
-                        version: version.map(to_u64).transpose()?,
+                        version,
                         committed_at_ms: at,
                     },
                 ))

@@ -249,30 +249,28 @@ impl TestApp {
     /// Runs one statement straight on the test's database, not through
     /// kura; returns the rows affected.
     pub async fn direct_sql(&self, stmt: &str) -> u64 {
+        self.try_direct_sql(stmt).await.expect("direct statement")
+    }
+
+    /// [`TestApp::direct_sql`], with the database's refusal as an error.
+    pub async fn try_direct_sql(&self, stmt: &str) -> Result<u64, String> {
+        let q = sqlx::AssertSqlSafe(stmt.to_owned());
         match self.backend {
             Backend::PgRedis => {
                 let url = &self.db.as_ref().expect("pg").url;
                 let pool = sqlx::PgPool::connect(url).await.expect("connect");
-                let n = sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
-                    .execute(&pool)
-                    .await
-                    .expect("direct statement")
-                    .rows_affected();
+                let r = sqlx::query(q).execute(&pool).await;
                 pool.close().await;
-                n
+                r.map(|d| d.rows_affected()).map_err(|e| e.to_string())
             }
             Backend::SqliteMemory => {
                 let path = self.tmp.as_ref().expect("sqlite").path().join("kura.db");
                 let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", path.display()))
                     .await
                     .expect("connect");
-                let n = sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
-                    .execute(&pool)
-                    .await
-                    .expect("direct statement")
-                    .rows_affected();
+                let r = sqlx::query(q).execute(&pool).await;
                 pool.close().await;
-                n
+                r.map(|d| d.rows_affected()).map_err(|e| e.to_string())
             }
         }
     }
