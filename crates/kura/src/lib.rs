@@ -170,6 +170,7 @@ pub mod feed;
 pub mod freshness;
 pub mod invalidation;
 pub mod key;
+pub mod lease;
 pub mod metrics;
 pub mod near;
 pub mod ratelimit;

@@ -914,7 +914,8 @@ async fn run_wakes_on_notify_and_holds_the_fleet_lease() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = relay.status().await.unwrap();
-    assert_eq!(status.relaying.as_deref(), Some(relay.token()));
+    // The instance is shown, not the lease token.
+    assert_eq!(status.relaying.as_deref(), Some("feed-test"));
     assert!(relay.token().starts_with("feed-test#"));
     items.get("a").await.unwrap();
     // The log listens from its creation; without the notification the
@@ -1065,10 +1066,15 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
         relay.log().overflowed().await.unwrap().is_empty(),
         "overflow forgotten"
     );
-    // The whole kind went, the row never written too.
+    // The whole kind went, the row never written too: not served, and
+    // swept out of Redis in the background.
     for id in ["i1", "untouched"] {
         let key = cache.keys().value_key(&ITEM, id).unwrap();
-        assert_eq!(cache.store().get(&key, None).await.unwrap(), None, "{id}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.store().get(&key, None).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "{id} never swept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     assert_eq!(items.get("i1").await.unwrap().value().unwrap().name, "r2");
 
@@ -1402,6 +1408,15 @@ impl MemLog {
 
     fn len(&self) -> usize {
         self.state.lock().unwrap().rows.len()
+    }
+
+    /// A failover to a standby that never had the transactions at or past
+    /// `pos`: their rows are gone and the next transaction takes `pos`, so
+    /// the watermark goes back below what a relay may hold.
+    fn rewind(&self, pos: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.rows.retain(|(p, _), _| *p < pos);
+        s.next_pos = pos - 1;
     }
 }
 
@@ -2047,7 +2062,53 @@ async fn a_busy_relay_polls_in_place_of_wake_ups(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// After a failover to a standby that lacks the newest transactions, the
+/// database's watermark is below the position the fleet holds: a change
+/// committed there must not be skipped, and nothing cached from the lost
+/// transactions may stay.
+async fn a_watermark_below_the_position_is_a_regression(b: Backend) {
+    let (cache, ns) = b.cache();
+    let db = TestDb::new();
+    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let log = MemLog::new();
+    let relay = Relay::builder(&cache, log.clone())
+        .kind(Kind::PROFILE)
+        .build();
+    for i in 0..5 {
+        log.commit("profile", &[("other", Some(i + 1))]);
+    }
+    relay.step().await.unwrap();
+    assert_eq!(position(&cache).await, Some(6));
+    db.put("u1", "v1");
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit);
+    // The standby lacks transactions 3 to 5; the next change is 3 there.
+    log.rewind(3);
+    db.put("u1", "v2");
+    log.commit("profile", &[("u1", Some(db.get("u1").unwrap().version))]);
+    let report = relay.step().await.unwrap();
+    assert!(report.watermark < 6, "{report:?}");
+    let f = profiles.get("u1").await.unwrap();
+    assert_eq!(
+        f.value().unwrap().name,
+        "v2",
+        "{:?} after {report:?}",
+        f.status()
+    );
+    // Relaying goes on from the database's positions.
+    db.put("u1", "v3");
+    log.commit("profile", &[("u1", Some(db.get("u1").unwrap().version))]);
+    relay.step().await.unwrap();
+    assert_eq!(
+        profiles.get("u1").await.unwrap().value().unwrap().name,
+        "v3"
+    );
+    assert_eq!(position(&cache).await, Some(5));
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    a_watermark_below_the_position_is_a_regression,
     a_first_start_does_not_skip_an_open_transaction,
     a_load_that_read_the_change_survives_its_feed_event,
     a_busy_relay_polls_in_place_of_wake_ups,
@@ -2195,3 +2256,92 @@ with_near_cache!(
     duplicates_and_late_batches_are_harmless,
     retention_prunes_applied_rows_in_batches,
 );
+
+/// Overflow recovery with two relays: one cut off from Redis keeps stepping
+/// (every instance does), the other reaches Redis slowly. The cut-off one
+/// must not re-mark the overflow while its backlog is within the bound, so
+/// the other clears the type a bounded number of times, by the O(1) clear,
+/// and relaying goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflow_recovery_with_a_cut_off_relay_ends() {
+    let server = kura_testkit::RedisServer::start().await;
+    let cut = kura_testkit::FaultProxy::start(server.addr()).await;
+    let slow = kura_testkit::FaultProxy::start(server.addr()).await;
+    let ns = ns();
+    let build = |addr: std::net::SocketAddr| {
+        let store = RedisStore::builder(format!("redis://{addr}"))
+            .response_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        Cache::builder(store)
+            .namespace(&ns)
+            .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+            .op_timeout(Duration::from_millis(250))
+            .breaker(BreakerConfig::new(3, Duration::from_millis(50)))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(cut.addr()), build(slow.addr()));
+    let db = TestDb::new();
+    db.put("u1", "v1");
+    let profiles = b.aside(Kind::PROFILE, Db(db.clone()));
+    profiles.get("u1").await.unwrap();
+    let log = MemLog::new();
+    let relay = |cache: &Cache| {
+        Relay::builder(cache, log.clone())
+            .kind(Kind::PROFILE)
+            .kind(Kind::SETTINGS)
+            .max_backlog(20)
+            .poll_interval(Duration::ZERO)
+    };
+    let clears = Arc::new(AtomicUsize::new(0));
+    let counted = clears.clone();
+    let ra = relay(&a).build();
+    let rb = relay(&b)
+        .on_cleared(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .build();
+    cut.blackhole();
+    for i in 0..50 {
+        log.commit("profile", &[(&format!("u{i}"), Some(2))]);
+    }
+    assert!(ra.step().await.is_err(), "cut off");
+    assert!(
+        !log.overflowed().await.unwrap().is_empty(),
+        "overflow marked"
+    );
+    // The healthy relay's Redis answers slowly: the cut-off one steps
+    // while it clears.
+    slow.set_latency(Duration::from_millis(30));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cut_off = tokio::spawn({
+        let (ra, stop) = (ra.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = ra.step().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    for _ in 0..15 {
+        rb.step().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    cut_off.await.unwrap();
+    let n = clears.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&n), "the types were cleared {n} times");
+    assert!(
+        log.overflowed().await.unwrap().is_empty(),
+        "overflow forgotten"
+    );
+    // The clear covered what was cached; relaying goes on.
+    assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
+    let before = position(&b).await.unwrap();
+    log.commit("profile", &[("u1", Some(9))]);
+    rb.step().await.unwrap();
+    assert!(position(&b).await.unwrap() > before);
+    cleanup(&ns).await;
+}

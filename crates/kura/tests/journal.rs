@@ -123,6 +123,12 @@ impl Store for Flaky {
     async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64> {
         self.inner.bump_stamp(key, field, held).await
     }
+    async fn sweep(&self, pattern: &KeyPattern, epoch: u64) -> StoreResult<u64> {
+        self.inner.sweep(pattern, epoch).await
+    }
+    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool> {
+        self.inner.rewind(key, from, to).await
+    }
     async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
         self.inner.count_matching(pattern).await
     }

@@ -358,7 +358,9 @@ impl CacheInner {
         Ok((enc, lifetimes, tags))
     }
 
-    async fn bump(&self, field: &str) -> Result<u64, Error> {
+    /// Bumps the stamps hash's `field` (one step, see [`crate::tags`]) and
+    /// applies it in this process before returning; returns the epoch.
+    pub(crate) async fn bump(&self, field: &str) -> Result<u64, Error> {
         let key = self.stamps.key().to_owned();
         let held = self.stamps.last().epoch;
         let epoch = self
@@ -414,6 +416,28 @@ impl Cache {
                 Err(e)
             }
         }
+    }
+
+    /// Removes from the store the values of `kind` that the clear at `epoch`
+    /// ([`Cleared::epoch`]) stopped, with their stale copies, so that their
+    /// memory is freed now rather than at the end of their TTL; returns how
+    /// many. Values filled since the clear and pending write-behind writes
+    /// are kept. Walks the store's keys of the namespace (Redis: `SCAN` +
+    /// one script per key found, on every primary): seconds for a million
+    /// values, so callers run it after answering, or in the background.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for a bad kind; [`Error::Unavailable`] when the store
+    /// fails (what was removed stays removed; the rest expires by its TTL).
+    pub async fn sweep(&self, kind: Kind, epoch: u64) -> Result<u64, Error> {
+        kind.validate()?;
+        let c = &self.inner;
+        let pattern = c.keys.pattern(&kind, "*")?;
+        c.store
+            .sweep(&pattern, epoch)
+            .await
+            .map_err(Error::Unavailable)
     }
 
     /// Stops every cached value carrying `tag` ([`crate::Versioned::tags`])

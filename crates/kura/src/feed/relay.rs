@@ -17,10 +17,32 @@
 //! [`RelayBuilder::max_backlog`], it records an overflow of every kind it
 //! maps ([`FeedLog::mark_overflow`], with the watermark as cut) and deletes
 //! their rows below the cut, applied or not ([`FeedLog::prune_overflowed`]):
-//! replaying entity by entity would take longer than clearing. Once the
-//! store is reachable again, the next step clears those kinds
-//! (`<ns>:<kind>:*`), moves the position to the watermark taken before the
-//! clear, and forgets the overflow (logged, counted).
+//! replaying entity by entity would take longer than clearing. It marks
+//! again (raising the cut) only while its backlog is over the bound, so a
+//! relay cut off from Redis does not keep a reachable one clearing. Once
+//! the store is reachable again, the next step clears those kinds in one
+//! store step each ([`crate::Cache::clear`]'s O(1) clear), moves the
+//! position to the watermark taken before the clear, and forgets the
+//! overflow (logged, counted); the cleared values' memory is freed by a
+//! sweep in the background ([`crate::Cache::sweep`]).
+//!
+//! # The database behind the position
+//!
+//! A watermark below the position held means the database lost
+//! transactions the fleet had applied (a failover to a standby that had not
+//! received them, a restore): rows committed there below the position would
+//! never be read, and values cached from the lost transactions could be
+//! newer than the database. The relay then clears every kind it maps, sets
+//! the position back to the watermark ([`Store::rewind`]) and goes on
+//! (logged, `cache_feed_regressions_total`).
+//!
+//! # The fleet lease
+//!
+//! [`Relay::run`] steps while it holds the fleet lease `<ns>:~feed:relay`
+//! ([`crate::lease::FleetLease`], 2 s lifetime by default, extended by a
+//! heartbeat every quarter of it); the others try to take it every quarter
+//! of its lifetime (and on every wake-up), so a holder that dies or is cut
+//! off from Redis is replaced within about 2.5 s.
 //!
 //! # Metrics
 //!
@@ -31,6 +53,7 @@
 //! | `cache_feed_applied_total` | counter: log rows applied | `cache_type` |
 //! | `cache_feed_relay_active` | gauge: 1 while this instance holds the fleet lease | |
 //! | `cache_feed_overflow_clears_total` | counter: kinds cleared after an overflow | `cache_type` |
+//! | `cache_feed_regressions_total` | counter: watermarks found below the position (kinds cleared, position set back) | |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,8 +64,9 @@ use bytes::Bytes;
 
 use super::{FeedEvent, FeedLog};
 use crate::cache::Cache;
-use crate::error::StoreError;
+use crate::error::{Error, StoreError};
 use crate::key::{EntryKeys, Kind};
+use crate::lease::{FleetLease, Held};
 
 #[cfg(doc)]
 use crate::Store;
@@ -102,7 +126,8 @@ pub struct FeedStatus {
     /// Age of the oldest row not yet applied, in milliseconds (0 when
     /// caught up).
     pub lag_ms: u64,
-    /// The holder of the fleet lease (an instance name and a token), if any.
+    /// The instance holding the fleet lease (its name, not its token), if
+    /// any.
     pub relaying: Option<String>,
     /// Kinds with a recorded overflow, to be cleared.
     pub overflowed: Vec<String>,
@@ -193,9 +218,9 @@ impl<L: FeedLog> RelayBuilder<L> {
         self
     }
 
-    /// Lifetime of the fleet lease, extended by its holder on every pass of
-    /// [`Relay::run`] (default 10 s): how long a relay that died holds up
-    /// the others.
+    /// Lifetime of the fleet lease, extended by its holder's heartbeat every
+    /// quarter of it (default 2 s): about how long a relay that died, or was
+    /// cut off from Redis, holds up the others.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
         self.settings.lease_ttl = d;
         self
@@ -225,16 +250,20 @@ impl<L: FeedLog> RelayBuilder<L> {
     /// The relay.
     pub fn build(self) -> Relay<L> {
         let keys = self.cache.keys();
-        let token = format!("{}#{:08x}", self.instance, rand::random::<u32>());
+        let lease = FleetLease::new(
+            &self.cache,
+            "feed:relay",
+            &self.instance,
+            self.settings.lease_ttl,
+        );
         Relay {
             inner: Arc::new(Inner {
                 position_key: keys.internal("feed:position"),
-                lease_key: keys.internal("feed:relay"),
+                lease,
                 cache: self.cache,
                 log: self.log,
                 kinds: self.kinds,
                 settings: self.settings,
-                token,
                 on_applied: self.on_applied,
                 on_cleared: self.on_cleared,
                 local: Mutex::new(Local::default()),
@@ -282,7 +311,7 @@ impl<L> Clone for Relay<L> {
 impl<L> std::fmt::Debug for Relay<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
-            .field("instance", &self.inner.token)
+            .field("instance", &self.inner.lease.token())
             .field("kinds", &self.inner.kinds.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
@@ -293,9 +322,8 @@ struct Inner<L> {
     log: L,
     kinds: HashMap<String, Kind>,
     settings: Settings,
-    token: String,
     position_key: String,
-    lease_key: String,
+    lease: FleetLease,
     on_applied: Option<AppliedHook>,
     on_cleared: Option<ClearedHook>,
     local: Mutex<Local>,
@@ -375,7 +403,7 @@ impl<L: FeedLog> Relay<L> {
                 max_backlog: 100_000,
                 batch: 1000,
                 prune_batch: 5000,
-                lease_ttl: Duration::from_secs(10),
+                lease_ttl: Duration::from_secs(2),
             },
             instance: format!("{host}-{}", std::process::id()),
             on_applied: None,
@@ -392,7 +420,7 @@ impl<L: FeedLog> Relay<L> {
     /// This instance's lease token (`<instance>#<random>`).
     #[must_use]
     pub fn token(&self) -> &str {
-        &self.inner.token
+        self.inner.lease.token()
     }
 
     /// One pass: clears overflowed kinds if any, applies every row in
@@ -460,28 +488,15 @@ impl<L: FeedLog> Relay<L> {
             .collect();
         if !mine.is_empty() {
             let before = inner.log.watermark().await.map_err(FeedError::Log)?;
-            let mut kinds = Vec::new();
-            for (name, _) in &mine {
-                let kind = inner.kinds[name];
-                let pattern = inner
-                    .cache
-                    .keys()
-                    .pattern(&kind, "*")
-                    .map_err(|e| StoreError::Server(e.to_string().into()))?;
-                let n = self
-                    .store(Duration::from_secs(60), store.invalidate_matching(&pattern))
-                    .await?;
+            let kinds: Vec<Kind> = mine.iter().map(|(name, _)| inner.kinds[name]).collect();
+            self.clear(&kinds).await?;
+            for kind in &kinds {
                 metrics::counter!("cache_feed_overflow_clears_total", "cache_type" => kind.name())
                     .increment(1);
                 tracing::warn!(
                     cache_type = kind.name(),
-                    dropped = n,
                     "invalidation feed: backlog overflowed while the cache was unreachable; type cleared"
                 );
-                kinds.push(kind);
-            }
-            if let Some(hook) = &inner.on_cleared {
-                hook(&kinds);
             }
             // Every row below `before` of the cleared kinds is covered by
             // the clear. Rows of kinds not cleared (another relay marked
@@ -522,6 +537,11 @@ impl<L: FeedLog> Relay<L> {
             },
         };
         let to = inner.log.watermark().await.map_err(FeedError::Log)?;
+        if let Some(held) = held.as_ref().and_then(parse_position) {
+            if to < held {
+                return self.regressed(held, to, report).await;
+            }
+        }
         // The oldest row read is no bound for what is still to come: a
         // transaction below it may be open (its rows are not visible yet),
         // so a start from the log never begins above the watermark.
@@ -571,6 +591,71 @@ impl<L: FeedLog> Relay<L> {
         if observe {
             self.observe(position).await?;
         }
+        Ok(report)
+    }
+
+    /// Clears `kinds` (one store step each), tells the `on_cleared` hook,
+    /// and sweeps their old values out of the store in the background.
+    async fn clear(&self, kinds: &[Kind]) -> Result<(), FeedError<L::Error>> {
+        let inner = &*self.inner;
+        for kind in kinds {
+            let epoch = inner
+                .cache
+                .inner
+                .bump(&crate::tags::kind_field(kind.name()))
+                .await
+                .map_err(|e| match e {
+                    Error::Unavailable(e) => FeedError::Store(e),
+                    other => FeedError::Store(StoreError::Server(other.to_string().into())),
+                })?;
+            let (cache, kind) = (inner.cache.clone(), *kind);
+            tokio::spawn(async move {
+                match cache.sweep(kind, epoch).await {
+                    Ok(n) => tracing::info!(
+                        cache_type = kind.name(),
+                        removed = n,
+                        "cleared values swept"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(cache_type = kind.name(), error = %e, "sweep of cleared values stopped; the rest expires by TTL")
+                    }
+                }
+            });
+        }
+        if let Some(hook) = &inner.on_cleared {
+            hook(kinds);
+        }
+        Ok(())
+    }
+
+    /// The watermark `to` is below the position `held`: the database lost
+    /// transactions the fleet applied. Clears every kind, then sets the
+    /// position back to the watermark (unless another relay moved it).
+    async fn regressed(
+        &self,
+        held: u64,
+        to: u64,
+        mut report: StepReport,
+    ) -> Result<StepReport, FeedError<L::Error>> {
+        let inner = &*self.inner;
+        let kinds: Vec<Kind> = inner.kinds.values().copied().collect();
+        tracing::warn!(
+            position = held,
+            watermark = to,
+            "invalidation feed: the database's watermark is below the position held \
+             (a failover to a standby without the newest transactions, or a restore); \
+             clearing the fed types and relaying from the watermark"
+        );
+        metrics::counter!("cache_feed_regressions_total").increment(1);
+        self.clear(&kinds).await?;
+        let op = inner.cache.inner.op_timeout;
+        let store = inner.cache.store();
+        self.store(op, store.rewind(&inner.position_key, held, to))
+            .await?;
+        lock(&inner.local).position = Some(to);
+        report.cleared = kinds.iter().map(|k| k.name().to_owned()).collect();
+        report.watermark = to;
+        report.position = to;
         Ok(report)
     }
 
@@ -701,25 +786,31 @@ impl<L: FeedLog> Relay<L> {
         let backlog = log.backlog(from).await.map_err(FeedError::Log)?;
         metrics::gauge!("cache_feed_backlog").set(backlog as f64);
         let marked = overflowed.iter().any(|(k, _)| inner.kinds.contains_key(k));
-        if backlog <= inner.settings.max_backlog && !marked {
+        let over = backlog > inner.settings.max_backlog;
+        if !over && !marked {
             return Ok(());
         }
-        // The cut is a watermark: every row below it has committed now, so
-        // a clear that begins after this (which reads the mark first)
-        // covers every row deleted below it.
-        let cut = log.watermark().await.map_err(FeedError::Log)?;
-        let kinds: Vec<String> = inner.kinds.keys().cloned().collect();
-        log.mark_overflow(&kinds, cut)
-            .await
-            .map_err(FeedError::Log)?;
-        if !marked {
-            tracing::warn!(
-                backlog,
-                bound = inner.settings.max_backlog,
-                kinds = ?kinds,
-                "invalidation feed: backlog past its bound while the cache is unreachable; \
-                 the types will be cleared once it is back"
-            );
+        // Marked again (the cut raised) only while over the bound: each
+        // raise makes a reachable relay clear the kinds once more, so a
+        // relay cut off from Redis must not raise it at every step.
+        if over {
+            // The cut is a watermark: every row below it has committed now,
+            // so a clear that begins after this (which reads the mark
+            // first) covers every row deleted below it.
+            let cut = log.watermark().await.map_err(FeedError::Log)?;
+            let kinds: Vec<String> = inner.kinds.keys().cloned().collect();
+            log.mark_overflow(&kinds, cut)
+                .await
+                .map_err(FeedError::Log)?;
+            if !marked {
+                tracing::warn!(
+                    backlog,
+                    bound = inner.settings.max_backlog,
+                    kinds = ?kinds,
+                    "invalidation feed: backlog past its bound while the cache is unreachable; \
+                     the types will be cleared once it is back"
+                );
+            }
         }
         let mut pruned = 0;
         for _ in 0..PRUNE_ROUNDS {
@@ -759,7 +850,7 @@ impl<L: FeedLog> Relay<L> {
             .collect();
         let got = tokio::time::timeout(op * 4, async {
             let pos = store.get(&inner.position_key, None).await?;
-            let holder = store.get(&inner.lease_key, None).await?;
+            let holder = store.get(inner.lease.key(), None).await?;
             Ok::<_, StoreError>((pos, holder))
         })
         .await
@@ -767,7 +858,11 @@ impl<L: FeedLog> Relay<L> {
         let (position, relaying, store_reachable) = match got {
             Ok((pos, holder)) => (
                 pos.as_ref().and_then(parse_position),
-                holder.map(|h| String::from_utf8_lossy(&h).into_owned()),
+                // The instance, without the lease token.
+                holder.map(|h| {
+                    let h = String::from_utf8_lossy(&h);
+                    h.rsplit_once('#').map_or(&*h, |(name, _)| name).to_owned()
+                }),
                 true,
             ),
             Err(_) => (
@@ -786,41 +881,6 @@ impl<L: FeedLog> Relay<L> {
             overflowed,
             store_reachable,
         })
-    }
-
-    /// Takes or extends the fleet lease; `None` when the store did not
-    /// answer.
-    async fn lease(&self, held: bool) -> Option<bool> {
-        let inner = &*self.inner;
-        let store = inner.cache.store();
-        let op = inner.cache.inner.op_timeout;
-        let r = if held {
-            match self
-                .store(
-                    op,
-                    store.extend_lock(&inner.lease_key, &inner.token, inner.settings.lease_ttl),
-                )
-                .await
-            {
-                Ok(true) => Ok(true),
-                // Lost (expired while this relay was slow): try again.
-                Ok(false) => {
-                    self.store(
-                        op,
-                        store.lock(&inner.lease_key, &inner.token, inner.settings.lease_ttl),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            self.store(
-                op,
-                store.lock(&inner.lease_key, &inner.token, inner.settings.lease_ttl),
-            )
-            .await
-        };
-        r.ok()
     }
 
     /// Called after a step that read rows. A second such step within
@@ -860,27 +920,39 @@ impl<L: FeedLog> Relay<L> {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let inner = &*self.inner;
         tokio::pin!(shutdown);
-        let mut leader = false;
+        let mut held: Option<Held> = None;
         let mut busy = Busy::default();
-        tracing::info!(instance = %inner.token, kinds = ?inner.kinds.keys().collect::<Vec<_>>(), "invalidation feed relay started");
+        // Standbys try for the lease this often (and on every wake-up).
+        let standby = (inner.settings.lease_ttl / 4).max(Duration::from_millis(10));
+        tracing::info!(instance = %inner.lease.token(), kinds = ?inner.kinds.keys().collect::<Vec<_>>(), "invalidation feed relay started");
         loop {
-            let lease = self.lease(leader).await;
-            let now_leader = lease == Some(true);
-            if now_leader != leader {
-                tracing::info!(
-                    instance = %inner.token,
-                    leader = now_leader,
-                    "invalidation feed: fleet lease {}",
-                    if now_leader { "taken" } else { "lost" }
-                );
+            if held.as_ref().is_some_and(|h| !h.is_held()) {
+                held = None;
+                tracing::info!(instance = %inner.lease.token(), "invalidation feed: fleet lease lost");
             }
-            leader = now_leader;
+            // `None`: the store did not answer, so this relay cannot know
+            // who relays; it steps anyway (only the backlog bookkeeping of
+            // an outage then happens).
+            let reachable = if held.is_some() {
+                Some(true)
+            } else {
+                match inner.lease.hold().await {
+                    Some(Some(h)) => {
+                        tracing::info!(instance = %inner.lease.token(), "invalidation feed: fleet lease taken");
+                        held = Some(h);
+                        Some(true)
+                    }
+                    Some(None) => Some(false),
+                    None => None,
+                }
+            };
+            let leader = held.is_some();
             if !leader {
                 busy = Busy::default();
             }
             metrics::gauge!("cache_feed_relay_active").set(if leader { 1.0 } else { 0.0 });
             let mut again = false;
-            if leader || lease.is_none() {
+            if leader || reachable.is_none() {
                 match self.step().await {
                     Ok(r) => {
                         again = r.waiting;
@@ -910,24 +982,20 @@ impl<L: FeedLog> Relay<L> {
                 inner.settings.poll.min(RECHECK)
             } else if busy.until.is_some_and(|t| t > Instant::now()) {
                 inner.settings.poll.min(BUSY_POLL)
-            } else {
+            } else if leader {
                 inner.settings.poll
+            } else {
+                inner.settings.poll.min(standby)
             };
             tokio::select! {
                 () = &mut shutdown => break,
                 () = inner.log.wait(wait) => {}
             }
         }
-        if leader {
-            let store = inner.cache.store();
-            let _ = self
-                .store(
-                    inner.cache.inner.op_timeout,
-                    store.unlock(&inner.lease_key, &inner.token),
-                )
-                .await;
+        if let Some(h) = held {
+            h.release().await;
         }
         metrics::gauge!("cache_feed_relay_active").set(0.0);
-        tracing::info!(instance = %inner.token, "invalidation feed relay stopped");
+        tracing::info!(instance = %inner.lease.token(), "invalidation feed relay stopped");
     }
 }

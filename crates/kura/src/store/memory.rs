@@ -896,6 +896,47 @@ impl Store for MemoryStore {
         Ok(n)
     }
 
+    async fn sweep(&self, pattern: &KeyPattern, epoch: u64) -> StoreResult<u64> {
+        let now = self.now();
+        let mut n = 0;
+        for i in 0..self.inner.shards.len() {
+            let mut shard = self.shard_at(i);
+            // Backwards, as in `invalidate_matching`.
+            for i in (0..shard.slots.len()).rev() {
+                if !pattern.matches_value_key(shard.slots.get(i).0) {
+                    continue;
+                }
+                let removed = shard.slots.change(i, now, |slot| {
+                    let old = slot.pending.is_none()
+                        && slot
+                            .value
+                            .as_ref()
+                            .is_some_and(|v| crate::codec::peek_meta(&v.v).epoch < epoch);
+                    if old {
+                        slot.value = None;
+                        slot.stale = None;
+                    }
+                    old
+                });
+                n += u64::from(removed);
+            }
+        }
+        Ok(n)
+    }
+
+    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool> {
+        let to =
+            i64::try_from(to).map_err(|_| StoreError::Server("position past i64::MAX".into()))?;
+        let mut shard = self.shard(key);
+        match shard.plain.get_mut(key) {
+            Some(Plain::Counter(c)) if u64::try_from(*c).ok() == Some(from) => {
+                *c = to;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
         let now = self.now();
         let mut n = 0;

@@ -349,6 +349,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// small key per namespace. Read it with [`Store::get`] (a decimal).
     async fn advance(&self, key: &str, value: u64) -> StoreResult<u64>;
 
+    /// Sets a position ([`Store::advance`]) back to `to`, only if it still
+    /// holds `from`, in one atomic step; returns whether it did. The one
+    /// way a position goes back: after the database's watermark was found
+    /// below it (a failover to a standby that lacks transactions), once the
+    /// kinds it feeds were cleared.
+    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool>;
+
+    /// Removes the values under `pattern` that were loaded before a clear at
+    /// `epoch` (their envelope's epoch is lower; see [`crate::tags`]),
+    /// with their stale copies; values filled since, entries with a pending
+    /// write-behind write, leases and "not found" markers are kept. Returns
+    /// how many values it removed. Walks the keyspace (Redis: `SCAN` with
+    /// `COUNT 100` on every primary): not a request-path step.
+    async fn sweep(&self, pattern: &KeyPattern, epoch: u64) -> StoreResult<u64>;
+
     /// One request against a rate limit of `limit` per `period` at `key`
     /// (GCRA, see [`crate::ratelimit`]), in one atomic step on the store's
     /// clock: admitted or not, with what is left. The key expires when the

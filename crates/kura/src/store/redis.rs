@@ -54,9 +54,13 @@ static ADVANCE: LazyLock<Script> = script!("advance.lua");
 static GCRA: LazyLock<Script> = script!("gcra.lua");
 static REFRESH_LEASE: LazyLock<Script> = script!("refresh_lease.lua");
 static BUMP_STAMP: LazyLock<Script> = script!("bump_stamp.lua");
+static SWEEP: LazyLock<Script> = script!("sweep.lua");
+static REWIND: LazyLock<Script> = script!("rewind.lua");
 
 /// Every script's source, for `SCRIPT LOAD` after the server lost them.
-const SOURCES: [&str; 18] = [
+const SOURCES: [&str; 20] = [
+    source!("sweep.lua"),
+    source!("rewind.lua"),
     source!("refresh_lease.lua"),
     source!("bump_stamp.lua"),
     source!("acquire.lua"),
@@ -817,6 +821,40 @@ impl Store for RedisStore {
             deleted += self.invalidate(&refs).await?;
         }
         Ok(deleted)
+    }
+
+    async fn sweep(&self, pattern: &KeyPattern, epoch: u64) -> StoreResult<u64> {
+        let mut removed = 0;
+        let epoch = epoch.to_string();
+        let mut scan = self.scan(&pattern.scan_match()).await?;
+        while let Some(keys) = self.scan_next(&mut scan).await? {
+            let mut seen = HashSet::new();
+            let entries: Vec<EntryKeys> = keys
+                .iter()
+                .filter_map(|k| pattern.entry_of(k))
+                .filter(|e| seen.insert(e.value.clone()))
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for keys in &entries {
+                entry_invocation(&mut pipe, &SWEEP, keys, |inv| {
+                    inv.arg(&epoch);
+                });
+            }
+            for v in self.run(&pipe).await? {
+                removed += as_int(&v)? as u64;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool> {
+        let v = self
+            .run_one(REWIND.key(key).arg(from.to_string()).arg(to.to_string()))
+            .await?;
+        Ok(as_int(&v)? == 1)
     }
 
     async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
