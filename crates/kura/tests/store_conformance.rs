@@ -43,6 +43,8 @@ both_stores!(
     feed_position_only_moves_forward,
     refresh_lease_only_over_a_cached_value,
     stamps_bump_atomically,
+    sweep_removes_what_a_clear_covered,
+    feed_position_rewinds_only_from_what_it_holds,
 );
 
 /// The memory store's bound in the bounded cases.

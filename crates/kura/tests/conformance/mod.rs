@@ -1231,6 +1231,109 @@ pub async fn feed_event_keeps_the_pending_copy(b: Backend) {
     cleanup(&ns).await;
 }
 
+/// Fills `e` with a value (and stale copy) loaded at stamps `epoch`.
+async fn cache_at_epoch(s: &dyn Store, e: &EntryKeys, epoch: u64) {
+    let token = format!("fill-at-{epoch}");
+    s.acquire(&[acq(e, &token)]).await.unwrap();
+    let bytes = codec::encode_with(
+        &Row {
+            id: "x".into(),
+            name: format!("at {epoch}"),
+            version: 1,
+        },
+        1,
+        codec::DEFAULT_MAX_VALUE_BYTES,
+        &codec::Header {
+            expires_ms: 0,
+            epoch,
+            tags: &[],
+        },
+    )
+    .unwrap()
+    .envelope;
+    let out = s
+        .fill(&[FillRequest {
+            keys: e,
+            token: &token,
+            value: FillValue::Value { bytes, version: 1 },
+            lifetimes: life(60_000, 120_000),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![FillOutcome::Stored]);
+}
+
+/// A sweep after a clear at epoch 100 removes the type's values loaded
+/// before it (and their stale copies), and keeps later fills, entries with
+/// a pending write-behind write, and other types.
+pub async fn sweep_removes_what_a_clear_covered(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let kb = keys(&*s, &ns);
+    let profile = |id: &str| kb.entry(&Kind::PROFILE, id).unwrap();
+    let (old, plain, later, pending) = (
+        profile("old"),
+        profile("plain"),
+        profile("later"),
+        profile("pending"),
+    );
+    let other = kb.entry(&Kind::SETTINGS, "old").unwrap();
+    cache_at_epoch(&*s, &old, 99).await;
+    // A value without kura's header counts as epoch 0.
+    cache_with_stale(&*s, &plain, 1).await;
+    cache_at_epoch(&*s, &later, 100).await;
+    cache_at_epoch(&*s, &pending, 50).await;
+    let q = queue(&ns);
+    let mut req = accept_req(&pending, &q, 1, "pending", 2);
+    req.lifetimes = life(60_000, 0);
+    assert!(matches!(
+        s.accept(&req).await.unwrap(),
+        AcceptOutcome::Accepted { .. }
+    ));
+    cache_at_epoch(&*s, &other, 1).await;
+    let pattern = kb.pattern(&Kind::PROFILE, "*").unwrap();
+    assert_eq!(s.sweep(&pattern, 100).await.unwrap(), 2, "old and plain");
+    for gone in [&old, &plain] {
+        assert_eq!(s.get(&gone.value, None).await.unwrap(), None);
+        assert_eq!(
+            s.get(&gone.stale, None).await.unwrap(),
+            None,
+            "stale copy too"
+        );
+    }
+    for kept in [&later, &pending, &other] {
+        assert!(
+            s.get(&kept.value, None).await.unwrap().is_some(),
+            "{}",
+            kept.value
+        );
+    }
+    assert_eq!(
+        s.sweep(&pattern, 100).await.unwrap(),
+        0,
+        "nothing left to sweep"
+    );
+    cleanup(&ns).await;
+}
+
+/// A position goes back only from the value expected.
+pub async fn feed_position_rewinds_only_from_what_it_holds(b: Backend) {
+    let s = b.store();
+    let ns = ns();
+    let key = keys(&*s, &ns).internal("feed:position");
+    assert!(!s.rewind(&key, 5, 3).await.unwrap(), "nothing held");
+    assert_eq!(s.advance(&key, 10).await.unwrap(), 10);
+    assert!(!s.rewind(&key, 9, 3).await.unwrap(), "moved meanwhile");
+    assert!(s.rewind(&key, 10, 3).await.unwrap());
+    assert_eq!(s.get(&key, None).await.unwrap().unwrap(), &b"3"[..]);
+    assert_eq!(
+        s.advance(&key, 4).await.unwrap(),
+        4,
+        "forward again from there"
+    );
+    cleanup(&ns).await;
+}
+
 pub async fn feed_position_only_moves_forward(b: Backend) {
     let stores = b.fleet(8);
     let ns = ns();
@@ -1462,4 +1565,6 @@ pub async fn run_all(b: Backend) {
     feed_position_only_moves_forward(b.clone()).await;
     refresh_lease_only_over_a_cached_value(b.clone()).await;
     stamps_bump_atomically(b.clone()).await;
+    sweep_removes_what_a_clear_covered(b.clone()).await;
+    feed_position_rewinds_only_from_what_it_holds(b.clone()).await;
 }
