@@ -22,6 +22,14 @@
 //! cache by the invalidation feed, so a revocation written while Redis was
 //! unreachable, or straight into the database, reaches every cache too.
 //!
+//! When the revoking instance cannot reach Redis, the revocation is
+//! recorded and its invalidation kept pending (replayed once Redis answers);
+//! this instance refuses the token at once. Other instances learn it from
+//! the invalidation feed (its lag) when the feed carries revocations; without
+//! the feed nothing would tell them, so the call answers 503
+//! ([`RevokeError::NotApplied`]) instead of claiming a revocation others
+//! do not see yet.
+//!
 //! # Not guaranteed
 //!
 //! - A token without `jti` cannot be revoked on its own (only its session,
@@ -164,6 +172,21 @@ pub struct TokenStats {
     pub sessions_created: AtomicU64,
 }
 
+/// Why a revocation was not confirmed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RevokeError {
+    /// The database could not record it.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Recorded in the database, but the cache could not be told and no
+    /// invalidation feed carries revocations to the other instances: they
+    /// may accept the token until this instance's pending invalidation is
+    /// replayed (once it reaches Redis again).
+    #[error("the revocation is recorded, but the cache could not be told")]
+    NotApplied,
+}
+
 /// Revocation checks and sessions. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Tokens {
@@ -180,6 +203,8 @@ struct Inner {
     touches: Coalescer<String, (DateTime<Utc>, i64)>,
     flush_now: tokio::sync::Notify,
     check: bool,
+    /// Whether the invalidation feed carries `revocations` to the cache.
+    fed: bool,
     max_sessions: u32,
     stats: TokenStats,
     /// The clock of [`Checked::at_ms`].
@@ -193,9 +218,10 @@ fn later(old: &mut (DateTime<Utc>, i64), new: (DateTime<Utc>, i64)) {
 
 impl Tokens {
     /// Revocations and sessions over `db` and `cache`; `check` says
-    /// whether requests are checked against the revocations.
+    /// whether requests are checked against the revocations, `fed` whether
+    /// the invalidation feed relays the `revocations` table.
     #[must_use]
-    pub fn new(db: Db, cache: &QueuedCache, check: bool, max_sessions: u32) -> Self {
+    pub fn new(db: Db, cache: &QueuedCache, check: bool, fed: bool, max_sessions: u32) -> Self {
         Self {
             inner: Arc::new(Inner {
                 revoked: cache.aside(Kind::BLACKLIST, RevocationSource(db.clone())),
@@ -206,6 +232,7 @@ impl Tokens {
                 touches: Coalescer::new(TOUCH_MAX_PENDING),
                 flush_now: tokio::sync::Notify::new(),
                 check,
+                fed,
                 max_sessions: max_sessions.max(1),
                 stats: TokenStats::default(),
                 epoch: std::time::Instant::now(),
@@ -389,16 +416,34 @@ impl Tokens {
     ///
     /// # Errors
     ///
-    /// [`DbError`] when the database cannot record it.
-    pub async fn revoke_token(&self, jti: &str, exp: i64) -> Result<Option<Revoked>, DbError> {
+    /// [`RevokeError::Db`] when the database cannot record it;
+    /// [`RevokeError::NotApplied`] when it is recorded but other instances
+    /// cannot be told yet.
+    pub async fn revoke_token(&self, jti: &str, exp: i64) -> Result<Option<Revoked>, RevokeError> {
         let until = exp.saturating_add(LEEWAY_SECS as i64);
         if until <= now_unix() {
             return Ok(None);
         }
         let key = key_id("jti", jti);
         let r = self.inner.db.revoke(&key, "jti", jti, until).await?;
-        let _ = self.inner.revoked_writes.invalidate(&key).await;
+        self.applied(self.inner.revoked_writes.invalidate(&key).await)?;
         Ok(Some(r.into()))
+    }
+
+    /// Whether a revocation's invalidation reached the cache, or the feed
+    /// will carry it there; a deferred one stays pending (replayed by the
+    /// library) either way.
+    fn applied(&self, r: Result<kura::WriteOutcome, kura::Error>) -> Result<(), RevokeError> {
+        match r {
+            Ok(kura::WriteOutcome::Deferred) if !self.inner.fed => {
+                tracing::warn!(
+                    "revocation recorded, but the cache cannot be reached and no feed carries it: \
+                     other instances may accept the token until the pending invalidation is replayed"
+                );
+                Err(RevokeError::NotApplied)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Revokes every token of session `sid`, until the latest of: the
@@ -408,12 +453,12 @@ impl Tokens {
     ///
     /// # Errors
     ///
-    /// [`DbError`] when the database cannot record it.
+    /// As [`Tokens::revoke_token`] (the session is deleted either way).
     pub async fn revoke_session(
         &self,
         sid: &str,
         exp: Option<i64>,
-    ) -> Result<(Revoked, Option<Session>), DbError> {
+    ) -> Result<(Revoked, Option<Session>), RevokeError> {
         let i = &self.inner;
         let key = key_id("sid", sid);
         let known = i.db.session(&key).await?;
@@ -428,10 +473,11 @@ impl Tokens {
         .max()
         .unwrap_or_default();
         let r = i.db.revoke(&key, "sid", sid, until).await?;
-        let _ = i.revoked_writes.invalidate(&key).await;
+        let invalidated = i.revoked_writes.invalidate(&key).await;
         let deleted = i.db.delete_session(&key).await?;
         i.touches.forget(&key);
         let _ = i.session_writes.invalidate(&key).await;
+        self.applied(invalidated)?;
         Ok((r.into(), deleted))
     }
 

@@ -452,6 +452,118 @@ async fn revocation_reaches_the_other_instance_at_once() {
     a.stop().await;
 }
 
+/// With the feed off, a revoke through an instance cut off from Redis
+/// cannot remove the other instances' "not revoked" answers: it does not
+/// answer 200 while another instance still accepts the token, and the
+/// pending invalidation is replayed once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_that_cannot_reach_the_cache_is_not_acknowledged() {
+    let redis = RedisServer::start().await;
+    let proxy = kura_testkit::FaultProxy::start(redis.addr()).await;
+    let cut_url = format!("redis://{}", proxy.addr());
+    let a = TestApp::start_with(Backend::PgRedis, |c| {
+        c.redis_url = Some(cut_url);
+        c.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let db_url = a.db.as_ref().unwrap().url.clone();
+    let (ns, secret) = (a.namespace.clone(), a.secret.clone());
+    let b = TestApp::start_with(Backend::PgRedis, |c| {
+        c.database_url = Some(db_url);
+        c.namespace = ns;
+        c.redis_url = Some(redis.url());
+        c.auth = kura_server::AuthConfig::hs256(&secret);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    a.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let (t, _) = token(&a, &user, false, None);
+    for _ in 0..3 {
+        assert_eq!(b.get(&path, &t).await.status(), StatusCode::OK);
+        assert_eq!(a.get(&path, &t).await.status(), StatusCode::OK);
+    }
+    proxy.blackhole();
+    let r = revoke(&a, &t, None).await;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    let other = b.get(&path, &t).await.status();
+    assert!(
+        status != StatusCode::OK || other == StatusCode::UNAUTHORIZED,
+        "the revoke answered {status} {body} while the other instance answers {other}"
+    );
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("recorded"),
+        "{body}"
+    );
+    // This instance refuses it at once (it reads the key from the
+    // database while its invalidation is pending).
+    expect_detail(a.get(&path, &t).await, StatusCode::UNAUTHORIZED).await;
+    // Redis back: the pending invalidation is replayed, and the other
+    // instance refuses the token too.
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.get(&path, &t).await.status() != StatusCode::UNAUTHORIZED {
+        assert!(Instant::now() < deadline, "never applied to the cache");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
+/// With the feed on, the same revoke is acknowledged: the `revocations`
+/// table is fed, and the instance that reaches Redis applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_the_feed_carries_is_acknowledged_and_reaches_the_other_instance() {
+    let redis = RedisServer::start().await;
+    let proxy = kura_testkit::FaultProxy::start(redis.addr()).await;
+    let cut_url = format!("redis://{}", proxy.addr());
+    let feed_on = |c: &mut kura_server::Config| {
+        c.feed.mode = kura_server::config::FeedMode::On;
+    };
+    let a = TestApp::start_with(Backend::PgRedis, |c| {
+        feed_on(c);
+        c.redis_url = Some(cut_url);
+        c.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let db_url = a.db.as_ref().unwrap().url.clone();
+    let (ns, secret) = (a.namespace.clone(), a.secret.clone());
+    let b = TestApp::start_with(Backend::PgRedis, |c| {
+        feed_on(c);
+        c.database_url = Some(db_url);
+        c.namespace = ns;
+        c.redis_url = Some(redis.url());
+        c.auth = kura_server::AuthConfig::hs256(&secret);
+    })
+    .await;
+    let user = Uuid::new_v4();
+    a.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let (t, _) = token(&a, &user, false, None);
+    for _ in 0..3 {
+        assert_eq!(b.get(&path, &t).await.status(), StatusCode::OK);
+        assert_eq!(a.get(&path, &t).await.status(), StatusCode::OK);
+    }
+    proxy.blackhole();
+    assert_eq!(revoke(&a, &t, None).await.status(), StatusCode::OK);
+    let revoked = Instant::now();
+    while b.get(&path, &t).await.status() != StatusCode::UNAUTHORIZED {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "the feed never carried it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "refused by the other instance {:?} after the revoke",
+        revoked.elapsed()
+    );
+    b.stop().await;
+    a.stop().await;
+}
+
 /// Revocations are kept in the database: a Redis restart (empty) and an
 /// outage (Redis unreachable) do not let a revoked token through, and a
 /// revocation made during the outage holds on both sides of it.
@@ -480,11 +592,18 @@ async fn revocations_survive_a_redis_restart_and_outage() {
     expect_detail(app.get(&path, &before).await, StatusCode::UNAUTHORIZED).await;
     assert_eq!(app.get(&path, &during).await.status(), StatusCode::OK);
 
-    // Down: checks fall back to the database; a revocation is still taken.
+    // Down: checks fall back to the database; a revocation is still
+    // recorded, and refused here at once, but (no feed here) not confirmed:
+    // 503, as another instance could not be told.
     redis.stop().await;
     expect_detail(app.get(&path, &before).await, StatusCode::UNAUTHORIZED).await;
     assert_eq!(app.get(&path, &during).await.status(), StatusCode::OK);
-    assert_eq!(revoke(&app, &during, None).await.status(), StatusCode::OK);
+    let d = expect_detail(
+        revoke(&app, &during, None).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    assert!(d.contains("recorded"), "{d}");
     expect_detail(app.get(&path, &during).await, StatusCode::UNAUTHORIZED).await;
 
     // Back: neither comes back to life (no stale "not revoked" served).

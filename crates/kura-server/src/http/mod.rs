@@ -613,6 +613,7 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         app.service.db().clone(),
         app.service.queued_cache(),
         config.revocation,
+        feed.is_some(),
         config.max_sessions,
     );
     let userdata = crate::userdata::UserData::new(

@@ -23,7 +23,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::{AppState, QueryParams};
 use crate::db::tokens::Session;
-use crate::tokens::Revoked;
+use crate::tokens::{RevokeError, Revoked};
 
 /// `POST /api/v1/auth/revoke` body: empty (the presented token), or one
 /// of `jti` (with `exp`) and `sid`.
@@ -77,6 +77,16 @@ fn db_unavailable(e: &crate::db::DbError) -> ApiError {
     ApiError::Unavailable("database unavailable")
 }
 
+fn not_revoked(e: &RevokeError) -> ApiError {
+    match e {
+        RevokeError::Db(e) => db_unavailable(e),
+        RevokeError::NotApplied => ApiError::Unavailable(
+            "the revocation is recorded, but the cache cannot be reached: other instances may \
+             accept the token until it is applied; retry",
+        ),
+    }
+}
+
 /// Revokes the presented token, a token by `jti`, or a session's tokens.
 #[utoipa::path(
     post, path = "/api/v1/auth/revoke", tag = "auth",
@@ -87,7 +97,7 @@ fn db_unavailable(e: &crate::db::DbError) -> ApiError {
         (status = 401, description = "Missing, invalid, expired or revoked token", body = ErrorBody),
         (status = 403, description = "Admin role (or the session's ownership) required", body = ErrorBody),
         (status = 422, description = "Bad body, or a token without jti", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "Database unavailable, or (without the invalidation feed) recorded but not yet applied to the cache", body = ErrorBody),
     )
 )]
 pub async fn revoke(
@@ -123,7 +133,7 @@ pub async fn revoke(
             })?;
             t.revoke_token(&jti, exp)
                 .await
-                .map_err(|e| db_unavailable(&e))?
+                .map_err(|e| not_revoked(&e))?
         }
         (None, Some(sid)) => {
             check_id("sid", &sid)?;
@@ -142,7 +152,7 @@ pub async fn revoke(
             Some(
                 t.revoke_session(&sid, req.exp)
                     .await
-                    .map_err(|e| db_unavailable(&e))?
+                    .map_err(|e| not_revoked(&e))?
                     .0,
             )
         }
@@ -158,7 +168,7 @@ pub async fn revoke(
             let exp = i64::try_from(caller.exp).unwrap_or(i64::MAX);
             t.revoke_token(jti, exp)
                 .await
-                .map_err(|e| db_unavailable(&e))?
+                .map_err(|e| not_revoked(&e))?
         }
     };
     Ok(Json(RevokeResponse {
@@ -232,7 +242,7 @@ pub async fn delete_session(
     }
     t.revoke_session(&sid, None)
         .await
-        .map_err(|e| db_unavailable(&e))?;
+        .map_err(|e| not_revoked(&e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -261,7 +271,7 @@ pub async fn delete_sessions(
         revoked.push(
             t.revoke_session(&x.sid, None)
                 .await
-                .map_err(|e| db_unavailable(&e))?
+                .map_err(|e| not_revoked(&e))?
                 .0,
         );
     }
