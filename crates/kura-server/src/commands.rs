@@ -227,13 +227,11 @@ pub async fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
         println!("cleared every value tagged {tag} (epoch {})", c.epoch);
     } else {
         let c = cache.clear(kura::Kind::PROFILE).await?;
-        match c.covered {
-            Some(n) => println!("deleted {n} profiles (cleared at epoch {})", c.epoch),
-            None => println!(
-                "cleared every cached profile (epoch {}; the cache server does not count them)",
-                c.epoch
-            ),
-        }
+        let n = cache.sweep(kura::Kind::PROFILE, c.epoch).await?;
+        println!(
+            "cleared every cached profile (epoch {}; {n} removed from the cache)",
+            c.epoch
+        );
     }
     Ok(())
 }

@@ -154,18 +154,24 @@ async fn status_of(relay: &Relay<SqlFeedLog>) -> anyhow::Result<FeedStatus> {
         .context("reading the invalidation feed state")
 }
 
-/// The feed part of `GET /healthz`.
+/// The feed part of `GET /healthz`: read from Redis only (what the
+/// relaying instance last measured, [`kura::feed::Relay::health`]), never
+/// from the database.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FeedHealth {
     /// `on` (this instance runs a relay), `off`, or `error` (its state
     /// could not be read).
     pub state: &'static str,
     /// Age of the oldest log entry not applied yet, in milliseconds (0
-    /// when caught up); `null` when off or unknown.
+    /// when caught up), as the relaying instance last measured it (at most
+    /// a poll interval ago); `null` when off or unknown (no instance
+    /// relays, or none reaches both the database and Redis).
     pub lag_ms: Option<u64>,
-    /// Log entries not applied yet; `null` when off or unknown.
+    /// Log entries not applied yet, measured with `lag_ms`; `null` when off
+    /// or unknown.
     pub backlog: Option<u64>,
-    /// The instance holding the fleet lease, if any.
+    /// The instance holding the fleet lease, if any (its name, never the
+    /// lease token).
     pub relaying: Option<String>,
 }
 
@@ -181,15 +187,15 @@ impl FeedHealth {
         let Some(feed) = feed else {
             return off;
         };
-        match feed.status().await {
-            Ok(s) => FeedHealth {
+        match feed.relay.health().await {
+            Ok(h) => FeedHealth {
                 state: "on",
-                lag_ms: Some(s.lag_ms),
-                backlog: Some(s.backlog),
-                relaying: s.relaying,
+                lag_ms: h.observed.map(|o| o.lag_ms),
+                backlog: h.observed.map(|o| o.backlog),
+                relaying: h.relaying,
             },
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "health: invalidation feed state");
+                tracing::warn!(error = %e, "health: invalidation feed state");
                 FeedHealth {
                     state: "error",
                     ..off

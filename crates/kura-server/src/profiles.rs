@@ -445,15 +445,40 @@ impl ProfileService {
     }
 
     /// Stops every cached profile being served, in one step whatever their
-    /// number ([`kura::Cache::clear`]); the entries expire by their TTL.
+    /// number ([`kura::Cache::clear`]), then removes their keys from the
+    /// cache ([`kura::Cache::sweep`]): with `wait`, before returning, with
+    /// how many it removed; otherwise in the background (`None`). A sweep
+    /// that fails leaves the rest to expire by TTL (`None`, logged): the
+    /// clear itself already stopped them being served.
     ///
     /// # Errors
     ///
     /// [`ServiceError::Cache`] when the cache server cannot be reached
     /// (the clear is then pending: this instance reads profiles from the
     /// database until it is applied).
-    pub async fn invalidate_all_profiles(&self) -> Result<kura::tags::Cleared, ServiceError> {
-        Ok(self.cache.clear(Kind::PROFILE).await?)
+    pub async fn invalidate_all_profiles(
+        &self,
+        wait: bool,
+    ) -> Result<(kura::tags::Cleared, Option<u64>), ServiceError> {
+        let cleared = self.cache.clear(Kind::PROFILE).await?;
+        let sweep = {
+            let (cache, epoch) = (Cache::clone(&self.cache), cleared.epoch);
+            async move {
+                match cache.sweep(Kind::PROFILE, epoch).await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweep of cleared profiles stopped; the rest expire by TTL");
+                        None
+                    }
+                }
+            }
+        };
+        if wait {
+            Ok((cleared, sweep.await))
+        } else {
+            tokio::spawn(sweep);
+            Ok((cleared, None))
+        }
     }
 
     /// Stops every cached value carrying `tag` being served. Profiles have

@@ -131,19 +131,56 @@ async fn invalidation_routes(b: Backend) {
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let body = r.json::<Value>().await.unwrap();
-    // A clear: the embedded store counts what it covered, Redis does not.
+    // The O(1) clear, then a sweep of the cleared values: how many profile
+    // caches it invalidated, on either store, and their keys are gone.
     assert_eq!(body["cleared"], true, "{body}");
-    let counted = if memory {
-        (json!(3), json!(3))
-    } else {
-        (json!(0), Value::Null)
-    };
+    assert_eq!(body["deleted"], json!(3), "{body}");
+    let covered = if memory { json!(3) } else { Value::Null };
+    assert_eq!(body["covered"], covered, "{body}");
+    assert!(body["epoch"].as_u64().unwrap() >= 1, "{body}");
+    if !memory {
+        for u in &users {
+            let key = format!("{}:profile:{u}", app.namespace);
+            assert_eq!(app.redis_get(&key).await, None, "{key} swept");
+        }
+    }
+    for u in &users {
+        let r = app.get(&format!("/api/v1/profiles/{u}"), &admin).await;
+        assert_eq!(x_cache(&r), "miss");
+    }
+    // `?wait=false`: answered at once, the sweep goes on in the background.
+    for u in &users {
+        assert_eq!(
+            x_cache(&app.get(&format!("/api/v1/profiles/{u}"), &admin).await),
+            "hit"
+        );
+    }
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/admin/cache/profiles?wait=false",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.json::<Value>().await.unwrap();
     assert_eq!(
-        (body["deleted"].clone(), body["covered"].clone()),
-        counted,
+        (body["cleared"].clone(), body["deleted"].clone()),
+        (json!(true), Value::Null),
         "{body}"
     );
-    assert!(body["epoch"].as_u64().unwrap() >= 1, "{body}");
+    assert_eq!(body["sweeping"], true, "{body}");
+    if !memory {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for u in &users {
+            let key = format!("{}:profile:{u}", app.namespace);
+            while app.redis_get(&key).await.is_some() {
+                assert!(std::time::Instant::now() < deadline, "{key} never swept");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
     for u in &users {
         let r = app.get(&format!("/api/v1/profiles/{u}"), &admin).await;
         assert_eq!(x_cache(&r), "miss");

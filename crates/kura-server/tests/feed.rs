@@ -219,6 +219,71 @@ async fn direct_sql_update_and_delete_reach_the_cache(b: Backend) {
     app.stop().await;
 }
 
+/// `/healthz` at any request rate costs the database about one statement
+/// per second in all (the report is kept for a second; the feed's part
+/// comes from what the relay published in Redis), and shows no lease token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_costs_the_database_one_statement_per_second() {
+    let db = TestDb::create().await;
+    let pg = FaultProxy::start(support::pg_addr()).await;
+    let url = db.url_via(pg.addr());
+    let app = TestApp::start_with(Backend::PgRedis, |c| {
+        feed_on(c);
+        c.database_url = Some(url);
+    })
+    .await;
+    let health = || async {
+        let v: Value = app
+            .call(Method::GET, "/healthz", None, None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        v
+    };
+    // Until the relay has published what it measured.
+    let deadline = Instant::now() + BOUND;
+    while health().await["feed"]["lag_ms"].is_null() {
+        assert!(Instant::now() < deadline, "no feed lag in /healthz");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let window = Duration::from_secs(2);
+    // The database's traffic without /healthz calls (the relay polls it).
+    let start = pg.bytes_up();
+    tokio::time::sleep(window).await;
+    let idle = pg.bytes_up() - start;
+    // The same window with /healthz called as fast as 4 clients can.
+    let start = pg.bytes_up();
+    let until = Instant::now() + window;
+    let mut calls = 0;
+    let mut last = Value::Null;
+    while Instant::now() < until {
+        let (a, b, c, d) = tokio::join!(health(), health(), health(), health());
+        calls += 4;
+        for v in [a, b, c, d] {
+            last = v;
+        }
+    }
+    let busy = pg.bytes_up() - start;
+    eprintln!("{calls} /healthz calls: {busy} bytes to PostgreSQL, {idle} without them");
+    assert!(calls >= 100, "{calls} calls");
+    // One `SELECT 1` is under 100 bytes: the checks of two seconds send a
+    // few hundred. The relay's own polling varies by a step or two between
+    // windows (a few hundred bytes each); a statement per call would send
+    // hundreds of kilobytes.
+    assert!(
+        busy <= idle + 2_000,
+        "{calls} /healthz calls sent {busy} bytes to PostgreSQL ({idle} without them)"
+    );
+    assert_eq!(last["database"], "ok", "{last}");
+    let relaying = last["feed"]["relaying"].as_str().unwrap_or_default();
+    assert!(
+        !relaying.is_empty() && !relaying.contains('#'),
+        "no token: {last}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_reports_the_feed_lag_and_metrics_the_feed() {
     let app = TestApp::start_with(Backend::PgRedis, feed_on).await;

@@ -135,6 +135,10 @@ async fn routes_and_two_instances(url: &str) {
         .await
         .unwrap();
     assert_eq!(r["cleared"], true, "{r}");
+    // The sweep removed the cleared profiles from every primary (20 were
+    // cached by the batch and the reads above).
+    let deleted = r["deleted"].as_u64().unwrap();
+    assert!((18..=20).contains(&deleted), "{r}");
     let r = get(&http, &other.url(), &ids[5], &admin).await;
     assert_eq!(x_cache(&r), "miss");
     other.shutdown().await.unwrap();

@@ -12,7 +12,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,6 +79,7 @@ pub struct FaultProxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
     connections: Arc<AtomicUsize>,
+    bytes_up: Arc<AtomicU64>,
     accept_task: JoinHandle<()>,
 }
 
@@ -95,12 +96,20 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy local address");
         let (mode, rx) = watch::channel(Mode::default());
         let connections = Arc::new(AtomicUsize::new(0));
-        let accept_task = tokio::spawn(accept_loop(listener, upstream, rx, connections.clone()));
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            rx,
+            connections.clone(),
+            bytes_up.clone(),
+        ));
         tracing::debug!(%addr, %upstream, "fault proxy started");
         FaultProxy {
             addr,
             mode,
             connections,
+            bytes_up,
             accept_task,
         }
     }
@@ -180,6 +189,14 @@ impl FaultProxy {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
+
+    /// The bytes forwarded from clients to the upstream so far, over every
+    /// connection: what a test counts to see how much work its client
+    /// asked of the server (every statement sent to PostgreSQL, say).
+    #[must_use]
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -195,6 +212,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     mut mode: watch::Receiver<Mode>,
     connections: Arc<AtomicUsize>,
+    bytes_up: Arc<AtomicU64>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -212,7 +230,13 @@ async fn accept_loop(
                 }
                 tracing::trace!(%peer, "fault proxy accepted");
                 let guard = ConnGuard::new(connections.clone());
-                tokio::spawn(connection(client, upstream, mode.clone(), guard));
+                tokio::spawn(connection(
+                    client,
+                    upstream,
+                    mode.clone(),
+                    guard,
+                    bytes_up.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -290,6 +314,7 @@ async fn connection(
     upstream: SocketAddr,
     mode: watch::Receiver<Mode>,
     _guard: ConnGuard,
+    bytes_up: Arc<AtomicU64>,
 ) {
     let _ = client.set_nodelay(true);
     let connect = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream));
@@ -321,8 +346,15 @@ async fn connection(
     let end = {
         let (client_rd, client_wr) = client.split();
         let (server_rd, server_wr) = server.split();
-        let mut up = pin!(pump(client_rd, server_wr, &conn, mode.clone(), false));
-        let mut down = pin!(pump(server_rd, client_wr, &conn, mode.clone(), true));
+        let mut up = pin!(pump(
+            client_rd,
+            server_wr,
+            &conn,
+            mode.clone(),
+            false,
+            Some(&bytes_up)
+        ));
+        let mut down = pin!(pump(server_rd, client_wr, &conn, mode.clone(), true, None));
         let (mut up_done, mut down_done) = (false, false);
         loop {
             let (end, is_up) = tokio::select! {
@@ -383,6 +415,7 @@ async fn pump(
     conn: &Conn,
     mut mode: watch::Receiver<Mode>,
     downstream: bool,
+    counted: Option<&AtomicU64>,
 ) -> End {
     let mut buf = vec![0u8; CHUNK];
     let mut state = PumpState {
@@ -455,7 +488,12 @@ async fn pump(
             tokio::select! {
                 n = wr.write(&buf[written..len]) => match n {
                     Ok(0) | Err(_) => return End::Error,
-                    Ok(n) => written += n,
+                    Ok(n) => {
+                        written += n;
+                        if let Some(c) = counted {
+                            c.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
                 },
                 changed = mode.changed() => {
                     if changed.is_err() {

@@ -48,31 +48,46 @@ pub struct DeletedResponse {
 }
 
 /// The outcome of a clear (every profile) or a tag invalidation: one step
-/// whatever the number of values; the old entries are no longer served and
-/// expire by their TTL.
+/// whatever the number of values stops them being served.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClearedResponse {
-    /// The values covered when the cache can count them cheaply (the
-    /// embedded store), otherwise 0.
-    pub deleted: u64,
-    /// Always `true`: done by the O(1) clear, not by deleting keys.
+    /// A clear of every profile: the cached profiles removed from the cache
+    /// after the clear (`null` with `?wait=false`, while the sweep runs in
+    /// the background). A tag: the values covered when the cache can count
+    /// them cheaply (the embedded store), otherwise 0; they expire by TTL.
+    pub deleted: Option<u64>,
+    /// Always `true`: done by the O(1) clear.
     pub cleared: bool,
-    /// The values covered, `null` when the cache does not count them
-    /// (Redis: the keyspace is not walked).
+    /// The values covered when the clear was made, `null` when the cache
+    /// does not count them (Redis: counted by the sweep instead).
     pub covered: Option<u64>,
     /// The stamp epoch the clear set.
     pub epoch: u64,
+    /// `?wait=false`: the sweep of the cleared profiles goes on in the
+    /// background.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sweeping: bool,
 }
 
 impl From<kura::tags::Cleared> for ClearedResponse {
     fn from(c: kura::tags::Cleared) -> Self {
         Self {
-            deleted: c.covered.unwrap_or(0),
+            deleted: Some(c.covered.unwrap_or(0)),
             cleared: true,
             covered: c.covered,
             epoch: c.epoch,
+            sweeping: false,
         }
     }
+}
+
+/// `DELETE /api/v1/admin/cache/profiles` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ClearQuery {
+    /// Wait for the sweep of the cleared profiles and answer how many it
+    /// removed (default `true`); `false` answers at once.
+    pub wait: Option<bool>,
 }
 
 /// A tag in the path.
@@ -134,10 +149,14 @@ pub async fn warm(
     }))
 }
 
-/// Stops every cached profile being served: one step whatever their
-/// number (a clear, not SCAN + UNLINK); the entries expire by their TTL.
+/// Stops every cached profile being served (one step whatever their
+/// number: the O(1) clear), then removes the cleared profiles' keys from the
+/// cache (`SCAN` + `UNLINK` of this namespace's profile keys only) and
+/// answers how many; `?wait=false` answers at once and sweeps in the
+/// background.
 #[utoipa::path(
     delete, path = "/api/v1/admin/cache/profiles", tag = "admin",
+    params(ClearQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Profiles cleared from the cache", body = ClearedResponse),
@@ -149,10 +168,16 @@ pub async fn warm(
 pub async fn clear_profiles(
     State(s): State<Arc<AppState>>,
     caller: Caller,
+    QueryParams(q): QueryParams<ClearQuery>,
 ) -> Result<Json<ClearedResponse>, ApiError> {
     caller.require_admin()?;
-    let c = s.service.invalidate_all_profiles().await?;
-    Ok(Json(c.into()))
+    let wait = q.wait.unwrap_or(true);
+    let (c, swept) = s.service.invalidate_all_profiles(wait).await?;
+    Ok(Json(ClearedResponse {
+        deleted: swept,
+        sweeping: !wait,
+        ..c.into()
+    }))
 }
 
 /// Stops every cached value carrying a tag being served (profiles carry

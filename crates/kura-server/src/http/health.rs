@@ -16,8 +16,21 @@ use super::error::{ApiError, ErrorBody};
 /// How long a health check waits for each dependency.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a health report is answered again before it is made anew:
+/// whatever the request rate (the route needs no token), the checks cost
+/// the database at most one statement, and Redis one round trip each,
+/// per interval.
+const REPORT_FOR: Duration = Duration::from_secs(1);
+
+/// The last health report, shared by the requests of one interval; one
+/// request at a time makes the next.
+#[derive(Debug, Default)]
+pub struct HealthCache {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, StatusCode, Health)>>,
+}
+
 /// The health report.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Health {
     /// `healthy`; `degraded` when Redis is down (reads and writes go to the
     /// database); `unhealthy` when the database is down.
@@ -33,7 +46,9 @@ pub struct Health {
     pub feed: crate::feed::FeedHealth,
 }
 
-/// Checks the database and the cache server.
+/// Checks the database and the cache server (the report is at most a
+/// second old: the checks run at most once a second, whatever the request
+/// rate).
 #[utoipa::path(
     get, path = "/healthz", tag = "operations",
     responses(
@@ -42,6 +57,26 @@ pub struct Health {
     )
 )]
 pub async fn health(State(s): State<Arc<AppState>>) -> Response {
+    let mut last = s.health.last.lock().await;
+    let fresh = last
+        .as_ref()
+        .filter(|(at, _, _)| at.elapsed() < REPORT_FOR)
+        .map(|(_, code, h)| (*code, h.clone()));
+    let (code, report) = match fresh {
+        Some(r) => r,
+        None => {
+            let (code, report) = check(&s).await;
+            *last = Some((std::time::Instant::now(), code, report.clone()));
+            (code, report)
+        }
+    };
+    drop(last);
+    (code, Json(report)).into_response()
+}
+
+/// Runs the checks: one database statement, one Redis round trip for the
+/// cache and one for the feed.
+async fn check(s: &AppState) -> (StatusCode, Health) {
     let db = async {
         match tokio::time::timeout(PROBE_TIMEOUT, s.service.db().ping()).await {
             Ok(Ok(())) => "ok",
@@ -76,14 +111,13 @@ pub async fn health(State(s): State<Arc<AppState>>) -> Response {
     };
     (
         code,
-        Json(Health {
+        Health {
             status,
             database,
             redis,
             feed,
-        }),
+        },
     )
-        .into_response()
 }
 
 /// Prometheus metrics (text exposition format).

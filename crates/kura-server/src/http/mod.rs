@@ -89,6 +89,8 @@ pub struct AppState {
     pub userdata: crate::userdata::UserData,
     /// Per-route request metrics (`None`: `--http-metrics off`).
     pub http_metrics: Option<&'static metrics::HttpMetrics>,
+    /// The last `/healthz` report, answered again for a second.
+    pub health: health::HealthCache,
 }
 
 /// Every route template of the API, as the router names them (the
@@ -637,6 +639,7 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
         http_metrics: config
             .http_metrics
             .then(|| metrics::HttpMetrics::leaked(ROUTES)),
+        health: health::HealthCache::default(),
     });
     let api = Listener::bind(config.listen, router(state.clone(), config)).await?;
     let metrics = match config.metrics_listen {

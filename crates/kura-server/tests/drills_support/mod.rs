@@ -8,7 +8,7 @@
 
 #![allow(missing_docs)]
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,18 +24,7 @@ use uuid::Uuid;
 
 use crate::support::{TestDb, pg_base, random_suffix};
 
-/// The address of the shared PostgreSQL (what a `FaultProxy` forwards to).
-pub fn pg_addr() -> SocketAddr {
-    let base = pg_base();
-    let rest = base.split_once("://").map_or(base.as_str(), |(_, r)| r);
-    let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hostport = hostport.split('/').next().unwrap_or(hostport);
-    hostport
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .unwrap_or_else(|| panic!("KURA_TEST_PG {base:?} names no host:port"))
-}
+pub use crate::support::pg_addr;
 
 /// Drills measure latency: run them one at a time, across processes too
 /// (nextest runs each test in its own process), with a session-level
@@ -74,14 +63,7 @@ impl DrillDb {
 
     /// The database's URL through a proxy listening on `addr`.
     pub fn url_via(&self, addr: SocketAddr) -> String {
-        let base = pg_base();
-        let (scheme, rest) = base.split_once("://").unwrap_or(("postgres", &base));
-        let user = rest.rsplit_once('@').map(|(u, _)| format!("{u}@"));
-        format!(
-            "{scheme}://{}{addr}/{}",
-            user.unwrap_or_default(),
-            self.0.name
-        )
+        self.0.url_via(addr)
     }
 
     /// A pool for reading the rows directly (not through the service).

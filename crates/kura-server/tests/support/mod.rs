@@ -36,6 +36,20 @@ pub fn random_suffix() -> String {
     Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
+/// The address of the shared PostgreSQL (what a `FaultProxy` forwards to).
+pub fn pg_addr() -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let base = pg_base();
+    let rest = base.split_once("://").map_or(base.as_str(), |(_, r)| r);
+    let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = hostport.split('/').next().unwrap_or(hostport);
+    hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("KURA_TEST_PG {base:?} names no host:port"))
+}
+
 /// A PostgreSQL database created for one test and dropped after it.
 pub struct TestDb {
     pub name: String,
@@ -56,6 +70,18 @@ impl TestDb {
         pool.close().await;
         let url = format!("{}/{name}", pg_base());
         TestDb { name, url }
+    }
+
+    /// The database's URL through a proxy listening on `addr`.
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        let base = pg_base();
+        let (scheme, rest) = base.split_once("://").unwrap_or(("postgres", &base));
+        let user = rest.rsplit_once('@').map(|(u, _)| format!("{u}@"));
+        format!(
+            "{scheme}://{}{addr}/{}",
+            user.unwrap_or_default(),
+            self.name
+        )
     }
 }
 

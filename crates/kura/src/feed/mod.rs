@@ -138,7 +138,7 @@ use std::time::Duration;
 pub mod relay;
 pub mod sql;
 
-pub use relay::{FeedError, FeedStatus, Relay, RelayBuilder, StepReport};
+pub use relay::{FeedError, FeedStatus, Observed, Relay, RelayBuilder, RelayHealth, StepReport};
 pub use sql::{Backend, SqlError, TriggerSpec, log_table_sql};
 
 #[cfg(doc)]

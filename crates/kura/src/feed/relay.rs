@@ -135,6 +135,32 @@ pub struct FeedStatus {
     pub store_reachable: bool,
 }
 
+/// The backlog and lag as the relaying instance last measured them, and
+/// when (published in the store at most once per poll interval, for health
+/// checks that must not query the database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Observed {
+    /// Rows at or past the position.
+    pub backlog: u64,
+    /// Age of the oldest row not yet applied, in milliseconds.
+    pub lag_ms: u64,
+    /// When it was measured, Unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// The feed as [`Relay::health`] reads it from the store alone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RelayHealth {
+    /// The last measurement of the relaying instance; `None` when none was
+    /// published within the last ten poll intervals (no instance relays,
+    /// or none reaches both the database and the store).
+    pub observed: Option<Observed>,
+    /// The instance holding the fleet lease (its name, not its token).
+    pub relaying: Option<String>,
+}
+
 /// The relay's settings, as the builder sets them.
 #[derive(Debug, Clone, Copy)]
 struct Settings {
@@ -259,6 +285,7 @@ impl<L: FeedLog> RelayBuilder<L> {
         Relay {
             inner: Arc::new(Inner {
                 position_key: keys.internal("feed:position"),
+                observed_key: keys.internal("feed:observed"),
                 lease,
                 cache: self.cache,
                 log: self.log,
@@ -323,6 +350,8 @@ struct Inner<L> {
     kinds: HashMap<String, Kind>,
     settings: Settings,
     position_key: String,
+    /// Where the relaying instance publishes its last [`Observed`].
+    observed_key: String,
     lease: FleetLease,
     on_applied: Option<AppliedHook>,
     on_cleared: Option<ClearedHook>,
@@ -383,6 +412,12 @@ fn now_ms() -> i64 {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The instance of a fleet lease holder's token (`<instance>#<random>`):
+/// what status and health show, never the token itself.
+fn instance_of(holder: &str) -> &str {
+    holder.rsplit_once('#').map_or(holder, |(name, _)| name)
 }
 
 fn parse_position(b: &Bytes) -> Option<u64> {
@@ -589,7 +624,8 @@ impl<L: FeedLog> Relay<L> {
             .is_empty();
         report.pruned = self.prune(position).await?;
         if observe {
-            self.observe(position).await?;
+            let (backlog, lag_ms) = self.observe(position).await?;
+            self.publish(backlog, lag_ms).await;
         }
         Ok(report)
     }
@@ -770,6 +806,57 @@ impl<L: FeedLog> Relay<L> {
         Ok((backlog, lag_ms))
     }
 
+    /// Publishes a measurement for [`Relay::health`] (lost with the store:
+    /// health then says the lag is unknown).
+    async fn publish(&self, backlog: u64, lag_ms: u64) {
+        let inner = &*self.inner;
+        let text = format!("{backlog} {lag_ms} {}", now_ms());
+        let ttl = (inner.settings.poll * 10).max(Duration::from_secs(10));
+        let store = inner.cache.store();
+        let _ = self
+            .store(
+                inner.cache.inner.op_timeout,
+                store.set(&inner.observed_key, Bytes::from(text), ttl),
+            )
+            .await;
+    }
+
+    /// The feed as the store knows it: the relaying instance's last
+    /// measurement and its name. One store round trip, no database
+    /// statement: what a health check asks at any rate.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store does not answer.
+    pub async fn health(&self) -> Result<RelayHealth, StoreError> {
+        let inner = &*self.inner;
+        let store = inner.cache.store();
+        let got = self
+            .store(
+                inner.cache.inner.op_timeout,
+                store.get_many(&[&inner.observed_key, inner.lease.key()]),
+            )
+            .await
+            .map_err(|e| match e {
+                FeedError::Store(e) => e,
+                FeedError::Log(_) => StoreError::Unavailable,
+            })?;
+        let text = |b: &Option<Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+        let observed = got.first().and_then(text).and_then(|t| {
+            let mut parts = t.split(' ');
+            Some(Observed {
+                backlog: parts.next()?.parse().ok()?,
+                lag_ms: parts.next()?.parse().ok()?,
+                at_ms: parts.next()?.parse().ok()?,
+            })
+        });
+        let relaying = got
+            .get(1)
+            .and_then(text)
+            .map(|h| instance_of(&h).to_owned());
+        Ok(RelayHealth { observed, relaying })
+    }
+
     /// The bookkeeping of a step that could not reach the store.
     async fn offline(&self, overflowed: &[(String, u64)]) -> Result<(), FeedError<L::Error>> {
         let inner = &*self.inner;
@@ -858,11 +945,7 @@ impl<L: FeedLog> Relay<L> {
         let (position, relaying, store_reachable) = match got {
             Ok((pos, holder)) => (
                 pos.as_ref().and_then(parse_position),
-                // The instance, without the lease token.
-                holder.map(|h| {
-                    let h = String::from_utf8_lossy(&h);
-                    h.rsplit_once('#').map_or(&*h, |(name, _)| name).to_owned()
-                }),
+                holder.map(|h| instance_of(&String::from_utf8_lossy(&h)).to_owned()),
                 true,
             ),
             Err(_) => (
