@@ -286,6 +286,15 @@ impl Tokens {
         Ok(())
     }
 
+    /// Whether `caller`'s token passes the revocation check (not revoked,
+    /// and its status known), without recording anything for its session:
+    /// what the rate limiter asks before counting a request.
+    pub async fn passes_check(&self, caller: &Caller) -> bool {
+        let i = &self.inner;
+        !(i.check && (caller.jti.is_some() || caller.sid.is_some()))
+            || self.check(caller).await.is_ok()
+    }
+
     /// Refuses a revoked token, or one whose status cannot be known; notes
     /// a valid answer that came from the cache (see [`Checked`]).
     async fn check(&self, caller: &Caller) -> Result<(), ApiError> {

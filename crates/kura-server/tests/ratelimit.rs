@@ -126,9 +126,41 @@ async fn exactly_the_limit_under_concurrency(b: Backend) {
     app.stop().await;
 }
 
+/// Requests of a revoked token (answered 401) do not count against its
+/// subject: a stolen, then revoked, token cannot use up the owner's quota.
+async fn revoked_tokens_do_not_count(b: Backend) {
+    let app = TestApp::start_with(b, limits).await;
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    let path = format!("/api/v1/profiles/{user}");
+    let token_with_jti = || {
+        support::token_with(
+            &app.secret,
+            &json!({"sub": user.to_string(), "exp": support::now() + 600,
+                    "jti": Uuid::new_v4().simple().to_string()}),
+        )
+    };
+    let stolen = token_with_jti();
+    let r = app
+        .call(Method::POST, "/api/v1/auth/revoke", Some(&stolen), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    for _ in 0..10 {
+        let r = app.get(&path, &stolen).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header(&r, "ratelimit-remaining"), None, "not counted");
+    }
+    let owner = token_with_jti();
+    let r = app.get(&path, &owner).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "ratelimit-remaining").as_deref(), Some("4"));
+    app.stop().await;
+}
+
 both_backends!(
     limits_per_subject_and_class,
-    exactly_the_limit_under_concurrency
+    exactly_the_limit_under_concurrency,
+    revoked_tokens_do_not_count,
 );
 
 /// Two instances on one Redis share a subject's limit.

@@ -6,8 +6,10 @@
 //!
 //! Classes: `batch` (`POST /api/v1/profiles/batch`), `admin`
 //! (`/api/v1/admin/...`), `read` (other `GET`s) and `write` (the rest).
-//! Requests without a valid token are not counted (they answer 401), nor
-//! are `/healthz`, `/metrics` and `/openapi.json`.
+//! Only admitted callers are counted: requests without a valid token, or
+//! with a revoked one, are not (they answer 401), so a stolen token that
+//! was revoked cannot use up its subject's quota; nor are `/healthz`,
+//! `/metrics` and `/openapi.json`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,6 +97,11 @@ pub async fn limit(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     let Ok(caller) = s.auth.verify(&token).await else {
         return next.run(req).await;
     };
+    // The revocation check is the one the route's extractor makes next (a
+    // hit of the check remembered with the verified token).
+    if !s.tokens.passes_check(&caller).await {
+        return next.run(req).await;
+    }
     let l = match limits.limiter.check(class, &caller.sub, quota).await {
         Ok(l) => l,
         Err(e) => {
