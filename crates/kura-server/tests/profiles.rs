@@ -52,24 +52,42 @@ async fn get_is_a_miss_then_a_hit(b: Backend) {
         r.headers()["content-type"].to_str().unwrap(),
         "application/json"
     );
+    assert!(r.headers().get("age").is_none(), "no Age on a miss");
     let first: Value = r.json().await.unwrap();
     let obj = first.as_object().unwrap();
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     keys.sort_unstable();
     let mut want = PROFILE_FIELDS.to_vec();
+    want.push("cached_at");
     want.sort_unstable();
-    assert_eq!(keys, want, "exactly the profile fields");
-    assert_eq!(first, created);
+    assert_eq!(keys, want, "exactly the profile fields and cached_at");
+    // The seed's `cached_at`: when the value was put in the cache.
+    let cached_at = first["cached_at"].as_str().unwrap().to_owned();
+    let at = chrono::DateTime::parse_from_rfc3339(&cached_at).expect("RFC 3339");
+    assert!(cached_at.ends_with('Z'), "UTC: {cached_at}");
+    assert!(
+        (chrono::Utc::now() - at.to_utc()).num_seconds().abs() < 60,
+        "{cached_at}"
+    );
+    let mut bare = first.clone();
+    bare.as_object_mut().unwrap().remove("cached_at");
+    assert_eq!(bare, created);
     assert_eq!(first["first_name"], "太郎");
     assert_eq!(first["version"], 1);
     let ts = first["created_at"].as_str().unwrap();
     assert!(ts.ends_with('Z'), "RFC 3339 UTC: {ts}");
     chrono::DateTime::parse_from_rfc3339(ts).expect("RFC 3339");
 
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let r = app.get(&path, &owner).await;
     assert_eq!(x_cache(&r), "hit");
+    let age: u64 = r.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!((1..60).contains(&age), "Age {age}");
     let second: Value = r.json().await.unwrap();
-    assert_eq!(second, first, "a hit returns the same JSON");
+    assert_eq!(
+        second, first,
+        "a hit returns the same JSON, cached_at included"
+    );
     app.stop().await;
 }
 
@@ -142,7 +160,7 @@ async fn put_invalidate_then_read_sees_the_new_row(b: Backend) {
         "the write invalidated the cached profile"
     );
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v, updated);
+    assert_eq!(support::without_cached_at(v), updated);
     assert_eq!(x_cache(&app.get(&path, &owner).await), "hit");
 
     // An empty patch changes nothing and answers the row as it stands.
@@ -175,7 +193,7 @@ async fn put_through_updates_the_cached_value(b: Backend) {
     assert_eq!(x_cache(&r), "hit", "write-through keeps the key cached");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["email"], "jiro@example.jp");
-    assert_eq!(v, updated);
+    assert_eq!(support::without_cached_at(v), updated);
     app.stop().await;
 }
 

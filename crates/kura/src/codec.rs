@@ -58,6 +58,8 @@ pub struct Encoded {
     pub envelope: Bytes,
     /// `{<fields>}`.
     pub json: Bytes,
+    /// The `cached_at` written, Unix milliseconds.
+    pub cached_at_ms: i64,
 }
 
 /// What the envelope's `_m` field records (nothing is written when all
@@ -137,7 +139,8 @@ pub fn encode_with<T: Serialize + ?Sized>(
             "the value must serialize to a JSON object".into(),
         ));
     }
-    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+    let at = chrono::Utc::now();
+    let now = at.format("%Y-%m-%dT%H:%M:%S%.6fZ");
     let mut env = BytesMut::with_capacity(json.len() + 64);
     env.put_slice(b"{\"_v\":");
     env.put_slice(itoa(version).as_bytes());
@@ -172,6 +175,7 @@ pub fn encode_with<T: Serialize + ?Sized>(
     Ok(Encoded {
         envelope: env.freeze(),
         json: Bytes::from(json),
+        cached_at_ms: at.timestamp_millis(),
     })
 }
 
@@ -188,6 +192,9 @@ pub struct Decoded<T> {
     pub version: u64,
     /// The bare JSON of the value, without the envelope fields.
     pub json: Bytes,
+    /// When it was cached (`cached_at`), Unix milliseconds; 0 when the
+    /// writer did not record it.
+    pub cached_at_ms: i64,
 }
 
 /// Reads the version from an envelope without parsing the JSON (the same
@@ -202,14 +209,63 @@ pub fn peek_version(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
-/// The parts of kura's header: the version, the `_m` field and where the
-/// value's own fields begin (at a `,` or the closing `}`).
-fn header(bytes: &[u8]) -> Option<(u64, Meta<'_>, usize)> {
+/// When `cached_at` (`2026-11-26T10:00:00.123456Z`, what [`encode_with`]
+/// writes) is, in Unix milliseconds; 0 for any other text. Read by hand:
+/// it is on the path of every hit.
+#[must_use]
+pub fn cached_at_ms(text: &[u8]) -> i64 {
+    fn num(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    }
+    let parse = || -> Option<i64> {
+        if text.len() < 20 || text[4] != b'-' || text[7] != b'-' || text[10] != b'T' {
+            return None;
+        }
+        if text[13] != b':' || text[16] != b':' || *text.last()? != b'Z' {
+            return None;
+        }
+        let (y, m, d) = (num(&text[0..4])?, num(&text[5..7])?, num(&text[8..10])?);
+        let (h, min, s) = (
+            num(&text[11..13])?,
+            num(&text[14..16])?,
+            num(&text[17..19])?,
+        );
+        if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || s > 60 {
+            return None;
+        }
+        let ms = match &text[19..text.len() - 1] {
+            [] => 0,
+            [b'.', frac @ ..] if !frac.is_empty() && frac.len() <= 9 => {
+                let f = num(frac)?;
+                f * 1000 / 10i64.pow(frac.len() as u32)
+            }
+            _ => return None,
+        };
+        // Days from the civil date (Howard Hinnant's algorithm).
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Some(((days * 24 + h) * 60 + min) * 60_000 + s * 1000 + ms)
+    };
+    parse().unwrap_or(0)
+}
+
+/// The parts of kura's header: the version, when it was cached (Unix ms),
+/// the `_m` field and where the value's own fields begin (at a `,` or the
+/// closing `}`).
+fn header(bytes: &[u8]) -> Option<(u64, i64, Meta<'_>, usize)> {
     let version = peek_version(bytes)?;
     let after_v = 6 + digits(version);
     let rest = bytes.get(after_v..)?;
     let rest = rest.strip_prefix(b",\"cached_at\":\"")?;
     let close = rest.iter().position(|&b| b == b'"')?;
+    let cached_at = cached_at_ms(&rest[..close]);
     let mut at = after_v + 14 + close + 1;
     let mut meta = Meta::default();
     if let Some(m) = bytes[at..].strip_prefix(b",\"_m\":[") {
@@ -228,19 +284,19 @@ fn header(bytes: &[u8]) -> Option<(u64, Meta<'_>, usize)> {
         meta.tags = parts.next().unwrap_or_default();
         at += 7 + end + 1;
     }
-    Some((version, meta, at))
+    Some((version, cached_at, meta, at))
 }
 
 /// Reads the `_m` field of an envelope without parsing the JSON (all zero
 /// when there is none or the bytes are not kura's).
 #[must_use]
 pub fn peek_meta(bytes: &[u8]) -> Meta<'_> {
-    header(bytes).map(|(_, m, _)| m).unwrap_or_default()
+    header(bytes).map(|(_, _, m, _)| m).unwrap_or_default()
 }
 
 /// Splits the envelope header off: returns the version and the bare JSON.
-fn strip_header(bytes: &Bytes) -> Option<(u64, Bytes)> {
-    let (version, _, at) = header(bytes)?;
+fn strip_header(bytes: &Bytes) -> Option<(u64, i64, Bytes)> {
+    let (version, cached_at, _, at) = header(bytes)?;
     let tail = &bytes[at..];
     let body = match tail.first()? {
         b'}' if tail.len() == 1 => Bytes::from_static(b"{}"),
@@ -252,7 +308,7 @@ fn strip_header(bytes: &Bytes) -> Option<(u64, Bytes)> {
         }
         _ => return None,
     };
-    Some((version, body))
+    Some((version, cached_at, body))
 }
 
 fn digits(mut v: u64) -> usize {
@@ -271,35 +327,36 @@ fn digits(mut v: u64) -> usize {
 /// [`CodecError::Decode`] when the bytes are not JSON of type `T`; callers
 /// treat that as a miss and remove the value.
 pub fn decode<T: DeserializeOwned>(bytes: &Bytes) -> Result<Decoded<T>, CodecError> {
-    let (version, json) = match strip_header(bytes) {
+    let (version, cached_at_ms, json) = match strip_header(bytes) {
         Some(parts) => parts,
         // Written by someone else (the seed's service, redis-cli): the whole
         // object is the value, and it has no version.
-        None => (0, bytes.clone()),
+        None => (0, 0, bytes.clone()),
     };
     let value = serde_json::from_slice(&json).map_err(|e| CodecError::Decode(e.to_string()))?;
     Ok(Decoded {
         value,
         version,
         json,
+        cached_at_ms,
     })
 }
 
 /// Checks an envelope without building the value: kura's header must be
-/// there and the rest a well-formed JSON object. Returns the version and
-/// the bare JSON.
+/// there and the rest a well-formed JSON object. Returns the version, the
+/// bare JSON and when it was cached (Unix ms, 0 when not recorded).
 ///
 /// # Errors
 ///
 /// [`CodecError::Decode`] for bytes without kura's header (written by
 /// someone else: their shape is unknown) or that are not well-formed JSON.
-pub fn decode_json(bytes: &Bytes) -> Result<(u64, Bytes), CodecError> {
-    let (version, json) =
+pub fn decode_json(bytes: &Bytes) -> Result<(u64, Bytes, i64), CodecError> {
+    let (version, cached_at, json) =
         strip_header(bytes).ok_or_else(|| CodecError::Decode("not a kura envelope".into()))?;
     if !well_formed::is_well_formed(&json) {
         return Err(CodecError::Decode("not well-formed JSON".into()));
     }
-    Ok((version, json))
+    Ok((version, json, cached_at))
 }
 
 #[cfg(test)]
@@ -436,7 +493,7 @@ mod tests {
             1000,
         )
         .unwrap();
-        let (v, json) = decode_json(&good.envelope).unwrap();
+        let (v, json, _) = decode_json(&good.envelope).unwrap();
         assert_eq!((v, &json[..]), (3, &good.json[..]));
         for bad in [
             &b"{\"name\":\"no header\"}"[..],
@@ -449,5 +506,37 @@ mod tests {
             );
         }
         assert_eq!(peek_version(b"{\"_v\":99999999999999999999,"), None);
+    }
+
+    #[test]
+    fn cached_at_is_read_by_hand() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-26T10:00:00.123456Z").unwrap();
+        assert_eq!(
+            cached_at_ms(b"2026-11-26T10:00:00.123456Z"),
+            at.timestamp_millis()
+        );
+        for (text, rfc) in [
+            ("1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z"),
+            ("2000-02-29T23:59:59.999Z", "2000-02-29T23:59:59.999Z"),
+            ("2026-03-01T00:00:00.5Z", "2026-03-01T00:00:00.5Z"),
+        ] {
+            let want = chrono::DateTime::parse_from_rfc3339(rfc)
+                .unwrap()
+                .timestamp_millis();
+            assert_eq!(cached_at_ms(text.as_bytes()), want, "{text}");
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-26 10:00:00Z",
+            "2026-11-26T10:00:00+09:00",
+        ] {
+            assert_eq!(cached_at_ms(bad.as_bytes()), 0, "{bad}");
+        }
+        let e = encode(&serde_json::json!({"a": 1}), 3, 1000).unwrap();
+        let d: Decoded<serde_json::Value> = decode(&e.envelope).unwrap();
+        assert_eq!(d.cached_at_ms, e.cached_at_ms);
+        assert!((chrono::Utc::now().timestamp_millis() - d.cached_at_ms).abs() < 5_000);
     }
 }

@@ -23,28 +23,62 @@ pub const MAX_BATCH: usize = 1000;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
-/// The answer to a read: the JSON bytes as the cache holds them (no second
-/// serialization), with `X-Cache`.
+/// Writes a value's JSON object with the seed's `cached_at` (RFC 3339 UTC,
+/// milliseconds) as its last field.
+fn put_with_cached_at(out: &mut BytesMut, json: &[u8], at: Option<std::time::SystemTime>) {
+    let Some(at) = at else {
+        out.put_slice(json);
+        return;
+    };
+    let Some(body) = json.strip_suffix(b"}") else {
+        out.put_slice(json);
+        return;
+    };
+    out.put_slice(body);
+    if body.len() > 1 {
+        out.put_u8(b',');
+    }
+    let at: chrono::DateTime<chrono::Utc> = at.into();
+    out.put_slice(b"\"cached_at\":\"");
+    out.put_slice(at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string().as_bytes());
+    out.put_slice(b"\"}");
+}
+
+/// The JSON of a found profile, as the cache holds it (no second
+/// serialization when it has it), with `cached_at`.
+fn profile_json(f: &Fetched<Profile>) -> Result<Option<Bytes>, ApiError> {
+    let json: Bytes = match (f.json(), f.value()) {
+        (Some(json), _) => json.clone(),
+        (None, Some(v)) => serde_json::to_vec(v)
+            .map_err(|e| {
+                tracing::error!(error = %e, "profile does not serialize");
+                ApiError::Internal
+            })?
+            .into(),
+        (None, None) => return Ok(None),
+    };
+    let mut out = BytesMut::with_capacity(json.len() + 40);
+    put_with_cached_at(&mut out, &json, f.cached_at());
+    Ok(Some(out.freeze()))
+}
+
+/// The answer to a read: the JSON bytes as the cache holds them, with the
+/// seed's `cached_at`, `X-Cache`, and on a hit `Age` (seconds since it was
+/// cached).
 ///
 /// The read is the typed [`kura::CacheAside::get`], not `get_json`: decoding
 /// a hit into a [`Profile`] is what refuses a well-formed value of another
 /// shape at a profile key (drill 6), which a JSON check alone would serve.
 fn fetched_response(f: &Fetched<Profile>) -> Response {
     let cache = HeaderValue::from_static(f.status().as_str());
-    let body = match (f.json(), f.value()) {
-        (Some(json), _) => Body::from(json.clone()),
-        (None, Some(v)) => match serde_json::to_vec(v) {
-            Ok(b) => Body::from(b),
-            Err(e) => {
-                tracing::error!(error = %e, "profile does not serialize");
-                return ApiError::Internal.into_response();
-            }
-        },
-        (None, None) => {
+    let body = match profile_json(f) {
+        Ok(Some(b)) => Body::from(b),
+        Ok(None) => {
             let mut r = ApiError::NotFound("profile not found").into_response();
             r.headers_mut().insert(X_CACHE, cache);
             return r;
         }
+        Err(e) => return e.into_response(),
     };
     let mut r = Response::new(body);
     let h = r.headers_mut();
@@ -52,6 +86,9 @@ fn fetched_response(f: &Fetched<Profile>) -> Response {
     h.insert(X_CACHE, cache);
     if let Some(layer) = f.layer() {
         h.insert(X_CACHE_LAYER, HeaderValue::from_static(layer.as_str()));
+        if let Some(age) = f.cached_at().and_then(|at| at.elapsed().ok()) {
+            h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        }
     }
     r
 }
@@ -86,8 +123,8 @@ impl UpdateQuery {
     params(("user_id" = Uuid, Path, description = "The user id")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The profile", body = Profile,
-         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"), ("X-Cache-Layer" = String, description = "on a hit: l1 (the near cache) or l2 (Redis)"))),
+        (status = 200, description = "The profile, with `cached_at` (RFC 3339 UTC: when it was put in the cache; on a miss, now)", body = Profile,
+         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"), ("X-Cache-Layer" = String, description = "on a hit: l1 (the near cache) or l2 (Redis)"), ("Age" = u64, description = "on a hit: seconds since it was cached"))),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 403, description = "Neither the owner nor an admin", body = ErrorBody),
         (status = 404, description = "No such profile", body = ErrorBody),
@@ -109,8 +146,8 @@ pub async fn get_profile(
     get, path = "/api/v1/profile", tag = "profiles",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The caller's profile", body = Profile,
-         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"), ("X-Cache-Layer" = String, description = "on a hit: l1 (the near cache) or l2 (Redis)"))),
+        (status = 200, description = "The caller's profile, with `cached_at`", body = Profile,
+         headers(("X-Cache" = String, description = "hit, miss, stale or bypass"), ("X-Cache-Layer" = String, description = "on a hit: l1 (the near cache) or l2 (Redis)"), ("Age" = u64, description = "on a hit: seconds since it was cached"))),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
         (status = 404, description = "No profile", body = ErrorBody),
         (status = 422, description = "The token subject is not a UUID", body = ErrorBody),
@@ -331,7 +368,7 @@ pub async fn batch(
         if count > 0 {
             out.put_u8(b',');
         }
-        out.put_slice(&json);
+        put_with_cached_at(&mut out, &json, f.cached_at());
         count += 1;
     }
     out.put_slice(

@@ -345,6 +345,14 @@ pub fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
+/// A profile answer without its `cached_at` (what a write answers).
+pub fn without_cached_at(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("cached_at");
+    }
+    v
+}
+
 /// An HS256 token with these claims.
 pub fn token_with(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(

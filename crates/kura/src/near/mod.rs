@@ -164,6 +164,8 @@ pub(crate) struct NearEntry<T> {
     /// When the store's entry expires, Unix milliseconds (0: not known), for
     /// eager refresh ([`crate::freshness`]).
     pub(crate) expires_ms: u64,
+    /// The value's `cached_at`, Unix milliseconds (0: not known).
+    pub(crate) cached_at_ms: i64,
     generation: u64,
 }
 
@@ -299,6 +301,7 @@ impl<T: Send + Sync + 'static> Near<T> {
         json: Bytes,
         value: Option<Arc<T>>,
         expires_ms: u64,
+        cached_at_ms: i64,
     ) {
         // `finish` runs the insert only while the ticket's generation is
         // the current one.
@@ -313,6 +316,7 @@ impl<T: Send + Sync + 'static> Near<T> {
                 json,
                 value: cell,
                 expires_ms,
+                cached_at_ms,
                 generation,
             });
             self.bytes.fetch_add(
@@ -380,7 +384,7 @@ mod tests {
                 0 | 1 => {
                     let t = n.tracker.begin(&key);
                     let json = Bytes::from(vec![b'x'; usize::from(len % 700)]);
-                    n.fill(&t, &id, json, Some(Arc::new(1)), 0);
+                    n.fill(&t, &id, json, Some(Arc::new(1)), 0, 0);
                 }
                 2 => n.tracker.invalidated(Some(&[key.as_bytes()])),
                 _ => {
@@ -429,7 +433,7 @@ mod tests {
             let t = n
                 .tracker
                 .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
-            n.fill(&t, &id, Bytes::from_static(b"{}"), None, 0);
+            n.fill(&t, &id, Bytes::from_static(b"{}"), None, 0, 0);
         }
         assert!(n.stats().entries <= 10, "{:?}", n.stats());
         // Large entries: the byte bound binds.
@@ -439,7 +443,7 @@ mod tests {
             let t = n
                 .tracker
                 .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
-            n.fill(&t, &id, Bytes::from(vec![b'x'; 1000]), None, 0);
+            n.fill(&t, &id, Bytes::from(vec![b'x'; 1000]), None, 0, 0);
         }
         let s = n.stats();
         assert!(s.bytes <= 10_000, "{s:?}");

@@ -99,6 +99,21 @@ pub struct Fetched<T> {
     json: Option<Bytes>,
     status: Status,
     l1: bool,
+    /// Unix ms; 0 unknown.
+    cached_at_ms: i64,
+}
+
+/// A `cached_at` in Unix milliseconds as a time (`None` for 0, unknown).
+fn time_of(ms: i64) -> Option<std::time::SystemTime> {
+    let ms = u64::try_from(ms).ok().filter(|&m| m > 0)?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl<T: Clone> Fetched<T> {
@@ -148,25 +163,36 @@ impl<T> Fetched<T> {
         self.value.is_some()
     }
 
+    /// When the value was put in the cache (the envelope's `cached_at`): for
+    /// a hit or a stale copy, when it was filled; for a miss, when this
+    /// read filled it (or now, when it was not cached). `None` when not
+    /// found, or for a value another program wrote without `cached_at`.
+    #[must_use]
+    pub fn cached_at(&self) -> Option<std::time::SystemTime> {
+        self.value.as_ref().and(time_of(self.cached_at_ms))
+    }
+
     fn absent(status: Status) -> Self {
         Self {
             value: None,
             json: None,
             status,
             l1: false,
+            cached_at_ms: 0,
         }
     }
 
     fn decoded(d: codec::Decoded<T>, status: Status) -> Self {
-        Self::found(d.value, d.json, status)
+        Self::found(d.value, d.json, status, d.cached_at_ms)
     }
 
-    fn found(value: T, json: Bytes, status: Status) -> Self {
+    fn found(value: T, json: Bytes, status: Status, cached_at_ms: i64) -> Self {
         Self {
             value: Some(Arc::new(value)),
             json: Some(json),
             status,
             l1: false,
+            cached_at_ms,
         }
     }
 }
@@ -182,6 +208,7 @@ pub struct FetchedJson {
     json: Option<Bytes>,
     status: Status,
     l1: bool,
+    cached_at_ms: i64,
 }
 
 impl FetchedJson {
@@ -215,6 +242,12 @@ impl FetchedJson {
     pub fn layer(&self) -> Option<Layer> {
         layer(self.status, self.l1)
     }
+
+    /// When the value was put in the cache (see [`Fetched::cached_at`]).
+    #[must_use]
+    pub fn cached_at(&self) -> Option<std::time::SystemTime> {
+        self.json.as_ref().and(time_of(self.cached_at_ms))
+    }
 }
 
 impl<T> From<Fetched<T>> for FetchedJson {
@@ -223,6 +256,7 @@ impl<T> From<Fetched<T>> for FetchedJson {
             json: f.json,
             status: f.status,
             l1: f.l1,
+            cached_at_ms: f.cached_at_ms,
         }
     }
 }
@@ -235,6 +269,8 @@ trait Answer<T>: Sized {
     fn layer(&self) -> Option<Layer>;
     /// What an L1 entry holds of it: the JSON and, if decoded, the value.
     fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)>;
+    /// When it was cached, Unix ms (0 unknown).
+    fn cached_at_ms(&self) -> i64;
     /// The answer to an L1 hit.
     fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError>;
 }
@@ -250,6 +286,10 @@ impl<T: serde::de::DeserializeOwned> Answer<T> for Fetched<T> {
 
     fn near_parts(&self) -> Option<(&Bytes, Option<&Arc<T>>)> {
         Some((self.json.as_ref()?, self.value.as_ref()))
+    }
+
+    fn cached_at_ms(&self) -> i64 {
+        self.cached_at_ms
     }
 
     fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError> {
@@ -275,6 +315,7 @@ impl<T: serde::de::DeserializeOwned> Answer<T> for Fetched<T> {
             json: Some(e.json.clone()),
             status: Status::Hit,
             l1: true,
+            cached_at_ms: e.cached_at_ms,
         })
     }
 }
@@ -292,11 +333,16 @@ impl<T> Answer<T> for FetchedJson {
         Some((self.json.as_ref()?, None))
     }
 
+    fn cached_at_ms(&self) -> i64 {
+        self.cached_at_ms
+    }
+
     fn from_near(e: &NearEntry<T>) -> Result<Self, CodecError> {
         Ok(Self {
             json: (!e.is_absent()).then(|| e.json.clone()),
             status: Status::Hit,
             l1: true,
+            cached_at_ms: e.cached_at_ms,
         })
     }
 }
@@ -547,10 +593,11 @@ impl<S: Source> CacheAside<S> {
         self.read(
             id,
             |b| {
-                codec::decode_json(b).map(|(_, json)| FetchedJson {
+                codec::decode_json(b).map(|(_, json, cached_at_ms)| FetchedJson {
                     json: Some(json),
                     status: Status::Hit,
                     l1: false,
+                    cached_at_ms,
                 })
             },
             FetchedJson::from,
@@ -657,7 +704,14 @@ impl<S: Source> CacheAside<S> {
                             };
                             if let (Some(n), Some(t)) = (near, &ticket) {
                                 if let Some((json, value)) = r.near_parts() {
-                                    n.fill(t, id, json.clone(), value.cloned(), expires_ms);
+                                    n.fill(
+                                        t,
+                                        id,
+                                        json.clone(),
+                                        value.cloned(),
+                                        expires_ms,
+                                        r.cached_at_ms(),
+                                    );
                                 }
                             }
                             return Ok(r);
@@ -686,7 +740,7 @@ impl<S: Source> CacheAside<S> {
         // entry from it.
         if let (Some(n), Some(t), true) = (near, &ticket, started) {
             if fetched.status == Status::Hit && fetched.value.is_none() {
-                n.fill(t, id, Bytes::new(), None, 0);
+                n.fill(t, id, Bytes::new(), None, 0, 0);
             }
         }
         Ok(miss(fetched))
@@ -1027,7 +1081,7 @@ impl<S: Source> Aside<S> {
                             bytes: enc.envelope,
                             version: v.version(),
                         }),
-                        Fetched::found(v, enc.json, Status::Miss),
+                        Fetched::found(v, enc.json, Status::Miss, enc.cached_at_ms),
                     )
                 }
                 Err(e @ CodecError::TooLarge { .. }) => {
@@ -1092,7 +1146,7 @@ impl<S: Source> Aside<S> {
     fn plain(&self, v: S::Value, status: Status) -> Result<Fetched<S::Value>, Error> {
         let json =
             serde_json::to_vec(&v).map_err(|e| Error::from(CodecError::Encode(e.to_string())))?;
-        Ok(Fetched::found(v, Bytes::from(json), status))
+        Ok(Fetched::found(v, Bytes::from(json), status, now_ms()))
     }
 
     /// Loads from the source without touching the cache, within the type's

@@ -312,7 +312,8 @@ impl<S: Source> Aside<S> {
                                 None if leased => give_back.push(j),
                                 _ => {}
                             }
-                            slots[j].fetched = Some(Fetched::found(v, enc.json, status));
+                            slots[j].fetched =
+                                Some(Fetched::found(v, enc.json, status, enc.cached_at_ms));
                         }
                         Err(e) => {
                             tracing::warn!(key = entries[j].value, error = %e, "value not cached");
