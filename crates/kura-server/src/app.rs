@@ -146,7 +146,14 @@ impl App {
         let db = Db::connect(config.database_url.as_deref(), config.pool)
             .await
             .context("connecting to the database")?;
-        db.migrate().await.context("migrating the database")?;
+        let m = db.migrate().await.context("migrating the database")?;
+        if m.applied > 0 || !m.feed_installed.is_empty() {
+            tracing::info!(
+                migrations = m.applied,
+                feed_triggers = ?m.feed_installed,
+                "database migrated"
+            );
+        }
         let (cache, memory_store) = open_serving_cache(config)?;
         let service =
             ProfileService::new(db, cache, config.write_strategy).with_write_behind(&config.wb);

@@ -103,8 +103,19 @@ async fn demo(mut config: Config) -> anyhow::Result<()> {
 /// When the database cannot be reached or migrated.
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let db = Db::connect(args.db.database_url.as_deref(), args.db.pool()).await?;
-    db.migrate().await?;
-    println!("migrations applied ({})", db.backend());
+    let m = db.migrate().await?;
+    match m.applied {
+        0 => println!("schema: up to date ({})", db.backend()),
+        n => println!("schema: {n} migrations applied ({})", db.backend()),
+    }
+    if m.feed_installed.is_empty() {
+        println!("invalidation feed: triggers up to date");
+    } else {
+        println!(
+            "invalidation feed: triggers installed on {}",
+            m.feed_installed.join(", ")
+        );
+    }
     db.close().await;
     Ok(())
 }

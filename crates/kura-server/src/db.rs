@@ -100,6 +100,15 @@ pub struct SeedRow {
     pub created_at: DateTime<Utc>,
 }
 
+/// What [`Db::migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// Schema migrations applied now (0: the schema was up to date).
+    pub applied: u64,
+    /// Fed tables whose invalidation triggers were (re)installed now.
+    pub feed_installed: Vec<String>,
+}
+
 /// The profiles database: a PostgreSQL or SQLite pool. Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum Db {
@@ -175,7 +184,11 @@ impl Db {
         let url = url.filter(|u| !u.is_empty());
         match url {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
-                let opts = PgConnectOptions::from_str(u)?;
+                // The server's notices ("relation … already exists,
+                // skipping" from every idempotent migration step) are not
+                // kura's to show: warnings and errors only.
+                let opts =
+                    PgConnectOptions::from_str(u)?.options([("client_min_messages", "warning")]);
                 let pool = PgPoolOptions::new()
                     .max_connections(pool.max_connections)
                     .min_connections(pool.min_connections)
@@ -237,19 +250,60 @@ impl Db {
     }
 
     /// Applies the embedded migrations of this backend, then installs the
-    /// invalidation log and the `profiles` triggers with the library's SQL
-    /// ([`Db::install_feed`]; a no-op when they are current).
+    /// invalidation log and the fed tables' triggers with the library's SQL
+    /// ([`Db::install_feed`]; a no-op when they are current); says what it
+    /// did.
     ///
     /// # Errors
     ///
     /// [`DbError::Migrate`], or [`DbError::Sqlx`] from the feed install.
-    pub async fn migrate(&self) -> Result<(), DbError> {
+    pub async fn migrate(&self) -> Result<Migrated, DbError> {
+        let before = self.applied_migrations().await?;
         match self {
             Db::Postgres(p) => PG_MIGRATOR.run(p).await?,
             Db::Sqlite(p) => SQLITE_MIGRATOR.run(p).await?,
         }
-        self.install_feed().await?;
-        Ok(())
+        let applied = self.applied_migrations().await?.saturating_sub(before);
+        let feed_installed = self.install_feed().await?;
+        Ok(Migrated {
+            applied,
+            feed_installed,
+        })
+    }
+
+    /// How many migrations the database has recorded (0 before the first).
+    async fn applied_migrations(&self) -> Result<u64, DbError> {
+        let n: i64 = match self {
+            Db::Postgres(p) => {
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                        .fetch_one(p)
+                        .await?;
+                if exists {
+                    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+                        .fetch_one(p)
+                        .await?
+                } else {
+                    0
+                }
+            }
+            Db::Sqlite(p) => {
+                let exists: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+                     AND name = '_sqlx_migrations'",
+                )
+                .fetch_one(p)
+                .await?;
+                if exists == 0 {
+                    0
+                } else {
+                    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+                        .fetch_one(p)
+                        .await?
+                }
+            }
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Runs `SELECT 1`.

@@ -49,7 +49,11 @@ fn commands_against_sqlite() {
     ];
 
     let out = kura(dir.path(), &["migrate"], &env);
-    assert!(stdout(&out).contains("migrations applied (sqlite)"));
+    assert!(
+        stdout(&out).contains("migrations applied (sqlite)"),
+        "{}",
+        stdout(&out)
+    );
 
     let ids_file = dir.path().join("ids.txt");
     let out = kura(
@@ -239,5 +243,39 @@ fn default_database_is_kura_db_in_the_working_directory() {
         "REDIS_URL",
     ] {
         assert!(text.contains(flag), "serve --help mentions {flag}");
+    }
+}
+
+/// `kura migrate` on PostgreSQL with the default log level: one line per
+/// step, and none of the server's notices ("relation … already exists,
+/// skipping"), on a fresh database and again on a migrated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_prints_one_line_per_step() {
+    let db = support::TestDb::create().await;
+    for round in ["fresh", "again"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+            .args(["migrate", "--database-url", &db.url])
+            .env_remove("RUST_LOG")
+            .env_remove("DATABASE_URL")
+            .output()
+            .expect("run kura migrate");
+        assert!(out.status.success(), "{round}: {out:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            !text.contains("notice") && !text.contains("already exists"),
+            "{round}: server notices printed:\n{text}"
+        );
+        assert!(
+            (2..=3).contains(&lines.len()),
+            "{round}: {} lines:\n{text}",
+            lines.len()
+        );
+        assert!(text.contains("schema"), "{round}: {text}");
+        assert!(text.contains("invalidation feed"), "{round}: {text}");
     }
 }

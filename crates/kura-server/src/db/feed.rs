@@ -194,7 +194,7 @@ impl Db {
                 }
             };
             if installed {
-                tracing::info!(table = spec.table(), backend = ?backend, "invalidation feed triggers installed");
+                tracing::debug!(table = spec.table(), backend = ?backend, "invalidation feed triggers installed");
                 done.push(spec.table().to_owned());
             }
         }
