@@ -1,7 +1,9 @@
 //! Clearing every cached value of a type: `SCAN` + `UNLINK`
 //! ([`kura::Cache::invalidate_all`]) against the O(1) clear
-//! ([`kura::Cache::clear`]), on a standalone Redis and on a 3-primary
-//! Cluster this program starts (and stops) itself.
+//! ([`kura::Cache::clear`]), alone and followed by the sweep that frees the
+//! cleared values' memory ([`kura::Cache::sweep`], what
+//! `DELETE /api/v1/admin/cache/profiles` does), on a standalone Redis and
+//! on a 3-primary Cluster this program starts (and stops) itself.
 //!
 //! ```text
 //! cargo run --release -p kura-server --example clear_bench -- --keys 1000000
@@ -193,9 +195,12 @@ async fn run(
     }
     let (cpu0, _) = node_stats(nodes).await?;
     let t = Instant::now();
-    let covered = match way {
-        "scan_unlink" => Some(a.invalidate_all(Kind::PROFILE).await?),
-        _ => a.clear(Kind::PROFILE).await?.covered,
+    let (covered, epoch) = match way {
+        "scan_unlink" => (Some(a.invalidate_all(Kind::PROFILE).await?), None),
+        _ => {
+            let c = a.clear(Kind::PROFILE).await?;
+            (c.covered, Some(c.epoch))
+        }
     };
     let call = t.elapsed();
     let mut effect = None;
@@ -207,6 +212,22 @@ async fn run(
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let (cpu1, mem) = node_stats(nodes).await?;
+    // The sweep after the clear, measured on its own.
+    let (swept, sweep_s, sweep_cpu_ms, mem_after_sweep) = match (way, epoch) {
+        ("clear_sweep", Some(epoch)) => {
+            let t = Instant::now();
+            let n = a.sweep(Kind::PROFILE, epoch).await?;
+            let took = t.elapsed();
+            let (cpu2, mem2) = node_stats(nodes).await?;
+            (
+                Some(n),
+                Some(took.as_secs_f64()),
+                Some((cpu2 - cpu1) * 1000.0),
+                Some(mem2 as f64 / 1e6),
+            )
+        }
+        _ => (None, None, None, None),
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     Ok(json!({
         "way": way,
@@ -217,6 +238,10 @@ async fn run(
         "redis_cpu_ms": (cpu1 - cpu0) * 1000.0,
         "used_memory_after_mb": mem as f64 / 1e6,
         "covered": covered,
+        "swept": swept,
+        "sweep_s": sweep_s,
+        "sweep_redis_cpu_ms": sweep_cpu_ms,
+        "used_memory_after_sweep_mb": mem_after_sweep,
     }))
 }
 
@@ -225,7 +250,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let mut out = Vec::new();
     for topo in &a.topologies {
-        for way in ["scan_unlink", "clear"] {
+        for way in ["scan_unlink", "clear", "clear_sweep"] {
             // A fresh server (or cluster) per run: no leftovers of the last.
             let result = match topo.as_str() {
                 "standalone" => {
