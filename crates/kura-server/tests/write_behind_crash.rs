@@ -666,14 +666,25 @@ async fn warns_when_the_queue_is_not_durable() {
     let plain = RedisServer::start().await;
     let env = Env::new(sqlite.clone(), plain.url());
     let service = Service::start(&env, 1, &[]).await;
-    let log = service.log_text();
+    // The check runs once the listener is up: wait for its line.
+    let logged = |s: &Service, text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = s.log_text();
+            if log.contains(text) || std::time::Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let log = logged(&service, "Redis has no append-only file");
     assert!(log.contains("Redis has no append-only file"), "{log}");
     assert!(log.contains("appendonly yes"), "{log}");
     drop(service);
     // The memory store.
     let env = Env::new(sqlite, String::new());
     let service = Service::start(&env, 2, &[]).await;
-    let log = service.log_text();
+    let log = logged(&service, "embedded memory store");
     assert!(log.contains("embedded memory store"), "{log}");
 }
 
