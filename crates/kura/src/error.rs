@@ -10,43 +10,140 @@ use std::sync::Arc;
 use crate::codec::CodecError;
 use crate::key::KeyError;
 
-/// A failure of the cache server or its connection.
-#[derive(Debug, Clone, thiserror::Error)]
+/// What kind of failure a [`StoreError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum StoreError {
+pub enum StoreErrorKind {
     /// The command did not answer within the operation timeout.
-    #[error("cache operation timed out")]
     Timeout,
     /// The connection failed or the server answered with an error.
-    #[error("cache server error: {0}")]
-    Server(Arc<str>),
+    Server,
     /// The key holds a value of another type (`WRONGTYPE`): bad data, not an
     /// outage. Callers repair the key instead of tripping the breaker.
-    #[error("key {0} holds the wrong type")]
-    WrongType(String),
+    WrongType,
     /// The circuit breaker is open: the store was not asked.
-    #[error("cache unavailable (circuit open)")]
     Unavailable,
 }
 
+/// A failure of the cache server or its connection: its [`kind`], what it
+/// was about (a key, a reply), and the error underneath when there is one
+/// (as redis-rs' `RedisError` carries its kind and detail).
+///
+/// [`kind`]: StoreError::kind
+#[derive(Debug, Clone)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    detail: Option<Arc<str>>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
 impl StoreError {
+    /// An error of `kind` with a detail.
+    #[must_use]
+    pub fn new(kind: StoreErrorKind, detail: impl Into<Arc<str>>) -> Self {
+        Self {
+            kind,
+            detail: Some(detail.into()),
+            source: None,
+        }
+    }
+
+    /// The operation timed out.
+    #[must_use]
+    pub fn timeout() -> Self {
+        Self {
+            kind: StoreErrorKind::Timeout,
+            detail: None,
+            source: None,
+        }
+    }
+
+    /// The circuit breaker is open: the store was not asked.
+    #[must_use]
+    pub fn unavailable() -> Self {
+        Self {
+            kind: StoreErrorKind::Unavailable,
+            detail: None,
+            source: None,
+        }
+    }
+
+    /// The server or the connection failed: `detail` says what.
+    #[must_use]
+    pub fn server(detail: impl Into<Arc<str>>) -> Self {
+        Self::new(StoreErrorKind::Server, detail)
+    }
+
+    /// The key `key` holds a value of another type.
+    #[must_use]
+    pub fn wrong_type(key: impl Into<Arc<str>>) -> Self {
+        Self::new(StoreErrorKind::WrongType, key)
+    }
+
+    /// The same error with `source` as the error underneath.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// What kind of failure it is.
+    #[must_use]
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// What it was about (a key, a reply, the server's message), if known.
+    #[must_use]
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
+    }
+
     /// Whether the error says the server is unhealthy (counts against the
     /// circuit breaker), as opposed to bad data at one key.
     #[must_use]
     pub fn is_outage(&self) -> bool {
-        !matches!(self, StoreError::WrongType(_))
+        self.kind != StoreErrorKind::WrongType
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.detail.as_deref()) {
+            (StoreErrorKind::Timeout, _) => f.write_str("cache operation timed out"),
+            (StoreErrorKind::Unavailable, _) => f.write_str("cache unavailable (circuit open)"),
+            (StoreErrorKind::Server, Some(d)) => write!(f, "cache server error: {d}"),
+            (StoreErrorKind::Server, None) => f.write_str("cache server error"),
+            (StoreErrorKind::WrongType, Some(k)) if !k.is_empty() => {
+                write!(f, "key {k} holds the wrong type")
+            }
+            (StoreErrorKind::WrongType, _) => f.write_str("a key holds the wrong type"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        if e.code() == Some("WRONGTYPE") {
-            return StoreError::WrongType(String::new());
-        }
-        if e.is_timeout() {
-            return StoreError::Timeout;
-        }
-        StoreError::Server(e.to_string().into())
+        let kind = if e.code() == Some("WRONGTYPE") {
+            StoreErrorKind::WrongType
+        } else if e.is_timeout() {
+            StoreErrorKind::Timeout
+        } else {
+            StoreErrorKind::Server
+        };
+        let detail = match kind {
+            StoreErrorKind::WrongType => String::new(),
+            _ => e.to_string(),
+        };
+        StoreError::new(kind, detail).with_source(e)
     }
 }
 

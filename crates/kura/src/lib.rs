@@ -184,7 +184,7 @@ pub mod warming;
 
 pub use breaker::{BreakerConfig, BreakerState};
 pub use cache::{Cache, CacheBuilder, QueuedCache};
-pub use error::{BoxError, Error, StoreError};
+pub use error::{BoxError, Error, StoreError, StoreErrorKind};
 pub use feed::{FeedEvent, FeedLog, Relay};
 pub use invalidation::Invalidated;
 pub use key::{KeyError, Kind};

@@ -52,7 +52,7 @@ use std::time::Duration;
 use crate::cache::Cache;
 use crate::error::Error;
 use crate::key::{Kind, validate_id};
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, RateStore};
 
 /// The kind of the limits' keys (`<ns>:rate_limit:<class>.<subject>`).
 pub const RATE_LIMIT: Kind = Kind::new("rate_limit");

@@ -13,8 +13,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kura::key::{EntryKeys, KeyPattern};
 use kura::store::{
-    AcquireRequest, Acquired, FillOutcome, FillRequest, MemoryStore, StoreResult, UpdateOutcome,
-    UpdateRequest,
+    AcquireRequest, Acquired, CacheStore, CounterStore, FillOutcome, FillRequest, LockStore,
+    MemoryStore, PositionStore, RateStore, StampStore, StoreResult, Tracking, TrackingSink,
+    TrackingStore, UpdateOutcome, UpdateRequest,
 };
 use kura::{BreakerConfig, Cache, Kind, Status, Store, StoreError, TtlPolicy};
 use support::{Backend, Db, TestDb, cleanup, ns};
@@ -28,7 +29,7 @@ const SLOW: u8 = 3;
 /// A store whose invalidations can be made to fail, to stop until
 /// released, or to take 25 s (of the test clock) each.
 struct Flaky {
-    inner: Arc<dyn Store>,
+    inner: Arc<dyn CacheStore>,
     mode: AtomicU8,
     entered: Notify,
     release: Semaphore,
@@ -37,7 +38,7 @@ struct Flaky {
 }
 
 impl Flaky {
-    fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+    fn new(inner: Arc<dyn CacheStore>) -> Arc<Self> {
         Arc::new(Self {
             inner,
             mode: AtomicU8::new(PASS),
@@ -67,7 +68,7 @@ impl Flaky {
 
     async fn gate(&self) -> StoreResult<()> {
         match self.mode.load(Ordering::SeqCst) {
-            FAIL => Err(StoreError::Server("refused by the test".into())),
+            FAIL => Err(StoreError::server("refused by the test")),
             HOLD => {
                 self.entered.notify_one();
                 let _ = self.release.acquire().await;
@@ -93,18 +94,23 @@ impl Store for Flaky {
     async fn get(&self, key: &str, refresh: Option<Duration>) -> StoreResult<Option<Bytes>> {
         self.inner.get(key, refresh).await
     }
+
     async fn get_many(&self, keys: &[&str]) -> StoreResult<Vec<Option<Bytes>>> {
         self.inner.get_many(keys).await
     }
+
     async fn acquire(&self, reqs: &[AcquireRequest<'_>]) -> StoreResult<Vec<Acquired>> {
         self.inner.acquire(reqs).await
     }
+
     async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
         self.inner.fill(reqs).await
     }
+
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()> {
         self.inner.release(entries).await
     }
+
     async fn refresh_lease(
         &self,
         keys: &EntryKeys,
@@ -114,41 +120,92 @@ impl Store for Flaky {
     ) -> StoreResult<bool> {
         self.inner.refresh_lease(keys, token, ttl, seen).await
     }
+
     async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>> {
         self.inner.refill(reqs).await
     }
-    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>> {
-        self.inner.stamps(key).await
-    }
-    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64> {
-        self.inner.bump_stamp(key, field, held).await
-    }
+
     async fn sweep(&self, pattern: &KeyPattern, epoch: u64) -> StoreResult<u64> {
         self.inner.sweep(pattern, epoch).await
     }
-    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool> {
-        self.inner.rewind(key, from, to).await
-    }
+
     async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
         self.inner.count_matching(pattern).await
     }
-    fn stamps_version(&self) -> Option<u64> {
-        self.inner.stamps_version()
-    }
+
     async fn update(&self, reqs: &[UpdateRequest<'_>]) -> StoreResult<Vec<UpdateOutcome>> {
         self.inner.update(reqs).await
     }
+
     async fn invalidate(&self, entries: &[&EntryKeys]) -> StoreResult<u64> {
         self.gate().await?;
         self.inner.invalidate(entries).await
     }
+
     async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64> {
         self.gate().await?;
         self.inner.invalidate_older(entries).await
     }
+
+    async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
+        self.matching.lock().unwrap().push(pattern.scan_match());
+        self.gate().await?;
+        self.inner.invalidate_matching(pattern).await
+    }
+
+    async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
+        self.inner.discard(key, seen).await
+    }
+
+    async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
+        self.inner.set(key, bytes, ttl).await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+
+    fn bounds_own_latency(&self) -> bool {
+        self.inner.bounds_own_latency()
+    }
+
+    fn needs_hash_tags(&self) -> bool {
+        self.inner.needs_hash_tags()
+    }
+
+    fn describe(&self) -> &'static str {
+        "flaky test store"
+    }
+}
+
+#[async_trait]
+impl StampStore for Flaky {
+    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>> {
+        self.inner.stamps(key).await
+    }
+
+    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64> {
+        self.inner.bump_stamp(key, field, held).await
+    }
+
+    fn stamps_version(&self) -> Option<u64> {
+        self.inner.stamps_version()
+    }
+}
+
+#[async_trait]
+impl PositionStore for Flaky {
+    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool> {
+        self.inner.rewind(key, from, to).await
+    }
+
     async fn advance(&self, key: &str, value: u64) -> StoreResult<u64> {
         self.inner.advance(key, value).await
     }
+}
+
+#[async_trait]
+impl RateStore for Flaky {
     async fn rate(
         &self,
         key: &str,
@@ -157,43 +214,41 @@ impl Store for Flaky {
     ) -> StoreResult<kura::store::RateDecision> {
         self.inner.rate(key, limit, period).await
     }
-    async fn invalidate_matching(&self, pattern: &KeyPattern) -> StoreResult<u64> {
-        self.matching.lock().unwrap().push(pattern.scan_match());
-        self.gate().await?;
-        self.inner.invalidate_matching(pattern).await
-    }
-    async fn discard(&self, key: &str, seen: &Bytes) -> StoreResult<()> {
-        self.inner.discard(key, seen).await
-    }
-    async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()> {
-        self.inner.set(key, bytes, ttl).await
-    }
+}
+
+#[async_trait]
+impl CounterStore for Flaky {
     async fn incr(&self, counters: &[(&str, i64)]) -> StoreResult<()> {
         self.inner.incr(counters).await
     }
+
     async fn counters(&self, keys: &[&str]) -> StoreResult<Vec<i64>> {
         self.inner.counters(keys).await
     }
+}
+
+#[async_trait]
+impl LockStore for Flaky {
     async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
         self.inner.lock(key, token, ttl).await
     }
+
     async fn extend_lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool> {
         self.inner.extend_lock(key, token, ttl).await
     }
+
     async fn unlock(&self, key: &str, token: &str) -> StoreResult<()> {
         self.inner.unlock(key, token).await
     }
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    fn bounds_own_latency(&self) -> bool {
-        self.inner.bounds_own_latency()
-    }
-    fn needs_hash_tags(&self) -> bool {
-        self.inner.needs_hash_tags()
-    }
-    fn describe(&self) -> &'static str {
-        "flaky test store"
+}
+
+impl TrackingStore for Flaky {
+    fn track(
+        &self,
+        prefixes: Vec<String>,
+        sink: std::sync::Weak<dyn TrackingSink>,
+    ) -> Option<Tracking> {
+        self.inner.track(prefixes, sink)
     }
 }
 

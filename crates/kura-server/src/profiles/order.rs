@@ -39,7 +39,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kura::{Kind, Store};
+use kura::Kind;
 use uuid::Uuid;
 
 use super::{ProfileService, ServiceError};
@@ -65,7 +65,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// A held write lock of one profile; released by [`WriteLock::release`],
 /// or, if dropped unreleased, by a task of its own.
 pub(crate) struct WriteLock {
-    store: Arc<dyn Store>,
+    store: Arc<dyn kura::store::CacheStore>,
     key: String,
     token: String,
     released: bool,
@@ -82,7 +82,7 @@ impl WriteLock {
 }
 
 /// Renews the lock until aborted, or until it is found lost.
-async fn renew(store: Arc<dyn Store>, key: String, token: String) {
+async fn renew(store: Arc<dyn kura::store::CacheStore>, key: String, token: String) {
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
         match tokio::time::timeout(CALL_TIMEOUT, store.extend_lock(&key, &token, LOCK_TTL)).await {
@@ -114,7 +114,7 @@ impl Drop for WriteLock {
     }
 }
 
-async fn unlock(store: &Arc<dyn Store>, key: &str, token: &str) {
+async fn unlock(store: &Arc<dyn kura::store::CacheStore>, key: &str, token: &str) {
     match tokio::time::timeout(CALL_TIMEOUT, store.unlock(key, token)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

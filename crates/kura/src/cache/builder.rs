@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::key::{KeyBuilder, Kind};
 use crate::metrics::LocalCounters;
 use crate::near::{NearConfig, Tracker};
-use crate::store::{QueueStore, Store, TrackingSink};
+use crate::store::{CacheStore, QueueStore, TrackingSink};
 use crate::ttl::{ReadCounter, TtlPolicy};
 
 use super::journal::Pending;
@@ -42,7 +42,7 @@ use super::{Cache, CacheInner, Epochs, NearCaches, QueuedCache, Stamps};
 /// ```
 #[must_use]
 pub struct CacheBuilder<Q = ()> {
-    store: Arc<dyn Store>,
+    store: Arc<dyn CacheStore>,
     /// The capabilities beyond [`Store`] (see the type's docs).
     queue: Q,
     namespace: String,
@@ -302,12 +302,12 @@ impl CacheBuilder<Arc<dyn QueueStore>> {
 
 impl Cache {
     /// A builder over `store`.
-    pub fn builder(store: impl Store) -> CacheBuilder {
+    pub fn builder(store: impl CacheStore) -> CacheBuilder {
         Self::builder_shared(Arc::new(store))
     }
 
     /// A builder over a shared store.
-    pub fn builder_shared(store: Arc<dyn Store>) -> CacheBuilder {
+    pub fn builder_shared(store: Arc<dyn CacheStore>) -> CacheBuilder {
         Self::builder_with(store, ())
     }
 
@@ -333,7 +333,7 @@ impl Cache {
         Self::builder_with(store.clone(), store)
     }
 
-    fn builder_with<Q>(store: Arc<dyn Store>, queue: Q) -> CacheBuilder<Q> {
+    fn builder_with<Q>(store: Arc<dyn CacheStore>, queue: Q) -> CacheBuilder<Q> {
         CacheBuilder {
             store,
             queue,

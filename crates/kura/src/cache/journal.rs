@@ -121,7 +121,7 @@ impl CacheInner {
     ///
     /// # Errors
     ///
-    /// The store's error; [`StoreError::Unavailable`] while a pattern over
+    /// The store's error; [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) while a pattern over
     /// the key's type is pending (the replay would delete the write too).
     pub(crate) async fn apply_pending_of(&self, kind: &Kind, key: &str) -> StoreResult<()> {
         if !self.has_pending.load(Ordering::Acquire) {
@@ -130,7 +130,7 @@ impl CacheInner {
         let entry = {
             let p = lock(&self.pending);
             if p.patterns.keys().any(|(k, _)| *k == kind.name()) {
-                return Err(StoreError::Unavailable);
+                return Err(StoreError::unavailable());
             }
             match p.entries.get(key) {
                 Some((_, e, g)) => (e.clone(), *g),
@@ -181,7 +181,7 @@ impl CacheInner {
                         timeout = ?me.replay_timeout,
                         "replay of pending invalidations cut at its bound: the rest waits for the next"
                     );
-                    Err(StoreError::Timeout)
+                    Err(StoreError::timeout())
                 }
             };
             match &r {
@@ -226,7 +226,7 @@ impl CacheInner {
             let refs: Vec<&EntryKeys> = chunk.iter().map(|(_, e, _)| e).collect();
             tokio::time::timeout(self.op_timeout * 4, self.store.invalidate(&refs))
                 .await
-                .unwrap_or(Err(StoreError::Timeout))?;
+                .unwrap_or(Err(StoreError::timeout()))?;
             self.breaker.success();
             let mut p = lock(&self.pending);
             for (k, _, g) in chunk {

@@ -27,7 +27,7 @@ use crate::error::StoreError;
 use crate::key::{KeyBuilder, Kind};
 use crate::metrics::{KindMetrics, LocalCounters};
 use crate::source::Source;
-use crate::store::{Lifetimes, Store, StoreResult};
+use crate::store::{CacheStore, Lifetimes, StoreResult};
 use crate::strategy::{CacheAside, WriteThrough};
 use crate::ttl::{ReadCounter, TtlPolicy, TypePolicy};
 
@@ -70,7 +70,7 @@ impl std::fmt::Debug for Cache {
 }
 
 pub(crate) struct CacheInner {
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn CacheStore>,
     /// The store bounds its own operations (see
     /// [`Store::bounds_own_latency`]) within the operation timeout.
     self_bounded: bool,
@@ -157,7 +157,7 @@ impl Cache {
 
     /// The store.
     #[must_use]
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn CacheStore> {
         &self.inner.store
     }
 
@@ -201,12 +201,12 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// The store's error or [`StoreError::Timeout`], from the ping alone: a
+    /// The store's error or [`StoreErrorKind::Timeout`](crate::error::StoreErrorKind::Timeout), from the ping alone: a
     /// replay that fails or is still running does not fail it.
     pub async fn ping(&self) -> StoreResult<()> {
         let r = tokio::time::timeout(self.inner.op_timeout, self.inner.store.ping())
             .await
-            .unwrap_or(Err(StoreError::Timeout));
+            .unwrap_or(Err(StoreError::timeout()));
         match &r {
             Ok(()) => {
                 self.inner.breaker.success();
@@ -244,7 +244,7 @@ impl CacheInner {
         op: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
         if !self.breaker.allow() {
-            return Err(StoreError::Unavailable);
+            return Err(StoreError::unavailable());
         }
         if self.has_pending.load(Ordering::Acquire) {
             self.kick_replay();
@@ -254,7 +254,7 @@ impl CacheInner {
         } else {
             match tokio::time::timeout(timeout, op).await {
                 Ok(r) => r,
-                Err(_) => Err(StoreError::Timeout),
+                Err(_) => Err(StoreError::timeout()),
             }
         };
         match &r {

@@ -17,7 +17,7 @@ use super::{Cache, CacheInner};
 use crate::codec::Meta;
 use crate::error::Error;
 use crate::key::Kind;
-use crate::store::{Store, StoreResult, Tracking, TrackingSink};
+use crate::store::{StampStore, StoreResult, Tracking, TrackingSink, TrackingStore};
 use crate::tags::{Cleared, EPOCH_FIELD, ID_FIELD, kind_field, tag_field, validate_tag};
 
 /// The stamps as last read.
@@ -126,7 +126,7 @@ impl Stamps {
     }
 
     /// Starts the store's stream for the stamps key, if it has one.
-    pub(crate) fn start(self: &Arc<Self>, store: &dyn Store) {
+    pub(crate) fn start(self: &Arc<Self>, store: &dyn TrackingStore) {
         let sink: Arc<dyn TrackingSink> = self.clone();
         let weak: Weak<dyn TrackingSink> = Arc::downgrade(&sink);
         drop(sink);
@@ -147,7 +147,7 @@ impl Stamps {
         at.saturating_duration_since(self.started).as_millis() as u64
     }
 
-    fn trusted(&self, store: &dyn Store) -> bool {
+    fn trusted(&self, store: &dyn StampStore) -> bool {
         if self.dirty.load(Ordering::Acquire) {
             return false;
         }
@@ -159,7 +159,7 @@ impl Stamps {
 
     /// The copy, without asking the store: `None` when it cannot be
     /// trusted now.
-    pub(crate) fn cached(&self, store: &dyn Store) -> Option<Arc<Table>> {
+    pub(crate) fn cached(&self, store: &dyn StampStore) -> Option<Arc<Table>> {
         if !self.trusted(store) {
             return None;
         }
@@ -173,7 +173,12 @@ impl Stamps {
 
     /// Whether a value of `kind` in `bytes` may be served, from the copy
     /// alone; `None` when the copy cannot be trusted now.
-    pub(crate) fn admits_now(&self, store: &dyn Store, kind: &str, bytes: &[u8]) -> Option<bool> {
+    pub(crate) fn admits_now(
+        &self,
+        store: &dyn StampStore,
+        kind: &str,
+        bytes: &[u8],
+    ) -> Option<bool> {
         if !self.trusted(store) {
             return None;
         }
@@ -204,7 +209,7 @@ impl Stamps {
     /// A trusted copy, reading the hash when needed.
     pub(crate) async fn current(
         &self,
-        store: &dyn Store,
+        store: &dyn StampStore,
         read: impl std::future::Future<Output = StoreResult<Vec<(String, u64)>>>,
     ) -> StoreResult<Arc<Table>> {
         if let Some(t) = self.cached(store) {

@@ -642,7 +642,7 @@ impl<L: FeedLog> Relay<L> {
                 .await
                 .map_err(|e| match e {
                     Error::Unavailable(e) => FeedError::Store(e),
-                    other => FeedError::Store(StoreError::Server(other.to_string().into())),
+                    other => FeedError::Store(StoreError::server(other.to_string())),
                 })?;
             let (cache, kind) = (inner.cache.clone(), *kind);
             tokio::spawn(async move {
@@ -839,7 +839,7 @@ impl<L: FeedLog> Relay<L> {
             .await
             .map_err(|e| match e {
                 FeedError::Store(e) => e,
-                FeedError::Log(_) => StoreError::Unavailable,
+                FeedError::Log(_) => StoreError::unavailable(),
             })?;
         let text = |b: &Option<Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
         let observed = got.first().and_then(text).and_then(|t| {
@@ -941,7 +941,7 @@ impl<L: FeedLog> Relay<L> {
             Ok::<_, StoreError>((pos, holder))
         })
         .await
-        .unwrap_or(Err(StoreError::Timeout));
+        .unwrap_or(Err(StoreError::timeout()));
         let (position, relaying, store_reachable) = match got {
             Ok((pos, holder)) => (
                 pos.as_ref().and_then(parse_position),

@@ -15,17 +15,24 @@
 //! What a store can do is split into traits, so a store implements what it
 //! supports and a strategy asks at compile time for what it needs:
 //!
-//! - [`Store`]: the cache entry protocol (below) and the small shared
-//!   services (owned values, counters, named locks, ping). Every store
-//!   implements all of it; no method answers "unsupported".
+//! - [`Store`]: the cache entry protocol (below), owned values and ping.
+//! - `caps.rs`: one trait per other capability: [`StampStore`] (clear and
+//!   tag stamps), [`PositionStore`] (the feed's position), [`RateStore`]
+//!   (GCRA), [`CounterStore`] (the fleet's hit and miss counters),
+//!   [`LockStore`] (named locks, the fleet lease) and [`TrackingStore`]
+//!   (the invalidation stream of near caches). [`CacheStore`] is all of
+//!   them with [`Store`]: what a [`crate::Cache`] is built over.
 //! - [`QueueStore`]: the write-behind queue (accept, the per-type stream
 //!   of accepted writes, settling, dead letters, durability). Needed by
 //!   [`crate::Cache::queued`] and so by [`crate::strategy::WriteBehind`]
-//!   and [`crate::strategy::Flusher`]. Both stores implement it.
+//!   and [`crate::strategy::Flusher`].
 //!
-//! Later capabilities (change notifications, client tracking for a near
-//! cache) are added the same way, as traits of their own over [`Store`],
-//! not as methods of [`Store`] with a default that refuses.
+//! Both stores implement every trait, each in files of its own
+//! (`redis/{entry,caps,queue}.rs`, `memory/{entry,caps,queue}.rs`). No
+//! method has a default that refuses: where a store has no such thing
+//! (the memory store has no stream shared with other processes; Redis does
+//! not count a namespace's keys without walking them), its implementation
+//! says so explicitly.
 //!
 //! # The entry protocol
 //!
@@ -48,7 +55,6 @@
 //!    position
 //!    ([`Store::advance`]) lives as long as the fleet relays.
 
-use std::sync::Weak;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,12 +63,16 @@ use bytes::Bytes;
 use crate::error::StoreError;
 use crate::key::{EntryKeys, KeyPattern};
 
+mod caps;
 mod memory;
 mod queue;
 mod redis;
-mod redis_conn;
-mod tracking;
 
+pub use self::caps::{
+    CacheStore, CounterStore, LockStore, PositionStore, RateDecision, RateStore, StampStore,
+    Tracking, TrackingSink, TrackingStore,
+};
+pub(crate) use self::caps::{gcra, rate_steps};
 pub use self::memory::MemoryStore;
 pub use self::queue::{
     AcceptOutcome, AcceptRequest, DeadLetter, Durability, QueueEntry, QueueKeys, QueueStats,
@@ -159,60 +169,6 @@ pub enum FillOutcome {
     NotNewer,
 }
 
-/// What one request against a rate limit got ([`Store::rate`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateDecision {
-    /// Admitted.
-    pub allowed: bool,
-    /// Requests still admitted now, after this one.
-    pub remaining: u32,
-    /// Until the limit is whole again.
-    pub reset: Duration,
-    /// When refused: until the next request can be admitted.
-    pub retry_after: Duration,
-}
-
-/// The emission interval and period of a limit, in microseconds.
-pub(crate) fn rate_steps(limit: u32, period: Duration) -> (u64, u64) {
-    let period = (period.as_micros() as u64).max(1);
-    let step = (period / u64::from(limit.max(1))).max(1);
-    (step, step * u64::from(limit.max(1)))
-}
-
-/// GCRA on a theoretical arrival time `tat` (µs), at `now` (µs): the
-/// decision and the new arrival time (`None` when refused). The scripts do
-/// the same in Lua.
-pub(crate) fn gcra(
-    tat: Option<u64>,
-    now: u64,
-    limit: u32,
-    period: Duration,
-) -> (RateDecision, Option<u64>) {
-    let (step, period) = rate_steps(limit, period);
-    let tat = tat.unwrap_or(now).max(now);
-    let after = tat + step;
-    if after - now > period {
-        return (
-            RateDecision {
-                allowed: false,
-                remaining: 0,
-                reset: Duration::from_micros(tat - now),
-                retry_after: Duration::from_micros(after - period - now),
-            },
-            None,
-        );
-    }
-    (
-        RateDecision {
-            allowed: true,
-            remaining: ((period - (after - now)) / step) as u32,
-            reset: Duration::from_micros(after - now),
-            retry_after: Duration::ZERO,
-        },
-        Some(after),
-    )
-}
-
 /// A request to update a cached value after a commit.
 #[derive(Debug, Clone)]
 pub struct UpdateRequest<'a> {
@@ -286,36 +242,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// its lifetime).
     async fn refill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>>;
 
-    /// Reads the stamps hash at `key` (see [`crate::tags`]): every field
-    /// with its number (none when the key is missing).
-    async fn stamps(&self, key: &str) -> StoreResult<Vec<(String, u64)>>;
-
-    /// In one atomic step: raises the stamps hash's `epoch` field and sets
-    /// `field` to it; returns the new epoch. The new epoch is the store's
-    /// clock in microseconds since the Unix epoch, or one past the higher
-    /// of the hash's epoch and `held` (the epoch the caller knows),
-    /// whichever is highest: a hash that was lost and is made again starts
-    /// above every epoch a value can carry. The hash's `id` field is set to
-    /// its first epoch when the hash is made (its incarnation). The key has
-    /// no TTL: it is one small hash per namespace.
-    async fn bump_stamp(&self, key: &str, field: &str, held: u64) -> StoreResult<u64>;
-
     /// How many values matching `pattern` are cached, when the store can
     /// tell without walking a shared keyspace: the memory store counts its
-    /// own entries; `None` (the default) otherwise. Reported by a clear
+    /// own entries; Redis answers `None`. Reported by a clear
     /// ([`crate::tags::Cleared::covered`]).
-    async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>> {
-        let _ = pattern;
-        Ok(None)
-    }
-
-    /// For a store inside this process: a counter that changes with every
-    /// [`Store::bump_stamp`], so a copy of the stamps can be trusted without
-    /// a read. `None` (the default): the store is shared with other
-    /// processes, and changes are learnt from its invalidation stream.
-    fn stamps_version(&self) -> Option<u64> {
-        None
-    }
+    async fn count_matching(&self, pattern: &KeyPattern) -> StoreResult<Option<u64>>;
 
     /// Gives back leases whose loads failed, if still held by `token`.
     async fn release(&self, entries: &[(&EntryKeys, &str)]) -> StoreResult<()>;
@@ -341,21 +272,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// values were dropped.
     async fn invalidate_older(&self, entries: &[(&EntryKeys, Option<u64>)]) -> StoreResult<u64>;
 
-    /// Moves a position (a key outside the entry protocol, such as the
-    /// feed's `<ns>:~feed:position`) forward to `value` if that is greater
-    /// than the one held, in one atomic step; returns the position now held
-    /// (never less than before). The key has no TTL: losing it is safe (the
-    /// relay starts again from the oldest row it can read), and it is one
-    /// small key per namespace. Read it with [`Store::get`] (a decimal).
-    async fn advance(&self, key: &str, value: u64) -> StoreResult<u64>;
-
-    /// Sets a position ([`Store::advance`]) back to `to`, only if it still
-    /// holds `from`, in one atomic step; returns whether it did. The one
-    /// way a position goes back: after the database's watermark was found
-    /// below it (a failover to a standby that lacks transactions), once the
-    /// kinds it feeds were cleared.
-    async fn rewind(&self, key: &str, from: u64, to: u64) -> StoreResult<bool>;
-
     /// Removes the values under `pattern` that were loaded before a clear at
     /// `epoch` (their envelope's epoch is lower; see [`crate::tags`]),
     /// with their stale copies; values filled since, entries with a pending
@@ -363,12 +279,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// how many values it removed. Walks the keyspace (Redis: `SCAN` with
     /// `COUNT 100` on every primary): not a request-path step.
     async fn sweep(&self, pattern: &KeyPattern, epoch: u64) -> StoreResult<u64>;
-
-    /// One request against a rate limit of `limit` per `period` at `key`
-    /// (GCRA, see [`crate::ratelimit`]), in one atomic step on the store's
-    /// clock: admitted or not, with what is left. The key expires when the
-    /// limit is whole again.
-    async fn rate(&self, key: &str, limit: u32, period: Duration) -> StoreResult<RateDecision>;
 
     /// Invalidates every entry matching `pattern` by `SCAN` (`COUNT 100`)
     /// and batched deletes; returns how many values were cached.
@@ -380,21 +290,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a value with a TTL unconditionally (data the cache owns, such
     /// as a token blacklist entry; never data loaded from a source).
     async fn set(&self, key: &str, bytes: Bytes, ttl: Duration) -> StoreResult<()>;
-
-    /// Adds to counters (`INCRBY`), pipelined.
-    async fn incr(&self, counters: &[(&str, i64)]) -> StoreResult<()>;
-
-    /// Reads counters (missing as 0).
-    async fn counters(&self, keys: &[&str]) -> StoreResult<Vec<i64>>;
-
-    /// Takes a named lock for `ttl` if free; `true` when taken.
-    async fn lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool>;
-
-    /// Extends a lock still held by `token`; `false` when it was lost.
-    async fn extend_lock(&self, key: &str, token: &str, ttl: Duration) -> StoreResult<bool>;
-
-    /// Releases a lock held by `token`.
-    async fn unlock(&self, key: &str, token: &str) -> StoreResult<()>;
 
     /// Checks the server answers.
     async fn ping(&self) -> StoreResult<()>;
@@ -415,46 +310,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A short name for logs and health output (`redis`, `redis-cluster`,
     /// `memory`, …).
     fn describe(&self) -> &'static str;
-
-    /// Starts the stream of invalidations of keys starting with any of
-    /// `prefixes` (changes, deletions, expiries, evictions, by any client),
-    /// delivered to `sink` until it is dropped or the returned handle is.
-    /// Redis: `CLIENT TRACKING ON BCAST` on connections of its own (see
-    /// [`crate::near`]). `None`: the store has no such stream (the memory
-    /// store; the default).
-    fn track(&self, prefixes: Vec<String>, sink: Weak<dyn TrackingSink>) -> Option<Tracking> {
-        let _ = (prefixes, sink);
-        None
-    }
-}
-
-/// Where a store's invalidation stream goes ([`Store::track`]). The calls
-/// come from the stream's own task, one at a time, in the order the server
-/// sent them.
-pub trait TrackingSink: Send + Sync + 'static {
-    /// These keys changed on the server; `None`: all of them (a flush).
-    fn invalidated(&self, keys: Option<&[&[u8]]>);
-
-    /// Every invalidation of a change the server applied before `sent_at`
-    /// has been delivered.
-    fn confirmed(&self, sent_at: std::time::Instant);
-
-    /// Invalidations may have been missed (the connection broke, a check
-    /// failed, the topology moved, or a new stream began): nothing held
-    /// from before can be trusted. `reason` is a short tag for metrics.
-    fn lost(&self, reason: &'static str);
-}
-
-/// A running invalidation stream; stopped when dropped.
-#[derive(Debug)]
-pub struct Tracking {
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for Tracking {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// Compares two non-negative decimal numbers written without leading zeros,

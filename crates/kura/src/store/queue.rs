@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Lifetimes, Store, StoreResult};
+use super::{CacheStore, Lifetimes, StoreResult};
 use crate::key::{EntryKeys, KeyPattern};
 
 /// The keys of one write-behind queue (one per data type).
@@ -199,7 +199,7 @@ pub struct Settled<'a> {
 /// Every method is one round trip (a pipeline on Redis), and each entry's
 /// step is atomic, as for [`Store`].
 #[async_trait]
-pub trait QueueStore: Store {
+pub trait QueueStore: CacheStore {
     /// Write-behind: if the entry's current version (pending copy, else
     /// value) is the expected one and the queue has room, stores the new
     /// value as value, stale copy and pending copy (no TTL), voids any

@@ -43,7 +43,7 @@ use futures::future::{BoxFuture, Shared};
 
 use crate::cache::{Cache, CacheInner, Epoch};
 use crate::codec::{self, CodecError};
-use crate::error::{Error, StoreError};
+use crate::error::Error;
 use crate::key::{EntryKeys, Kind};
 use crate::metrics::KindMetrics;
 use crate::near::{Layer, Near, NearEntry};
@@ -724,7 +724,7 @@ impl<S: Source> CacheAside<S> {
                 }
             }
             Ok(None) => {}
-            Err(StoreError::WrongType(_)) => {
+            Err(e) if e.kind() == crate::error::StoreErrorKind::WrongType => {
                 tracing::warn!(key, "cached key of the wrong type: removed");
                 c.discard(&key, &Bytes::new()).await;
             }

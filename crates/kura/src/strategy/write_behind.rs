@@ -441,7 +441,7 @@ impl<S: Source> WriteBehind<S> {
             let current = self.aside.get(id).await.map_err(BehindError::Read)?;
             match current.status() {
                 // Without the cache there is nowhere durable to put the write.
-                Status::Bypass => return Err(BehindError::Unavailable(StoreError::Unavailable)),
+                Status::Bypass => return Err(BehindError::Unavailable(StoreError::unavailable())),
                 Status::Stale => {
                     return Err(BehindError::Read(Error::source_error(
                         "the source is unavailable (only a stale copy is cached)",

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kura::store::CacheStore;
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Cache, Kind, QueueStore, QueuedCache, Source, Store, TtlPolicy, Versioned};
+use kura::{Cache, Kind, QueueStore, QueuedCache, Source, TtlPolicy, Versioned};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -63,7 +64,7 @@ impl Backend {
         }
     }
 
-    /// One store (with the write-behind queue; it upcasts to `Arc<dyn Store>`).
+    /// One store (with the write-behind queue; it upcasts to `Arc<dyn CacheStore>`).
     pub fn store(&self) -> Arc<dyn QueueStore> {
         self.fleet(1).pop().expect("one store")
     }
@@ -102,7 +103,7 @@ impl Backend {
 }
 
 /// A cache over `store` in namespace `ns`, with no TTL jitter.
-pub fn cache_on(store: Arc<dyn Store>, ns: &str) -> Cache {
+pub fn cache_on(store: Arc<dyn CacheStore>, ns: &str) -> Cache {
     Cache::builder_shared(store)
         .namespace(ns)
         .ttl_policy(TtlPolicy::seed().with_jitter(0.0))

@@ -201,8 +201,8 @@ impl<S: Source> Aside<S> {
             match c.call(Some(&self.metrics), c.store.acquire(&reqs)).await {
                 Ok(v) if v.len() == want.len() => Some(v),
                 Ok(_) if mode == BatchMode::Warm => {
-                    return Err(Error::Unavailable(StoreError::Server(
-                        "lease replies do not match the requests".into(),
+                    return Err(Error::Unavailable(StoreError::server(
+                        "lease replies do not match the requests",
                     )));
                 }
                 Err(e) if mode == BatchMode::Warm => return Err(Error::Unavailable(e)),

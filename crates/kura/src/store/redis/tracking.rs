@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 
-use super::redis_conn::{Conn, Timeouts};
-use super::{Tracking, TrackingSink};
+use super::conn::{Conn, Timeouts};
+use crate::store::{Tracking, TrackingSink};
 
 /// How often the stream is confirmed.
 const PING_EVERY: Duration = Duration::from_millis(100);
@@ -35,9 +35,7 @@ pub(super) fn spawn(
         return None;
     };
     let task = rt.spawn(run(conn, timeouts, prefixes, sink));
-    Some(Tracking {
-        task: task.abort_handle(),
-    })
+    Some(Tracking::new(task.abort_handle()))
 }
 
 async fn run(conn: Conn, t: Timeouts, prefixes: Vec<String>, sink: Weak<dyn TrackingSink>) {

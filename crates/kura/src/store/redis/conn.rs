@@ -52,7 +52,7 @@ pub(super) enum Target {
 
 impl Target {
     pub(super) fn parse(url: &str) -> Result<Self, StoreError> {
-        let bad = |why: &str| StoreError::Server(format!("bad redis url ({why})").into());
+        let bad = |why: &str| StoreError::server(format!("bad redis url ({why})"));
         let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (format!("{a}@"), r),
