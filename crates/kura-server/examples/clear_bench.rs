@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kura::store::RedisStore;
-use kura::{Cache, Kind, Source, Status, TtlPolicy, Versioned};
+use kura::{Cache, Source, Status, Versioned};
 use kura_testkit::{RedisCluster, RedisServer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -108,7 +108,10 @@ async fn fill(url: &str, cluster: bool, cache: &Cache, n: u64) -> anyhow::Result
     let t = Instant::now();
     let envelope = |i: u64| {
         let id = format!("u{i:08}");
-        let key = cache.keys().value_key(&Kind::PROFILE, &id).expect("key");
+        let key = cache
+            .keys()
+            .value_key(&kura_server::registry::PROFILE, &id)
+            .expect("key");
         let enc = kura::codec::encode(&row(&id), 1, 1 << 20).expect("encode");
         (key, enc.envelope)
     };
@@ -167,7 +170,7 @@ async fn fill(url: &str, cluster: bool, cache: &Cache, n: u64) -> anyhow::Result
 fn cache(url: &str) -> anyhow::Result<Cache> {
     Ok(Cache::builder(RedisStore::open(url)?)
         .namespace("clearbench")
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(kura_server::registry::ttl_policy().with_jitter(0.0))
         .build()?)
 }
 
@@ -183,7 +186,7 @@ async fn run(
     let b = cache(url)?;
     let filled = fill(url, cluster, &a, n).await?;
     let loads = Arc::new(AtomicU64::new(0));
-    let reader = b.aside(Kind::PROFILE, Rows(loads.clone()));
+    let reader = b.aside(kura_server::registry::PROFILE, Rows(loads.clone()));
     // The probe is the last key a scan would reach in order of filling
     // (SCAN's order is the hash table's, so any key is as good).
     let probe = format!("u{:08}", n - 1);
@@ -196,9 +199,12 @@ async fn run(
     let (cpu0, _) = node_stats(nodes).await?;
     let t = Instant::now();
     let (covered, epoch) = match way {
-        "scan_unlink" => (Some(a.invalidate_all(Kind::PROFILE).await?), None),
+        "scan_unlink" => (
+            Some(a.invalidate_all(kura_server::registry::PROFILE).await?),
+            None,
+        ),
         _ => {
-            let c = a.clear(Kind::PROFILE).await?;
+            let c = a.clear(kura_server::registry::PROFILE).await?;
             (c.covered, Some(c.epoch))
         }
     };
@@ -216,7 +222,7 @@ async fn run(
     let (swept, sweep_s, sweep_cpu_ms, mem_after_sweep) = match (way, epoch) {
         ("clear_sweep", Some(epoch)) => {
             let t = Instant::now();
-            let n = a.sweep(Kind::PROFILE, epoch).await?;
+            let n = a.sweep(kura_server::registry::PROFILE, epoch).await?;
             let took = t.elapsed();
             let (cpu2, mem2) = node_stats(nodes).await?;
             (

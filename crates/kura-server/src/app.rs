@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kura::near::NearConfig;
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Adaptive, Cache, Kind, QueueStore, QueuedCache, TtlPolicy};
+use kura::{Adaptive, Cache, QueueStore, QueuedCache, TtlPolicy};
 
 use crate::config::Config;
 use crate::db::Db;
 use crate::profiles::ProfileService;
+use crate::registry;
 
 /// The opened parts of the service.
 #[derive(Debug, Clone)]
@@ -22,14 +23,14 @@ pub struct App {
     pub memory_store: bool,
 }
 
-/// The TTL table: the seed's, with the profile's stale window and the
+/// The TTL table: the registry's, with the profile's stale window and the
 /// configured overrides.
 #[must_use]
 pub fn ttl_policy(config: &Config) -> TtlPolicy {
-    let mut policy = TtlPolicy::seed();
-    let mut profile = policy.get("profile");
+    let mut policy = registry::ttl_policy();
+    let mut profile = policy.get(registry::PROFILE.name());
     profile.max_stale = config.max_stale;
-    policy.set("profile", profile);
+    policy.set(registry::PROFILE.name(), profile);
     for o in &config.ttl {
         let mut p = policy.get(&o.kind);
         p.ttl = o.ttl;
@@ -39,32 +40,9 @@ pub fn ttl_policy(config: &Config) -> TtlPolicy {
         }
         policy.set(&o.kind, p);
     }
-    // "Not revoked" is kept as long as a revocation is: a revocation
-    // removes it at once (and the feed covers the table), and a token seen
-    // once keeps being checked from the cache through a database outage.
-    let mut blacklist = policy.get("blacklist");
-    blacklist.absent_ttl = blacklist.ttl;
-    policy.set("blacklist", blacklist);
     config.freshness.apply(&mut policy);
     policy
 }
-
-/// The cached kind of a `--near-cache` type name.
-fn kind_named(name: &str) -> Option<Kind> {
-    [
-        Kind::PROFILE,
-        Kind::SETTINGS,
-        Kind::PREFERENCES,
-        Kind::BLACKLIST,
-        Kind::SESSION,
-    ]
-    .into_iter()
-    .find(|k| k.name() == name)
-}
-
-/// Near cache entries of the token kinds (`blacklist`, `session`) unless
-/// `--near-cache` sets them.
-pub const DEFAULT_TOKEN_NEAR_ENTRIES: u64 = 100_000;
 
 /// The cache over Redis (`redis_url`) or the memory store. Builds inside a
 /// Tokio runtime (it starts the library's maintenance task).
@@ -77,9 +55,9 @@ pub fn open_cache(config: &Config) -> anyhow::Result<(QueuedCache, bool)> {
     build_cache(config, false)
 }
 
-/// [`open_cache`] for serving requests: the token kinds (`blacklist`,
-/// `session`), checked on every request, get near caches of
-/// [`DEFAULT_TOKEN_NEAR_ENTRIES`] unless `--near-cache` sizes them. Commands
+/// [`open_cache`] for serving requests: the types with a near-cache default
+/// in the registry (the token kinds, checked on every request) get their
+/// near caches unless `--near-cache` sizes them. Commands
 /// and flushers use [`open_cache`]: they check no tokens, and a near cache
 /// would hold a tracking connection for nothing.
 ///
@@ -116,15 +94,18 @@ fn build_cache(config: &Config, serving: bool) -> anyhow::Result<(QueuedCache, b
             .max_bytes(config.near_cache_max_bytes)
             .max_lifetime(config.near_cache_ttl)
     };
-    // The token kinds are checked on every request: near-cached unless
-    // configured otherwise, so that a check costs no round trip.
+    // Types with a near-cache default (the token kinds, checked on every
+    // request) are near-cached unless configured otherwise, so that a check
+    // costs no round trip.
     if serving {
-        for kind in [Kind::BLACKLIST, Kind::SESSION] {
-            builder = builder.near_cache(kind, near(DEFAULT_TOKEN_NEAR_ENTRIES));
+        for t in registry::TYPES {
+            if let Some(entries) = t.near_default {
+                builder = builder.near_cache(t.kind, near(entries));
+            }
         }
     }
     for n in &config.near_cache {
-        if let Some(kind) = kind_named(&n.kind) {
+        if let Some(kind) = registry::kind_named(&n.kind) {
             builder = builder.near_cache(kind, near(n.entries));
         }
     }

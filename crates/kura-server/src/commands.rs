@@ -224,21 +224,24 @@ pub async fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
     let (cache, _) = open_cache(&cache_config(&args.cache))?;
     if let Some(user) = args.user {
         let r = cache
-            .invalidate_entity(&user.hyphenated().to_string(), &crate::profiles::USER_KINDS)
+            .invalidate_entity(
+                &user.hyphenated().to_string(),
+                &crate::registry::user_kinds(),
+            )
             .await?;
         anyhow::ensure!(!r.deferred, "cache server unavailable");
         println!("deleted {} entries of user {user}", r.deleted);
     } else if let Some(glob) = &args.pattern {
         let n = cache
-            .invalidate_glob(glob, &crate::profiles::USER_KINDS)
+            .invalidate_glob(glob, &crate::registry::user_kinds())
             .await?;
         println!("deleted {n} entries matching {glob}");
     } else if let Some(tag) = &args.tag {
         let c = cache.invalidate_tag(tag).await?;
         println!("cleared every value tagged {tag} (epoch {})", c.epoch);
     } else {
-        let c = cache.clear(kura::Kind::PROFILE).await?;
-        let n = cache.sweep(kura::Kind::PROFILE, c.epoch).await?;
+        let c = cache.clear(crate::registry::PROFILE).await?;
+        let n = cache.sweep(crate::registry::PROFILE, c.epoch).await?;
         println!(
             "cleared every cached profile (epoch {}; {n} removed from the cache)",
             c.epoch

@@ -140,10 +140,11 @@ impl std::str::FromStr for NearCacheSetting {
             .split_once('=')
             .ok_or_else(|| format!("{s:?}: expected TYPE=ENTRIES, e.g. profile=10000"))?;
         let kind = kind.trim();
-        if !NEAR_TYPES.contains(&kind) {
+        let names = crate::registry::configurable_names();
+        if !names.contains(&kind) {
             return Err(format!(
                 "{kind:?}: a near cache is available for {}",
-                NEAR_TYPES.join(", ")
+                names.join(", ")
             ));
         }
         let entries: u64 = entries
@@ -194,9 +195,6 @@ impl std::str::FromStr for RateLimitSetting {
         })
     }
 }
-
-/// The types the service can keep a near cache of.
-pub const NEAR_TYPES: &[&str] = &["profile", "settings", "preferences", "blacklist", "session"];
 
 /// Database flags.
 #[derive(Debug, Clone, Args)]

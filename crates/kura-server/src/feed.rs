@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kura::Cache;
 use kura::feed::{FeedStatus, Relay};
-use kura::{Cache, Kind};
 use serde::Serialize;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -39,14 +39,6 @@ use crate::cli::{FeedCommand, FeedCommandArgs, FeedSqlArgs, FeedStatusArgs, SqlD
 use crate::config::{Config, FeedConfig, FeedMode};
 use crate::db::Db;
 use crate::db::feed::SqlFeedLog;
-
-/// The cache types the service's log rows name.
-pub const FED_KINDS: [Kind; 4] = [
-    Kind::PROFILE,
-    Kind::SETTINGS,
-    Kind::PREFERENCES,
-    Kind::BLACKLIST,
-];
 
 /// How long a status read (health check, `kura feed status`) may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,7 +60,7 @@ pub struct Feed {
 #[must_use]
 pub fn relay(db: &Db, cache: &Cache, config: &FeedConfig) -> Relay<SqlFeedLog> {
     Relay::builder(cache, SqlFeedLog::new(db.clone()).listen(config.listen))
-        .kinds(FED_KINDS)
+        .kinds(crate::registry::fed_kinds())
         .poll_interval(config.poll_for(db.backend()))
         .retention(config.retention)
         .max_backlog(config.max_backlog)

@@ -62,6 +62,7 @@ pub mod model;
 #[cfg(feature = "otel")]
 pub mod otel;
 pub mod profiles;
+pub mod registry;
 pub mod seed;
 mod signal;
 pub mod telemetry;

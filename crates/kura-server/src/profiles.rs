@@ -25,9 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::Utc;
-use kura::{
-    Batch, Cache, CacheAside, Fetched, Kind, QueuedCache, Stats, WarmProgress, WriteThrough,
-};
+use kura::{Batch, Cache, CacheAside, Fetched, QueuedCache, Stats, WarmProgress, WriteThrough};
 use uuid::Uuid;
 
 use crate::config::WriteStrategy;
@@ -39,9 +37,6 @@ mod order;
 pub mod unsure;
 pub use behind::{WritePath, Written};
 pub(crate) use order::{WriteLock, lock_entity};
-
-/// The types cached per user, all removed when the user is deleted.
-pub const USER_KINDS: [Kind; 3] = [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES];
 
 /// A service failure.
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +193,8 @@ impl ProfileService {
     /// is installed: the library registers its metric handles here.
     #[must_use]
     pub fn new(db: Db, cache: QueuedCache, strategy: WriteStrategy) -> Self {
-        let profiles = cache.aside(Kind::PROFILE, db.clone());
-        let writes = cache.write_through(Kind::PROFILE);
+        let profiles = cache.aside(crate::registry::PROFILE, db.clone());
+        let writes = cache.write_through(crate::registry::PROFILE);
         let behind = cache.write_behind(&profiles);
         Self {
             db,
@@ -436,7 +431,7 @@ impl ProfileService {
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let r = self
             .cache
-            .invalidate_entity(key_id(&user_id, &mut buf), &USER_KINDS)
+            .invalidate_entity(key_id(&user_id, &mut buf), &crate::registry::user_kinds())
             .await?;
         Ok(Removed {
             deleted: r.deleted,
@@ -460,11 +455,11 @@ impl ProfileService {
         &self,
         wait: bool,
     ) -> Result<(kura::tags::Cleared, Option<u64>), ServiceError> {
-        let cleared = self.cache.clear(Kind::PROFILE).await?;
+        let cleared = self.cache.clear(crate::registry::PROFILE).await?;
         let sweep = {
             let (cache, epoch) = (Cache::clone(&self.cache), cleared.epoch);
             async move {
-                match cache.sweep(Kind::PROFILE, epoch).await {
+                match cache.sweep(crate::registry::PROFILE, epoch).await {
                     Ok(n) => Some(n),
                     Err(e) => {
                         tracing::warn!(error = %e, "sweep of cleared profiles stopped; the rest expire by TTL");
@@ -501,7 +496,10 @@ impl ProfileService {
     /// [`ServiceError::Cache`] for a glob naming no user type, or when the
     /// cache server cannot be reached.
     pub async fn invalidate_glob(&self, glob: &str) -> Result<u64, ServiceError> {
-        Ok(self.cache.invalidate_glob(glob, &USER_KINDS).await?)
+        Ok(self
+            .cache
+            .invalidate_glob(glob, &crate::registry::user_kinds())
+            .await?)
     }
 
     /// Warms the cache with the profiles of users who logged in within

@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kura::coalesce::Coalescer;
-use kura::{CacheAside, Kind, QueuedCache, WriteThrough};
+use kura::{CacheAside, QueuedCache, WriteThrough};
 
 use crate::db::tokens::{NewSession, Revocation, Session};
 use crate::db::{Db, DbError};
@@ -224,10 +224,10 @@ impl Tokens {
     pub fn new(db: Db, cache: &QueuedCache, check: bool, fed: bool, max_sessions: u32) -> Self {
         Self {
             inner: Arc::new(Inner {
-                revoked: cache.aside(Kind::BLACKLIST, RevocationSource(db.clone())),
-                revoked_writes: cache.write_through(Kind::BLACKLIST),
-                sessions: cache.aside(Kind::SESSION, SessionSource(db.clone())),
-                session_writes: cache.write_through(Kind::SESSION),
+                revoked: cache.aside(crate::registry::BLACKLIST, RevocationSource(db.clone())),
+                revoked_writes: cache.write_through(crate::registry::BLACKLIST),
+                sessions: cache.aside(crate::registry::SESSION, SessionSource(db.clone())),
+                session_writes: cache.write_through(crate::registry::SESSION),
                 db,
                 touches: Coalescer::new(TOUCH_MAX_PENDING),
                 flush_now: tokio::sync::Notify::new(),
@@ -245,8 +245,8 @@ impl Tokens {
     pub fn near_stats(&self) -> Vec<(&'static str, kura::near::NearStats)> {
         let i = &self.inner;
         [
-            (Kind::BLACKLIST.name(), i.revoked.near_stats()),
-            (Kind::SESSION.name(), i.sessions.near_stats()),
+            (crate::registry::BLACKLIST.name(), i.revoked.near_stats()),
+            (crate::registry::SESSION.name(), i.sessions.near_stats()),
         ]
         .into_iter()
         .filter_map(|(k, s)| Some((k, s?)))

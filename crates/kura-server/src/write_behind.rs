@@ -407,7 +407,7 @@ async fn status(args: WbStatusArgs) -> anyhow::Result<()> {
         );
     }
     let (cache, _) = open_cache(&config)?;
-    let wb = cache.behind(kura::Kind::PROFILE, NoSource);
+    let wb = cache.behind(crate::registry::PROFILE, NoSource);
     let s = queue_status(&wb, args.dead_letters)
         .await
         .context("reading the write-behind queue")?;

@@ -1030,7 +1030,7 @@ async fn redis_down_long_backlog_is_bounded_then_the_type_is_cleared() {
     assert!(relay.step().await.is_err(), "Redis is unreachable");
     assert_eq!(
         log.overflowed().await.unwrap().len(),
-        kura_server::feed::FED_KINDS.len(),
+        kura_server::registry::fed_kinds().len(),
         "overflow recorded for every fed kind"
     );
     // Deleted below the cut, a watermark, which other tests' transactions

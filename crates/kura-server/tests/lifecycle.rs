@@ -38,7 +38,7 @@ async fn warm_on_start_runs_in_the_background() {
         let mut cached = 0;
         for id in &seeded {
             let v: Option<serde_json::Value> = cache
-                .peek(kura::Kind::PROFILE, &id.to_string())
+                .peek(kura_server::registry::PROFILE, &id.to_string())
                 .await
                 .unwrap();
             cached += usize::from(v.is_some());

@@ -97,12 +97,12 @@ fn bench(c: &mut Criterion) {
             .namespace(&ns)
             .build()
             .unwrap();
-        let reader = cache.aside(Kind::PROFILE, Db);
+        let reader = cache.aside(Kind::new("profile"), Db);
         reader.get(ID).await.unwrap();
         assert_eq!(reader.get(ID).await.unwrap().status(), kura::Status::Hit);
         (store, cache, reader)
     });
-    let key = cache.keys().value_key(&Kind::PROFILE, ID).unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), ID).unwrap();
     let conn = store.connection().expect("a standalone Redis");
 
     let mut g = c.benchmark_group("hit_path");
@@ -142,13 +142,13 @@ fn bench(c: &mut Criterion) {
         let cache = Cache::builder(store.clone())
             .namespace(&ns)
             .near_cache(
-                Kind::PROFILE,
+                Kind::new("profile"),
                 // Longer than the benchmarks run, so that no entry ages out.
                 NearConfig::entries(1000).max_lifetime(Duration::from_secs(600)),
             )
             .build()
             .unwrap();
-        let near = cache.aside(Kind::PROFILE, Db);
+        let near = cache.aside(Kind::new("profile"), Db);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while near.get(ID).await.unwrap().layer() != Some(Layer::L1) {
             assert!(std::time::Instant::now() < deadline, "no L1 hit");
@@ -221,7 +221,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     rt.block_on(async {
-        cache.invalidate_all(Kind::PROFILE).await.unwrap();
+        cache.invalidate_all(Kind::new("profile")).await.unwrap();
     });
 }
 

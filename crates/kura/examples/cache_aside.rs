@@ -15,7 +15,7 @@ async fn main() -> Result<(), kura::Error> {
     let cache = Cache::builder_shared(common::store())
         .namespace("example_aside")
         .build()?;
-    let profiles = cache.aside(Kind::PROFILE, db.clone());
+    let profiles = cache.aside(Kind::new("profile"), db.clone());
 
     let first = profiles.get("u1").await?;
     println!("first read: {} -> {:?}", first.status(), first.value());
@@ -34,6 +34,6 @@ async fn main() -> Result<(), kura::Error> {
         missing.is_found(),
         missing.status()
     );
-    cache.invalidate_all(Kind::PROFILE).await?;
+    cache.invalidate_all(Kind::new("profile")).await?;
     Ok(())
 }

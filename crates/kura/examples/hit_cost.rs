@@ -74,11 +74,14 @@ fn main() {
             .namespace("hit_cost")
             .build()
             .expect("cache");
-        let reader = cache.aside(Kind::PROFILE, Db);
+        let reader = cache.aside(Kind::new("profile"), Db);
         let id = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
         reader.get(id).await.expect("first read");
         assert_eq!(reader.get(id).await.expect("read").status(), Status::Hit);
-        let key = cache.keys().value_key(&Kind::PROFILE, id).expect("key");
+        let key = cache
+            .keys()
+            .value_key(&Kind::new("profile"), id)
+            .expect("key");
         let conn = store.connection().expect("standalone redis");
         for _ in 0..n {
             match mode.as_str() {
@@ -95,6 +98,9 @@ fn main() {
                 _ => assert!(reader.get(id).await.expect("read").is_found()),
             }
         }
-        cache.invalidate_all(Kind::PROFILE).await.expect("cleanup");
+        cache
+            .invalidate_all(Kind::new("profile"))
+            .await
+            .expect("cleanup");
     });
 }

@@ -18,7 +18,7 @@ async fn main() -> Result<(), kura::Error> {
     let cache = Cache::builder_shared(common::store())
         .namespace("example_warm")
         .build()?;
-    let profiles = cache.aside(Kind::PROFILE, db.clone());
+    let profiles = cache.aside(Kind::new("profile"), db.clone());
     let report = profiles
         .warmer()
         .batch_size(250)
@@ -27,6 +27,6 @@ async fn main() -> Result<(), kura::Error> {
         .await?;
     println!("report: {report:?}");
     assert_eq!(profiles.get("u500").await?.status(), Status::Hit);
-    cache.invalidate_all(Kind::PROFILE).await?;
+    cache.invalidate_all(Kind::new("profile")).await?;
     Ok(())
 }

@@ -41,7 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache = Cache::queued_shared(common::store())
         .namespace("example_wb")
         .build()?;
-    let profiles = cache.aside(Kind::PROFILE, db.clone());
+    let profiles = cache.aside(Kind::new("profile"), db.clone());
     let writes = cache.write_behind(&profiles);
 
     // Three quick edits: each is acknowledged without touching the database.
@@ -76,6 +76,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "database now: {:?}",
         db.0.lock().unwrap().get("u1").map(|p| (&p.name, p.version))
     );
-    cache.invalidate_all(Kind::PROFILE).await?;
+    cache.invalidate_all(Kind::new("profile")).await?;
     Ok(())
 }

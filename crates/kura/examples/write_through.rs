@@ -15,8 +15,8 @@ async fn main() -> Result<(), kura::Error> {
     let cache = Cache::builder_shared(common::store())
         .namespace("example_wt")
         .build()?;
-    let profiles = cache.aside(Kind::PROFILE, db.clone());
-    let writes = cache.write_through(Kind::PROFILE);
+    let profiles = cache.aside(Kind::new("profile"), db.clone());
+    let writes = cache.write_through(Kind::new("profile"));
     profiles.get("u1").await?;
 
     // Invalidate after commit: the next read loads the new row.
@@ -43,6 +43,6 @@ async fn main() -> Result<(), kura::Error> {
         now.status(),
         now.value().map(|p| p.version)
     );
-    cache.invalidate_all(Kind::PROFILE).await?;
+    cache.invalidate_all(Kind::new("profile")).await?;
     Ok(())
 }

@@ -164,7 +164,7 @@ pub enum Error {
     #[error("source failed: {0}")]
     Source(Arc<dyn std::error::Error + Send + Sync + 'static>),
     /// The load took longer than the type's hard load timeout and no stale
-    /// copy was on hand (see [`crate::freshness`]); the load goes on in the
+    /// copy was on hand (see [`crate::policy::freshness`]); the load goes on in the
     /// background and fills the cache.
     #[error("the load did not finish within {0:?}")]
     LoadTimeout(std::time::Duration),

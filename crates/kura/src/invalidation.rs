@@ -1,13 +1,16 @@
 //! Invalidation: one key, many keys in one pipeline, every type of one
-//! entity, and patterns by `SCAN` + batched deletes (never `KEYS`).
+//! entity, patterns by `SCAN` + batched deletes (never `KEYS`), and the
+//! O(1) clear of a type or tag ([`crate::tags`]) with the sweep that frees
+//! what a clear covered.
 //!
 //! Deleting an entry also deletes its lease, so a load in flight cannot put
 //! the old value back, and its stale copy, so nothing invalidated is served
 //! even when the source fails later.
 
-use crate::cache::Cache;
+use crate::core::Cache;
 use crate::error::Error;
 use crate::key::{EntryKeys, Kind};
+use crate::tags::{Cleared, kind_field, tag_field, validate_tag};
 
 /// What an invalidation did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,5 +171,85 @@ impl Cache {
                 Err(Error::Unavailable(e))
             }
         }
+    }
+}
+
+impl Cache {
+    /// Stops every cached value of `kind` being served, in one store step
+    /// whatever their number (see [`crate::tags`]); the entries expire by
+    /// their TTL. A load in flight when it is called does not put an older
+    /// value back.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for a bad kind; [`Error::Unavailable`] when the store
+    /// cannot be reached: the clear is then kept as a pending invalidation
+    /// of the type's keys, replayed (by `SCAN`) once the store is back, and
+    /// until then this process reads the type from the source.
+    pub async fn clear(&self, kind: Kind) -> Result<Cleared, Error> {
+        kind.validate()?;
+        let c = &self.inner;
+        let pattern = c.keys.pattern(&kind, "*")?;
+        let covered = c
+            .call(None, c.store.count_matching(&pattern))
+            .await
+            .ok()
+            .flatten();
+        let r = crate::spans::in_span!(
+            c.bump(&kind_field(kind.name())),
+            "cache.write",
+            cache.r#type = kind.name(),
+            cache.op = "clear"
+        )
+        .await;
+        match r {
+            Ok(epoch) => Ok(Cleared { epoch, covered }),
+            Err(e) => {
+                // Kept as a pending invalidation of the type's keys: this
+                // process reads the type from the source until it is
+                // replayed.
+                tracing::warn!(error = %e, kind = kind.name(), "clear deferred as a pattern invalidation");
+                c.defer_pattern(pattern);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes from the store the values of `kind` that the clear at `epoch`
+    /// ([`Cleared::epoch`]) stopped, with their stale copies, so that their
+    /// memory is freed now rather than at the end of their TTL; returns how
+    /// many. Values filled since the clear and pending write-behind writes
+    /// are kept. Walks the store's keys of the namespace (Redis: `SCAN` +
+    /// one script per key found, on every primary): seconds for a million
+    /// values, so callers run it after answering, or in the background.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Key`] for a bad kind; [`Error::Unavailable`] when the store
+    /// fails (what was removed stays removed; the rest expires by its TTL).
+    pub async fn sweep(&self, kind: Kind, epoch: u64) -> Result<u64, Error> {
+        kind.validate()?;
+        let c = &self.inner;
+        let pattern = c.keys.pattern(&kind, "*")?;
+        c.store
+            .sweep(&pattern, epoch)
+            .await
+            .map_err(Error::Unavailable)
+    }
+
+    /// Stops every cached value carrying `tag` ([`crate::Versioned::tags`])
+    /// being served, of any type, in one store step (see [`crate::tags`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tag`] for a tag [`crate::tags::validate_tag`] refuses;
+    /// [`Error::Unavailable`] when the store cannot be reached.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<Cleared, Error> {
+        validate_tag(tag)?;
+        let epoch = self.inner.bump(&tag_field(tag)).await?;
+        Ok(Cleared {
+            epoch,
+            covered: None,
+        })
     }
 }

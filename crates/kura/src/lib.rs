@@ -122,10 +122,10 @@
 //!
 //! # #[tokio::main] async fn main() -> Result<(), kura::Error> {
 //! let cache = Cache::builder(MemoryStore::new()).build()?;
-//! let profiles = cache.aside(Kind::PROFILE, Db);
+//! let profiles = cache.aside(Kind::new("profile"), Db);
 //! assert_eq!(profiles.get("u1").await?.status(), Status::Miss);
 //! assert_eq!(profiles.get("u1").await?.status(), Status::Hit);
-//! cache.write_through(Kind::PROFILE).invalidate("u1").await?;
+//! cache.write_through(Kind::new("profile")).invalidate("u1").await?;
 //! assert_eq!(profiles.get("u1").await?.status(), Status::Miss);
 //! # Ok(()) }
 //! ```
@@ -149,51 +149,51 @@
 //! # }
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let cache = Cache::queued(MemoryStore::new()).build()?; // a QueuedCache
-//! let writes = cache.behind(Kind::PROFILE, Db);
+//! let writes = cache.behind(Kind::new("profile"), Db);
 //! let accepted = writes
 //!     .accept("u1", |cur| Profile { name: "花子".into(), version: cur.version + 1, ..cur.clone() })
 //!     .await?;
 //! assert_eq!(accepted.value.version, 2);
 //! // Every other strategy works on it as on a Cache (Deref).
-//! cache.write_through(Kind::PROFILE).invalidate("u2").await?;
+//! cache.write_through(Kind::new("profile")).invalidate("u2").await?;
 //! # Ok(()) }
 //! ```
 //!
 //! More in `examples/`: one runnable program per strategy.
 
 pub mod breaker;
-mod cache;
 pub mod coalesce;
 pub mod codec;
+mod consistency;
+mod core;
 pub mod error;
 pub mod feed;
-pub mod freshness;
 pub mod invalidation;
 pub mod key;
-pub mod lease;
 pub mod metrics;
 pub mod near;
+pub mod policy;
 pub mod ratelimit;
 pub mod source;
 mod spans;
 pub mod store;
 pub mod strategy;
 pub mod tags;
-pub mod ttl;
 pub mod warming;
 
+pub use self::core::lease;
 pub use breaker::{BreakerConfig, BreakerState};
-pub use cache::{Cache, CacheBuilder, QueuedCache};
+pub use core::{Cache, CacheBuilder, QueuedCache};
 pub use error::{BoxError, Error, StoreError, StoreErrorKind};
 pub use feed::{FeedEvent, FeedLog, Relay};
 pub use invalidation::Invalidated;
 pub use key::{KeyError, Kind};
 pub use metrics::Stats;
+pub use policy::{Adaptive, TtlPolicy, TypePolicy, freshness};
 pub use source::{CacheValue, Source, Versioned};
-pub use store::{QueueStore, Store};
+pub use store::{CacheStore, QueueStore, Store};
 pub use strategy::{
     Applied, Batch, BehindError, BehindLimits, CacheAside, Fetched, FetchedJson, Flusher, Sink,
     Status, WriteBehind, WriteOutcome, WriteThrough,
 };
-pub use ttl::{Adaptive, TtlPolicy, TypePolicy};
 pub use warming::{WarmItem, WarmProgress, WarmReport, Warmer};

@@ -49,7 +49,7 @@
 
 use std::time::Duration;
 
-use crate::cache::Cache;
+use crate::core::Cache;
 use crate::error::Error;
 use crate::key::{Kind, validate_id};
 use crate::store::{MemoryStore, RateStore};

@@ -12,7 +12,7 @@
 //! began in and its tags ([`crate::Versioned::tags`]); it is served only
 //! while its type's field and each of its tags' fields are at or below that
 //! epoch. Every value also carries its kind's tag, `kind:<type>`, without
-//! writing it: `invalidate_tag("kind:profile")` is `clear(Kind::PROFILE)`. Nothing else is touched: the old entries are misses from then on
+//! writing it: `invalidate_tag("kind:profile")` is `clear(Kind::new("profile"))`. Nothing else is touched: the old entries are misses from then on
 //! and expire by their TTL (a read that finds one removes it and loads).
 //!
 //! # Losing the hash

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
-use crate::cache::CacheInner;
+use crate::core::CacheInner;
 use crate::error::Error;
 use crate::source::Source;
 use crate::strategy::CacheAside;
@@ -95,7 +95,7 @@ type ProgressFn = Arc<dyn Fn(WarmProgress) + Send + Sync>;
 /// # }
 /// # #[tokio::main] async fn main() -> Result<(), kura::Error> {
 /// let cache = Cache::builder(MemoryStore::new()).build()?;
-/// let profiles = cache.aside(Kind::PROFILE, Db);
+/// let profiles = cache.aside(Kind::new("profile"), Db);
 /// let ids = futures::stream::iter(vec!["a".to_string(), "b".to_string()]);
 /// let report = profiles
 ///     .warmer()

@@ -6,14 +6,14 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kura::{Cache, Error, Kind, Status, TtlPolicy, TypePolicy};
+use kura::{Cache, Error, Kind, Status, TypePolicy};
 use support::{Backend, Db, TestDb, cache_on, cleanup, ns};
 
 async fn miss_then_hit(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "山田太郎");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let first = profiles.get("u1").await.unwrap();
     assert_eq!(first.status(), Status::Miss);
     assert_eq!(first.value().unwrap().name, "山田太郎");
@@ -32,7 +32,7 @@ async fn miss_then_hit(b: Backend) {
 async fn not_found_is_cached_briefly(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let f = profiles.get("ghost").await.unwrap();
     assert!(!f.is_found());
     assert_eq!(f.status(), Status::Miss);
@@ -43,7 +43,7 @@ async fn not_found_is_cached_briefly(b: Backend) {
     // Creating the row and invalidating (as a POST does) makes it visible.
     db.put("ghost", "now here");
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("ghost")
         .await
         .unwrap();
@@ -56,7 +56,7 @@ async fn not_found_is_cached_briefly(b: Backend) {
 
 async fn source_error_serves_stale_or_fails(b: Backend) {
     let ns = ns();
-    let policy = TtlPolicy::seed().with_jitter(0.0).with_type(
+    let policy = support::seed_policy().with_jitter(0.0).with_type(
         "profile",
         TypePolicy::new(Duration::from_millis(1000)).max_stale(Duration::from_secs(60)),
     );
@@ -67,7 +67,7 @@ async fn source_error_serves_stale_or_fails(b: Backend) {
         .unwrap();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1300)).await;
     db.set_fail(true);
@@ -84,7 +84,7 @@ async fn source_error_serves_stale_or_fails(b: Backend) {
 
 async fn disabled_type_bypasses(b: Backend) {
     let ns = ns();
-    let policy = TtlPolicy::seed().with_type("profile", TypePolicy::new(Duration::ZERO));
+    let policy = support::seed_policy().with_type("profile", TypePolicy::new(Duration::ZERO));
     let cache = Cache::builder_shared(b.store())
         .namespace(&ns)
         .ttl_policy(policy)
@@ -92,7 +92,7 @@ async fn disabled_type_bypasses(b: Backend) {
         .unwrap();
     let db = TestDb::new();
     db.put("u1", "a");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Bypass);
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Bypass);
     assert_eq!(db.loads(), 2);
@@ -105,7 +105,7 @@ async fn batch_reads(b: Backend) {
     for i in 0..10 {
         db.put(&format!("u{i}"), &format!("n{i}"));
     }
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u0").await.unwrap();
     profiles.get("u1").await.unwrap();
     let ids: Vec<String> = (0..12)
@@ -138,7 +138,7 @@ async fn stampede_loads_once(b: Backend) {
     let caches: Vec<Cache> = b.fleet(4).into_iter().map(|s| cache_on(s, &ns)).collect();
     let readers: Vec<_> = caches
         .iter()
-        .map(|c| c.aside(Kind::PROFILE, Db(db.clone())))
+        .map(|c| c.aside(Kind::new("profile"), Db(db.clone())))
         .collect();
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -165,8 +165,8 @@ async fn stampede_loads_once(b: Backend) {
 async fn bad_ids_are_typed_errors(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let writes = cache.write_through(Kind::PROFILE);
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let writes = cache.write_through(Kind::new("profile"));
     for id in ["", "a b", "a*", "x?", "[a]", "a\\b", "a:b", "a\nb", "{x}"] {
         assert!(
             matches!(profiles.get(id).await, Err(Error::Key(_))),
@@ -197,7 +197,7 @@ async fn oversize_values_are_served_not_cached(b: Backend) {
     let db = TestDb::new();
     db.put("big", &"x".repeat(500));
     db.put("small", "y");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     for _ in 0..2 {
         let f = profiles.get("big").await.unwrap();
         assert_eq!(f.status(), Status::Miss);
@@ -215,8 +215,8 @@ async fn undecodable_values_are_misses_and_repaired(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "good");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let key = cache.keys().value_key(&Kind::new("profile"), "u1").unwrap();
     for garbage in [
         &b"\xff\xfe\x00garbage"[..],
         b"{\"_v\":1,\"cached_at\":\"2026-01-01T00:00:00Z\",\"id\":\"u1\",\"na",
@@ -247,7 +247,7 @@ async fn single_flight_in_process_survives_cancellation(b: Backend) {
     let db = TestDb::new();
     db.put("u1", "a");
     db.set_delay(Duration::from_millis(100));
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     // The first caller gives up early; the others still get the load.
     let first = {
         let p = profiles.clone();
@@ -275,7 +275,7 @@ async fn a_cancelled_reader_still_fills(b: Backend) {
     let db = TestDb::new();
     db.put("u1", "a");
     db.set_delay(Duration::from_millis(100));
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     // The only reader gives up long before the load ends.
     let gave_up = tokio::time::timeout(Duration::from_millis(10), profiles.get("u1")).await;
     assert!(gave_up.is_err());
@@ -290,7 +290,7 @@ async fn json_reads_pass_the_cached_bytes_on(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "山田");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let first = profiles.get_json("u1").await.unwrap();
     assert_eq!(first.status(), Status::Miss);
     let again = profiles.get_json("u1").await.unwrap();
@@ -303,7 +303,7 @@ async fn json_reads_pass_the_cached_bytes_on(b: Backend) {
     assert!(!none.is_found());
     // Bytes that are not kura's envelope around well-formed JSON are misses,
     // removed and reloaded; a foreign writer's value (no header) too.
-    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), "u1").unwrap();
     for bad in [
         &b"\xff garbage"[..],
         b"{\"_v\":1,\"cached_at\":\"2026-01-01T00:00:00Z\",\"name\":\"tru",
@@ -461,7 +461,7 @@ async fn stampede_across_connections_with_slow_source() {
     let stores = Backend::Redis.fleet(3);
     let readers: Vec<_> = stores
         .into_iter()
-        .map(|s| cache_on(s, &ns).aside(Kind::PROFILE, Db(db.clone())))
+        .map(|s| cache_on(s, &ns).aside(Kind::new("profile"), Db(db.clone())))
         .collect();
     let tasks: Vec<_> = (0..60)
         .map(|i| {
@@ -487,8 +487,8 @@ async fn arc_sources_work_too() {
     let db = Arc::new(TestDb::default());
     db.put("a", "1");
     let (cache, ns) = Backend::Memory.cache();
-    let p1 = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let p2 = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    let p1 = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let p2 = cache.aside(Kind::new("settings"), Db(db.clone()));
     assert!(p1.get("a").await.unwrap().is_found());
     assert!(p2.get("a").await.unwrap().is_found());
     assert_eq!(db.loads(), 2, "types are cached separately");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kura::{Cache, Kind, Source, Status, TtlPolicy};
+use kura::{Cache, Kind, Source, Status};
 use support::{Backend, Db, DbDown, Row, TestDb, cleanup, ns};
 use tokio::sync::Notify;
 
@@ -54,7 +54,7 @@ impl Source for HeldBatch {
 fn long_lease_cache(b: &Backend, ns: &str) -> Cache {
     Cache::builder_shared(b.store())
         .namespace(ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .lease_ttl(Duration::from_secs(120))
         .lease_wait(Duration::from_secs(60))
         .build()
@@ -69,7 +69,7 @@ async fn a_cancelled_get_many_releases_its_leases(b: Backend) {
         db.put(id, "row");
     }
     let source = HeldBatch::new(db.clone());
-    let profiles = cache.aside(Kind::PROFILE, source.clone());
+    let profiles = cache.aside(Kind::new("profile"), source.clone());
 
     // The batch takes its leases, then its load is held; the caller gives
     // up there (its future is dropped, as a request timeout drops it).
@@ -81,7 +81,7 @@ async fn a_cancelled_get_many_releases_its_leases(b: Backend) {
     // Another reader of a leased key: it must get the lease promptly and
     // fill, not poll until the abandoned lease expires (`lease_wait` 60 s,
     // lease TTL 120 s, so 20 s is far inside either).
-    let other = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let other = cache.aside(Kind::new("profile"), Db(db.clone()));
     for id in ["u1", "u3"] {
         let f = tokio::time::timeout(Duration::from_secs(20), other.get(id))
             .await
@@ -119,13 +119,13 @@ async fn a_cancelled_warming_batch_releases_its_leases(b: Backend) {
         db.put(id, "row");
     }
     let source = HeldBatch::new(db.clone());
-    let profiles = cache.aside(Kind::PROFILE, source.clone());
+    let profiles = cache.aside(Kind::new("profile"), source.clone());
     let ids = futures::stream::iter(vec!["u1".to_owned(), "u2".to_owned()]);
     tokio::select! {
         r = profiles.warmer().run(ids) => panic!("the held load returned: {r:?}"),
         () = source.entered.notified() => {}
     }
-    let other = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let other = cache.aside(Kind::new("profile"), Db(db.clone()));
     for id in ["u1", "u2"] {
         let f = tokio::time::timeout(Duration::from_secs(20), other.get(id))
             .await

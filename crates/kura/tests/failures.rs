@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kura::store::RedisStore;
-use kura::{BreakerState, Cache, Kind, Status, TtlPolicy, WriteOutcome};
+use kura::{BreakerState, Cache, Kind, Status, WriteOutcome};
 use kura_testkit::RedisServer;
 use support::{Db, TestDb};
 
@@ -18,7 +18,7 @@ fn cache_at(url: &str) -> Cache {
         .unwrap();
     Cache::builder(store)
         .namespace("cache")
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .op_timeout(Duration::from_millis(150))
         .flush_interval(Duration::from_millis(100))
         .build()
@@ -32,7 +32,7 @@ async fn unreachable_redis_serves_from_the_source() {
     let cache = cache_at(&format!("redis://127.0.0.1:{port}"));
     let db = TestDb::new();
     db.put("u1", "from db");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let started = Instant::now();
     for _ in 0..20 {
         let f = profiles.get("u1").await.unwrap();
@@ -41,7 +41,7 @@ async fn unreachable_redis_serves_from_the_source() {
     }
     let elapsed = started.elapsed();
     assert_eq!(cache.breaker_state(), BreakerState::Open);
-    let w = cache.write_through(Kind::PROFILE);
+    let w = cache.write_through(Kind::new("profile"));
     assert_eq!(w.invalidate("u1").await.unwrap(), WriteOutcome::Deferred);
     let row = db.put("u1", "v2");
     assert_eq!(w.update("u1", &row).await.unwrap(), WriteOutcome::Deferred);
@@ -63,7 +63,7 @@ async fn invalidations_during_an_outage_are_replayed_before_reads() {
     let db = TestDb::new();
     db.put("u1", "before");
     db.put("u2", "before");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
     assert_eq!(profiles.get("u2").await.unwrap().status(), Status::Miss);
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit);
@@ -76,7 +76,7 @@ async fn invalidations_during_an_outage_are_replayed_before_reads() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), "u1").unwrap();
     let old: Vec<u8> = redis::cmd("GET")
         .arg(&key)
         .query_async(&mut c)
@@ -85,7 +85,7 @@ async fn invalidations_during_an_outage_are_replayed_before_reads() {
     redis.stop().await;
 
     let row = db.put("u1", "after");
-    let w = cache.write_through(Kind::PROFILE);
+    let w = cache.write_through(Kind::new("profile"));
     assert_eq!(w.update("u1", &row).await.unwrap(), WriteOutcome::Deferred);
     assert!(cache.pending_invalidations() >= 1);
     // Reads still answer, from the database.
@@ -134,12 +134,12 @@ async fn pending_invalidations_are_retried_in_the_background() {
     let cache = cache_at(&redis.url());
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
     redis.stop().await;
     assert_eq!(
         cache
-            .write_through(Kind::PROFILE)
+            .write_through(Kind::new("profile"))
             .invalidate("u1")
             .await
             .unwrap(),
@@ -163,7 +163,7 @@ async fn a_killed_redis_is_used_again_after_restart() {
     let cache = cache_at(&redis.url());
     let db = TestDb::new();
     db.put("u1", "v");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit);
     redis.stop().await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kura::feed::sql::{Backend as SqlBackend, TriggerSpec, log_table_statements};
 use kura::feed::{FeedError, FeedEvent, FeedLog, Relay};
 use kura::store::RedisStore;
-use kura::{BreakerConfig, Cache, Kind, Source, Status, TtlPolicy, Versioned};
+use kura::{BreakerConfig, Cache, Kind, Source, Status, Versioned};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Connection, PgPool, Row as _};
 use support::{Backend, Db, TestDb, cache_on, cleanup, ns};
@@ -965,7 +965,7 @@ async fn redis_outage_bounds_the_backlog_then_clears_the_kinds() {
         .unwrap();
     let cache = Cache::builder(store)
         .namespace("feedout")
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .op_timeout(Duration::from_millis(150))
         .breaker(BreakerConfig::new(3, Duration::from_millis(50)))
         .build()
@@ -1573,7 +1573,7 @@ impl FeedLog for MemLog {
 }
 
 fn value_key(cache: &Cache, id: &str) -> String {
-    cache.keys().value_key(&Kind::PROFILE, id).unwrap()
+    cache.keys().value_key(&Kind::new("profile"), id).unwrap()
 }
 
 async fn is_cached(cache: &Cache, id: &str) -> bool {
@@ -1597,7 +1597,7 @@ async fn position(cache: &Cache) -> Option<u64> {
 async fn killed_mid_batch_skips_nothing(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let log = MemLog::new();
     let ids: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
     for id in &ids {
@@ -1612,7 +1612,7 @@ async fn killed_mid_batch_skips_nothing(b: Backend) {
     // The first relay applies one page of 3, then hangs reading the next.
     *log.block_after.lock().unwrap() = Some(1);
     let first = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .batch_size(3)
         .build();
     let blocked = log.blocked.notified();
@@ -1638,7 +1638,7 @@ async fn killed_mid_batch_skips_nothing(b: Backend) {
     // Another relay (a restart, or another instance) redoes the batch.
     *log.block_after.lock().unwrap() = None;
     let second = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .batch_size(3)
         .build();
     let r = second.step().await.unwrap();
@@ -1672,7 +1672,7 @@ async fn a_first_start_does_not_skip_an_open_transaction(b: Backend) {
     };
     log.commit("profile", &[("later", Some(1))]);
     let relay = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .build();
     let r = relay.step().await.unwrap();
     assert!(
@@ -1707,7 +1707,7 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
     let caches: Vec<Cache> = stores.iter().map(|s| cache_on(s.clone(), &ns)).collect();
     let log = MemLog::new();
     let db = TestDb::new();
-    let profiles = caches[0].aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = caches[0].aside(Kind::new("profile"), Db(db.clone()));
     let ids: Vec<String> = (0..40).map(|i| format!("u{i}")).collect();
     for id in &ids {
         db.put(id, "v1");
@@ -1720,7 +1720,7 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
     for cache in &caches {
         let seen = applied.clone();
         let relay = Relay::builder(cache, log.clone())
-            .kind(Kind::PROFILE)
+            .kind(Kind::new("profile"))
             .batch_size(7)
             .on_applied(move |evs| seen.lock().unwrap().extend(evs.iter().map(|e| e.seq)))
             .build();
@@ -1809,14 +1809,14 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
 async fn duplicates_and_late_batches_are_harmless(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let log = MemLog::new();
     for v in 1..=5 {
         db.put("u1", &format!("v{v}"));
         log.commit("profile", &[("u1", Some(v))]);
     }
     let relay = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .build();
     relay.step().await.unwrap();
     // Loaded after the commits: version 5 is cached.
@@ -1827,7 +1827,7 @@ async fn duplicates_and_late_batches_are_harmless(b: Backend) {
     // A slow relay applies the same rows again, in order and backwards:
     // nothing they say is newer than what is cached.
     let rows: Vec<(u64, FeedEvent)> = log.read(0, u64::MAX, None, 100).await.unwrap();
-    let e = cache.keys().entry(&Kind::PROFILE, "u1").unwrap();
+    let e = cache.keys().entry(&Kind::new("profile"), "u1").unwrap();
     let forward: Vec<_> = rows.iter().map(|(_, ev)| (&e, ev.version)).collect();
     let backward: Vec<_> = forward.iter().rev().copied().collect();
     assert_eq!(cache.store().invalidate_older(&forward).await.unwrap(), 0);
@@ -1847,7 +1847,7 @@ async fn duplicates_and_late_batches_are_harmless(b: Backend) {
             .await
             .unwrap();
         let fresh = Relay::builder(&cache, log.clone())
-            .kind(Kind::PROFILE)
+            .kind(Kind::new("profile"))
             .build();
         let r = fresh.step().await.unwrap();
         assert_eq!((r.applied, r.invalidated), (5, 0));
@@ -1911,7 +1911,7 @@ async fn retention_prunes_applied_rows_in_batches(b: Backend) {
         log.commit("profile", &[(&format!("w{i}"), Some(1))]);
     }
     let relay = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .retention(Duration::ZERO)
         .prune_batch(4)
         .build();
@@ -1935,10 +1935,10 @@ async fn retention_prunes_applied_rows_in_batches(b: Backend) {
 async fn a_load_that_read_the_change_survives_its_feed_event(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let log = MemLog::new();
     let relay = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .build();
     db.put("u1", "v1");
     profiles.get("u1").await.unwrap();
@@ -1949,7 +1949,7 @@ async fn a_load_that_read_the_change_survives_its_feed_event(b: Backend) {
     // The writer's own invalidation (through kura, so that this process's
     // near cache, when there is one, does not answer the next read).
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("u1")
         .await
         .unwrap();
@@ -1978,7 +1978,7 @@ async fn a_load_that_read_the_change_survives_its_feed_event(b: Backend) {
     // The writer's own invalidation (through kura, so that this process's
     // near cache, when there is one, does not answer the next read).
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("u1")
         .await
         .unwrap();
@@ -2011,7 +2011,7 @@ async fn a_busy_relay_polls_in_place_of_wake_ups(b: Backend) {
     let log = MemLog::new();
     log.wakes.store(true, Ordering::SeqCst);
     let relay = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .poll_interval(Duration::from_secs(60))
         .build();
     let stop = Arc::new(Notify::new());
@@ -2069,10 +2069,10 @@ async fn a_busy_relay_polls_in_place_of_wake_ups(b: Backend) {
 async fn a_watermark_below_the_position_is_a_regression(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let log = MemLog::new();
     let relay = Relay::builder(&cache, log.clone())
-        .kind(Kind::PROFILE)
+        .kind(Kind::new("profile"))
         .build();
     for i in 0..5 {
         log.commit("profile", &[("other", Some(i + 1))]);
@@ -2151,7 +2151,7 @@ async fn version_rule_holds(b: Backend, ops: Vec<Op>) {
     let ns = ns();
     let e = kura::key::KeyBuilder::new(&ns, store.needs_hash_tags())
         .unwrap()
-        .entry(&Kind::PROFILE, "u1")
+        .entry(&Kind::new("profile"), "u1")
         .unwrap();
     let life = Lifetimes {
         ttl: Duration::from_secs(60),
@@ -2276,7 +2276,7 @@ async fn overflow_recovery_with_a_cut_off_relay_ends() {
             .unwrap();
         Cache::builder(store)
             .namespace(&ns)
-            .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+            .ttl_policy(support::seed_policy().with_jitter(0.0))
             .op_timeout(Duration::from_millis(250))
             .breaker(BreakerConfig::new(3, Duration::from_millis(50)))
             .build()
@@ -2285,13 +2285,13 @@ async fn overflow_recovery_with_a_cut_off_relay_ends() {
     let (a, b) = (build(cut.addr()), build(slow.addr()));
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = b.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = b.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
     let log = MemLog::new();
     let relay = |cache: &Cache| {
         Relay::builder(cache, log.clone())
-            .kind(Kind::PROFILE)
-            .kind(Kind::SETTINGS)
+            .kind(Kind::new("profile"))
+            .kind(Kind::new("settings"))
             .max_backlog(20)
             .poll_interval(Duration::ZERO)
     };

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kura::freshness::EagerRefresh;
-use kura::{Cache, Error, Kind, Status, TtlPolicy, TypePolicy};
+use kura::{Cache, Error, Kind, Status, TypePolicy};
 use support::{Backend, Db, TestDb, cleanup, ns};
 
 /// A builder over `store` in namespace `ns` with `policy` for profiles and
@@ -19,7 +19,7 @@ fn profile_cache(
     policy: TypePolicy,
 ) -> kura::CacheBuilder {
     Cache::builder_shared(store).namespace(ns).ttl_policy(
-        TtlPolicy::seed()
+        support::seed_policy()
             .with_jitter(0.0)
             .with_type("profile", policy),
     )
@@ -45,7 +45,7 @@ async fn hot_key(
             profile_cache(store, &ns, policy)
                 .build()
                 .unwrap()
-                .aside(Kind::PROFILE, Db(db.clone()))
+                .aside(Kind::new("profile"), Db(db.clone()))
         })
         .collect();
     // Warm: the one cold miss.
@@ -143,7 +143,7 @@ async fn soft_timeout_serves_stale_and_fills_later(b: Backend) {
     let cache = profile_cache(b.store(), &ns, policy).build().unwrap();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     assert_eq!(p.get("u1").await.unwrap().status(), Status::Miss);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     db.put("u1", "v2");
@@ -180,7 +180,7 @@ async fn hard_timeout_bounds_a_cold_load(b: Backend) {
     let db = TestDb::new();
     db.put("u1", "v1");
     db.set_delay(Duration::from_millis(500));
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     let t = Instant::now();
     let err = p.get("u1").await.unwrap_err();
     let took = t.elapsed();
@@ -221,8 +221,8 @@ async fn waiters_on_another_instance_get_stale_at_the_soft_timeout(b: Backend) {
         .collect();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let a = caches[0].aside(Kind::PROFILE, Db(db.clone()));
-    let b2 = caches[1].aside(Kind::PROFILE, Db(db.clone()));
+    let a = caches[0].aside(Kind::new("profile"), Db(db.clone()));
+    let b2 = caches[1].aside(Kind::new("profile"), Db(db.clone()));
     a.get("u1").await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     db.set_delay(Duration::from_millis(800));

@@ -12,24 +12,31 @@ async fn one_many_and_entity(b: Backend) {
     for i in 0..5 {
         db.put(&format!("u{i}"), "x");
     }
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
-    let prefs = cache.aside(Kind::PREFERENCES, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let settings = cache.aside(Kind::new("settings"), Db(db.clone()));
+    let prefs = cache.aside(Kind::new("preferences"), Db(db.clone()));
     for i in 0..5 {
         profiles.get(&format!("u{i}")).await.unwrap();
     }
     settings.get("u0").await.unwrap();
     prefs.get("u0").await.unwrap();
 
-    let r = cache.invalidate(Kind::PROFILE, "u1").await.unwrap();
+    let r = cache.invalidate(Kind::new("profile"), "u1").await.unwrap();
     assert_eq!((r.deleted, r.deferred), (1, false));
     let r = cache
-        .invalidate_many(Kind::PROFILE, &["u2", "u3", "nope"])
+        .invalidate_many(Kind::new("profile"), &["u2", "u3", "nope"])
         .await
         .unwrap();
     assert_eq!(r.deleted, 2);
     let r = cache
-        .invalidate_entity("u0", &[Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES])
+        .invalidate_entity(
+            "u0",
+            &[
+                Kind::new("profile"),
+                Kind::new("settings"),
+                Kind::new("preferences"),
+            ],
+        )
         .await
         .unwrap();
     assert_eq!(r.deleted, 3);
@@ -52,42 +59,50 @@ async fn patterns_count_and_never_widen(b: Backend) {
     for id in &ids {
         db.put(id, "x");
     }
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get_many(&ids).await.unwrap();
-    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    let settings = cache.aside(Kind::new("settings"), Db(db.clone()));
     settings.get("user-001").await.unwrap();
 
     // More than one SCAN batch of 100 matches.
     assert_eq!(
         cache
-            .invalidate_pattern(Kind::PROFILE, "user-1*")
+            .invalidate_pattern(Kind::new("profile"), "user-1*")
             .await
             .unwrap(),
         100
     );
     assert_eq!(
         cache
-            .invalidate_glob(&format!("{ns}:profile:user-0?0"), &[Kind::PROFILE])
+            .invalidate_glob(&format!("{ns}:profile:user-0?0"), &[Kind::new("profile")])
             .await
             .unwrap(),
         10
     );
     // Glob metacharacters in the literal parts cannot widen a delete.
-    assert!(cache.invalidate_glob("*", &[Kind::PROFILE]).await.is_err());
     assert!(
         cache
-            .invalidate_glob(&format!("{ns}:*"), &[Kind::PROFILE])
+            .invalidate_glob("*", &[Kind::new("profile")])
             .await
             .is_err()
     );
     assert!(
         cache
-            .invalidate_pattern(Kind::PROFILE, "[unclosed")
+            .invalidate_glob(&format!("{ns}:*"), &[Kind::new("profile")])
             .await
             .is_err()
     );
-    assert_eq!(cache.invalidate_all(Kind::PROFILE).await.unwrap(), 140);
-    assert_eq!(cache.invalidate_all(Kind::PROFILE).await.unwrap(), 0);
+    assert!(
+        cache
+            .invalidate_pattern(Kind::new("profile"), "[unclosed")
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        cache.invalidate_all(Kind::new("profile")).await.unwrap(),
+        140
+    );
+    assert_eq!(cache.invalidate_all(Kind::new("profile")).await.unwrap(), 0);
     assert_eq!(
         settings.get("user-001").await.unwrap().status(),
         Status::Hit,

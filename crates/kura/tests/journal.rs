@@ -17,7 +17,7 @@ use kura::store::{
     MemoryStore, PositionStore, RateStore, StampStore, StoreResult, Tracking, TrackingSink,
     TrackingStore, UpdateOutcome, UpdateRequest,
 };
-use kura::{BreakerConfig, Cache, Kind, Status, Store, StoreError, TtlPolicy};
+use kura::{BreakerConfig, Cache, Kind, Status, Store, StoreError};
 use support::{Backend, Db, TestDb, cleanup, ns};
 use tokio::sync::{Notify, Semaphore};
 
@@ -257,7 +257,7 @@ impl TrackingStore for Flaky {
 fn cache_over(store: Arc<Flaky>, ns: &str, flush: Duration) -> Cache {
     Cache::builder_shared(store)
         .namespace(ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .breaker(BreakerConfig::new(1_000, Duration::from_millis(10)))
         .flush_interval(flush)
         .build()
@@ -273,7 +273,7 @@ async fn only_keys_with_pending_invalidations_bypass_during_a_replay(b: Backend)
     let db = TestDb::new();
     db.put("u1", "old");
     db.put("u2", "two");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     for id in ["u1", "u2"] {
         assert_eq!(profiles.get(id).await.unwrap().status(), Status::Miss);
         assert_eq!(profiles.get(id).await.unwrap().status(), Status::Hit);
@@ -281,7 +281,7 @@ async fn only_keys_with_pending_invalidations_bypass_during_a_replay(b: Backend)
     flaky.set(FAIL);
     db.put("u1", "new");
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("u1")
         .await
         .unwrap();
@@ -333,15 +333,15 @@ async fn only_types_with_a_pending_pattern_bypass_during_a_replay(b: Backend) {
     let cache = cache_over(flaky.clone(), &ns, Duration::from_secs(3600));
     let db = TestDb::new();
     db.put("u1", "old");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let settings = cache.aside(Kind::new("settings"), Db(db.clone()));
     for reader in [&profiles, &settings] {
         assert_eq!(reader.get("u1").await.unwrap().status(), Status::Miss);
         assert_eq!(reader.get("u1").await.unwrap().status(), Status::Hit);
     }
     flaky.set(FAIL);
     db.put("u1", "new");
-    assert!(cache.invalidate_all(Kind::PROFILE).await.is_err());
+    assert!(cache.invalidate_all(Kind::new("profile")).await.is_err());
     assert_eq!(cache.pending_invalidations(), 1);
 
     flaky.set(HOLD);
@@ -386,17 +386,27 @@ async fn a_pattern_queued_twice_is_stored_once() {
     let flaky = Flaky::new(Arc::new(MemoryStore::new()));
     let cache = cache_over(flaky.clone(), "journal", Duration::from_secs(3600));
     flaky.set(FAIL);
-    assert!(cache.invalidate_all(Kind::PROFILE).await.is_err());
-    assert!(cache.invalidate_all(Kind::PROFILE).await.is_err());
-    assert!(cache.invalidate_pattern(Kind::PROFILE, "*").await.is_err());
+    assert!(cache.invalidate_all(Kind::new("profile")).await.is_err());
+    assert!(cache.invalidate_all(Kind::new("profile")).await.is_err());
+    assert!(
+        cache
+            .invalidate_pattern(Kind::new("profile"), "*")
+            .await
+            .is_err()
+    );
     assert_eq!(cache.pending_invalidations(), 1, "one pattern, kept once");
-    assert!(cache.invalidate_pattern(Kind::PROFILE, "a*").await.is_err());
-    assert!(cache.invalidate_all(Kind::SETTINGS).await.is_err());
+    assert!(
+        cache
+            .invalidate_pattern(Kind::new("profile"), "a*")
+            .await
+            .is_err()
+    );
+    assert!(cache.invalidate_all(Kind::new("settings")).await.is_err());
     assert_eq!(cache.pending_invalidations(), 3);
     // Replayed once each.
     let all_profiles = cache
         .keys()
-        .pattern(&Kind::PROFILE, "*")
+        .pattern(&Kind::new("profile"), "*")
         .unwrap()
         .scan_match();
     let before = flaky.calls_of(&all_profiles);
@@ -418,13 +428,17 @@ async fn a_replay_is_bounded_as_a_whole() {
     let flaky = Flaky::new(Arc::new(MemoryStore::new()));
     let cache = cache_over(flaky.clone(), "journal", Duration::from_secs(1));
     flaky.set(FAIL);
-    for kind in [Kind::PROFILE, Kind::SETTINGS, Kind::PREFERENCES] {
+    for kind in [
+        Kind::new("profile"),
+        Kind::new("settings"),
+        Kind::new("preferences"),
+    ] {
         assert!(cache.invalidate_all(kind).await.is_err());
     }
     assert_eq!(cache.pending_invalidations(), 3);
     let last = cache
         .keys()
-        .pattern(&Kind::PREFERENCES, "*")
+        .pattern(&Kind::new("preferences"), "*")
         .unwrap()
         .scan_match();
     let before = flaky.calls_of(&last);
@@ -454,7 +468,7 @@ async fn ping_waits_for_a_replay_at_most_the_operation_timeout() {
     let flaky = Flaky::new(Arc::new(MemoryStore::new()));
     let cache = cache_over(flaky.clone(), "journal", Duration::from_secs(3600));
     flaky.set(FAIL);
-    assert!(cache.invalidate_all(Kind::PROFILE).await.is_err());
+    assert!(cache.invalidate_all(Kind::new("profile")).await.is_err());
     flaky.set(HOLD);
     let started = tokio::time::Instant::now();
     let r = cache.ping().await;
@@ -477,30 +491,30 @@ async fn a_put_after_a_deferred_invalidation_survives_the_replay() {
     let flaky = Flaky::new(Arc::new(MemoryStore::new()));
     let cache = cache_over(flaky.clone(), "journal", Duration::from_secs(3600));
     let value = serde_json::json!({ "revoked": true });
-    cache.put(Kind::PROFILE, "t1", &value).await.unwrap();
+    cache.put(Kind::new("profile"), "t1", &value).await.unwrap();
     flaky.set(FAIL);
     assert!(
         cache
-            .invalidate(Kind::PROFILE, "t1")
+            .invalidate(Kind::new("profile"), "t1")
             .await
             .unwrap()
             .deferred
     );
     assert_eq!(
         cache
-            .peek::<serde_json::Value>(Kind::PROFILE, "t1")
+            .peek::<serde_json::Value>(Kind::new("profile"), "t1")
             .await
             .unwrap(),
         None,
         "a value whose invalidation is pending is not served"
     );
     flaky.set(PASS);
-    cache.put(Kind::PROFILE, "t1", &value).await.unwrap();
+    cache.put(Kind::new("profile"), "t1", &value).await.unwrap();
     assert_eq!(cache.pending_invalidations(), 0, "applied by the put");
     cache.ping().await.unwrap();
     assert_eq!(
         cache
-            .peek::<serde_json::Value>(Kind::PROFILE, "t1")
+            .peek::<serde_json::Value>(Kind::new("profile"), "t1")
             .await
             .unwrap(),
         Some(value)
@@ -508,10 +522,10 @@ async fn a_put_after_a_deferred_invalidation_survives_the_replay() {
     // While a pattern over the type is pending, a put is refused rather
     // than written for the replay to delete.
     flaky.set(FAIL);
-    assert!(cache.invalidate_all(Kind::PROFILE).await.is_err());
+    assert!(cache.invalidate_all(Kind::new("profile")).await.is_err());
     flaky.set(HOLD);
     let r = cache
-        .put(Kind::PROFILE, "t2", &serde_json::json!({ "x": 1 }))
+        .put(Kind::new("profile"), "t2", &serde_json::json!({ "x": 1 }))
         .await;
     assert!(matches!(r, Err(kura::Error::Unavailable(_))), "{r:?}");
     flaky.release_all();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kura::store::MemoryStore;
-use kura::{Adaptive, Cache, Kind, Status, TtlPolicy};
+use kura::{Adaptive, Cache, Kind, Status};
 use support::{Db, TestDb, ns};
 
 const KEYS: usize = 2000;
@@ -79,7 +79,7 @@ fn profile_ids(db: &TestDb) -> Arc<Vec<String>> {
 async fn the_embedded_store_keeps_caching_round_after_round() {
     for run in 0..4 {
         let store = MemoryStore::new().with_max_bytes(BOUND);
-        let mut policy = TtlPolicy::seed();
+        let mut policy = support::seed_policy();
         let mut p = policy.get("profile");
         p.ttl = TTL;
         // The service's rule for `--ttl profile=…`: read more than 10 times
@@ -93,7 +93,7 @@ async fn the_embedded_store_keeps_caching_round_after_round() {
             .unwrap();
         let db = TestDb::new();
         let ids = profile_ids(&db);
-        let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+        let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
         let mut seen = Vec::new();
         for round in 0..6 {
             let first = pass(&profiles, &ids).await;
@@ -128,7 +128,7 @@ async fn the_embedded_store_keeps_caching_round_after_round() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_slower_than_the_ttl_finds_every_value_expired() {
     let store = MemoryStore::new().with_max_bytes(BOUND);
-    let mut policy = TtlPolicy::seed().with_jitter(0.0);
+    let mut policy = support::seed_policy().with_jitter(0.0);
     let mut p = policy.get("profile");
     p.ttl = TTL;
     p.adaptive = None;
@@ -140,7 +140,7 @@ async fn a_pass_slower_than_the_ttl_finds_every_value_expired() {
         .unwrap();
     let db = TestDb::new();
     let ids = profile_ids(&db);
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     // 125 loads per reader at 5 ms: a pass of misses takes over 600 ms.
     db.set_delay(Duration::from_millis(5));
     let first = timed_pass(&profiles, &ids).await;

@@ -21,7 +21,7 @@ fn near_cache(url: &str, ns: &str, silence: Duration) -> Cache {
         .unwrap();
     Cache::builder(store)
         .namespace(ns)
-        .near_cache(Kind::PROFILE, NearConfig::entries(1000))
+        .near_cache(Kind::new("profile"), NearConfig::entries(1000))
         .near_cache_max_silence(silence)
         .build()
         .unwrap()
@@ -51,7 +51,7 @@ async fn l1_hits_and_eviction_by_another_client() {
     let cache = near_cache(&redis_url(), &ns, Duration::from_secs(1));
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     until_l1(&p, "u1").await;
     let loads = db.loads();
     for _ in 0..100 {
@@ -66,7 +66,7 @@ async fn l1_hits_and_eviction_by_another_client() {
     // Another client deletes the key (as redis-cli, or the feed's relay,
     // would): the push evicts it here.
     db.put("u1", "v2");
-    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), "u1").unwrap();
     let _: () = redis::cmd("DEL")
         .arg(&key)
         .query_async(&mut redis_conn().await)
@@ -90,8 +90,8 @@ async fn a_write_through_kura_evicts_before_it_returns() {
     let cache = near_cache(&redis_url(), &ns, Duration::from_secs(1));
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let w = cache.write_through(Kind::PROFILE);
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let w = cache.write_through(Kind::new("profile"));
     for round in 0..20 {
         until_l1(&p, "u1").await;
         let row = db.put("u1", &format!("w{round}"));
@@ -111,7 +111,10 @@ async fn a_write_through_kura_evicts_before_it_returns() {
     }
     // An invalidation by pattern clears the type's L1.
     until_l1(&p, "u1").await;
-    cache.invalidate_pattern(Kind::PROFILE, "*").await.unwrap();
+    cache
+        .invalidate_pattern(Kind::new("profile"), "*")
+        .await
+        .unwrap();
     assert_ne!(p.get("u1").await.unwrap().layer(), Some(Layer::L1));
     cleanup(&ns).await;
 }
@@ -125,7 +128,7 @@ async fn a_killed_tracking_connection_flushes_l1() {
     let cache = near_cache(&server.url(), &ns, Duration::from_secs(1));
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     until_l1(&p, "u1").await;
     let mut admin = redis::Client::open(server.url())
         .unwrap()
@@ -153,7 +156,7 @@ async fn a_killed_tracking_connection_flushes_l1() {
     assert_eq!(tracking.len(), 1, "one tracking connection: {clients}");
     // While the stream is down, a change it would have carried.
     db.put("u1", "v2");
-    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), "u1").unwrap();
     let _: () = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("ID")
@@ -196,7 +199,7 @@ async fn a_silent_stream_stops_l1_within_the_allowed_silence() {
     let cache = near_cache(&format!("redis://127.0.0.1:{}", proxy.port()), &ns, silence);
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     until_l1(&p, "u1").await;
     proxy.blackhole();
     let cut = Instant::now();
@@ -241,7 +244,7 @@ async fn negative_entries_are_served_from_l1_and_evicted_by_any_write() {
     let cache = near_cache(&redis_url(), &ns, Duration::from_secs(1));
     let other = near_cache(&redis_url(), &ns, Duration::from_secs(1));
     let db = TestDb::new();
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     // Until a negative L1 hit: a miss caches the marker, the next read
     // finds it and keeps it in L1.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -266,7 +269,7 @@ async fn negative_entries_are_served_from_l1_and_evicted_by_any_write() {
     // reaches this process's L1.
     db.put("ghost", "born");
     other
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("ghost")
         .await
         .unwrap();
@@ -294,7 +297,7 @@ async fn the_stamp_changes_with_every_invalidation_of_the_type() {
     let cache = near_cache(&redis_url(), &ns, Duration::from_secs(1));
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     until_l1(&p, "u1").await;
     let s1 = p.near_stamp().expect("live");
     assert_eq!(p.near_stamp(), Some(s1), "nothing changed");
@@ -305,7 +308,7 @@ async fn the_stamp_changes_with_every_invalidation_of_the_type() {
     // Another client changes a key no L1 entry holds.
     let other = cache
         .keys()
-        .value_key(&Kind::PROFILE, "never-read")
+        .value_key(&Kind::new("profile"), "never-read")
         .unwrap();
     let _: () = redis::cmd("SET")
         .arg(&other)
@@ -324,7 +327,7 @@ async fn the_stamp_changes_with_every_invalidation_of_the_type() {
     // This process's own write changes it before it returns.
     let s2 = p.near_stamp().expect("live");
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("u1")
         .await
         .unwrap();
@@ -340,7 +343,10 @@ async fn the_stamp_changes_with_every_invalidation_of_the_type() {
         }
         s3 = now;
     }
-    let settings = cache.keys().value_key(&Kind::SETTINGS, "u1").unwrap();
+    let settings = cache
+        .keys()
+        .value_key(&Kind::new("settings"), "u1")
+        .unwrap();
     let _: () = redis::cmd("SET")
         .arg(&settings)
         .arg("x")
@@ -359,7 +365,9 @@ async fn the_stamp_changes_with_every_invalidation_of_the_type() {
         &ns,
     );
     assert_eq!(
-        plain.aside(Kind::PROFILE, Db(db.clone())).near_stamp(),
+        plain
+            .aside(Kind::new("profile"), Db(db.clone()))
+            .near_stamp(),
         None
     );
     cleanup(&ns).await;

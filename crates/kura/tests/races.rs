@@ -13,7 +13,7 @@ use support::{Backend, Db, Row, TestDb, cache_on, cleanup, ns};
 
 /// What the cache holds for `id`, read from the outside.
 async fn cached(cache: &Cache, id: &str) -> Option<Row> {
-    let key = cache.keys().value_key(&Kind::PROFILE, id).unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), id).unwrap();
     cache
         .store()
         .get(&key, None)
@@ -28,7 +28,7 @@ async fn forced_stale_set_is_rejected(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "old");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let gate = db.arm_gate();
     let r = {
         let reader = reader.clone();
@@ -37,7 +37,7 @@ async fn forced_stale_set_is_rejected(b: Backend) {
     gate.loaded.notified().await; // the reader holds the old row
     db.put("u1", "new"); // the writer commits ...
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("u1")
         .await
         .unwrap(); // ... and invalidates
@@ -63,7 +63,7 @@ async fn forced_stale_set_against_update_is_rejected(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "old");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let gate = db.arm_gate();
     let r = {
         let reader = reader.clone();
@@ -72,7 +72,7 @@ async fn forced_stale_set_against_update_is_rejected(b: Backend) {
     gate.loaded.notified().await;
     let row = db.put("u1", "new");
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .update("u1", &row)
         .await
         .unwrap();
@@ -89,9 +89,9 @@ async fn out_of_order_writers_keep_the_newer(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     reader.get("u1").await.unwrap(); // v1 cached
-    let w = cache.write_through(Kind::PROFILE);
+    let w = cache.write_through(Kind::new("profile"));
     let v2 = db.put("u1", "v2");
     let v3 = db.put("u1", "v3");
     assert_eq!(
@@ -126,7 +126,7 @@ async fn randomized_interleavings_never_leave_stale(b: Backend) {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut readers = Vec::new();
         for t in 0..9 {
-            let reader = caches[t % caches.len()].aside(Kind::PROFILE, Db(db.clone()));
+            let reader = caches[t % caches.len()].aside(Kind::new("profile"), Db(db.clone()));
             let stop = stop.clone();
             let seed: u64 = rand::random();
             readers.push(tokio::spawn(async move {
@@ -140,7 +140,7 @@ async fn randomized_interleavings_never_leave_stale(b: Backend) {
         }
         let mut writers = Vec::new();
         for t in 0..6 {
-            let writer = caches[t % caches.len()].write_through(Kind::PROFILE);
+            let writer = caches[t % caches.len()].write_through(Kind::new("profile"));
             let db = db.clone();
             let seed: u64 = rand::random();
             writers.push(tokio::spawn(async move {
@@ -177,7 +177,7 @@ async fn randomized_interleavings_never_leave_stale(b: Backend) {
                     );
                 }
                 let f = cache
-                    .aside(Kind::PROFILE, Db(db.clone()))
+                    .aside(Kind::new("profile"), Db(db.clone()))
                     .get(id)
                     .await
                     .unwrap();
@@ -198,9 +198,9 @@ async fn concurrent_updates_converge(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "v");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     reader.get("u1").await.unwrap();
-    let writer = cache.write_through(Kind::PROFILE);
+    let writer = cache.write_through(Kind::new("profile"));
     let rows: Vec<Row> = (0..20).map(|i| db.put("u1", &format!("v{i}"))).collect();
     let mut order: Vec<usize> = (0..rows.len()).collect();
     {
@@ -241,7 +241,7 @@ async fn a_read_after_a_write_does_not_join_an_older_load(b: Backend, write: Wri
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "old");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let gate = db.arm_gate();
     let first = {
         let reader = reader.clone();
@@ -252,23 +252,23 @@ async fn a_read_after_a_write_does_not_join_an_older_load(b: Backend, write: Wri
     match write {
         Write::Invalidate => {
             cache
-                .write_through(Kind::PROFILE)
+                .write_through(Kind::new("profile"))
                 .invalidate("u1")
                 .await
                 .unwrap();
         }
         Write::Update => {
             cache
-                .write_through(Kind::PROFILE)
+                .write_through(Kind::new("profile"))
                 .update("u1", &row)
                 .await
                 .unwrap();
         }
         Write::CacheInvalidate => {
-            cache.invalidate(Kind::PROFILE, "u1").await.unwrap();
+            cache.invalidate(Kind::new("profile"), "u1").await.unwrap();
         }
         Write::InvalidateAll => {
-            cache.invalidate_all(Kind::PROFILE).await.unwrap();
+            cache.invalidate_all(Kind::new("profile")).await.unwrap();
         }
     }
     // The write has returned: this read starts after it.

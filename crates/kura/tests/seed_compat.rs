@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use kura::{Cache, Kind, TtlPolicy};
+use kura::{Cache, Kind};
 use redis::AsyncCommands;
 use support::{Backend, Db, TestDb, cleanup, ns, redis_conn};
 
@@ -18,7 +18,7 @@ async fn plain_get_shows_the_json_with_cached_at_and_the_seed_ttl() {
         .unwrap(); // default ±10 % jitter
     let db = TestDb::new();
     db.put("3f1c2e4a-0000-4000-8000-000000000001", "山田太郎");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles
         .get("3f1c2e4a-0000-4000-8000-000000000001")
         .await
@@ -41,16 +41,18 @@ async fn ttls_follow_the_type_table() {
     let ns = ns();
     let cache = Cache::builder_shared(Backend::Redis.store())
         .namespace(&ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .build()
         .unwrap();
     let db = TestDb::new();
     db.put("d1", "doc");
     let mut c = redis_conn().await;
     for (kind, key, want) in [
-        (Kind::SETTINGS, format!("{ns}:settings:d1"), 1800),
+        (Kind::new("settings"), format!("{ns}:settings:d1"), 1800),
         (
-            Kind::DOCUMENT_META,
+            Kind::new("document_meta")
+                .with_segment("document")
+                .with_suffix("metadata"),
             format!("{ns}:document:d1:metadata"),
             600,
         ),
@@ -88,12 +90,12 @@ async fn adaptive_ttl_extends_hot_keys_without_extra_round_trips() {
     let ns = ns();
     let cache = Cache::builder_shared(Backend::Redis.store())
         .namespace(&ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .build()
         .unwrap();
     let db = TestDb::new();
     db.put("hot", "x");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let key = format!("{ns}:profile:hot");
     let mut c = redis_conn().await;
     for _ in 0..10 {
@@ -141,7 +143,7 @@ async fn seed_counters_are_kept_in_aggregate() {
         .unwrap();
     let db = TestDb::new();
     db.put("u1", "x");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
     for _ in 0..7 {
         profiles.get("u1").await.unwrap();
@@ -161,7 +163,7 @@ async fn seed_counters_are_kept_in_aggregate() {
         .build()
         .unwrap();
     other
-        .aside(Kind::PROFILE, Db(db.clone()))
+        .aside(Kind::new("profile"), Db(db.clone()))
         .get("u1")
         .await
         .unwrap();

@@ -112,7 +112,7 @@ async fn redis_wrong_type_is_repaired() {
     let ns = ns();
     let e = KeyBuilder::new(&ns, false)
         .unwrap()
-        .entry(&Kind::PROFILE, "u1")
+        .entry(&Kind::new("profile"), "u1")
         .unwrap();
     let mut c = support::redis_conn().await;
     let _: () = c.hset(&e.value, "f", "v").await.unwrap();
@@ -139,7 +139,7 @@ async fn redis_reloads_scripts_after_flush() {
     let s = kura::store::RedisStore::open(&srv.url()).unwrap();
     let e = KeyBuilder::new("t", false)
         .unwrap()
-        .entry(&Kind::PROFILE, "u1")
+        .entry(&Kind::new("profile"), "u1")
         .unwrap();
     use kura::Store;
     s.acquire(&[acq(&e, "A")]).await.unwrap();

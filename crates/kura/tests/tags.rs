@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kura::near::Layer;
-use kura::{Cache, Error, Kind, Status, TtlPolicy};
+use kura::{Cache, Error, Kind, Status};
 use support::{Backend, Db, TestDb, cleanup, ns};
 
 async fn clear_stops_every_value_of_the_type(b: Backend) {
@@ -16,14 +16,14 @@ async fn clear_stops_every_value_of_the_type(b: Backend) {
     for i in 0..50 {
         db.put(&format!("u{i}"), &format!("n{i}"));
     }
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let settings = cache.aside(Kind::new("settings"), Db(db.clone()));
     for i in 0..50 {
         profiles.get(&format!("u{i}")).await.unwrap();
     }
     settings.get("u0").await.unwrap();
     assert_eq!(profiles.get("u7").await.unwrap().status(), Status::Hit);
-    let cleared = cache.clear(Kind::PROFILE).await.unwrap();
+    let cleared = cache.clear(Kind::new("profile")).await.unwrap();
     assert!(cleared.epoch >= 1);
     // The memory store counts what it covered; Redis is not walked.
     let expected = (b == Backend::Memory).then_some(50);
@@ -37,7 +37,7 @@ async fn clear_stops_every_value_of_the_type(b: Backend) {
     assert_eq!(profiles.get("u3").await.unwrap().status(), Status::Hit);
     assert_eq!(settings.get("u0").await.unwrap().status(), Status::Hit);
     // Batches see the clear too.
-    cache.clear(Kind::PROFILE).await.unwrap();
+    cache.clear(Kind::new("profile")).await.unwrap();
     let batch = profiles.get_many(&["u1", "u2", "u3"]).await.unwrap();
     assert_eq!((batch.hits, batch.misses), (0, 3));
     let batch = profiles.get_many(&["u1", "u2", "u3"]).await.unwrap();
@@ -52,8 +52,8 @@ async fn a_tag_stops_only_its_values(b: Backend) {
     db.put("b", "b@acme");
     db.put("c", "c@other");
     db.put("d", "plain");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
-    let settings = cache.aside(Kind::SETTINGS, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let settings = cache.aside(Kind::new("settings"), Db(db.clone()));
     for id in ["a", "b", "c", "d"] {
         profiles.get(id).await.unwrap();
     }
@@ -93,7 +93,7 @@ async fn a_fill_that_began_before_it_does_not_land(b: Backend, stop: Stop, old: 
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", old);
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let gate = db.arm_gate();
     let reader = tokio::spawn({
         let p = profiles.clone();
@@ -103,7 +103,7 @@ async fn a_fill_that_began_before_it_does_not_land(b: Backend, stop: Stop, old: 
     // The row changes and the values are stopped while the load holds `old`.
     db.put("u1", new);
     match stop {
-        Stop::Clear => cache.clear(Kind::PROFILE).await.unwrap(),
+        Stop::Clear => cache.clear(Kind::new("profile")).await.unwrap(),
         Stop::Tag => cache.invalidate_tag("tenant:acme").await.unwrap(),
     };
     gate.release.notify_one();
@@ -140,9 +140,10 @@ async fn another_instance_sees_the_clear(b: Backend) {
     let build = |s| {
         let mut builder = Cache::builder_shared(s)
             .namespace(&ns)
-            .ttl_policy(TtlPolicy::seed().with_jitter(0.0));
+            .ttl_policy(support::seed_policy().with_jitter(0.0));
         if b == Backend::RedisNear {
-            builder = builder.near_cache(Kind::PROFILE, kura::near::NearConfig::entries(1000));
+            builder =
+                builder.near_cache(Kind::new("profile"), kura::near::NearConfig::entries(1000));
         }
         builder.build().unwrap()
     };
@@ -150,8 +151,8 @@ async fn another_instance_sees_the_clear(b: Backend) {
     let other = build(stores[1].clone());
     let db = TestDb::new();
     db.put("u1", "v1");
-    let pa = a.aside(Kind::PROFILE, Db(db.clone()));
-    let pb = other.aside(Kind::PROFILE, Db(db.clone()));
+    let pa = a.aside(Kind::new("profile"), Db(db.clone()));
+    let pb = other.aside(Kind::new("profile"), Db(db.clone()));
     pa.get("u1").await.unwrap();
     // Until the other instance serves it from its own layers.
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -168,7 +169,7 @@ async fn another_instance_sees_the_clear(b: Backend) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cleared_at = Instant::now();
-    a.clear(Kind::PROFILE).await.unwrap();
+    a.clear(Kind::new("profile")).await.unwrap();
     let deadline = cleared_at + Duration::from_secs(1);
     loop {
         let f = pb.get("u1").await.unwrap();
@@ -196,16 +197,16 @@ async fn clear_touches_one_key(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
-    let key = cache.keys().value_key(&Kind::PROFILE, "u1").unwrap();
+    let key = cache.keys().value_key(&Kind::new("profile"), "u1").unwrap();
     let mut c = support::redis_conn().await;
     let before: Vec<u8> = redis::cmd("GET")
         .arg(&key)
         .query_async(&mut c)
         .await
         .unwrap();
-    cache.clear(Kind::PROFILE).await.unwrap();
+    cache.clear(Kind::new("profile")).await.unwrap();
     let after: Vec<u8> = redis::cmd("GET")
         .arg(&key)
         .query_async(&mut c)
@@ -246,13 +247,17 @@ async fn a_clear_without_the_store_is_pending() {
         .op_timeout(Duration::from_millis(100))
         .build()
         .unwrap();
-    let err = cache.clear(Kind::PROFILE).await.unwrap_err();
+    let err = cache.clear(Kind::new("profile")).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     let err = cache.invalidate_tag("tenant:a").await.unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     let db = TestDb::new();
     db.put("u1", "v1");
-    let f = cache.aside(Kind::PROFILE, Db(db)).get("u1").await.unwrap();
+    let f = cache
+        .aside(Kind::new("profile"), Db(db))
+        .get("u1")
+        .await
+        .unwrap();
     assert_eq!(f.status(), Status::Bypass);
 }
 
@@ -263,12 +268,12 @@ async fn a_hit_reads_no_stamps() {
     let server = kura_testkit::RedisServer::start().await;
     let cache = Cache::builder(kura::store::RedisStore::open(&server.url()).unwrap())
         .namespace(ns())
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .build()
         .unwrap();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let p = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let p = cache.aside(Kind::new("profile"), Db(db.clone()));
     let mut admin = redis::Client::open(server.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -284,7 +289,7 @@ async fn a_hit_reads_no_stamps() {
     };
     for cleared in [false, true] {
         if cleared {
-            cache.clear(Kind::PROFILE).await.unwrap();
+            cache.clear(Kind::new("profile")).await.unwrap();
         }
         // Warm, and wait for the stamps stream to be confirmed.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -326,10 +331,10 @@ async fn a_pending_write_outlives_a_clear(b: Backend) {
     let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap();
     // No flusher runs: the write stays queued.
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     wb.accept("u1", |cur| support::Row {
         name: "pending".into(),
         version: cur.version + 1,
@@ -337,7 +342,7 @@ async fn a_pending_write_outlives_a_clear(b: Backend) {
     })
     .await
     .unwrap();
-    cache.clear(Kind::PROFILE).await.unwrap();
+    cache.clear(Kind::new("profile")).await.unwrap();
     for _ in 0..3 {
         let f = profiles.get("u1").await.unwrap();
         assert_eq!(f.value().unwrap().name, "pending", "{:?}", f.status());
@@ -359,9 +364,9 @@ async fn a_clear_after_the_stamps_were_lost_stops_values(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     for _ in 0..5 {
-        cache.clear(Kind::SETTINGS).await.unwrap();
+        cache.clear(Kind::new("settings")).await.unwrap();
     }
     profiles.get("u1").await.unwrap();
     let mut c = support::redis_conn().await;
@@ -373,13 +378,13 @@ async fn a_clear_after_the_stamps_were_lost_stops_values(b: Backend) {
     // Read and fill after the loss (the old value is removed first, so the
     // fill is one made with whatever this process holds now).
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .invalidate("u1")
         .await
         .unwrap();
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Hit);
-    cache.clear(Kind::PROFILE).await.unwrap();
+    cache.clear(Kind::new("profile")).await.unwrap();
     assert_eq!(
         profiles.get("u1").await.unwrap().status(),
         Status::Miss,
@@ -396,18 +401,18 @@ async fn a_new_instance_fills_from_its_first_read(b: Backend) {
     let build = |s| {
         Cache::builder_shared(s)
             .namespace(&ns)
-            .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+            .ttl_policy(support::seed_policy().with_jitter(0.0))
             .build()
             .unwrap()
     };
     let db = TestDb::new();
     db.put("u1", "v1");
     let first = build(stores[0].clone());
-    first.clear(Kind::PROFILE).await.unwrap();
-    first.clear(Kind::PROFILE).await.unwrap();
+    first.clear(Kind::new("profile")).await.unwrap();
+    first.clear(Kind::new("profile")).await.unwrap();
     drop(first);
     let later = build(stores[1].clone());
-    let profiles = later.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = later.aside(Kind::new("profile"), Db(db.clone()));
     assert_eq!(profiles.get("u1").await.unwrap().status(), Status::Miss);
     assert_eq!(
         profiles.get("u1").await.unwrap().status(),

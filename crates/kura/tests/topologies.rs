@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kura::{BehindLimits, Cache, Kind, QueuedCache, Status, TtlPolicy};
+use kura::{BehindLimits, Cache, Kind, QueuedCache, Status};
 use kura_testkit::{RedisCluster, RedisOptions, RedisSentinelGroup};
 use support::{Backend, Db, Row, TestDb, ns, queued_on};
 
@@ -39,7 +39,7 @@ async fn strategies(b: Backend) {
     db.set_delay(Duration::from_millis(50));
     let readers: Vec<_> = caches
         .iter()
-        .map(|c| c.aside(Kind::PROFILE, Db(db.clone())))
+        .map(|c| c.aside(Kind::new("profile"), Db(db.clone())))
         .collect();
     let tasks: Vec<_> = (0..90)
         .map(|i| {
@@ -79,12 +79,18 @@ async fn strategies(b: Backend) {
     // Pattern invalidation finds every key on every primary: the true count.
     assert_eq!(
         caches[2]
-            .invalidate_pattern(Kind::PROFILE, "u1*")
+            .invalidate_pattern(Kind::new("profile"), "u1*")
             .await
             .unwrap(),
         111
     );
-    assert_eq!(caches[0].invalidate_all(Kind::PROFILE).await.unwrap(), 189);
+    assert_eq!(
+        caches[0]
+            .invalidate_all(Kind::new("profile"))
+            .await
+            .unwrap(),
+        189
+    );
 
     // Write-behind: concurrent patches from three instances, one flush.
     let writers: Vec<_> = readers
@@ -160,11 +166,11 @@ async fn reads_through_a_failover(url: String, fail: impl AsyncFnOnce()) {
         .unwrap();
     let cache = Cache::builder(store)
         .namespace(&ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .op_timeout(Duration::from_millis(400))
         .build()
         .unwrap();
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..4)
@@ -251,7 +257,7 @@ async fn write_behind_through_a_failover(url: String, fail: impl AsyncFnOnce()) 
         .op_timeout(Duration::from_millis(1500))
         .build()
         .unwrap();
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let wb = cache
         .write_behind(&reader)
         .limits(BehindLimits::new(0, Duration::ZERO).replicas(1, Duration::from_secs(1)));
@@ -385,14 +391,14 @@ async fn near_cache_follows_the_topology(url: String, fail: impl AsyncFnOnce()) 
             .namespace(&ns)
             .op_timeout(Duration::from_millis(400));
         if near {
-            b = b.near_cache(Kind::PROFILE, NearConfig::entries(1000));
+            b = b.near_cache(Kind::new("profile"), NearConfig::entries(1000));
         }
         b.build().unwrap()
     };
     let near = open(true);
     let other = open(false);
-    let reader = near.aside(Kind::PROFILE, Db(db.clone()));
-    let writer = other.write_through(Kind::PROFILE);
+    let reader = near.aside(Kind::new("profile"), Db(db.clone()));
+    let writer = other.write_through(Kind::new("profile"));
     let mut round = 0;
     let mut check = async |phase: &str| {
         round += 1;

@@ -15,7 +15,7 @@ async fn warms_in_batches_with_progress(b: Backend) {
     for id in &ids {
         db.put(id, "x");
     }
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let mut with_ghosts = ids.clone();
@@ -48,11 +48,11 @@ async fn never_overwrites_a_cached_value(b: Backend) {
     let (cache, ns) = b.cache();
     let db = TestDb::new();
     db.put("u1", "v1");
-    let profiles = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let profiles = cache.aside(Kind::new("profile"), Db(db.clone()));
     profiles.get("u1").await.unwrap(); // v1 cached
     let v2 = db.put("u1", "v2");
     cache
-        .write_through(Kind::PROFILE)
+        .write_through(Kind::new("profile"))
         .update("u1", &v2)
         .await
         .unwrap(); // v2 cached
@@ -82,7 +82,7 @@ async fn one_instance_warms_at_a_time(b: Backend) {
     let fleet: Vec<_> = b
         .fleet(2)
         .into_iter()
-        .map(|s| cache_on(s, &ns).aside(Kind::PROFILE, Db(db.clone())))
+        .map(|s| cache_on(s, &ns).aside(Kind::new("profile"), Db(db.clone())))
         .collect();
     let runs: Vec<_> = fleet
         .iter()

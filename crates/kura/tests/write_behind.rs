@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kura::{BehindError, BehindLimits, Cache, Kind, QueuedCache, Status, TtlPolicy, TypePolicy};
+use kura::{BehindError, BehindLimits, Cache, Kind, QueuedCache, Status, TypePolicy};
 use support::{Backend, Db, Row, TestDb, cleanup, ns, queued_on};
 
 fn rename(suffix: &'static str) -> impl FnMut(&Row) -> Row {
@@ -21,7 +21,7 @@ fn rename(suffix: &'static str) -> impl FnMut(&Row) -> Row {
 async fn unknown_ids_are_refused(b: Backend) {
     let (cache, ns) = b.queued();
     let db = TestDb::new();
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     let r = wb.accept("nobody", rename("x")).await;
     assert!(matches!(r, Err(BehindError::NotFound)), "{r:?}");
     assert!(matches!(
@@ -34,7 +34,7 @@ async fn unknown_ids_are_refused(b: Backend) {
 
 async fn reads_see_the_write_before_the_flush(b: Backend) {
     let ns = ns();
-    let policy = TtlPolicy::seed()
+    let policy = support::seed_policy()
         .with_jitter(0.0)
         .with_type("profile", TypePolicy::new(Duration::from_millis(1000)));
     let fleet = b.fleet(2);
@@ -50,7 +50,7 @@ async fn reads_see_the_write_before_the_flush(b: Backend) {
         .unwrap();
     let db = TestDb::new();
     db.put("u1", "a");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let wb = cache.write_behind(&reader);
     let acc = wb.accept("u1", rename("b")).await.unwrap();
     assert_eq!(acc.value.name, "ab");
@@ -62,7 +62,7 @@ async fn reads_see_the_write_before_the_flush(b: Backend) {
         ("ab", Status::Hit)
     );
     // Another instance sees it.
-    let other_reader = other.aside(Kind::PROFILE, Db(db.clone()));
+    let other_reader = other.aside(Kind::new("profile"), Db(db.clone()));
     assert_eq!(
         other_reader.get("u1").await.unwrap().value().unwrap().name,
         "ab"
@@ -71,7 +71,7 @@ async fn reads_see_the_write_before_the_flush(b: Backend) {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(reader.get("u1").await.unwrap().value().unwrap().name, "ab");
     // After another path invalidated the value.
-    cache.invalidate(Kind::PROFILE, "u1").await.unwrap();
+    cache.invalidate(Kind::new("profile"), "u1").await.unwrap();
     assert_eq!(
         other_reader.get("u1").await.unwrap().value().unwrap().name,
         "ab"
@@ -94,7 +94,7 @@ async fn concurrent_patches_both_survive(b: Backend) {
     let fleet = b.fleet(3);
     let writers: Vec<_> = fleet
         .into_iter()
-        .map(|s| queued_on(s, &ns).behind(Kind::PROFILE, Db(db.clone())))
+        .map(|s| queued_on(s, &ns).behind(Kind::new("profile"), Db(db.clone())))
         .collect();
     let letters = "ABCDEFGHIJKLMNOPQRST";
     let tasks: Vec<_> = letters
@@ -143,7 +143,7 @@ async fn flush_applies_acks_and_replays_are_no_ops(b: Backend) {
     for i in 0..50 {
         db.put(&format!("u{i}"), "a");
     }
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     for i in 0..50 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
     }
@@ -166,7 +166,7 @@ async fn flush_applies_acks_and_replays_are_no_ops(b: Backend) {
     let s = wb.status().await.unwrap();
     assert_eq!((s.depth, s.in_flight, s.dead_letters), (0, 0, 0));
     // Reads after the flush still see the write (cached, then from the db).
-    cache.invalidate_all(Kind::PROFILE).await.unwrap();
+    cache.invalidate_all(Kind::new("profile")).await.unwrap();
     assert_eq!(
         wb.reader().get("u7").await.unwrap().value().unwrap().name,
         "ab"
@@ -178,7 +178,7 @@ async fn entries_of_a_dead_flusher_are_reclaimed(b: Backend) {
     let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("u1", "a");
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     wb.accept("u1", rename("b")).await.unwrap();
     // A flusher takes the entry and dies before applying it.
     let store = cache.queue_store().clone();
@@ -211,7 +211,7 @@ async fn database_down_for_a_while_loses_nothing(b: Backend) {
     for i in 0..20 {
         db.put(&format!("u{i}"), "a");
     }
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let flusher = wb
         .flusher(Db(db.clone()))
@@ -260,7 +260,7 @@ async fn rejected_writes_go_to_dead_letters(b: Backend) {
     db.put("good", "a");
     db.put("poison", "a");
     db.reject("poison");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let wb = cache.write_behind(&reader);
     wb.accept("good", rename("b")).await.unwrap();
     wb.accept("poison", rename("b")).await.unwrap();
@@ -300,7 +300,7 @@ async fn back_pressure_refuses_past_the_limit(b: Backend) {
         db.put(&format!("u{i}"), "a");
     }
     let wb = cache
-        .behind(Kind::PROFILE, Db(db.clone()))
+        .behind(Kind::new("profile"), Db(db.clone()))
         .limits(BehindLimits::new(3, Duration::ZERO));
     for i in 0..3 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
@@ -314,7 +314,7 @@ async fn back_pressure_refuses_past_the_limit(b: Backend) {
         "a"
     );
     let aged = cache
-        .behind(Kind::PROFILE, Db(db.clone()))
+        .behind(Kind::new("profile"), Db(db.clone()))
         .limits(BehindLimits::new(0, Duration::from_millis(100)));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(matches!(
@@ -333,7 +333,7 @@ async fn a_write_based_on_a_version_no_longer_cached_is_re_based(b: Backend) {
     let (cache, ns) = b.queued();
     let db = TestDb::new();
     db.put("u1", "a");
-    let reader = cache.aside(Kind::PROFILE, Db(db.clone()));
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
     let b1 = cache.write_behind(&reader);
     let b2 = cache.write_behind(&reader);
     let interleave = {
@@ -346,7 +346,7 @@ async fn a_write_based_on_a_version_no_longer_cached_is_re_based(b: Backend) {
                     let mut f = b2.flusher(Db(db.clone())).linger(Duration::ZERO);
                     assert_eq!(f.flush_once(false).await.unwrap().flushed, 1);
                     assert!(!b2.is_pending("u1").await.unwrap(), "settled");
-                    cache.invalidate(Kind::PROFILE, "u1").await.unwrap();
+                    cache.invalidate(Kind::new("profile"), "u1").await.unwrap();
                 });
             });
         }
@@ -397,7 +397,7 @@ async fn a_refused_row_does_not_hold_back_the_others(b: Backend) {
     db.reject("poison");
     let max_age = Duration::from_millis(3000);
     let wb = cache
-        .behind(Kind::PROFILE, Db(db.clone()))
+        .behind(Kind::new("profile"), Db(db.clone()))
         .limits(BehindLimits::new(100_000, max_age));
     let flusher = wb
         .flusher(Db(db.clone()))
@@ -466,7 +466,7 @@ async fn unreachable_redis_refuses_so_the_caller_writes_through() {
     let cache = Cache::queued(store).build().unwrap();
     let db = TestDb::new();
     db.put("u1", "a");
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     let r = wb.accept("u1", rename("b")).await;
     assert!(matches!(r, Err(BehindError::Unavailable(_))), "{r:?}");
     let _ = Arc::new(());
@@ -476,7 +476,7 @@ async fn unreachable_redis_refuses_so_the_caller_writes_through() {
 async fn durability_is_reported() {
     let (cache, _) = Backend::Memory.queued();
     let db = TestDb::new();
-    let wb = cache.behind(Kind::PROFILE, Db(db));
+    let wb = cache.behind(Kind::new("profile"), Db(db));
     assert_eq!(
         wb.durability().await.unwrap(),
         kura::store::Durability::Volatile
@@ -488,7 +488,7 @@ async fn durability_is_reported() {
     let cache = Cache::queued(kura::store::RedisStore::open(&aof.url()).unwrap())
         .build()
         .unwrap();
-    let wb = cache.behind(Kind::PROFILE, Db(TestDb::new()));
+    let wb = cache.behind(Kind::new("profile"), Db(TestDb::new()));
     assert!(matches!(
         wb.durability().await.unwrap(),
         kura::store::Durability::Logged { .. }
@@ -498,7 +498,7 @@ async fn durability_is_reported() {
 /// A cache over a Redis server the test started.
 fn cache_at(url: &str) -> QueuedCache {
     Cache::queued(kura::store::RedisStore::open(url).unwrap())
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(support::seed_policy().with_jitter(0.0))
         .build()
         .unwrap()
 }
@@ -524,7 +524,7 @@ async fn scripts_lost_before_a_dead_letter_write_it_once() {
     let db = TestDb::new();
     db.put("poison", "a");
     db.reject("poison");
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     wb.accept("poison", rename("b")).await.unwrap();
     admin(&srv, &["SCRIPT", "FLUSH"]).await;
     let mut f = wb
@@ -561,10 +561,10 @@ async fn a_settle_that_cannot_run_leaves_the_write_queued() {
     let db = TestDb::new();
     db.put("u1", "a");
     db.put("u2", "a");
-    let wb = writer.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = writer.behind(Kind::new("profile"), Db(db.clone()));
     wb.accept("u1", rename("b")).await.unwrap();
     admin(&srv, &["SCRIPT", "FLUSH"]).await;
-    let fwb = flusher_cache.behind(Kind::PROFILE, Db(db.clone()));
+    let fwb = flusher_cache.behind(Kind::new("profile"), Db(db.clone()));
     let mut f = fwb
         .flusher(Db(db.clone()))
         .claim_idle(Duration::ZERO)
@@ -604,7 +604,7 @@ async fn a_redis_restart_between_accept_and_flush_leaves_no_orphan() {
     }
     db.put("poison", "a");
     db.reject("poison");
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     for i in 0..10 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
     }
@@ -653,7 +653,7 @@ async fn claims_go_on_past_live_entries() {
     for i in 0..40 {
         db.put(&format!("u{i}"), "a");
     }
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     for i in 0..40 {
         wb.accept(&format!("u{i}"), rename("b")).await.unwrap();
     }
@@ -707,7 +707,7 @@ async fn an_evicting_redis_refuses_write_behind() {
     let cache = cache_at(&srv.url());
     let db = TestDb::new();
     db.put("u1", "a");
-    let wb = cache.behind(Kind::PROFILE, Db(db.clone()));
+    let wb = cache.behind(Kind::new("profile"), Db(db.clone()));
     let r = wb.accept("u1", rename("b")).await;
     match &r {
         Err(BehindError::Evicting { policy }) => assert_eq!(policy, "allkeys-lru"),

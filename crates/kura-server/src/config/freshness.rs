@@ -6,18 +6,18 @@ use std::time::Duration;
 use kura::freshness::EagerRefresh;
 
 use super::parse_duration;
+use crate::registry;
 
-/// The types the service caches, which these flags may name.
-pub const CACHED_TYPES: [&str; 5] = ["profile", "settings", "preferences", "blacklist", "session"];
-
+/// A type name these flags may name: one of the registry's.
 fn cached_type(kind: &str) -> Result<String, String> {
     let kind = kind.trim();
-    if CACHED_TYPES.contains(&kind) {
+    let names = registry::configurable_names();
+    if names.contains(&kind) {
         Ok(kind.to_owned())
     } else {
         Err(format!(
             "{kind:?}: the cached types are {}",
-            CACHED_TYPES.join(", ")
+            names.join(", ")
         ))
     }
 }
@@ -149,7 +149,7 @@ mod tests {
             load_soft_timeout: vec!["profile=100ms".parse().unwrap()],
             load_hard_timeout: vec!["settings=1s".parse().unwrap()],
         };
-        let mut p = kura::TtlPolicy::seed();
+        let mut p = registry::ttl_policy();
         c.apply(&mut p);
         let profile = p.get("profile");
         assert_eq!(profile.eager_refresh, Some(EagerRefresh::new(2.0).unwrap()));

@@ -29,7 +29,6 @@
 
 use std::time::Duration;
 
-use kura::Kind;
 use kura::feed::sql::{
     CHANNEL, LOG_TABLE, POSITION_TABLE, RELAY_TABLE, STATE_TABLE, log_table_statements,
 };
@@ -47,20 +46,14 @@ use super::{Db, DbError};
 ///
 /// Never for these names; the library validates every identifier.
 pub fn fed_tables() -> Result<Vec<TriggerSpec>, DbError> {
-    Ok(vec![
-        TriggerSpec::new("profiles", Kind::PROFILE)?
-            .id_column("user_id")?
-            .version_column("version")?,
-        TriggerSpec::new("settings", Kind::SETTINGS)?
-            .id_column("user_id")?
-            .version_column("version")?,
-        TriggerSpec::new("preferences", Kind::PREFERENCES)?
-            .id_column("user_id")?
-            .version_column("version")?,
-        TriggerSpec::new("revocations", Kind::BLACKLIST)?
-            .id_column("key_id")?
-            .version_column("version")?,
-    ])
+    crate::registry::fed_tables()
+        .into_iter()
+        .map(|(kind, fed)| {
+            Ok(TriggerSpec::new(fed.table, kind)?
+                .id_column(fed.id_column)?
+                .version_column(fed.version_column)?)
+        })
+        .collect()
 }
 
 /// What [`Db::install_feed`] records per fed table, so that a start-up

@@ -34,8 +34,8 @@ impl DocKind {
     #[must_use]
     pub fn kind(self) -> kura::Kind {
         match self {
-            DocKind::Settings => kura::Kind::SETTINGS,
-            DocKind::Preferences => kura::Kind::PREFERENCES,
+            DocKind::Settings => crate::registry::SETTINGS,
+            DocKind::Preferences => crate::registry::PREFERENCES,
         }
     }
 }

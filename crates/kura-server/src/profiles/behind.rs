@@ -50,7 +50,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use kura::{BehindError, Flusher, Kind, WriteBehind};
+use kura::{BehindError, Flusher, WriteBehind};
 use uuid::Uuid;
 
 use super::{Finish, ProfileService, ServiceError};
@@ -153,7 +153,7 @@ impl ProfileService {
     pub fn with_write_behind(mut self, wb: &WbConfig) -> Self {
         self.behind = self.behind.limits(wb.limits());
         self.wb = wb.clone();
-        let kind = Kind::PROFILE.name();
+        let kind = crate::registry::PROFILE.name();
         for name in WB_COUNTERS {
             metrics::counter!(name, "cache_type" => kind).increment(0);
         }
@@ -191,7 +191,7 @@ impl ProfileService {
     /// So each flusher of a process gets a cache of its own.
     pub fn flusher_on(&self, cache: &kura::QueuedCache) -> Flusher<Db, Db> {
         let wb = cache
-            .behind(Kind::PROFILE, self.db.clone())
+            .behind(crate::registry::PROFILE, self.db.clone())
             .limits(self.wb.limits());
         self.configure(wb.flusher(self.db.clone()))
     }

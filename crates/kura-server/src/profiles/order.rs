@@ -137,7 +137,7 @@ impl ProfileService {
         &self,
         user_id: Uuid,
     ) -> Result<Option<WriteLock>, ServiceError> {
-        lock_entity(&self.cache, Kind::PROFILE, user_id).await
+        lock_entity(&self.cache, crate::registry::PROFILE, user_id).await
     }
 }
 

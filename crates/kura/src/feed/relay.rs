@@ -63,10 +63,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::{FeedEvent, FeedLog};
-use crate::cache::Cache;
+use crate::core::Cache;
+use crate::core::lease::{FleetLease, Held};
 use crate::error::{Error, StoreError};
 use crate::key::{EntryKeys, Kind};
-use crate::lease::{FleetLease, Held};
 
 #[cfg(doc)]
 use crate::Store;
@@ -310,7 +310,7 @@ impl<L: FeedLog> RelayBuilder<L> {
 /// use kura::feed::Relay;
 ///
 /// let relay = Relay::builder(&cache, log)
-///     .kind(Kind::PROFILE)
+///     .kind(Kind::new("profile"))
 ///     .poll_interval(Duration::from_secs(1))
 ///     .build();
 /// relay.run(std::future::pending()).await;

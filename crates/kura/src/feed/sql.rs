@@ -28,7 +28,7 @@
 //! use kura::feed::{Backend, TriggerSpec, log_table_sql};
 //!
 //! # fn main() -> Result<(), kura::feed::SqlError> {
-//! let spec = TriggerSpec::new("profiles", Kind::PROFILE)?
+//! let spec = TriggerSpec::new("profiles", Kind::new("profile"))?
 //!     .id_column("user_id")?
 //!     .version_column("version")?;
 //! let script = format!(
@@ -501,11 +501,11 @@ mod tests {
 
     #[test]
     fn identifiers_are_validated() {
-        assert!(TriggerSpec::new("profiles", Kind::PROFILE).is_ok());
+        assert!(TriggerSpec::new("profiles", Kind::new("profile")).is_ok());
         for bad in ["", "Profiles", "1abc", "a-b", "a b", "p\"; drop", "é"] {
             assert!(
                 matches!(
-                    TriggerSpec::new(bad, Kind::PROFILE),
+                    TriggerSpec::new(bad, Kind::new("profile")),
                     Err(SqlError::BadIdentifier { .. })
                 ),
                 "{bad:?}"
@@ -513,10 +513,10 @@ mod tests {
         }
         let long = "t".repeat(MAX_TABLE_LEN + 1);
         assert!(matches!(
-            TriggerSpec::new(&long, Kind::PROFILE),
+            TriggerSpec::new(&long, Kind::new("profile")),
             Err(SqlError::TooLong { .. })
         ));
-        let spec = TriggerSpec::new("profiles", Kind::PROFILE).unwrap();
+        let spec = TriggerSpec::new("profiles", Kind::new("profile")).unwrap();
         assert!(spec.clone().id_column("user id").is_err());
         assert_eq!(
             spec.clone().id_column("version"),
@@ -531,7 +531,7 @@ mod tests {
     #[test]
     fn derived_names_fit_postgres_identifiers() {
         let t = "t".repeat(MAX_TABLE_LEN);
-        let spec = TriggerSpec::new(&t, Kind::PROFILE).unwrap();
+        let spec = TriggerSpec::new(&t, Kind::new("profile")).unwrap();
         assert!(spec.name("notify").len() <= 63);
         assert!(spec.name("insert").len() <= 63);
     }

@@ -162,7 +162,7 @@ pub(crate) struct NearEntry<T> {
     pub(crate) json: Bytes,
     pub(crate) value: OnceLock<Arc<T>>,
     /// When the store's entry expires, Unix milliseconds (0: not known), for
-    /// eager refresh ([`crate::freshness`]).
+    /// eager refresh ([`crate::policy::freshness`]).
     pub(crate) expires_ms: u64,
     /// The value's `cached_at`, Unix milliseconds (0: not known).
     pub(crate) cached_at_ms: i64,
@@ -365,7 +365,7 @@ mod tests {
         tracker.confirmed(Instant::now());
         let keys = KeyBuilder::new("ns", false).unwrap();
         let n = Near::new(
-            Kind::PROFILE,
+            Kind::new("profile"),
             &keys,
             NearConfig::entries(entries).max_bytes(max_bytes),
             tracker,
@@ -379,7 +379,7 @@ mod tests {
         let (n, keys) = near(50, 20_000);
         for &(op, id, len) in ops {
             let id = format!("u{}", id % 80);
-            let key = keys.value_key(&Kind::PROFILE, &id).unwrap();
+            let key = keys.value_key(&Kind::new("profile"), &id).unwrap();
             match op % 4 {
                 0 | 1 => {
                     let t = n.tracker.begin(&key);
@@ -432,7 +432,7 @@ mod tests {
             let id = format!("u{i}");
             let t = n
                 .tracker
-                .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
+                .begin(&keys.value_key(&Kind::new("profile"), &id).unwrap());
             n.fill(&t, &id, Bytes::from_static(b"{}"), None, 0, 0);
         }
         assert!(n.stats().entries <= 10, "{:?}", n.stats());
@@ -442,7 +442,7 @@ mod tests {
             let id = format!("u{i}");
             let t = n
                 .tracker
-                .begin(&keys.value_key(&Kind::PROFILE, &id).unwrap());
+                .begin(&keys.value_key(&Kind::new("profile"), &id).unwrap());
             n.fill(&t, &id, Bytes::from(vec![b'x'; 1000]), None, 0, 0);
         }
         let s = n.stats();

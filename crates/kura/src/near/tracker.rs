@@ -372,12 +372,12 @@ mod tests {
         let layer = Arc::new(Recorder(Mutex::new(HashMap::new())));
         let weak: Weak<dyn NearLayer> = Arc::downgrade(&(layer.clone() as Arc<dyn NearLayer>));
         t.register(
-            Kind::PROFILE,
-            keys.pattern(&Kind::PROFILE, "*").unwrap(),
+            Kind::new("profile"),
+            keys.pattern(&Kind::new("profile"), "*").unwrap(),
             weak,
         );
         t.confirmed(Instant::now());
-        let key = keys.value_key(&Kind::PROFILE, "u1").unwrap();
+        let key = keys.value_key(&Kind::new("profile"), "u1").unwrap();
         (t, layer, key)
     }
 

@@ -225,7 +225,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn fill(&self, reqs: &[FillRequest<'_>]) -> StoreResult<Vec<FillOutcome>>;
 
     /// Takes the lease of a cached value for an early reload (eager
-    /// refresh, see [`crate::freshness`]): granted only while the value is
+    /// refresh, see [`crate::policy::freshness`]): granted only while the value is
     /// cached, is still the one the caller read (its envelope's expiry is
     /// `seen_expires_ms`, see [`crate::codec::Meta`]) and no lease is held.
     /// `true` when granted.

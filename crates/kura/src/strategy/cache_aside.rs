@@ -23,7 +23,7 @@
 //! - A load past the type's soft timeout with a stale copy on hand: the
 //!   stale copy; past the hard timeout without one: [`Error::LoadTimeout`].
 //!   Either way the load finishes in the background and fills (see
-//!   [`crate::freshness`]).
+//!   [`crate::policy::freshness`]).
 //! - A value cleared by type or tag since its load began ([`crate::tags`]):
 //!   a miss; it is removed and reloaded.
 //!
@@ -41,15 +41,16 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::cache::{Cache, CacheInner, Epoch};
 use crate::codec::{self, CodecError};
+use crate::consistency::epochs::Epoch;
+use crate::core::{Cache, CacheInner};
 use crate::error::Error;
 use crate::key::{EntryKeys, Kind};
 use crate::metrics::KindMetrics;
 use crate::near::{Layer, Near, NearEntry};
+use crate::policy::TypePolicy;
 use crate::source::{Source, Versioned};
 use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
-use crate::ttl::TypePolicy;
 
 mod batch;
 mod refresh;
@@ -409,7 +410,7 @@ impl<T> Drop for Leave<'_, T> {
 /// # }
 /// # #[tokio::main] async fn main() -> Result<(), kura::Error> {
 /// let cache = Cache::builder(MemoryStore::new()).build()?;
-/// let profiles = cache.aside(Kind::PROFILE, Db);
+/// let profiles = cache.aside(Kind::new("profile"), Db);
 /// let first = profiles.get("u1").await?;
 /// assert_eq!(first.status(), kura::Status::Miss);
 /// let again = profiles.get("u1").await?;
@@ -460,10 +461,10 @@ pub(crate) struct Aside<S: Source> {
     /// The type's near cache, if it has one.
     near: Option<Arc<Near<S::Value>>>,
     /// The type's measured load time.
-    load_time: crate::freshness::LoadTime,
+    load_time: crate::policy::freshness::LoadTime,
     /// The type's measured refresh time, lease to refill (eager refresh's
     /// `δ`, with the load time until a refresh was measured).
-    refresh_time: crate::freshness::LoadTime,
+    refresh_time: crate::policy::freshness::LoadTime,
     /// Ids with an eager refresh of this process in flight.
     refreshing: Mutex<std::collections::HashSet<String>>,
 }
@@ -493,8 +494,8 @@ impl<S: Source> CacheAside<S> {
                 policy,
                 flights: Mutex::new(HashMap::new()),
                 near,
-                load_time: crate::freshness::LoadTime::new(),
-                refresh_time: crate::freshness::LoadTime::new(),
+                load_time: crate::policy::freshness::LoadTime::new(),
+                refresh_time: crate::policy::freshness::LoadTime::new(),
                 refreshing: Mutex::new(std::collections::HashSet::new()),
             }),
         }
@@ -1001,7 +1002,7 @@ impl<S: Source> Aside<S> {
     /// Loads under the lease and fills; with a load timeout for the type,
     /// the load runs as a task of its own and a caller past the timeout
     /// gets the stale copy (or [`Error::LoadTimeout`]) while it goes on to
-    /// fill (see [`crate::freshness`]).
+    /// fill (see [`crate::policy::freshness`]).
     async fn load_and_fill(
         self: &Arc<Self>,
         id: &str,
@@ -1171,5 +1172,17 @@ impl<S: Source> Aside<S> {
             Ok(None) => Ok(Fetched::absent(status)),
             Err(e) => Err(Error::source_error(e)),
         }
+    }
+}
+
+impl Cache {
+    /// A cache-aside reader of `kind` through `source`.
+    ///
+    /// # Panics
+    ///
+    /// If the kind's static names are not `[a-z0-9_]+` (a programming error).
+    #[must_use]
+    pub fn aside<S: Source>(&self, kind: Kind, source: S) -> CacheAside<S> {
+        CacheAside::new(self.clone(), kind, source)
     }
 }

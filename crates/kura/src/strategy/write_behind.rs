@@ -72,8 +72,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::cache::CacheInner;
 use crate::codec::{self, CodecError};
+use crate::core::CacheInner;
 use crate::error::{BoxError, Error, StoreError};
 use crate::key::{EntryKeys, KeyError};
 use crate::source::{CacheValue, Source, Versioned};
@@ -290,7 +290,7 @@ impl BehindLimits {
 /// # }
 /// # #[tokio::main] async fn main() {
 /// let cache = Cache::queued(MemoryStore::new()).build().unwrap();
-/// let writes = cache.behind(Kind::PROFILE, Db);
+/// let writes = cache.behind(Kind::new("profile"), Db);
 /// let accepted = writes
 ///     .accept("u1", |cur| Row { name: "b".into(), version: cur.version + 1, ..cur.clone() })
 ///     .await
@@ -461,11 +461,16 @@ impl<S: Source> WriteBehind<S> {
                 )));
             }
             let lifetimes = c.lifetimes(&entry.value, &policy);
-            let tags = next.tags();
             let epoch = c.load_epoch().await;
-            let header = CacheInner::header(&policy, Some(&lifetimes), epoch, &tags);
-            let enc = codec::encode_with(&next, next.version(), c.max_value_bytes, &header)
-                .map_err(|e: CodecError| BehindError::Invalid(e.to_string()))?;
+            let enc = codec::envelope::seal(
+                &next,
+                Some(lifetimes.ttl),
+                policy.eager_refresh.is_some(),
+                epoch,
+                c.max_value_bytes,
+            )
+            .map_err(|e: CodecError| BehindError::Invalid(e.to_string()))?
+            .encoded;
             let req = AcceptRequest {
                 keys: &entry,
                 queue: &self.queue,
@@ -1220,5 +1225,34 @@ impl<S: Source, K: Sink<Value = S::Value>> Flusher<S, K> {
         metrics::counter!("cache_wb_requeued_total", "cache_type" => label)
             .increment(report.requeued);
         Ok(report)
+    }
+}
+
+impl crate::core::QueuedCache {
+    /// Write-behind writes of `reader`'s type, based on `reader`, with
+    /// default limits.
+    ///
+    /// # Panics
+    ///
+    /// If `reader` was made from another cache (a programming error: its
+    /// writes would be queued in one store and read from another).
+    #[must_use]
+    pub fn write_behind<S: Source>(&self, reader: &CacheAside<S>) -> WriteBehind<S> {
+        assert!(
+            Arc::ptr_eq(&reader.cache().inner, &self.cache().inner),
+            "write_behind: the reader was made from another cache"
+        );
+        WriteBehind::new(reader.clone(), self.queue_store().clone())
+    }
+
+    /// A cache-aside reader of `kind` through `source` and write-behind
+    /// writes based on it: `self.write_behind(&self.aside(kind, source))`.
+    ///
+    /// # Panics
+    ///
+    /// If the kind's static names are not `[a-z0-9_]+` (a programming error).
+    #[must_use]
+    pub fn behind<S: Source>(&self, kind: crate::key::Kind, source: S) -> WriteBehind<S> {
+        self.write_behind(&self.cache().aside(kind, source))
     }
 }

@@ -23,8 +23,8 @@
 //! that is cached (an absent one is loaded by the next read), which is what
 //! makes an out-of-order writer harmless.
 
-use crate::cache::Cache;
 use crate::codec::CodecError;
+use crate::core::Cache;
 use crate::error::Error;
 use crate::key::Kind;
 use crate::metrics::KindMetrics;
@@ -59,7 +59,7 @@ pub enum WriteOutcome {
 /// # impl Versioned for Row { fn version(&self) -> u64 { self.version } }
 /// # #[tokio::main] async fn main() -> Result<(), kura::Error> {
 /// let cache = Cache::builder(MemoryStore::new()).build()?;
-/// let writes = cache.write_through(Kind::PROFILE);
+/// let writes = cache.write_through(Kind::new("profile"));
 /// // ... UPDATE profiles ... COMMIT, returning the row with its new version
 /// let row = Row { name: "太郎".into(), version: 2 };
 /// assert_eq!(writes.invalidate("u1").await?, WriteOutcome::Invalidated);
@@ -187,5 +187,17 @@ impl WriteThrough {
                 Ok(WriteOutcome::Deferred)
             }
         }
+    }
+}
+
+impl Cache {
+    /// A write-through writer of `kind`.
+    ///
+    /// # Panics
+    ///
+    /// If the kind's static names are not `[a-z0-9_]+` (a programming error).
+    #[must_use]
+    pub fn write_through(&self, kind: Kind) -> WriteThrough {
+        WriteThrough::new(self.clone(), kind)
     }
 }

@@ -22,7 +22,7 @@ pub fn keys(s: &dyn Store, ns: &str) -> KeyBuilder {
 }
 
 pub fn entry(s: &dyn Store, ns: &str, id: &str) -> EntryKeys {
-    keys(s, ns).entry(&Kind::PROFILE, id).unwrap()
+    keys(s, ns).entry(&Kind::new("profile"), id).unwrap()
 }
 
 pub fn envelope(name: &str, version: u64) -> Bytes {
@@ -325,7 +325,7 @@ pub async fn pattern_invalidation_counts_matches_only(b: Backend) {
     let kb = keys(&*s, &ns);
     let mut cached = 0;
     for id in ["a1", "a2", "a3", "b1", "b2"] {
-        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        let e = kb.entry(&Kind::new("profile"), id).unwrap();
         s.acquire(&[acq(&e, "T")]).await.unwrap();
         s.fill(&[fill_req(&e, "T", envelope(id, 1), 1)])
             .await
@@ -334,23 +334,23 @@ pub async fn pattern_invalidation_counts_matches_only(b: Backend) {
     }
     assert_eq!(cached, 5);
     // A settings entry whose id also starts with "a" is another type.
-    let other = kb.entry(&Kind::SETTINGS, "a9").unwrap();
+    let other = kb.entry(&Kind::new("settings"), "a9").unwrap();
     s.acquire(&[acq(&other, "T")]).await.unwrap();
     s.fill(&[fill_req(&other, "T", envelope("s", 1), 1)])
         .await
         .unwrap();
     // A lease in flight on a matching key is voided too.
-    let leased = kb.entry(&Kind::PROFILE, "a7").unwrap();
+    let leased = kb.entry(&Kind::new("profile"), "a7").unwrap();
     s.acquire(&[acq(&leased, "L")]).await.unwrap();
 
-    let pat = kb.pattern(&Kind::PROFILE, "a*").unwrap();
+    let pat = kb.pattern(&Kind::new("profile"), "a*").unwrap();
     assert_eq!(s.invalidate_matching(&pat).await.unwrap(), 3);
     for id in ["a1", "a2", "a3"] {
-        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        let e = kb.entry(&Kind::new("profile"), id).unwrap();
         assert_eq!(s.get(&e.value, None).await.unwrap(), None, "{id}");
     }
     for id in ["b1", "b2"] {
-        let e = kb.entry(&Kind::PROFILE, id).unwrap();
+        let e = kb.entry(&Kind::new("profile"), id).unwrap();
         assert!(s.get(&e.value, None).await.unwrap().is_some(), "{id} kept");
     }
     assert!(
@@ -362,7 +362,7 @@ pub async fn pattern_invalidation_counts_matches_only(b: Backend) {
         .await
         .unwrap();
     assert_eq!(out, vec![FillOutcome::LeaseLost]);
-    let all = kb.pattern(&Kind::PROFILE, "*").unwrap();
+    let all = kb.pattern(&Kind::new("profile"), "*").unwrap();
     assert_eq!(s.invalidate_matching(&all).await.unwrap(), 2);
     assert_eq!(s.invalidate_matching(&all).await.unwrap(), 0);
     cleanup(&ns).await;
@@ -684,7 +684,14 @@ pub async fn dead_letter_names_the_entity_of_the_request(b: Backend) {
     let s = b.store();
     let ns = ns();
     let q = queue(&ns);
-    let e = keys(&*s, &ns).entry(&Kind::DOCUMENT_META, "d1").unwrap();
+    let e = keys(&*s, &ns)
+        .entry(
+            &Kind::new("document_meta")
+                .with_segment("document")
+                .with_suffix("metadata"),
+            "d1",
+        )
+        .unwrap();
     cache_version(&*s, &e, "a", 1).await;
     let mut req = accept_req(&e, &q, 1, "bad", 2);
     req.id = "d1";
@@ -993,7 +1000,7 @@ pub async fn clearing_and_expiry_keep_the_whole_bound(s: Arc<dyn Store>, ns: &st
     let es: Vec<EntryKeys> = (0..bound / 3 / (value_len + 200))
         .map(|i| entry(&*s, ns, &format!("w{i}")))
         .collect();
-    let all = keys(&*s, ns).pattern(&Kind::PROFILE, "*").unwrap();
+    let all = keys(&*s, ns).pattern(&Kind::new("profile"), "*").unwrap();
     // As a service reads (the value first, then a lease on a miss) and an
     // operator clears the type.
     for _ in 0..25 {
@@ -1270,14 +1277,14 @@ pub async fn sweep_removes_what_a_clear_covered(b: Backend) {
     let s = b.store();
     let ns = ns();
     let kb = keys(&*s, &ns);
-    let profile = |id: &str| kb.entry(&Kind::PROFILE, id).unwrap();
+    let profile = |id: &str| kb.entry(&Kind::new("profile"), id).unwrap();
     let (old, plain, later, pending) = (
         profile("old"),
         profile("plain"),
         profile("later"),
         profile("pending"),
     );
-    let other = kb.entry(&Kind::SETTINGS, "old").unwrap();
+    let other = kb.entry(&Kind::new("settings"), "old").unwrap();
     cache_at_epoch(&*s, &old, 99).await;
     // A value without kura's header counts as epoch 0.
     cache_with_stale(&*s, &plain, 1).await;
@@ -1291,7 +1298,7 @@ pub async fn sweep_removes_what_a_clear_covered(b: Backend) {
         AcceptOutcome::Accepted { .. }
     ));
     cache_at_epoch(&*s, &other, 1).await;
-    let pattern = kb.pattern(&Kind::PROFILE, "*").unwrap();
+    let pattern = kb.pattern(&Kind::new("profile"), "*").unwrap();
     assert_eq!(s.sweep(&pattern, 100).await.unwrap(), 2, "old and plain");
     for gone in [&old, &plain] {
         assert_eq!(s.get(&gone.value, None).await.unwrap(), None);

@@ -11,13 +11,32 @@ use std::time::Duration;
 
 use kura::store::CacheStore;
 use kura::store::{MemoryStore, RedisStore};
-use kura::{Cache, Kind, QueueStore, QueuedCache, Source, TtlPolicy, Versioned};
+use kura::{
+    Adaptive, Cache, Kind, QueueStore, QueuedCache, Source, TtlPolicy, TypePolicy, Versioned,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 /// The Redis the tests share (never flushed: each test has a namespace).
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The seed's TTL table, as an application sets it (the library has no
+/// types of its own): profile 300 s (600 s once read more than 10 times in
+/// an hour), session 3600 s, settings and preferences 1800 s, document
+/// metadata 600 s, the blacklist 3600 s, anything else 300 s.
+pub fn seed_policy() -> TtlPolicy {
+    let secs = |s| TypePolicy::new(Duration::from_secs(s));
+    let hot = Adaptive::new(10, Duration::from_secs(3600), Duration::from_secs(600));
+    TtlPolicy::default()
+        .with_type("profile", secs(300).adaptive(hot))
+        .with_type("session", secs(3600))
+        .with_type("rate_limit", secs(3600))
+        .with_type("document_meta", secs(600))
+        .with_type("settings", secs(1800))
+        .with_type("preferences", secs(1800))
+        .with_type("blacklist", secs(3600))
 }
 
 /// A namespace of this test's own.
@@ -74,7 +93,7 @@ impl Backend {
         let ns = ns();
         let b = Cache::builder_shared(self.store())
             .namespace(&ns)
-            .ttl_policy(TtlPolicy::seed().with_jitter(0.0));
+            .ttl_policy(seed_policy().with_jitter(0.0));
         (self.near(b).build().expect("cache"), ns)
     }
 
@@ -83,17 +102,19 @@ impl Backend {
         let ns = ns();
         let b = Cache::queued_shared(self.store())
             .namespace(&ns)
-            .ttl_policy(TtlPolicy::seed().with_jitter(0.0));
+            .ttl_policy(seed_policy().with_jitter(0.0));
         (self.near(b).build().expect("cache"), ns)
     }
 
     fn near<Q>(&self, mut b: kura::CacheBuilder<Q>) -> kura::CacheBuilder<Q> {
         if *self == Backend::RedisNear {
             for k in [
-                Kind::PROFILE,
-                Kind::SETTINGS,
-                Kind::PREFERENCES,
-                Kind::DOCUMENT_META,
+                Kind::new("profile"),
+                Kind::new("settings"),
+                Kind::new("preferences"),
+                Kind::new("document_meta")
+                    .with_segment("document")
+                    .with_suffix("metadata"),
             ] {
                 b = b.near_cache(k, kura::near::NearConfig::entries(10_000));
             }
@@ -106,7 +127,7 @@ impl Backend {
 pub fn cache_on(store: Arc<dyn CacheStore>, ns: &str) -> Cache {
     Cache::builder_shared(store)
         .namespace(ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(seed_policy().with_jitter(0.0))
         .build()
         .expect("cache")
 }
@@ -115,7 +136,7 @@ pub fn cache_on(store: Arc<dyn CacheStore>, ns: &str) -> Cache {
 pub fn queued_on(store: Arc<dyn QueueStore>, ns: &str) -> QueuedCache {
     Cache::queued_shared(store)
         .namespace(ns)
-        .ttl_policy(TtlPolicy::seed().with_jitter(0.0))
+        .ttl_policy(seed_policy().with_jitter(0.0))
         .build()
         .expect("cache")
 }

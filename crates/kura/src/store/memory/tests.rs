@@ -83,7 +83,7 @@ fn kb() -> KeyBuilder {
 
 fn entries() -> Vec<EntryKeys> {
     IDS.iter()
-        .map(|id| kb().entry(&Kind::PROFILE, id).unwrap())
+        .map(|id| kb().entry(&Kind::new("profile"), id).unwrap())
         .collect()
 }
 
@@ -182,7 +182,7 @@ fn the_bound_holds_for_the_store_as_a_whole() {
         // the shards the hash made fuller than average.
         let s = MemoryStore::with_shards(64, 256 * 1024);
         let es: Vec<EntryKeys> = (0..200)
-            .map(|i| kb().entry(&Kind::PROFILE, &format!("w{i}")).unwrap())
+            .map(|i| kb().entry(&Kind::new("profile"), &format!("w{i}")).unwrap())
             .collect();
         for e in &es {
             fill(&s, e, 1, 600, life(600_000, 0)).await;
@@ -199,7 +199,7 @@ fn the_bound_holds_for_the_store_as_a_whole() {
         );
         // Twice the bound written: the store stays near its bound.
         let more: Vec<EntryKeys> = (0..800)
-            .map(|i| kb().entry(&Kind::PROFILE, &format!("m{i}")).unwrap())
+            .map(|i| kb().entry(&Kind::new("profile"), &format!("m{i}")).unwrap())
             .collect();
         for e in &more {
             fill(&s, e, 1, 600, life(600_000, 0)).await;
@@ -261,7 +261,7 @@ fn pattern_invalidation_frees_whole_entries() {
         for e in &entries() {
             fill(&s, e, 1, 50, life(60_000, 0)).await;
         }
-        let all = kb().pattern(&Kind::PROFILE, "*").unwrap();
+        let all = kb().pattern(&Kind::new("profile"), "*").unwrap();
         assert_eq!(s.invalidate_matching(&all).await.unwrap(), 4);
         assert_exact(&s);
         assert_eq!(s.used_bytes(), 0);
@@ -274,7 +274,7 @@ fn eviction_frees_what_it_charged() {
         // One shard of 1 KiB: every fill past the bound evicts.
         let s = MemoryStore::with_shards(1, 1024);
         let es: Vec<EntryKeys> = (0..40)
-            .map(|i| kb().entry(&Kind::PROFILE, &format!("e{i}")).unwrap())
+            .map(|i| kb().entry(&Kind::new("profile"), &format!("e{i}")).unwrap())
             .collect();
         for (i, e) in es.iter().enumerate() {
             fill(&s, e, 1, 100, life(1_000 + i as u64 * 50, 0)).await;
@@ -503,7 +503,7 @@ async fn apply(s: &MemoryStore, es: &[EntryKeys], op: &Op) {
         }
         Op::InvalidateMatching { all } => {
             let glob = if all { "*" } else { "a*" };
-            let p = kb().pattern(&Kind::PROFILE, glob).unwrap();
+            let p = kb().pattern(&Kind::new("profile"), glob).unwrap();
             s.invalidate_matching(&p).await.unwrap();
         }
         Op::Discard { k } => {
@@ -591,9 +591,9 @@ fn soak_byte_count_stays_exact() {
         let mut rng = StdRng::seed_from_u64(11);
         let s = MemoryStore::with_shards(8, 64 * 1024);
         let es: Vec<EntryKeys> = (0..200)
-            .map(|i| kb().entry(&Kind::PROFILE, &format!("s{i}")).unwrap())
+            .map(|i| kb().entry(&Kind::new("profile"), &format!("s{i}")).unwrap())
             .collect();
-        let all = kb().pattern(&Kind::PROFILE, "*").unwrap();
+        let all = kb().pattern(&Kind::new("profile"), "*").unwrap();
         for i in 0..30_000u32 {
             let e = &es[rng.random_range(0..es.len())];
             match rng.random_range(0..10) {

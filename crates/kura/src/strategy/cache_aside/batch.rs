@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Aside, Batch, Fetched, Status};
-use crate::cache::{Cache, CacheInner};
 use crate::codec;
+use crate::core::{Cache, CacheInner};
 use crate::error::{Error, StoreError};
 use crate::key::EntryKeys;
 use crate::source::{Source, Versioned};

@@ -1,12 +1,12 @@
-//! Eager refresh of cache-aside reads (see [`crate::freshness`]): the
+//! Eager refresh of cache-aside reads (see [`crate::policy::freshness`]): the
 //! XFetch roll on a hit, and the background reload under a refresh lease.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Aside;
-use crate::cache::CacheInner;
-use crate::freshness::EagerRefresh;
+use crate::core::CacheInner;
+use crate::policy::freshness::EagerRefresh;
 use crate::source::{Source, Versioned};
 use crate::store::{FillOutcome, FillRequest, FillValue};
 
@@ -136,7 +136,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use crate::freshness::EagerRefresh;
+    use crate::policy::freshness::EagerRefresh;
     use crate::store::MemoryStore;
     use crate::{Cache, Kind, Source, Status, TtlPolicy, TypePolicy, Versioned};
 
@@ -168,7 +168,7 @@ mod tests {
     /// the reads stop no refresh is left marked in flight.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn soak_refreshes_leave_nothing_in_flight() {
-        let policy = TtlPolicy::seed().with_jitter(0.0).with_type(
+        let policy = TtlPolicy::default().with_jitter(0.0).with_type(
             "profile",
             TypePolicy::new(Duration::from_millis(100))
                 .eager_refresh(EagerRefresh::new(4.0).unwrap()),
@@ -178,7 +178,7 @@ mod tests {
             .build()
             .unwrap();
         let loads = Arc::new(AtomicU64::new(0));
-        let p = cache.aside(Kind::PROFILE, Src(loads.clone()));
+        let p = cache.aside(Kind::new("profile"), Src(loads.clone()));
         let ids: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
         let until = Instant::now() + Duration::from_secs(4);
         let (mut reads, mut misses) = (0u64, 0u64);

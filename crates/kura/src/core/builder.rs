@@ -12,12 +12,15 @@ use crate::error::Error;
 use crate::key::{KeyBuilder, Kind};
 use crate::metrics::LocalCounters;
 use crate::near::{NearConfig, Tracker};
+use crate::policy::TtlPolicy;
+use crate::policy::adaptive::ReadCounter;
 use crate::store::{CacheStore, QueueStore, TrackingSink};
-use crate::ttl::{ReadCounter, TtlPolicy};
 
-use super::journal::Pending;
 use super::maintenance::maintenance;
-use super::{Cache, CacheInner, Epochs, NearCaches, QueuedCache, Stamps};
+use super::{Cache, CacheInner, NearCaches, QueuedCache};
+use crate::consistency::epochs::Epochs;
+use crate::consistency::journal::Pending;
+use crate::consistency::stamps::Stamps;
 
 /// Builds a [`Cache`], or a [`QueuedCache`] when made by [`Cache::queued`].
 ///
@@ -35,7 +38,7 @@ use super::{Cache, CacheInner, Epochs, NearCaches, QueuedCache, Stamps};
 /// # fn main() -> Result<(), kura::Error> {
 /// let cache = Cache::builder(MemoryStore::new())
 ///     .namespace("cache")
-///     .ttl_policy(TtlPolicy::seed())
+///     .ttl_policy(TtlPolicy::default())
 ///     .op_timeout(Duration::from_millis(200))
 ///     .build()?;
 /// # Ok(()) }
@@ -79,7 +82,7 @@ impl<Q> CacheBuilder<Q> {
         self
     }
 
-    /// The TTL table (default [`TtlPolicy::seed`]).
+    /// The TTL table (default [`TtlPolicy::default`]: every type 300 s).
     pub fn ttl_policy(mut self, policy: TtlPolicy) -> Self {
         self.policy = policy;
         self
@@ -338,7 +341,7 @@ impl Cache {
             store,
             queue,
             namespace: "cache".to_owned(),
-            policy: TtlPolicy::seed(),
+            policy: TtlPolicy::default(),
             op_timeout: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(3),
             lease_wait: Duration::from_millis(3500),

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cache::Cache;
+use crate::core::Cache;
 
 #[cfg(doc)]
 use crate::Store;

@@ -14,7 +14,7 @@
 //! - `_m` (only when one of its parts is set, [`Header`]): `[expires_ms,
 //!   epoch, "tag", …]`, the moment the entry expires (Unix milliseconds,
 //!   0 unknown; written for types with eager refresh, see
-//!   [`crate::freshness`]), the stamp epoch its load began in and its tags
+//!   [`crate::policy::freshness`]), the stamp epoch its load began in and its tags
 //!   (see [`crate::tags`]). Read without parsing the JSON
 //!   ([`peek_meta`]).
 //!
@@ -25,6 +25,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
+pub mod envelope;
 mod well_formed;
 
 /// The default largest value cached, in bytes (the seed's 1 MB rule).

@@ -8,7 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::codec;
 use crate::error::Error;
 use crate::key::Kind;
-use crate::ttl::TtlPolicy;
+use crate::policy::TtlPolicy;
 
 use super::Cache;
 

@@ -3,10 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::key::Kind;
-use crate::source::Source;
 use crate::store::QueueStore;
-use crate::strategy::{CacheAside, WriteBehind};
 
 use super::Cache;
 
@@ -36,9 +33,9 @@ use super::Cache;
 /// # }
 /// # #[tokio::main] async fn main() -> Result<(), kura::Error> {
 /// let cache = Cache::queued(MemoryStore::new()).build()?;
-/// let reader = cache.aside(Kind::PROFILE, Db); // through Deref<Target = Cache>
+/// let reader = cache.aside(Kind::new("profile"), Db); // through Deref<Target = Cache>
 /// let writes = cache.write_behind(&reader);
-/// assert_eq!(writes.reader().kind(), Kind::PROFILE);
+/// assert_eq!(writes.reader().kind(), Kind::new("profile"));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -72,33 +69,6 @@ impl QueuedCache {
     #[must_use]
     pub fn queue_store(&self) -> &Arc<dyn QueueStore> {
         &self.queue
-    }
-
-    /// Write-behind writes of `reader`'s type, based on `reader`, with
-    /// default limits.
-    ///
-    /// # Panics
-    ///
-    /// If `reader` was made from another cache (a programming error: its
-    /// writes would be queued in one store and read from another).
-    #[must_use]
-    pub fn write_behind<S: Source>(&self, reader: &CacheAside<S>) -> WriteBehind<S> {
-        assert!(
-            Arc::ptr_eq(&reader.cache().inner, &self.cache.inner),
-            "write_behind: the reader was made from another cache"
-        );
-        WriteBehind::new(reader.clone(), self.queue.clone())
-    }
-
-    /// A cache-aside reader of `kind` through `source` and write-behind
-    /// writes based on it: `self.write_behind(&self.aside(kind, source))`.
-    ///
-    /// # Panics
-    ///
-    /// If the kind's static names are not `[a-z0-9_]+` (a programming error).
-    #[must_use]
-    pub fn behind<S: Source>(&self, kind: Kind, source: S) -> WriteBehind<S> {
-        self.write_behind(&self.cache.aside(kind, source))
     }
 }
 

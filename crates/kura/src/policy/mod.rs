@@ -1,56 +1,31 @@
-//! TTL policy: the seed's table per data type, jitter, adaptive extension and
-//! TTLs from an absolute expiry.
+//! Caching policy per data type: the TTL table ([`TtlPolicy`]), each type's
+//! [`TypePolicy`] (TTL, "not found" memory, stale window, eager refresh and
+//! load timeouts), jitter, the adaptive rule (`adaptive.rs`) and TTLs from
+//! an absolute expiry.
 //!
-//! | type | TTL |
-//! |---|---|
-//! | `profile` | 300 s (600 s once read more than 10 times in an hour) |
-//! | `session` | 3600 s |
-//! | `blacklist` | the token's remaining lifetime ([`TtlPolicy::ttl_until`]) |
-//! | `rate_limit` | 3600 s |
-//! | `document_meta` | 600 s |
-//! | `settings`, `preferences` | 1800 s |
-//! | anything else | 300 s |
+//! The library knows no application type: a [`TtlPolicy`] starts with one
+//! default for every type (300 s, no adaptive rule, 30 s of "not found",
+//! no stale copy) and the application sets its types' policies
+//! ([`TtlPolicy::with_type`]). A TTL of zero disables caching for a type.
+//! Every TTL kura writes is spread by ±10 % (configurable) so a warmed
+//! batch does not expire in one instant and stampede the database
+//! together.
 //!
-//! A TTL of zero disables caching for a type. Every TTL kura writes is
-//! spread by ±10 % (configurable) so a warmed batch does not expire in one
-//! instant and stampede the database together.
+//! - `adaptive.rs`: [`Adaptive`], a longer TTL for keys read often,
+//!   counted in-process.
+//! - `freshness.rs`: eager refresh (XFetch) and the soft and hard load
+//!   timeouts.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
-use crate::freshness::EagerRefresh;
+pub mod adaptive;
+pub mod freshness;
 
-/// The seed's adaptive rule: more than `reads` reads within `window` extend
-/// the TTL to `ttl`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Adaptive {
-    /// Reads needed within the window (strictly more than this many).
-    pub reads: u32,
-    /// The counting window.
-    pub window: Duration,
-    /// The TTL a hot key gets.
-    pub ttl: Duration,
-}
-
-impl Adaptive {
-    /// The seed's rule: more than 10 reads in an hour → 600 s.
-    pub const SEED: Adaptive = Adaptive {
-        reads: 10,
-        window: Duration::from_secs(3600),
-        ttl: Duration::from_secs(600),
-    };
-
-    /// A custom rule.
-    #[must_use]
-    pub const fn new(reads: u32, window: Duration, ttl: Duration) -> Self {
-        Self { reads, window, ttl }
-    }
-}
+pub use self::adaptive::Adaptive;
+use self::freshness::EagerRefresh;
 
 /// The caching policy of one data type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +42,7 @@ pub struct TypePolicy {
     /// Zero keeps no stale copy (and halves the memory per entry).
     pub max_stale: Duration,
     /// Reload a hot value before it expires (XFetch, see
-    /// [`crate::freshness`]); `None` (the default): at expiry.
+    /// [`crate::policy::freshness`]); `None` (the default): at expiry.
     pub eager_refresh: Option<EagerRefresh>,
     /// A load slower than this, when a stale copy is on hand, answers with
     /// the stale copy and finishes in the background to fill the cache.
@@ -150,11 +125,10 @@ impl TypePolicy {
 /// use std::time::Duration;
 /// use kura::{TtlPolicy, TypePolicy};
 ///
-/// let policy = TtlPolicy::seed()
+/// let policy = TtlPolicy::default()
 ///     .with_type("avatar", TypePolicy::new(Duration::from_secs(120)))
 ///     .with_jitter(0.0);
 /// assert_eq!(policy.get("avatar").ttl, Duration::from_secs(120));
-/// assert_eq!(policy.get("settings").ttl, Duration::from_secs(1800));
 /// assert_eq!(policy.get("unknown").ttl, Duration::from_secs(300));
 /// ```
 #[derive(Debug, Clone)]
@@ -164,34 +138,21 @@ pub struct TtlPolicy {
     jitter: f64,
 }
 
+/// The TTL every type gets unless its policy says otherwise.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+
 impl Default for TtlPolicy {
+    /// Every type at [`DEFAULT_TTL`], ±10 % jitter.
     fn default() -> Self {
-        Self::seed()
+        Self {
+            default: TypePolicy::new(DEFAULT_TTL),
+            types: HashMap::new(),
+            jitter: 0.1,
+        }
     }
 }
 
 impl TtlPolicy {
-    /// The seed's table, with ±10 % jitter.
-    #[must_use]
-    pub fn seed() -> Self {
-        let secs = |s| TypePolicy::new(Duration::from_secs(s));
-        let mut types = HashMap::new();
-        types.insert("profile".to_owned(), secs(300).adaptive(Adaptive::SEED));
-        types.insert("session".to_owned(), secs(3600));
-        types.insert("rate_limit".to_owned(), secs(3600));
-        types.insert("document_meta".to_owned(), secs(600));
-        types.insert("settings".to_owned(), secs(1800));
-        types.insert("preferences".to_owned(), secs(1800));
-        // The blacklist's TTL comes from each token's expiry; this is only
-        // the bound used if a caller gives none.
-        types.insert("blacklist".to_owned(), secs(3600));
-        Self {
-            default: secs(300),
-            types,
-            jitter: 0.1,
-        }
-    }
-
     /// Sets the policy of one type.
     #[must_use]
     pub fn with_type(mut self, name: &str, policy: TypePolicy) -> Self {
@@ -239,10 +200,10 @@ impl TtlPolicy {
     /// use std::time::Duration;
     /// use kura::TtlPolicy;
     ///
-    /// let plain = TtlPolicy::seed().with_jitter(0.0);
+    /// let plain = TtlPolicy::default().with_jitter(0.0);
     /// assert_eq!(plain.jittered(Duration::from_millis(500)), Duration::from_millis(500));
     /// assert_eq!(plain.jittered(Duration::from_micros(300)), Duration::from_millis(1));
-    /// let spread = TtlPolicy::seed().jittered(Duration::from_millis(500));
+    /// let spread = TtlPolicy::default().jittered(Duration::from_millis(500));
     /// assert!(spread >= Duration::from_millis(450) && spread <= Duration::from_millis(550));
     /// ```
     #[must_use]
@@ -270,139 +231,29 @@ impl TtlPolicy {
     }
 }
 
-/// Counts reads per key in-process to apply the adaptive rule without an
-/// extra round trip (the seed paid an `INCR` and an `EXPIRE` on every read).
-///
-/// Each instance counts its own reads, so in a fleet of N instances a key is
-/// "hot" once one instance sees more than the threshold; the rule's effect
-/// (a longer TTL for popular keys) is the same. Memory is bounded: a shard
-/// that fills up first drops its expired windows, then starts over.
-#[derive(Debug)]
-pub(crate) struct ReadCounter {
-    /// Keyed by a 64-bit hash of the key: a collision merely shares a count,
-    /// which a popularity heuristic tolerates, and the key is hashed once.
-    shards: Box<[Mutex<Window>]>,
-    cap_per_shard: usize,
-}
-
-/// Read counts by key hash: the count and when its window started.
-type Window = HashMap<u64, (u32, Instant), BuildHasherDefault<Prehashed>>;
-
-/// The hasher of maps whose keys are hashes already.
-#[derive(Debug, Default)]
-pub(crate) struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used; fold anything else in.
-        for b in bytes {
-            self.0 = (self.0 << 8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// A multiply-rotate hash taking eight bytes at a step: fast on the short
-/// keys it sees, and good enough to spread them over shards and buckets.
-pub(crate) fn key_hash(key: &str) -> u64 {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-    let mut h: u64 = key.len() as u64;
-    let mut chunks = key.as_bytes().chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().expect("eight bytes"));
-        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
-    }
-    let mut last = [0u8; 8];
-    let rest = chunks.remainder();
-    last[..rest.len()].copy_from_slice(rest);
-    h = (h.rotate_left(5) ^ u64::from_le_bytes(last)).wrapping_mul(K);
-    // Fold the high bits down: the shard is picked from them.
-    h ^ (h >> 29)
-}
-
-impl ReadCounter {
-    pub(crate) fn new(capacity: usize) -> Self {
-        const SHARDS: usize = 64;
-        Self {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            cap_per_shard: (capacity / SHARDS).max(16),
-        }
-    }
-
-    fn shard(&self, h: u64) -> std::sync::MutexGuard<'_, Window> {
-        // The high bits pick the shard, so the map inside sees varied low
-        // bits.
-        self.shards[((h >> 40) as usize) % self.shards.len()]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Counts one read of `key` and returns the count in the current
-    /// window, including it.
-    pub(crate) fn record(&self, key: &str, window: Duration, now: Instant) -> u32 {
-        let h = key_hash(key);
-        let mut shard = self.shard(h);
-        if let Some((n, start)) = shard.get_mut(&h) {
-            if now.duration_since(*start) > window {
-                *n = 0;
-                *start = now;
-            }
-            *n += 1;
-            return *n;
-        }
-        if shard.len() >= self.cap_per_shard {
-            shard.retain(|_, (_, start)| now.duration_since(*start) <= window);
-            if shard.len() >= self.cap_per_shard {
-                shard.clear();
-            }
-        }
-        shard.insert(h, (1, now));
-        1
-    }
-
-    /// The count of `key` in the current window (0 when unseen).
-    pub(crate) fn count(&self, key: &str, window: Duration) -> u32 {
-        let h = key_hash(key);
-        self.shard(h)
-            .get(&h)
-            .filter(|(_, start)| start.elapsed() <= window)
-            .map_or(0, |(n, _)| *n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn seed_table() {
-        let p = TtlPolicy::seed();
-        for (t, s) in [
-            ("profile", 300),
-            ("session", 3600),
-            ("rate_limit", 3600),
-            ("document_meta", 600),
-            ("settings", 1800),
-            ("other", 300),
-        ] {
-            assert_eq!(p.get(t).ttl, Duration::from_secs(s), "{t}");
-        }
-        assert_eq!(p.get("profile").adaptive, Some(Adaptive::SEED));
+    fn types_and_the_default() {
+        let hot = Adaptive::new(10, Duration::from_secs(3600), Duration::from_secs(600));
+        let p = TtlPolicy::default()
+            .with_type(
+                "profile",
+                TypePolicy::new(Duration::from_secs(300)).adaptive(hot),
+            )
+            .with_type("session", TypePolicy::new(Duration::from_secs(3600)));
+        assert_eq!(p.get("session").ttl, Duration::from_secs(3600));
+        assert_eq!(p.get("other").ttl, DEFAULT_TTL);
+        assert_eq!(p.get("profile").adaptive, Some(hot));
         assert!(p.get("session").adaptive.is_none());
+        assert!(p.get("other").adaptive.is_none());
     }
 
     #[test]
     fn jitter_stays_in_band_and_spreads() {
-        let p = TtlPolicy::seed();
+        let p = TtlPolicy::default();
         let base = Duration::from_secs(300);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
@@ -416,8 +267,8 @@ mod tests {
 
     #[test]
     fn sub_second_ttls_stay_sub_second_with_and_without_jitter() {
-        let plain = TtlPolicy::seed().with_jitter(0.0);
-        let spread = TtlPolicy::seed();
+        let plain = TtlPolicy::default().with_jitter(0.0);
+        let spread = TtlPolicy::default();
         let half = Duration::from_millis(500);
         assert_eq!(plain.jittered(half), half);
         for _ in 0..1000 {
@@ -452,26 +303,5 @@ mod tests {
         let t = TtlPolicy::ttl_until(later).unwrap();
         assert!(t <= Duration::from_secs(100) && t > Duration::from_secs(98));
         assert!(TtlPolicy::ttl_until(SystemTime::now() - Duration::from_secs(1)).is_none());
-    }
-
-    #[test]
-    fn read_counter_counts_per_window_and_stays_bounded() {
-        let hour = Duration::from_secs(3600);
-        let c = ReadCounter::new(1024);
-        assert_eq!(c.count("k", hour), 0);
-        for i in 1..=11 {
-            assert_eq!(c.record("k", hour, Instant::now()), i);
-        }
-        assert_eq!(c.count("k", hour), 11);
-        // A window that has passed starts over.
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(c.count("k", Duration::from_millis(1)), 0);
-        assert_eq!(c.record("k", Duration::from_millis(1), Instant::now()), 1);
-        // Many distinct keys never grow a shard past its share.
-        for i in 0..100_000 {
-            c.record(&format!("key{i}"), hour, Instant::now());
-        }
-        let held: usize = c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
-        assert!(held <= 1024 + 64, "{held}");
     }
 }

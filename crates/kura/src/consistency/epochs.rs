@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::ttl::key_hash;
+use crate::policy::adaptive::key_hash;
 
 const STRIPES: usize = 4096;
 

@@ -1,23 +1,7 @@
-//! The pending-invalidation journal: invalidations that could not reach the
-//! store, kept in-process and replayed when it answers again.
-//!
-//! Until an entry's invalidation is replayed, that key is *distrusted*: reads
-//! of it go to the source and skip the cache ([`CacheInner::distrusts`]);
-//! while a pattern is pending, the same holds for every key of its type.
-//! Other keys use the cache as usual, also while a replay runs.
-//!
-//! A replay runs as a task of its own, one at a time, and is bounded as a
-//! whole by the cache's `replay_timeout` (default 60 s): what it applied
-//! before the bound is forgotten, the rest waits for the next replay. It is
-//! started by the maintenance task every flush interval, by a store call
-//! that finds something pending (at most once per flush interval after a
-//! failed replay), and by [`Cache::ping`](super::Cache::ping), which waits
-//! for it at most the operation timeout.
-//!
-//! Each entry and pattern is kept once, with a generation that a new failure
-//! bumps: a replay forgets only what did not fail again while it ran.
+//! The replay of pending invalidations: the journal
+//! ([`crate::consistency::journal`]) applied to the store once it answers
+//! again, in a task of its own, bounded as a whole.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use tokio::task::JoinHandle;
@@ -28,35 +12,7 @@ use crate::key::{EntryKeys, KeyPattern, Kind};
 use crate::store::StoreResult;
 
 use super::{CacheInner, lock};
-
-/// Invalidations that could not reach the store, kept until they do.
-#[derive(Debug, Default)]
-pub(super) struct Pending {
-    /// By value key: the entry and a generation, so a replay only forgets
-    /// what it actually applied.
-    entries: HashMap<String, (Kind, EntryKeys, u64)>,
-    /// By `(type, SCAN MATCH argument)`: a pattern that failed twice is kept
-    /// once.
-    patterns: HashMap<(&'static str, String), (KeyPattern, u64)>,
-    generation: u64,
-}
-
-impl Pending {
-    pub(super) fn len(&self) -> usize {
-        self.entries.len() + self.patterns.len()
-    }
-
-    fn next_generation(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
-    }
-
-    fn add_pattern(&mut self, pattern: KeyPattern) {
-        let g = self.next_generation();
-        let id = (pattern.kind().name(), pattern.scan_match());
-        self.patterns.insert(id, (pattern, g));
-    }
-}
+use crate::consistency::journal::Pending;
 
 /// Clears the running flag however a replay task ends.
 struct Running<'a>(&'a CacheInner);
@@ -290,9 +246,9 @@ mod tests {
 
     const IDS: [&str; 4] = ["a1", "a2", "b1", "b2"];
     const PATTERNS: [(Kind, &str); 3] = [
-        (Kind::PROFILE, "a*"),
-        (Kind::PROFILE, "*"),
-        (Kind::SETTINGS, "*"),
+        (Kind::new("profile"), "a*"),
+        (Kind::new("profile"), "*"),
+        (Kind::new("settings"), "*"),
     ];
 
     proptest! {
@@ -311,7 +267,7 @@ mod tests {
                 for op in &ops {
                     match *op {
                         Op::DeferEntry(i) => {
-                            c.defer(Kind::PROFILE, [c.keys.entry(&Kind::PROFILE, IDS[i]).unwrap()]);
+                            c.defer(Kind::new("profile"), [c.keys.entry(&Kind::new("profile"), IDS[i]).unwrap()]);
                             entries.insert(IDS[i]);
                         }
                         Op::DeferPattern(j) => {
@@ -326,10 +282,10 @@ mod tests {
                         }
                     }
                     prop_assert_eq!(cache.pending_invalidations(), entries.len() + patterns.len());
-                    for kind in [Kind::PROFILE, Kind::SETTINGS] {
+                    for kind in [Kind::new("profile"), Kind::new("settings")] {
                         for id in IDS {
                             let key = c.keys.value_key(&kind, id).unwrap();
-                            let expected = (kind == Kind::PROFILE && entries.contains(id))
+                            let expected = (kind == Kind::new("profile") && entries.contains(id))
                                 || patterns.values().any(|k| *k == kind);
                             prop_assert_eq!(c.distrusts(&kind, &key), expected, "{:?} {}", kind, id);
                         }

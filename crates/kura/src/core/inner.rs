@@ -1,19 +1,8 @@
-//! The shared core every strategy handle works through: the store behind a
-//! timeout and a circuit breaker, the key builder, the TTL policy, pending
-//! invalidations and the metric counters.
-//!
-//! - `builder`: [`CacheBuilder`], the options.
-//! - `queued`: [`QueuedCache`], a cache whose store also has the
-//!   write-behind queue ([`crate::store::QueueStore`]).
-//! - `journal`: invalidations that could not reach the store, and their replay.
-//! - `epochs`: write epochs, so no read joins a load older than a write.
-//! - `counters`: hit/miss counts and the fleet's shared counters.
-//! - `maintenance`: the background task (counter flushes, replays).
-//! - `owned`: values the cache owns ([`Cache::put`], [`Cache::peek`]).
-//! - `stamps`: this process's copy of the clear and tag stamps
-//!   ([`crate::tags`]), and [`Cache::clear`] / [`Cache::invalidate_tag`].
-//! - here: [`Cache`], and [`CacheInner::call`], the one way to a store step
-//!   (breaker, operation timeout).
+//! [`CacheInner`], what a [`Cache`](super::Cache) shares: the store behind
+//! the circuit breaker and the operation timeout ([`CacheInner::call`], the
+//! one way to a store step), the key builder, the TTL policy and its
+//! adaptive read counts, the journal of pending invalidations, the write
+//! epochs, the stamps copy and the near caches.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,82 +11,47 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::breaker::{Breaker, BreakerState};
+use super::lock;
+use crate::breaker::Breaker;
+use crate::consistency::epochs::Epochs;
+use crate::consistency::journal::Pending;
+use crate::consistency::stamps::Stamps;
 use crate::error::StoreError;
 use crate::key::{KeyBuilder, Kind};
 use crate::metrics::{KindMetrics, LocalCounters};
-use crate::source::Source;
+use crate::policy::adaptive::ReadCounter;
+use crate::policy::{TtlPolicy, TypePolicy};
 use crate::store::{CacheStore, Lifetimes, StoreResult};
-use crate::strategy::{CacheAside, WriteThrough};
-use crate::ttl::{ReadCounter, TtlPolicy, TypePolicy};
-
-mod builder;
-mod counters;
-mod epochs;
-mod journal;
-mod maintenance;
-mod owned;
-mod queued;
-mod stamps;
-
-pub use self::builder::CacheBuilder;
-pub(crate) use self::epochs::{Epoch, Epochs};
-use self::journal::Pending;
-pub use self::queued::QueuedCache;
-pub(crate) use self::stamps::Stamps;
-
-/// A cache over one store and namespace; cheap to clone, shared by all the
-/// strategy handles made from it.
-///
-/// # Concurrent calls
-///
-/// `Cache` and the handles made from it are `Send + Sync` and meant to be
-/// shared by every task of a process. Store calls run concurrently over one
-/// connection; no lock is held across an `.await`.
-#[derive(Clone)]
-pub struct Cache {
-    pub(crate) inner: Arc<CacheInner>,
-}
-
-impl std::fmt::Debug for Cache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache")
-            .field("store", &self.inner.store.describe())
-            .field("namespace", &self.inner.keys.namespace())
-            .field("breaker", &self.inner.breaker.state())
-            .finish_non_exhaustive()
-    }
-}
 
 pub(crate) struct CacheInner {
     pub(crate) store: Arc<dyn CacheStore>,
     /// The store bounds its own operations (see
     /// [`Store::bounds_own_latency`]) within the operation timeout.
-    self_bounded: bool,
+    pub(super) self_bounded: bool,
     pub(crate) keys: KeyBuilder,
-    counter_keys: [String; 2],
+    pub(super) counter_keys: [String; 2],
     pub(crate) policy: TtlPolicy,
     pub(crate) op_timeout: Duration,
     pub(crate) lease_ttl: Duration,
     pub(crate) lease_wait: Duration,
-    breaker: Breaker,
+    pub(super) breaker: Breaker,
     pub(crate) max_value_bytes: usize,
     pub(crate) stale_while_loading: bool,
     pub(crate) counters: LocalCounters,
-    reads: ReadCounter,
-    pending: Mutex<Pending>,
+    pub(super) reads: ReadCounter,
+    pub(super) pending: Mutex<Pending>,
     pub(crate) has_pending: AtomicBool,
-    pending_limit: usize,
+    pub(super) pending_limit: usize,
     /// A replay task is running.
-    replay_running: AtomicBool,
+    pub(super) replay_running: AtomicBool,
     /// After a failed replay, store calls do not start another before this.
-    replay_not_before: Mutex<Option<tokio::time::Instant>>,
+    pub(super) replay_not_before: Mutex<Option<tokio::time::Instant>>,
     /// The bound of one replay as a whole.
-    replay_timeout: Duration,
-    flush_interval: Duration,
+    pub(super) replay_timeout: Duration,
+    pub(super) flush_interval: Duration,
     /// This cache, for the replay task to hold.
-    me: Weak<CacheInner>,
-    kind_metrics: Mutex<HashMap<&'static str, KindMetrics>>,
+    pub(super) me: Weak<CacheInner>,
+    pub(super) kind_metrics: Mutex<HashMap<&'static str, KindMetrics>>,
     /// Bumped by every write before it returns; see [`Epochs`].
     pub(crate) epochs: Epochs,
     /// The near caches, when some type has one and the store a stream.
@@ -127,98 +81,6 @@ impl CacheInner {
         if let Some(n) = &self.near {
             n.tracker.clear_kind(kind);
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Cache {
-    /// A cache-aside reader of `kind` through `source`.
-    ///
-    /// # Panics
-    ///
-    /// If the kind's static names are not `[a-z0-9_]+` (a programming error).
-    #[must_use]
-    pub fn aside<S: Source>(&self, kind: Kind, source: S) -> CacheAside<S> {
-        CacheAside::new(self.clone(), kind, source)
-    }
-
-    /// A write-through writer of `kind`.
-    ///
-    /// # Panics
-    ///
-    /// If the kind's static names are not `[a-z0-9_]+` (a programming error).
-    #[must_use]
-    pub fn write_through(&self, kind: Kind) -> WriteThrough {
-        WriteThrough::new(self.clone(), kind)
-    }
-
-    /// The store.
-    #[must_use]
-    pub fn store(&self) -> &Arc<dyn CacheStore> {
-        &self.inner.store
-    }
-
-    /// The key builder.
-    #[must_use]
-    pub fn keys(&self) -> &KeyBuilder {
-        &self.inner.keys
-    }
-
-    /// The TTL policy.
-    #[must_use]
-    pub fn ttl_policy(&self) -> &TtlPolicy {
-        &self.inner.policy
-    }
-
-    /// The circuit breaker's state.
-    #[must_use]
-    pub fn breaker_state(&self) -> BreakerState {
-        self.inner.breaker.state()
-    }
-
-    /// Sets the cache's state gauges (`cache_breaker_state`,
-    /// `cache_pending_invalidations`) from its current state. They also move
-    /// on every change; a scrape calls this so they exist before the first.
-    pub fn publish_gauges(&self) {
-        metrics::gauge!("cache_breaker_state").set(self.breaker_state().as_gauge());
-        metrics::gauge!("cache_pending_invalidations").set(self.pending_invalidations() as f64);
-    }
-
-    /// Invalidations waiting for the store to come back (entries plus
-    /// distrusted patterns).
-    #[must_use]
-    pub fn pending_invalidations(&self) -> usize {
-        lock(&self.inner.pending).len()
-    }
-
-    /// Checks the store answers within the operation timeout. A success also
-    /// closes an open breaker and, with invalidations pending, starts their
-    /// replay and waits for it at most one more operation timeout (the
-    /// replay goes on in the background if it takes longer).
-    ///
-    /// # Errors
-    ///
-    /// The store's error or [`StoreErrorKind::Timeout`](crate::error::StoreErrorKind::Timeout), from the ping alone: a
-    /// replay that fails or is still running does not fail it.
-    pub async fn ping(&self) -> StoreResult<()> {
-        let r = tokio::time::timeout(self.inner.op_timeout, self.inner.store.ping())
-            .await
-            .unwrap_or(Err(StoreError::timeout()));
-        match &r {
-            Ok(()) => {
-                self.inner.breaker.success();
-                if self.inner.has_pending.load(Ordering::Acquire) {
-                    if let Some(replay) = self.inner.start_replay() {
-                        let _ = tokio::time::timeout(self.inner.op_timeout, replay).await;
-                    }
-                }
-            }
-            Err(_) => self.inner.breaker.failure(),
-        }
-        r
     }
 }
 
@@ -318,7 +180,7 @@ impl CacheInner {
         let Some(at) = expires_at else {
             return Some(lifetimes);
         };
-        let left = crate::ttl::TtlPolicy::ttl_until(at)?;
+        let left = crate::policy::TtlPolicy::ttl_until(at)?;
         Some(Lifetimes {
             ttl: lifetimes.ttl.min(left),
             stale_ttl: if lifetimes.stale_ttl.is_zero() {
@@ -327,6 +189,29 @@ impl CacheInner {
                 lifetimes.stale_ttl.min(left)
             },
         })
+    }
+
+    /// A loaded or committed `value` of a type with `policy`, at `key`,
+    /// sealed in its envelope ([`crate::codec::envelope`]) with the
+    /// lifetimes it gets now (`None`: past the value's end, not to be
+    /// cached): the envelope step every write path takes.
+    pub(crate) fn envelope<T: serde::Serialize + crate::Versioned + ?Sized>(
+        &self,
+        value: &T,
+        key: &str,
+        policy: &TypePolicy,
+        epoch: u64,
+    ) -> Result<(crate::codec::Encoded, Option<Lifetimes>, Vec<String>), crate::codec::CodecError>
+    {
+        let lifetimes = Self::capped(self.lifetimes(key, policy), value.expires_at());
+        let sealed = crate::codec::envelope::seal(
+            value,
+            lifetimes.map(|l| l.ttl),
+            policy.eager_refresh.is_some(),
+            epoch,
+            self.max_value_bytes,
+        )?;
+        Ok((sealed.encoded, lifetimes, sealed.tags))
     }
 
     /// A fresh owner token for a lease or lock.
