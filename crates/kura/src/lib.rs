@@ -66,7 +66,7 @@
 //!   in batches (a session's `last_seen`): one write per flush, not per
 //!   request; what is pending is lost with the process.
 //! - [`feed`]: invalidation from the database's commits: the trigger SQL
-//!   for PostgreSQL and SQLite ([`feed::sql`]), the [`FeedLog`] a service
+//!   for PostgreSQL and SQLite ([`feed::source::trigger_log`]), the [`ChangeSource`] a service
 //!   implements over its driver, and the [`Relay`] applying the log.
 //!
 //! # Guarantees
@@ -185,7 +185,7 @@ pub use self::core::lease;
 pub use breaker::{BreakerConfig, BreakerState};
 pub use core::{Cache, CacheBuilder, QueuedCache};
 pub use error::{BoxError, Error, StoreError, StoreErrorKind};
-pub use feed::{FeedEvent, FeedLog, Relay};
+pub use feed::{ChangeSource, FeedEvent, Relay};
 pub use invalidation::Invalidated;
 pub use key::{KeyError, Kind};
 pub use metrics::Stats;

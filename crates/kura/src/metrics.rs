@@ -27,7 +27,7 @@
 //! | `cache_feed_relay_active` | gauge (1 while this instance holds the feed lease) | |
 //! | `cache_feed_overflow_clears_total` | counter | `cache_type` |
 //! | `cache_feed_regressions_total` | counter (watermarks found below the position) | |
-//! | `cache_feed_bad_rows_total` | counter (log rows read without their version: their entity invalidated unconditionally; counted by the [`crate::feed::FeedLog`]) | |
+//! | `cache_feed_bad_rows_total` | counter (log rows read without their version: their entity invalidated unconditionally; counted by the [`crate::feed::ChangeSource`]) | |
 //! | `cache_l1_hits_total`, `cache_l1_misses_total` | counter (near cache lookups) | `cache_type` |
 //! | `cache_l1_evictions_total` | counter (entries dropped: `size` bound, `invalidated` by a push) | `cache_type` (size), `reason` |
 //! | `cache_l1_invalidations_total` | counter (invalidation pushes received, per key) | |

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kura::feed::sql::{Backend as SqlBackend, TriggerSpec, log_table_statements};
-use kura::feed::{FeedError, FeedEvent, FeedLog, Relay};
+use kura::feed::source::trigger_log::{Backend as SqlBackend, TriggerSpec, log_table_statements};
+use kura::feed::{ChangeSource, FeedError, FeedEvent, Relay};
 use kura::store::RedisStore;
 use kura::{BreakerConfig, Cache, Kind, Source, Status, Versioned};
 use serde::{Deserialize, Serialize};
@@ -365,7 +365,10 @@ async fn pg_notifies_at_most_once_per_transaction() {
     let pool = db.pool().await;
     pg_items(&pool).await;
     let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
-    listener.listen(kura::feed::sql::CHANNEL).await.unwrap();
+    listener
+        .listen(kura::feed::source::trigger_log::CHANNEL)
+        .await
+        .unwrap();
 
     let mut tx = pool.begin().await.unwrap();
     for i in 0..50 {
@@ -383,7 +386,7 @@ async fn pg_notifies_at_most_once_per_transaction() {
     // A marker after it: notifications arrive in commit order, so what
     // comes before the marker is everything the transaction sent.
     sqlx::query("SELECT pg_notify($1, 'marker')")
-        .bind(kura::feed::sql::CHANNEL)
+        .bind(kura::feed::source::trigger_log::CHANNEL)
         .execute(&pool)
         .await
         .unwrap();
@@ -421,7 +424,10 @@ async fn pg_no_notification_while_a_relay_polls() {
     pg_items(&pool).await;
     pg(&pool, "INSERT INTO items (id, name) VALUES ('a', 'x')").await;
     let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
-    listener.listen(kura::feed::sql::CHANNEL).await.unwrap();
+    listener
+        .listen(kura::feed::source::trigger_log::CHANNEL)
+        .await
+        .unwrap();
     pg(
         &pool,
         "INSERT INTO kura_feed_relay (id, polling_until) VALUES (TRUE, clock_timestamp() + interval '1 hour')",
@@ -464,7 +470,10 @@ impl PgLog {
     /// `wait` is kept for it.
     async fn new(db: &PgDb) -> PgLog {
         let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
-        listener.listen(kura::feed::sql::CHANNEL).await.unwrap();
+        listener
+            .listen(kura::feed::source::trigger_log::CHANNEL)
+            .await
+            .unwrap();
         PgLog {
             pool: db.pool().await,
             listener: tokio::sync::Mutex::new(Some(listener)),
@@ -478,7 +487,7 @@ fn pos(text: Option<String>) -> Result<Option<u64>, sqlx::Error> {
         .transpose()
 }
 
-impl FeedLog for PgLog {
+impl ChangeSource for PgLog {
     type Error = sqlx::Error;
 
     async fn watermark(&self) -> Result<u64, sqlx::Error> {
@@ -544,7 +553,7 @@ impl FeedLog for PgLog {
         Ok(n as u64)
     }
 
-    async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, sqlx::Error> {
+    async fn release(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, sqlx::Error> {
         let r = sqlx::query(
             "DELETE FROM kura_invalidation_log WHERE seq IN ( \
                SELECT seq FROM kura_invalidation_log \
@@ -563,7 +572,11 @@ impl FeedLog for PgLog {
         let mut l = self.listener.lock().await;
         if l.is_none() {
             if let Ok(mut new) = sqlx::postgres::PgListener::connect(&self.url).await {
-                if new.listen(kura::feed::sql::CHANNEL).await.is_ok() {
+                if new
+                    .listen(kura::feed::source::trigger_log::CHANNEL)
+                    .await
+                    .is_ok()
+                {
                     *l = Some(new);
                 }
             }
@@ -683,7 +696,7 @@ impl Source for Items {
 
 /// Steps until `done` holds (a long transaction elsewhere in the cluster
 /// holds the watermark back: lag, not loss).
-async fn step_until<L: FeedLog>(relay: &Relay<L>, mut done: impl AsyncFnMut() -> bool) {
+async fn step_until<L: ChangeSource>(relay: &Relay<L>, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         relay.step().await.unwrap();
@@ -1102,7 +1115,7 @@ fn seq_arg(p: u64) -> i64 {
     i64::try_from(p).unwrap_or(i64::MAX)
 }
 
-impl FeedLog for SqliteLog {
+impl ChangeSource for SqliteLog {
     type Error = sqlx::Error;
 
     async fn watermark(&self) -> Result<u64, sqlx::Error> {
@@ -1166,7 +1179,7 @@ impl FeedLog for SqliteLog {
         Ok(n as u64)
     }
 
-    async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, sqlx::Error> {
+    async fn release(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, sqlx::Error> {
         let r = sqlx::query(
             "DELETE FROM kura_invalidation_log WHERE seq IN (SELECT seq FROM kura_invalidation_log \
              WHERE seq < ? AND committed_at < ? LIMIT ?)",
@@ -1360,7 +1373,7 @@ struct MemLog {
     /// Delay each watermark a little after reading it.
     jitter: std::sync::atomic::AtomicBool,
     /// Emulate PostgreSQL's wake-ups: a commit wakes `wait` unless a relay
-    /// said it polls ([`FeedLog::polling`]), as the NOTIFY trigger does.
+    /// said it polls ([`ChangeSource::polling`]), as the NOTIFY trigger does.
     wakes: std::sync::atomic::AtomicBool,
     woken: Notify,
     /// Wake-ups sent by commits.
@@ -1424,7 +1437,7 @@ impl MemLog {
 #[error("fake log error")]
 struct MemErr;
 
-impl FeedLog for MemLog {
+impl ChangeSource for MemLog {
     type Error = MemErr;
 
     async fn watermark(&self) -> Result<u64, MemErr> {
@@ -1484,7 +1497,7 @@ impl FeedLog for MemLog {
             .count() as u64)
     }
 
-    async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, MemErr> {
+    async fn release(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, MemErr> {
         let mut s = self.state.lock().unwrap();
         let doomed: Vec<(u64, i64)> = s
             .rows

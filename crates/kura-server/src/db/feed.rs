@@ -29,10 +29,10 @@
 
 use std::time::Duration;
 
-use kura::feed::sql::{
+use kura::feed::source::trigger_log::{
     CHANNEL, LOG_TABLE, POSITION_TABLE, RELAY_TABLE, STATE_TABLE, log_table_statements,
 };
-use kura::feed::{Backend, FeedEvent, FeedLog, TriggerSpec};
+use kura::feed::{Backend, ChangeSource, FeedEvent, TriggerSpec};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Mutex;
@@ -860,7 +860,7 @@ impl SqlFeedLog {
 
 /// The relay's view of the log: each method is the inherent one of the
 /// same name.
-impl FeedLog for SqlFeedLog {
+impl ChangeSource for SqlFeedLog {
     type Error = DbError;
 
     async fn watermark(&self) -> Result<u64, DbError> {
@@ -885,7 +885,7 @@ impl FeedLog for SqlFeedLog {
         SqlFeedLog::backlog(self, from).await
     }
 
-    async fn prune(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, DbError> {
+    async fn release(&self, below: u64, before_ms: i64, limit: usize) -> Result<u64, DbError> {
         SqlFeedLog::prune(self, below, before_ms, limit).await
     }
 

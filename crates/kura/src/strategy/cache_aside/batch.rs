@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Aside, Batch, Fetched, Status};
+use super::{Batch, Fetched, ReaderState, Status};
 use crate::codec;
 use crate::core::{Cache, CacheInner};
 use crate::error::{Error, StoreError};
@@ -18,7 +18,7 @@ use crate::key::EntryKeys;
 use crate::source::{Source, Versioned};
 use crate::store::{AcquireRequest, Acquired, FillOutcome, FillRequest, FillValue};
 
-impl<S: Source> Aside<S> {
+impl<S: Source> ReaderState<S> {
     /// See [`CacheAside::get_many`](super::CacheAside::get_many).
     pub(super) async fn get_many<I: AsRef<str>>(
         &self,
@@ -376,7 +376,7 @@ impl<S: Source> Aside<S> {
     }
 }
 
-/// How [`Aside::lease_load_fill`] treats the ids it did not lease.
+/// How [`ReaderState::lease_load_fill`] treats the ids it did not lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchMode {
     /// A read: every id gets an answer. Cached values are taken as they are;
@@ -390,7 +390,7 @@ pub(crate) enum BatchMode {
     Warm,
 }
 
-/// What [`Aside::lease_load_fill`] did for one id.
+/// What [`ReaderState::lease_load_fill`] did for one id.
 #[derive(Debug)]
 pub(crate) struct Slot<V> {
     /// The answer (always there for [`BatchMode::Read`]; `None` for an id

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::Aside;
+use super::ReaderState;
 use crate::core::CacheInner;
 use crate::policy::freshness::EagerRefresh;
 use crate::source::{Source, Versioned};
@@ -18,7 +18,7 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-impl<S: Source> Aside<S> {
+impl<S: Source> ReaderState<S> {
     /// A hit of `id`, whose entry expires at `expires_ms` (0: not known):
     /// rolls XFetch and, when due, starts a background reload unless this
     /// process already has one of the key in flight.
@@ -73,7 +73,7 @@ impl<S: Source> Aside<S> {
     /// One background reload of `id`, unless the value read (expiring at
     /// `seen_expires_ms`) was replaced meanwhile: refresh lease, load,
     /// refill. Returns the outcome's metric label.
-    async fn refresh(&self, id: &str, seen_expires_ms: u64) -> &'static str {
+    pub(super) async fn refresh(&self, id: &str, seen_expires_ms: u64) -> &'static str {
         let c = &self.cache.inner;
         let entry = c.keys.entry_unchecked(&self.kind, id);
         let token = CacheInner::token();

@@ -50,12 +50,12 @@ pub const LOG_TABLE: &str = "kura_invalidation_log";
 pub const STATE_TABLE: &str = "kura_feed_state";
 
 /// The one-row table mirroring the fleet position (see
-/// [`crate::feed::FeedLog::save_position`]).
+/// [`crate::feed::ChangeSource::save_position`]).
 pub const POSITION_TABLE: &str = "kura_feed_position";
 
 /// The one-row table (PostgreSQL) where a busy relay says until when it
 /// steps at a short interval; the `NOTIFY` trigger skips its wake-up
-/// meanwhile (see [`crate::feed::FeedLog::polling`]).
+/// meanwhile (see [`crate::feed::ChangeSource::polling`]).
 pub const RELAY_TABLE: &str = "kura_feed_relay";
 
 /// The `LISTEN` channel the PostgreSQL triggers notify.
@@ -146,13 +146,13 @@ fn identifier(what: &'static str, value: &str, max: usize) -> Result<String, Sql
 ///
 /// Both: `kura_feed_state (kind TEXT PRIMARY KEY, cut, overflowed_at)`: the
 /// kinds whose backlog overflowed, each with the position below which its
-/// unapplied rows may be deleted (see [`crate::feed::FeedLog::mark_overflow`]);
+/// unapplied rows may be deleted (see [`crate::feed::ChangeSource::mark_overflow`]);
 /// `kura_feed_position (id, position, updated_at)`: one row (`id` TRUE on
 /// PostgreSQL, 1 on SQLite) mirroring the fleet position.
 ///
 /// PostgreSQL also: `kura_feed_relay (id, polling_until)`, one row: until
 /// when a busy relay steps at a short interval, so that the triggers skip
-/// their `NOTIFY` (see [`crate::feed::FeedLog::polling`]).
+/// their `NOTIFY` (see [`crate::feed::ChangeSource::polling`]).
 #[must_use]
 pub fn log_table_sql(backend: Backend) -> String {
     log_table_statements(backend).join(";\n") + ";\n"
