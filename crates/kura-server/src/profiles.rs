@@ -17,7 +17,8 @@
 //! Writes run to completion even when their request is cancelled (request
 //! timeout, client gone): see `Finish`. Writes of one profile that mix
 //! `behind` with direct writes or deletes are ordered by a per-profile
-//! write lock in the cache store (`order`).
+//! write turn in the cache store
+//! ([`kura::strategy::write_behind::ordering`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,10 +34,8 @@ use crate::db::{Db, DbError};
 use crate::model::{NewProfile, Profile, ProfilePatch};
 
 mod behind;
-mod order;
 pub mod unsure;
 pub use behind::{WritePath, Written};
-pub(crate) use order::{WriteLock, lock_entity};
 
 /// A service failure.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +75,15 @@ pub enum ServiceError {
     /// An unexpected write-behind failure.
     #[error("write-behind failed: {0}")]
     WriteBehind(String),
+}
+
+impl From<kura::TurnError> for ServiceError {
+    fn from(e: kura::TurnError) -> Self {
+        ServiceError::QueueFull {
+            retry_after: Duration::from_secs(1),
+            detail: e.to_string(),
+        }
+    }
 }
 
 impl From<kura::Error> for ServiceError {
@@ -171,13 +179,6 @@ where
                 let _ = fut.await;
             });
         }
-    }
-}
-
-/// Releases a profile write lock, if one was taken.
-pub(crate) async fn release(lock: Option<WriteLock>) {
-    if let Some(l) = lock {
-        l.release().await;
     }
 }
 
@@ -316,28 +317,28 @@ impl ProfileService {
             // Nothing to write: answer with the row as it stands.
             return self.db.fetch(user_id).await?.ok_or(ServiceError::NotFound);
         }
-        let lock = self.lock_profile(user_id).await?;
-        self.direct_update(user_id, patch, strategy, lock).await
+        // A queued write-behind write of the profile would be flushed over
+        // this one: let it reach the database first, under the profile's
+        // write turn.
+        let turn = self
+            .behind
+            .direct_turn(&user_id.hyphenated().to_string())
+            .await?;
+        self.direct_update(user_id, patch, strategy, Some(turn))
+            .await
     }
 
-    /// A direct update under the profile's write lock (`None`: the caller
-    /// holds it, or the store cannot be reached), released once the cache
-    /// step is done. Under the lock no `behind` write can be queued, so
-    /// the wait for queued ones can only end with none left (see
-    /// `order`).
+    /// A direct update in the profile's write turn (`None`: the caller
+    /// holds it), which ends once the cache step is done. In the turn no
+    /// `behind` write can be queued (see
+    /// [`kura::strategy::write_behind::ordering`]).
     async fn direct_update(
         &self,
         user_id: Uuid,
         patch: &ProfilePatch,
         strategy: WriteStrategy,
-        lock: Option<WriteLock>,
+        turn: Option<kura::WriteTurn>,
     ) -> Result<Profile, ServiceError> {
-        // A queued write-behind write of the profile would be flushed over
-        // this one: let it reach the database first.
-        if let Err(e) = self.wait_for_queued_writes(user_id).await {
-            release(lock).await;
-            return Err(e);
-        }
         let (this, patch) = (self.clone(), patch.clone());
         Finish::new(async move {
             let updated = this.db.update(user_id, &patch).await;
@@ -352,7 +353,9 @@ impl ProfileService {
                 Ok(None) => Err(ServiceError::NotFound),
                 Err(e) => Err(e.into()),
             };
-            release(lock).await;
+            if let Some(t) = turn {
+                t.release().await;
+            }
             r
         })
         .await
@@ -399,11 +402,10 @@ impl ProfileService {
     /// [`ServiceError::QueueFull`] when queued writes of the profile did not
     /// reach the database in time.
     pub async fn delete(&self, user_id: Uuid) -> Result<(), ServiceError> {
-        let lock = self.lock_profile(user_id).await?;
-        if let Err(e) = self.wait_for_queued_writes(user_id).await {
-            release(lock).await;
-            return Err(e);
-        }
+        let turn = self
+            .behind
+            .direct_turn(&user_id.hyphenated().to_string())
+            .await?;
         let this = self.clone();
         Finish::new(async move {
             let deleted = this.db.delete(user_id).await;
@@ -415,7 +417,7 @@ impl ProfileService {
                 Ok(false) => Err(ServiceError::NotFound),
                 Err(e) => Err(e.into()),
             };
-            release(lock).await;
+            turn.release().await;
             r
         })
         .await

@@ -14,8 +14,8 @@
 //!
 //! # Mixing `behind` with direct writes
 //!
-//! As for profiles ([`crate::profiles`]): per user and kind, a write lock
-//! in the cache store orders `behind` accepts and direct writes, and a
+//! As for profiles ([`crate::profiles`]): per user and kind, a write turn
+//! ([`kura::strategy::write_behind::ordering`]) orders `behind` accepts and direct writes, and a
 //! direct write (and a profile delete) first waits until the document has
 //! no queued write left (5 s at most, else 503). A `behind` write of a
 //! document that does not exist yet is written directly (`X-Write:
@@ -25,17 +25,13 @@
 
 use std::time::Duration;
 
-use kura::{BehindError, CacheAside, Fetched, QueuedCache, WriteBehind, WriteThrough};
+use kura::{BehindError, CacheAside, Fetched, QueuedCache, WriteBehind, WriteThrough, WriteTurn};
 use uuid::Uuid;
 
 use crate::config::{OnFull, WbConfig, WriteStrategy};
 use crate::db::userdata::{DocKind, DocSink, UserDoc};
 use crate::db::{Db, DbError};
-use crate::profiles::{Finish, ServiceError, WriteLock, lock_entity, release};
-
-/// How long a direct write (or a profile delete) waits for the
-/// document's queued writes to reach the database.
-const QUEUED_WAIT: Duration = Duration::from_secs(5);
+use crate::profiles::Finish;
 
 /// The largest document accepted, in bytes of compact JSON.
 pub const MAX_DOC_BYTES: usize = 16 * 1024;
@@ -92,19 +88,11 @@ pub enum DocError {
     Contended,
 }
 
-impl From<ServiceError> for DocError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::QueueFull {
-                retry_after,
-                detail,
-            } => DocError::Busy {
-                retry_after,
-                detail,
-            },
-            ServiceError::Database(e) => DocError::Database(e),
-            ServiceError::Cache(e) => DocError::Cache(e),
-            other => DocError::Invalid(other.to_string()),
+impl From<kura::TurnError> for DocError {
+    fn from(e: kura::TurnError) -> Self {
+        DocError::Busy {
+            retry_after: Duration::from_secs(1),
+            detail: e.to_string(),
         }
     }
 }
@@ -120,7 +108,6 @@ struct Docs {
 #[derive(Debug, Clone)]
 pub struct UserData {
     db: Db,
-    cache: QueuedCache,
     wb: WbConfig,
     settings: Docs,
     preferences: Docs,
@@ -183,7 +170,6 @@ impl UserData {
         Self {
             settings: docs(DocKind::Settings),
             preferences: docs(DocKind::Preferences),
-            cache: cache.clone(),
             wb: wb.clone(),
             db,
         }
@@ -237,57 +223,32 @@ impl UserData {
         &self.docs(kind).behind
     }
 
-    /// Waits until the document has no queued write left, up to
-    /// [`QUEUED_WAIT`].
-    async fn wait_for_queued(&self, kind: DocKind, user_id: Uuid) -> Result<(), DocError> {
-        let id = user_id.hyphenated().to_string();
-        let deadline = tokio::time::Instant::now() + QUEUED_WAIT;
-        loop {
-            match self.docs(kind).behind.is_pending(&id).await {
-                Ok(false) | Err(_) => return Ok(()),
-                Ok(true) if tokio::time::Instant::now() >= deadline => {
-                    return Err(DocError::Busy {
-                        retry_after: Duration::from_secs(1),
-                        detail: format!(
-                            "the {} have writes waiting for the database; retry later",
-                            kind.table()
-                        ),
-                    });
-                }
-                Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    }
-
-    /// Takes both documents' write locks and waits until neither has a
-    /// queued write (before a profile delete); the locks are released by
+    /// Takes both documents' write turns, each once it has no queued
+    /// write (before a profile delete); the turns end with
     /// [`UserData::release`].
     ///
     /// # Errors
     ///
-    /// [`DocError::Busy`] when a lock or the wait ran out.
-    pub(crate) async fn settle(&self, user_id: Uuid) -> Result<Vec<WriteLock>, DocError> {
+    /// [`DocError::Busy`] when a turn or the wait ran out.
+    pub(crate) async fn settle(&self, user_id: Uuid) -> Result<Vec<WriteTurn>, DocError> {
+        let id = user_id.hyphenated().to_string();
         let mut held = Vec::new();
         for kind in [DocKind::Settings, DocKind::Preferences] {
-            match lock_entity(&self.cache, kind.kind(), user_id).await {
-                Ok(l) => held.extend(l),
+            match self.docs(kind).behind.direct_turn(&id).await {
+                Ok(t) => held.push(t),
                 Err(e) => {
                     Self::release(held).await;
                     return Err(e.into());
                 }
             }
-            if let Err(e) = self.wait_for_queued(kind, user_id).await {
-                Self::release(held).await;
-                return Err(e);
-            }
         }
         Ok(held)
     }
 
-    /// Releases locks taken by [`UserData::settle`].
-    pub(crate) async fn release(locks: Vec<WriteLock>) {
-        for l in locks {
-            l.release().await;
+    /// Ends turns taken by [`UserData::settle`].
+    pub(crate) async fn release(turns: Vec<WriteTurn>) {
+        for t in turns {
+            t.release().await;
         }
     }
 
@@ -347,15 +308,15 @@ impl UserData {
         text: String,
         strategy: WriteStrategy,
     ) -> Result<UserDoc, DocError> {
-        let lock = lock_entity(&self.cache, kind.kind(), user_id).await?;
-        if let Err(e) = self.wait_for_queued(kind, user_id).await {
-            release(lock).await;
-            return Err(e);
-        }
+        let turn = self
+            .docs(kind)
+            .behind
+            .direct_turn(&user_id.hyphenated().to_string())
+            .await?;
         let this = self.clone();
         Finish::new(async move {
             let r = this.commit(kind, user_id, &text, strategy).await;
-            release(lock).await;
+            turn.release().await;
             r
         })
         .await
@@ -401,7 +362,7 @@ impl UserData {
     ) -> Result<(UserDoc, WriteStrategy), DocError> {
         let docs = self.docs(kind);
         let id = user_id.hyphenated().to_string();
-        let lock = lock_entity(&self.cache, kind.kind(), user_id).await?;
+        let turn = docs.behind.turn(&id).await?;
         let now = chrono::Utc::now();
         let accepted = docs
             .behind
@@ -412,7 +373,7 @@ impl UserData {
                 version: cur.version + 1,
             })
             .await;
-        release(lock).await;
+        turn.release().await;
         let (reason, strategy) = match accepted {
             Ok(a) => return Ok((a.value, WriteStrategy::Behind)),
             // Nothing to base a queued write on: the first write is direct.

@@ -194,6 +194,6 @@ pub use source::{CacheValue, Source, Versioned};
 pub use store::{CacheStore, QueueStore, Store};
 pub use strategy::{
     Applied, Batch, BehindError, BehindLimits, CacheAside, Fetched, FetchedJson, Flusher, Sink,
-    Status, WriteBehind, WriteOutcome, WriteThrough,
+    Status, TurnError, WriteBehind, WriteOutcome, WriteThrough, WriteTurn,
 };
 pub use warming::{WarmItem, WarmProgress, WarmReport, Warmer};

@@ -17,12 +17,12 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
-use crate::core::CacheInner;
+use crate::core::lease::FleetLease;
 use crate::error::Error;
 use crate::source::Source;
 use crate::strategy::CacheAside;
@@ -151,7 +151,8 @@ impl<S: Source> Warmer<S> {
         self
     }
 
-    /// Lifetime of the fleet lock, renewed after each batch (default 30 s).
+    /// Lifetime of the fleet lease (default 30 s), kept by its heartbeat
+    /// while warming runs: how long a warmer that died holds up another.
     pub fn lock_ttl(mut self, d: Duration) -> Self {
         self.lock_ttl = d;
         self
@@ -176,47 +177,45 @@ impl<S: Source> Warmer<S> {
         St: Stream<Item = I>,
     {
         let a = self.aside.parts().clone();
-        let c = &a.cache.inner;
-        let lock_key = c.keys.internal(&format!("lock:warm:{}", a.kind.name()));
-        let token = CacheInner::token();
-        let took = c
-            .call(None, c.store.lock(&lock_key, &token, self.lock_ttl))
-            .await
-            .map_err(Error::Unavailable)?;
-        if !took {
-            tracing::info!(kind = a.kind.name(), "another instance is warming: skipped");
-            return Ok(WarmReport {
-                progress: WarmProgress::default(),
-                locked_out: true,
-            });
-        }
+        let lease = FleetLease::new(
+            &a.cache,
+            &format!("lock:warm:{}", a.kind.name()),
+            "warming",
+            self.lock_ttl,
+        );
+        let held = match lease.hold().await {
+            Some(Some(held)) => held,
+            Some(None) => {
+                tracing::info!(kind = a.kind.name(), "another instance is warming: skipped");
+                return Ok(WarmReport {
+                    progress: WarmProgress::default(),
+                    locked_out: true,
+                });
+            }
+            None => {
+                return Err(Error::Unavailable(crate::error::StoreError::unavailable()));
+            }
+        };
         let counts = Counts::default();
-        let lost = AtomicBool::new(false);
         let this = &self;
+        // Another instance may take over once the lease is lost; stop
+        // rather than warm twice.
+        let held_ref = &held;
         items
             .chunks(self.batch_size)
-            .take_while(|_| std::future::ready(!lost.load(Ordering::Relaxed)))
+            .take_while(|_| std::future::ready(held_ref.is_held()))
             .for_each_concurrent(self.concurrency, |batch| {
                 let ids: Vec<String> = batch.iter().map(|i| i.warm_id().into_owned()).collect();
-                let (counts, lost, lock_key, token) = (&counts, &lost, &lock_key, &token);
+                let counts = &counts;
                 async move {
                     this.warm_batch(ids, counts).await;
-                    match c
-                        .call(None, c.store.extend_lock(lock_key, token, this.lock_ttl))
-                        .await
-                    {
-                        Ok(true) => {}
-                        // Another instance may take over from here; stop
-                        // rather than warm twice.
-                        Ok(false) | Err(_) => lost.store(true, Ordering::Relaxed),
-                    }
                     if let Some(f) = &this.progress {
                         f(counts.snapshot());
                     }
                 }
             })
             .await;
-        let _ = c.call(None, c.store.unlock(&lock_key, &token)).await;
+        held.release().await;
         let progress = counts.snapshot();
         tracing::info!(kind = a.kind.name(), ?progress, "cache warming done");
         Ok(WarmReport {

@@ -442,7 +442,56 @@ async fn a_refused_row_does_not_hold_back_the_others(b: Backend) {
     cleanup(&ns).await;
 }
 
+async fn writers_of_one_entity_take_turns(b: Backend) {
+    let (cache, ns) = b.queued();
+    let db = TestDb::new();
+    db.put("u1", "a");
+    let reader = cache.aside(Kind::new("profile"), Db(db.clone()));
+    let wb = cache.write_behind(&reader);
+    let first = wb.turn("u1").await.unwrap();
+    assert!(first.is_locked());
+    // Another entity is not held up.
+    let other = wb.turn("u2").await.unwrap();
+    assert!(other.is_locked());
+    other.release().await;
+    // A second writer of u1 waits for the first.
+    let wb2 = wb.clone();
+    let second = tokio::spawn(async move { wb2.direct_turn("u1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second writer waited for the first"
+    );
+    first.release().await;
+    let second = tokio::time::timeout(Duration::from_secs(2), second)
+        .await
+        .expect("the second writer got its turn after the release")
+        .unwrap()
+        .unwrap();
+    assert!(second.is_locked());
+    // Dropped unreleased: the lock is still given back.
+    drop(second);
+    let third = tokio::time::timeout(Duration::from_secs(2), wb.turn("u1"))
+        .await
+        .expect("a dropped turn gives its lock back")
+        .unwrap();
+    third.release().await;
+    // A direct write waits for the entity's queued writes, then gives up.
+    wb.accept("u1", rename("b")).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let r = wb.direct_turn("u1").await;
+    assert!(
+        matches!(r, Err(kura::TurnError::Queued { kind: "profile" })),
+        "{r:?}"
+    );
+    assert!(t0.elapsed() >= kura::strategy::write_behind::ordering::QUEUED_WAIT);
+    // The lock was given back with the refusal.
+    wb.turn("u1").await.unwrap().release().await;
+    cleanup(&ns).await;
+}
+
 both_stores!(
+    writers_of_one_entity_take_turns,
     unknown_ids_are_refused,
     reads_see_the_write_before_the_flush,
     concurrent_patches_both_survive,

@@ -21,8 +21,8 @@
 //! profile.
 //!
 //! The wait and the write are ordered with `behind` writes by the
-//! profile's write lock (`order`: a key in the cache store, so it holds
-//! across instances): a direct write holds it from its wait to its cache
+//! profile's write turn ([`kura::strategy::write_behind::ordering`]: a
+//! lease in the cache store, so it holds across instances): a direct write holds it from its wait to its cache
 //! step, an accept holds it around the accept, so every `behind` write of
 //! a profile is applied either before a direct write (which waits for its
 //! flush) or on top of it. A queued write that direct writes overtook all
@@ -64,10 +64,6 @@ const CONTENDED_ROUNDS: u32 = 3;
 
 /// How long a client is asked to wait when the queue is full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// How long a direct write or a delete waits for the profile's queued
-/// writes to reach the database.
-const QUEUED_WAIT: Duration = Duration::from_secs(5);
 
 /// The answer when a profile's queued writes keep a write waiting.
 const QUEUED: &str = "the profile has writes waiting for the database; retry later";
@@ -270,15 +266,15 @@ impl ProfileService {
     }
 
     /// The accept (and any write through instead) under the profile's
-    /// write lock, so that it is ordered with direct writes (see `order`).
+    /// write turn, so that it is ordered with direct writes.
     async fn behind_inner(
         &self,
         user_id: Uuid,
         patch: &ProfilePatch,
     ) -> Result<Written, ServiceError> {
-        let lock = self.lock_profile(user_id).await?;
+        let turn = self.behind.turn(&user_id.hyphenated().to_string()).await?;
         let r = self.behind_locked(user_id, patch).await;
-        super::release(lock).await;
+        turn.release().await;
         r
     }
 
@@ -394,28 +390,6 @@ impl ProfileService {
         }
     }
 
-    /// Waits until `user_id` has no queued write left (at most
-    /// [`QUEUED_WAIT`]), before a direct write or a delete of the profile
-    /// (see the module docs). When Redis cannot be asked there is nothing
-    /// this process could wait for.
-    pub(super) async fn wait_for_queued_writes(&self, user_id: Uuid) -> Result<(), ServiceError> {
-        let id = user_id.hyphenated().to_string();
-        let deadline = tokio::time::Instant::now() + QUEUED_WAIT;
-        loop {
-            match self.behind.is_pending(&id).await {
-                Ok(false) | Err(_) => return Ok(()),
-                Ok(true) if tokio::time::Instant::now() >= deadline => {
-                    tracing::warn!(user_id = id, waited = ?QUEUED_WAIT, "queued writes of the profile still not in the database: 503");
-                    return Err(ServiceError::QueueFull {
-                        retry_after: RETRY_AFTER,
-                        detail: QUEUED.to_owned(),
-                    });
-                }
-                Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    }
-
     /// Writes through when the write cannot be queued: the value the
     /// accept tried, if it got that far (see the module docs), else a
     /// plain `through` update.
@@ -442,7 +416,9 @@ impl ProfileService {
                 }
             }
         }
-        // The profile's write lock is held by the caller.
+        // The profile's write turn is held by the caller; a queued write
+        // would be flushed over this one.
+        self.behind.wait_queued(id).await?;
         let profile = self
             .direct_update(user_id, patch, WriteStrategy::Through, None)
             .await?;

@@ -13,6 +13,7 @@ pub mod write_through;
 
 pub use cache_aside::{Batch, CacheAside, Fetched, FetchedJson, Status};
 pub use write_behind::{
-    Accepted, Applied, BehindError, BehindLimits, FlushReport, Flusher, Sink, WriteBehind,
+    Accepted, Applied, BehindError, BehindLimits, FlushReport, Flusher, Sink, TurnError,
+    WriteBehind, WriteTurn,
 };
 pub use write_through::{WriteOutcome, WriteThrough};

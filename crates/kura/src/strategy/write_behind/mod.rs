@@ -85,8 +85,10 @@ use crate::strategy::{CacheAside, Status};
 
 mod accept;
 mod flusher;
+pub mod ordering;
 
 pub use self::flusher::{FlushReport, Flusher};
+pub use self::ordering::{TurnError, WriteTurn};
 
 /// The database side of write-behind: applies batches of values.
 ///
@@ -309,6 +311,9 @@ impl BehindLimits {
 /// Any number of tasks and processes may accept writes to one key at once;
 /// each accept is re-based on the newest accepted value, so no patch is
 /// lost. Any number of [`Flusher`]s may share the queue.
+///
+/// A type written both behind and directly orders the two with
+/// [`WriteBehind::turn`] and [`WriteBehind::direct_turn`] ([`ordering`]).
 pub struct WriteBehind<S: Source> {
     aside: CacheAside<S>,
     /// The queue capability of the cache's store (the same store).
