@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use kura::{Adaptive, Kind, TtlPolicy, TypePolicy};
+use uuid::Uuid;
 
 /// User profiles: `cache:profile:<user_id>`.
 pub const PROFILE: Kind = Kind::new("profile");
@@ -26,6 +27,13 @@ pub const SESSION: Kind = Kind::new("session");
 /// The token blacklist (revoked tokens and sessions):
 /// `cache:blacklist:<id>`; each entry ends with its token.
 pub const BLACKLIST: Kind = Kind::new("blacklist");
+
+/// The cache key id of a user: the lowercase hyphenated UUID, written into
+/// a stack buffer (no allocation on the read path).
+#[must_use]
+pub fn user_key_id<'b>(id: &Uuid, buf: &'b mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &'b str {
+    id.hyphenated().encode_lower(buf)
+}
 
 /// How the invalidation feed sees a type's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

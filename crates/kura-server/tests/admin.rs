@@ -17,7 +17,7 @@ both_backends!(
 
 async fn seed(app: &TestApp, n: u64) -> Vec<Uuid> {
     let db = app.server().service().db();
-    kura_server::seed::seed(db, n, 7, |_| {})
+    kura_server::profiles::seed::seed(db, n, 7, |_| {})
         .await
         .expect("seed")
         .user_ids

@@ -56,7 +56,7 @@ fn every_series_the_rules_name_exists() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let described = [
         std::fs::read_to_string(root.join("crates/kura/src/metrics.rs")).unwrap(),
-        std::fs::read_to_string(root.join("crates/kura-server/src/telemetry.rs")).unwrap(),
+        std::fs::read_to_string(root.join("crates/kura-server/src/telemetry/mod.rs")).unwrap(),
     ]
     .concat();
     let mut named = 0;

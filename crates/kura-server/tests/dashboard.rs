@@ -62,7 +62,7 @@ fn described() -> Vec<String> {
     let mut names = Vec::new();
     for f in [
         "crates/kura/src/metrics.rs",
-        "crates/kura-server/src/telemetry.rs",
+        "crates/kura-server/src/telemetry/mod.rs",
     ] {
         let text = std::fs::read_to_string(root().join(f)).unwrap();
         let mut rest = text.as_str();

@@ -294,7 +294,7 @@ async fn failed_writes_wait_for_their_rows_on_few_connections() {
         assert!(w.await.unwrap().is_server_error());
     }
     // Two failures per profile, one entry each.
-    let waiting = app.server().service().unsure_pending();
+    let waiting = app.server().service().reinvalidations_pending();
     assert!((1..=12).contains(&waiting), "{waiting} waiting");
     // Cached again from the old rows, which the failed writes might still
     // replace.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kura_server::config::FeedConfig;
 use kura_server::db::feed::SqlFeedLog;
 use kura_server::db::{Db, PoolOptions};
-use kura_server::model::NewProfile;
+use kura_server::profiles::model::NewProfile;
 use kura_testkit::{FaultProxy, RedisServer, free_port};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -700,6 +700,27 @@ async fn migrate_installs_the_library_sql_once(b: Backend) {
     db.close().await;
 }
 
+/// The watermark once it is past every log row at or above `from`.
+async fn watermark_past_rows(log: &SqlFeedLog, from: u64) -> u64 {
+    let top = log
+        .read(from, u64::MAX, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(p, _)| *p)
+        .max()
+        .expect("rows");
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let w = log.watermark().await.unwrap();
+        if w > top {
+            return w;
+        }
+        assert!(Instant::now() < deadline, "the watermark stays at {w}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
     let (db, _guard) = fresh_db(b).await;
     let log = SqlFeedLog::new(db.clone());
@@ -724,16 +745,9 @@ async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
     )
     .await;
     // Every transaction in the cluster below the watermark has ended: one
-    // left open by a test running beside this one holds it back a moment.
-    let deadline = Instant::now() + BOUND;
-    let w = loop {
-        let w = log.watermark().await.unwrap();
-        if w > w0 {
-            break w;
-        }
-        assert!(Instant::now() < deadline, "the watermark stays at {w}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // left open by a test running beside this one holds it back a moment,
+    // so wait until it passes the last of these writes.
+    let w = watermark_past_rows(&log, w0).await;
     let oldest = log.oldest().await.unwrap().expect("rows");
     assert!(oldest >= w0 && oldest < w);
     assert_eq!(log.backlog(oldest).await.unwrap(), 5);
@@ -804,7 +818,9 @@ async fn log_reads_pages_prunes_and_keeps_overflow_state(b: Backend) {
     // Overflowed rows below the cut go, applied or not, any age.
     insert(&db, Uuid::new_v4()).await;
     insert(&db, Uuid::new_v4()).await;
-    let cut = log.watermark().await.unwrap();
+    // A cut above both (a transaction left open elsewhere in the cluster
+    // holds the watermark back a moment).
+    let cut = watermark_past_rows(&log, 0).await;
     insert(&db, Uuid::new_v4()).await;
     assert_eq!(log.prune_overflowed(10).await.unwrap(), 0, "no overflow");
     log.mark_overflow(&k(), cut).await.unwrap();
@@ -841,7 +857,7 @@ async fn late_commit_with_a_lower_seq_is_not_skipped() {
     cached(&app, &late).await;
     let db = app.server().service().db().clone();
     let relay =
-        kura_server::feed::relay(&db, app.server().service().cache(), &FeedConfig::default());
+        kura_server::ops::feed::relay(&db, app.server().service().cache(), &FeedConfig::default());
     relay.step().await.unwrap();
 
     let Db::Postgres(pool) = &db else {
@@ -1000,7 +1016,7 @@ async fn redis_down_long_backlog_is_bounded_then_the_type_is_cleared() {
     );
     let mut feed = FeedConfig::default();
     feed.max_backlog = 20;
-    let relay = kura_server::feed::relay(&db, &cache, &feed);
+    let relay = kura_server::ops::feed::relay(&db, &cache, &feed);
     let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
     for u in &users {
         insert(&db, *u).await;

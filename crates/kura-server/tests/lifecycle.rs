@@ -19,7 +19,7 @@ async fn warm_on_start_runs_in_the_background() {
     seed_config.database_url = Some(url.clone());
     let seeded = {
         let app = kura_server::App::open(&seed_config).await.unwrap();
-        let s = kura_server::seed::seed(app.service.db(), 20, 11, |_| {})
+        let s = kura_server::profiles::seed::seed(app.service.db(), 20, 11, |_| {})
             .await
             .unwrap();
         app.service.db().close().await;

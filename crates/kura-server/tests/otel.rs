@@ -29,7 +29,8 @@ async fn requests_and_cache_steps_are_spans_in_the_callers_trace() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    let subscriber = tracing_subscriber::registry().with(kura_server::otel::layer(&provider));
+    let subscriber =
+        tracing_subscriber::registry().with(kura_server::telemetry::otel::layer(&provider));
     tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
 
     let app = TestApp::start(Backend::SqliteMemory).await;

@@ -622,7 +622,7 @@ async fn revocations_survive_a_redis_restart_and_outage() {
 /// `kura token --sid` tokens carry a fresh `jti` and the `sid`.
 #[test]
 fn minted_tokens_carry_jti_and_sid() {
-    let t = kura_server::http::auth::sign_hs256(
+    let t = kura_server::auth::sign_hs256(
         "s3cret",
         &Uuid::new_v4().to_string(),
         false,
@@ -639,8 +639,7 @@ fn minted_tokens_carry_jti_and_sid() {
     assert_eq!(c["sid"], "sess-1");
     assert_eq!(c["jti"].as_str().unwrap().len(), 32);
     let t2 =
-        kura_server::http::auth::sign_hs256("s3cret", "x", false, Duration::from_secs(60), None)
-            .unwrap();
+        kura_server::auth::sign_hs256("s3cret", "x", false, Duration::from_secs(60), None).unwrap();
     let c2 =
         jsonwebtoken::decode::<Value>(&t2, &jsonwebtoken::DecodingKey::from_secret(b"s3cret"), &v)
             .unwrap()

@@ -13,7 +13,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kura::{Applied, Sink};
-use kura_server::model::Profile;
+use kura_server::profiles::model::Profile;
 use kura_testkit::{FaultProxy, RedisServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -531,7 +531,7 @@ async fn dead_letters_are_reported(b: Backend) {
     app.server().service().db().delete(user).await.unwrap();
     let f = flush_all(&app).await;
     assert_eq!(f.dead_lettered, 1);
-    let s = kura_server::write_behind::queue_status(app.server().service().write_behind(), 5)
+    let s = kura_server::ops::write_behind::queue_status(app.server().service().write_behind(), 5)
         .await
         .unwrap();
     assert_eq!((s.depth, s.dead_letters), (0, 1));
@@ -545,7 +545,7 @@ async fn dead_letters_are_reported(b: Backend) {
     // this queue's state and read it back until no other test got between.
     let mut m = String::new();
     for _ in 0..50 {
-        kura_server::write_behind::queue_status(app.server().service().write_behind(), 0)
+        kura_server::ops::write_behind::queue_status(app.server().service().write_behind(), 0)
             .await
             .unwrap();
         m = metrics_text(&app).await;

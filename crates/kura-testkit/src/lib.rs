@@ -19,6 +19,8 @@
 //! - [`RedisSentinelGroup`] (`sentinel.rs`): a master, two replicas and three sentinels, with
 //!   [`kill_master`](RedisSentinelGroup::kill_master).
 //! - [`resp`]: just enough RESP to talk to a server in tests without a Redis client crate.
+//! - [`layering`]: the import graph of a crate's top-level modules and its cycles, for the
+//!   crates' layering tests.
 //!
 //! # Requirements
 //!
@@ -43,6 +45,7 @@
 //! ```
 
 mod cluster;
+pub mod layering;
 mod proxy;
 mod redis;
 pub mod resp;

@@ -9,65 +9,83 @@
 //!
 //! # Layout
 //!
-//! Imports point downwards only:
+//! Imports point downwards only (`tests/layering.rs` fails on a cycle
+//! between these modules):
 //!
 //! ```text
-//! strategy/{cache_aside (+ batch, refresh), write_through, write_behind}   invalidation   warming   ratelimit   feed/{relay, sql}   coalesce
-//!        │                                    │             │              │
-//!        └───── cache/{mod, builder, queued, journal, epochs, counters, maintenance, owned, stamps}
-//!                              │
-//!                        near/{mod, tracker}
-//!                              │
-//!     key   codec   ttl   freshness   tags   metrics   source   store/{mod, queue, redis, memory, tracking} (+ scripts/*.lua)
+//! warming   invalidation   ratelimit   feed/{relay/, source/}   coalesce
+//!    │            │            │          │
+//! strategy/{cache_aside/, write_through, write_behind/}
+//!    │
+//! core/{handle, inner, builder, queued, lease, clears, replay, counters, maintenance, owned}
+//!    │
+//! consistency/{epochs, journal, stamps}      near/{mod, tracker}
+//!    │                                          │
+//! store/{mod, caps, queue, redis/ (+ scripts/*.lua), memory/}
+//!    │
+//! key/   codec/   policy/   tags   source   error   breaker   metrics   spans
 //! ```
 //!
-//! - [`key`]: key naming (`cache:<type>:<id>[:<sub>]`), id validation, glob escaping.
-//! - [`codec`]: the JSON envelope (`_v` version and `cached_at`), size limit.
-//! - [`ttl`]: the per-type TTL table, jitter, adaptive TTL, TTL from an expiry;
-//!   each type's [`TypePolicy`] also holds its eager refresh rule and load
-//!   timeouts.
-//! - [`freshness`]: eager refresh (XFetch, [`freshness::EagerRefresh`]) and
-//!   the soft and hard load timeouts; the refresh itself is
-//!   `strategy/cache_aside/refresh.rs`.
+//! - [`key`]: key naming (`cache:<type>:<id>[:<sub>]`), [`Kind`] (a name
+//!   and a key shape: the library knows no application type), id
+//!   validation, glob escaping.
+//! - [`codec`]: the JSON envelope (`_v` version and `cached_at`), the size
+//!   limit, and the envelope step every fill takes (`codec/envelope.rs`).
+//! - [`policy`]: the per-type TTL table ([`TtlPolicy`], empty but for its
+//!   default), jitter, adaptive TTL (`policy/adaptive.rs`), TTL from an
+//!   expiry; each type's [`TypePolicy`] also holds its eager refresh rule
+//!   and load timeouts ([`freshness`], `policy/freshness.rs`).
 //! - [`tags`]: clear by type and invalidation by tag in O(1) (the stamps
-//!   hash, [`Cache::clear`], [`Cache::invalidate_tag`]); this process's copy
-//!   of the stamps is `cache/stamps.rs`.
+//!   hash, [`Cache::clear`], [`Cache::invalidate_tag`]).
 //! - [`source`]: the system of record ([`Source`]) and row versions ([`Versioned`]).
 //! - [`store`]: the seam to the cache server, split by capability: the
-//!   entry protocol every store has ([`Store`]) and the write-behind queue
-//!   ([`QueueStore`], `store/queue.rs`); its Redis and in-process
-//!   implementations have both and pass one conformance suite.
-//! - [`Cache`] (`cache/`): the shared core every strategy handle works
-//!   through. `mod.rs` holds [`Cache`] and the one way to a store step
-//!   (circuit breaker, operation timeout); `builder.rs` [`CacheBuilder`];
-//!   `queued.rs` [`QueuedCache`], a cache whose store has the queue, the
+//!   entry protocol every store has ([`Store`], `store/mod.rs`), the
+//!   capability traits (`store/caps.rs`: stamps, feed positions, rate,
+//!   counters, leases, tracking; [`CacheStore`] is all of them), and the
+//!   write-behind queue ([`QueueStore`], `store/queue.rs`). The Redis store
+//!   (`store/redis/`) and the in-process one (`store/memory/`) are split the
+//!   same way (entry protocol, capabilities, queue) and pass one
+//!   conformance suite. A [`StoreError`] has a kind ([`StoreErrorKind`])
+//!   and its source.
+//! - `consistency/`: what keeps a fill from landing
+//!   over a newer write: the write epochs (`epochs.rs`), the invalidations
+//!   that could not reach the store (`journal.rs`) and this process's copy
+//!   of the stamps (`stamps.rs`).
+//! - `core/`: [`Cache`] (`handle.rs`) and the shared core every strategy
+//!   works through (`inner.rs`: the one way to a store step, with the
+//!   circuit breaker and the operation timeout); [`CacheBuilder`];
+//!   [`QueuedCache`] (`queued.rs`), a cache whose store has the queue, the
 //!   only one that hands out [`WriteBehind`] writers (checked at compile
 //!   time: [`Cache::builder`] over a [`Store`] builds a [`Cache`],
-//!   [`Cache::queued`] over a [`QueueStore`] a [`QueuedCache`]);
-//!   `journal.rs` the invalidations that could not reach the store and
-//!   their replay; `epochs.rs` the write epochs that keep a read from
-//!   joining a load older than a write; `counters.rs` hit/miss counting and
-//!   the shared counters; `maintenance.rs` the background task; `owned.rs`
-//!   values the cache owns ([`Cache::put`], [`Cache::peek`]).
-//! - [`strategy`]: [`CacheAside`] (with the lease-load-fill of a batch,
-//!   shared by `get_many` and warming), [`WriteThrough`] and
-//!   [`WriteBehind`] (with its [`Flusher`]).
-//! - [`invalidation`]: by key, by entity, by pattern.
+//!   [`Cache::queued`] over a [`QueueStore`] a [`QueuedCache`]); the fleet
+//!   lease with its heartbeat ([`lease`], used by warming, the feed relay
+//!   and write ordering); clears, the journal's replay, counters, the
+//!   background task, and values the cache owns ([`Cache::put`],
+//!   [`Cache::peek`]). The core imports no strategy.
+//! - [`strategy`]: [`CacheAside`] split by step (`read`, `flight` — the
+//!   fleet lease and the in-process single-flight —, `resolve`, `batch` —
+//!   the lease-load-fill of a batch, shared by `get_many` and warming —,
+//!   `refresh`), [`WriteThrough`] and [`WriteBehind`] (`accept`, the
+//!   [`Flusher`], and `ordering`: the turn of a write of one entity,
+//!   [`WriteBehind::turn`]).
+//! - [`invalidation`]: by key, by entity, by pattern; clear and tags.
 //! - [`warming`]: background, batched, once per fleet.
 //! - [`metrics`](mod@metrics): counters and histograms, the seed's Redis counters, [`Stats`].
 //! - [`near`]: the near cache, an in-process L1 per type above the store
 //!   ([`CacheBuilder::near_cache`]), kept consistent by the store's
-//!   invalidation stream (`store/tracking.rs`: Redis `CLIENT TRACKING ...
-//!   BCAST` on connections of its own); `tracker.rs` holds the fill
-//!   tickets, the flush generation and the stream's liveness.
+//!   invalidation stream (`store/redis/tracking.rs`: Redis `CLIENT
+//!   TRACKING ... BCAST` on connections of its own); `tracker.rs` holds the
+//!   fill tickets, the flush generation and the stream's liveness.
 //! - [`ratelimit`]: rate limits per class and subject, GCRA in one store
-//!   step ([`Store::rate`]), per process while the store is unreachable.
+//!   step, per process while the store is unreachable.
 //! - [`coalesce`]: the latest value per key kept in process and written
 //!   in batches (a session's `last_seen`): one write per flush, not per
 //!   request; what is pending is lost with the process.
-//! - [`feed`]: invalidation from the database's commits: the trigger SQL
-//!   for PostgreSQL and SQLite ([`feed::source::trigger_log`]), the [`ChangeSource`] a service
-//!   implements over its driver, and the [`Relay`] applying the log.
+//! - [`feed`]: invalidation from the database's commits: the
+//!   [`ChangeSource`] a service implements over its driver (the trigger
+//!   log's SQL for PostgreSQL and SQLite is [`feed::source::trigger_log`]),
+//!   and the [`Relay`] applying it (`relay/step.rs` holds the safety rules:
+//!   watermark, position, overflow, regression).
 //!
 //! # Guarantees
 //!

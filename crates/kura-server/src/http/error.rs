@@ -7,8 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::{AuthError, Denied, GateError, Refused};
 use crate::db::DbError;
-use crate::profiles::ServiceError;
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -96,7 +96,7 @@ impl ApiError {
 
 /// A JSON error body, built without a serializer round trip for the
 /// fixed messages.
-pub(crate) fn detail_response(status: StatusCode, detail: &str) -> Response {
+pub fn detail_response(status: StatusCode, detail: &str) -> Response {
     let body = serde_json::to_vec(&ErrorBody {
         detail: detail.to_owned(),
     })
@@ -128,6 +128,54 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::Unauthorized(match e {
+            AuthError::Missing => "missing bearer token",
+            AuthError::Invalid => "invalid token",
+            AuthError::Expired => "token expired",
+            AuthError::NotYetValid => "token not yet valid",
+        })
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::Revoked => ApiError::Unauthorized("token revoked"),
+            Refused::Unknown => {
+                ApiError::Unavailable("the token's revocation status cannot be checked now")
+            }
+        }
+    }
+}
+
+impl From<GateError> for ApiError {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Auth(e) => e.into(),
+            GateError::Refused(r) => r.into(),
+        }
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> Self {
+        match e {
+            Denied::Forbidden(m) => ApiError::Forbidden(m),
+            Denied::NotAUser => ApiError::Unprocessable(e.to_string()),
+        }
+    }
+}
+
+/// A database failure: 503 when the database cannot be reached, else 500
+/// (the details are logged, never answered).
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        from_db(&e)
+    }
+}
+
 fn from_db(e: &DbError) -> ApiError {
     let outage = matches!(
         e,
@@ -149,48 +197,29 @@ fn from_db(e: &DbError) -> ApiError {
     }
 }
 
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
+/// A cache-layer failure where the database could not stand in.
+impl From<kura::Error> for ApiError {
+    fn from(e: kura::Error) -> Self {
         match e {
-            ServiceError::NotFound => ApiError::NotFound("profile not found"),
-            ServiceError::AlreadyExists => ApiError::Conflict("profile already exists"),
-            ServiceError::Invalid(m) => ApiError::Unprocessable(m),
-            ServiceError::QueueFull {
-                retry_after,
-                detail,
-            } => ApiError::Busy {
-                detail,
-                retry_after,
-            },
-            ServiceError::Contended => {
-                ApiError::Conflict("too many concurrent writes to this profile; retry")
-            }
-            ServiceError::WriteBehind(e) => {
-                tracing::error!(error = e, "write-behind failed");
-                ApiError::Internal
-            }
-            ServiceError::Database(e) => from_db(&e),
-            ServiceError::Cache(kura::Error::Key(k)) => ApiError::Unprocessable(k.to_string()),
-            ServiceError::Cache(kura::Error::Tag(t)) => ApiError::Unprocessable(t.to_string()),
-            ServiceError::Cache(kura::Error::LoadTimeout(d)) => ApiError::LoadTimeout(format!(
+            kura::Error::Key(k) => ApiError::Unprocessable(k.to_string()),
+            kura::Error::Tag(t) => ApiError::Unprocessable(t.to_string()),
+            kura::Error::LoadTimeout(d) => ApiError::LoadTimeout(format!(
                 "the database did not answer within {} ms; the load goes on and fills the cache",
                 d.as_millis()
             )),
-            ServiceError::Cache(kura::Error::Source(s)) => {
+            kura::Error::Source(s) => match s.downcast_ref::<DbError>() {
                 // The library wraps the database error; report it by kind.
-                match s.downcast_ref::<DbError>() {
-                    Some(db) => from_db(db),
-                    None => {
-                        tracing::error!(error = %s, "source failed");
-                        ApiError::Unavailable("database unavailable")
-                    }
+                Some(db) => from_db(db),
+                None => {
+                    tracing::error!(error = %s, "source failed");
+                    ApiError::Unavailable("database unavailable")
                 }
-            }
-            ServiceError::Cache(kura::Error::Unavailable(e)) => {
+            },
+            kura::Error::Unavailable(e) => {
                 tracing::warn!(error = %e, "cache unavailable");
                 ApiError::Unavailable("cache unavailable")
             }
-            ServiceError::Cache(e) => {
+            e => {
                 tracing::error!(error = %e, "cache error");
                 ApiError::Internal
             }

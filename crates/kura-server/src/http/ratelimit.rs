@@ -20,8 +20,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use kura::ratelimit::{Limited, Quota, RateLimiter, Scope};
 
-use super::AppState;
 use super::error::detail_response;
+use crate::auth::Gate;
 use crate::config::RateLimitSetting;
 
 /// `RateLimit-Limit`.
@@ -36,16 +36,23 @@ pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset
 pub struct Limits {
     limiter: RateLimiter,
     quotas: HashMap<String, Quota>,
+    gate: Arc<Gate>,
 }
 
 impl Limits {
-    /// `None` when no class is limited.
+    /// The limits of `settings`, counted in `cache`, for the callers
+    /// `gate` admits; `None` when no class is limited.
     #[must_use]
-    pub fn new(cache: &kura::Cache, settings: &[RateLimitSetting]) -> Option<Arc<Self>> {
+    pub fn new(
+        cache: &kura::Cache,
+        settings: &[RateLimitSetting],
+        gate: Arc<Gate>,
+    ) -> Option<Arc<Self>> {
         if settings.is_empty() {
             return None;
         }
         Some(Arc::new(Self {
+            gate,
             limiter: RateLimiter::new(cache),
             quotas: settings
                 .iter()
@@ -81,27 +88,18 @@ fn headers(r: &mut Response, l: &Limited) {
 }
 
 /// The middleware (see the module docs).
-pub async fn limit(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(limits) = &s.limits else {
-        return next.run(req).await;
-    };
+pub async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     let Some(class) = class(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
     let Some(quota) = limits.quotas.get(class).copied() else {
         return next.run(req).await;
     };
-    let Some(token) = super::auth::bearer(req.headers()).map(str::to_owned) else {
-        return next.run(req).await;
-    };
-    let Ok(caller) = s.auth.verify(&token).await else {
-        return next.run(req).await;
-    };
     // The revocation check is the one the route's extractor makes next (a
     // hit of the check remembered with the verified token).
-    if !s.tokens.passes_check(&caller).await {
+    let Some(caller) = limits.gate.admissible(req.headers()).await else {
         return next.run(req).await;
-    }
+    };
     let l = match limits.limiter.check(class, &caller.sub, quota).await {
         Ok(l) => l,
         Err(e) => {

@@ -53,10 +53,12 @@ use futures::future::BoxFuture;
 use kura::{BehindError, Flusher, WriteBehind};
 use uuid::Uuid;
 
-use super::{Finish, ProfileService, ServiceError};
+use super::model::{Profile, ProfilePatch};
+use super::sink::Guarded;
+use super::{ProfileService, ServiceError};
 use crate::config::{OnFull, WbConfig, WriteStrategy};
-use crate::db::{Db, Guarded};
-use crate::model::{Profile, ProfilePatch};
+use crate::db::Db;
+use crate::to_completion::ToCompletion;
 
 /// Accept rounds (each already retried by the library's compare-and-set)
 /// before a contended write answers 409.
@@ -261,7 +263,7 @@ impl ProfileService {
             }
             // Once an accept is sent it may land; a write through after it
             // must not be abandoned half-way with the request.
-            Finish::new(async move { this.behind_inner(user_id, &patch).await }).await
+            ToCompletion::new(async move { this.behind_inner(user_id, &patch).await }).await
         })
     }
 

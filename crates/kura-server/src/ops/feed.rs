@@ -1,0 +1,215 @@
+//! The invalidation feed in the service: the relay `kura serve` runs,
+//! its status (`kura feed status`) and its part of `/healthz`.
+//!
+//! The database writes every committed change of `profiles` to its
+//! invalidation log, by triggers, in the writer's transaction
+//! ([`Db::install_feed`], run by `kura migrate` and at start-up); the
+//! relay ([`kura::feed::Relay`] over [`SqlFeedLog`]) applies the log to the
+//! cache. So a change reaches the cache whoever made it (psql, a migration,
+//! another service) and whatever became of the kura process that made it
+//! (killed, or cut off from Redis, before its own invalidation landed).
+//!
+//! | what | rests on |
+//! |---|---|
+//! | read-your-writes in the writing instance | its post-commit invalidation or write-through (the fast path, as before) |
+//! | every other reader, every writer, across crashes and partitions | the log (same transaction as the change) and one relay of the fleet that reaches the database and Redis |
+//! | no relay reaches Redis for long | the backlog bound: the affected types are cleared once Redis is back |
+//!
+//! With a log, the in-process pending-invalidation journal of
+//! [`kura::Cache`] is no longer what correctness across processes rests on:
+//! it only shortens the window for this instance's own reads. Without one
+//! (`--invalidation-feed off` everywhere), it still is, and it dies with
+//! the process.
+//!
+//! Every instance runs a relay by default; the fleet lease lets one of
+//! them step at a time, and any may take over (see [`kura::feed`] for why
+//! several at once are still safe).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kura::Cache;
+use kura::feed::{FeedStatus, Relay};
+use serde::Serialize;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, FeedConfig, FeedMode};
+use crate::db::Db;
+use crate::db::feed::SqlFeedLog;
+
+/// How long a status read (health check, `kura feed status`) may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The relay of a running service.
+///
+/// # Concurrent calls
+///
+/// [`Feed::status`] may be called from any number of requests while the
+/// relay runs; [`Feed::stop`] ends it once (later calls return at once).
+#[derive(Debug)]
+pub struct Feed {
+    relay: Relay<SqlFeedLog>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Builds the relay of `db` over `cache` with `config`'s settings.
+#[must_use]
+pub fn relay(db: &Db, cache: &Cache, config: &FeedConfig) -> Relay<SqlFeedLog> {
+    Relay::builder(cache, SqlFeedLog::new(db.clone()).listen(config.listen))
+        .kinds(crate::registry::fed_kinds())
+        .poll_interval(config.poll_for(db.backend()))
+        .retention(config.retention)
+        .max_backlog(config.max_backlog)
+        .build()
+}
+
+impl Feed {
+    /// The relay of this instance when `config` has it on and the database
+    /// has the log; `None` otherwise (logged). It runs once the composition
+    /// root spawns [`Feed::running`] and hands its task back
+    /// ([`Feed::set_task`]).
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be asked whether it has the log.
+    pub async fn open(db: &Db, cache: &Cache, config: &Config) -> anyhow::Result<Option<Feed>> {
+        if config.feed.mode == FeedMode::Off {
+            tracing::info!(
+                "invalidation feed off (--invalidation-feed off): this instance does not relay"
+            );
+            return Ok(None);
+        }
+        let log = SqlFeedLog::new(db.clone());
+        if !log
+            .exists()
+            .await
+            .context("looking for the invalidation log")?
+        {
+            tracing::warn!(
+                "the database has no invalidation log (run `kura migrate`): not relaying"
+            );
+            return Ok(None);
+        }
+        let relay = relay(db, cache, &config.feed);
+        let (stop, _) = watch::channel(false);
+        tracing::info!(
+            poll = ?config.feed.poll_for(db.backend()),
+            retention = ?config.feed.retention,
+            max_backlog = config.feed.max_backlog,
+            "invalidation feed relay running"
+        );
+        Ok(Some(Feed {
+            relay,
+            stop,
+            task: Mutex::new(None),
+        }))
+    }
+
+    /// The relay's run, until [`Feed::stop`]: the future to spawn.
+    pub fn running(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let r = self.relay.clone();
+        let mut stopped = self.stop.subscribe();
+        async move {
+            r.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        }
+    }
+
+    /// Hands over the task running [`Feed::running`], for [`Feed::stop`]
+    /// to wait on.
+    pub async fn set_task(&self, task: JoinHandle<()>) {
+        *self.task.lock().await = Some(task);
+    }
+
+    /// The feed's state now (position, watermark, backlog, lag, lease
+    /// holder).
+    ///
+    /// # Errors
+    ///
+    /// When the database fails or does not answer within 2 s.
+    pub async fn status(&self) -> anyhow::Result<FeedStatus> {
+        status_of(&self.relay).await
+    }
+
+    /// Stops the relay after its step in hand and releases the fleet lease.
+    pub async fn stop(&self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().await.take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                tracing::warn!(
+                    "invalidation feed relay still stepping after the grace period: stopped"
+                );
+                task.abort();
+            }
+        }
+    }
+}
+
+/// A relay's state, read within [`STATUS_TIMEOUT`].
+///
+/// # Errors
+///
+/// When the database fails or does not answer in time.
+pub async fn status_of(relay: &Relay<SqlFeedLog>) -> anyhow::Result<FeedStatus> {
+    tokio::time::timeout(STATUS_TIMEOUT, relay.status())
+        .await
+        .context("the database did not answer")?
+        .context("reading the invalidation feed state")
+}
+
+/// The feed part of `GET /healthz`: read from Redis only (what the
+/// relaying instance last measured, [`kura::feed::Relay::health`]), never
+/// from the database.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FeedHealth {
+    /// `on` (this instance runs a relay), `off`, or `error` (its state
+    /// could not be read).
+    pub state: &'static str,
+    /// Age of the oldest log entry not applied yet, in milliseconds (0
+    /// when caught up), as the relaying instance last measured it (at most
+    /// a poll interval ago); `null` when off or unknown (no instance
+    /// relays, or none reaches both the database and Redis).
+    pub lag_ms: Option<u64>,
+    /// Log entries not applied yet, measured with `lag_ms`; `null` when off
+    /// or unknown.
+    pub backlog: Option<u64>,
+    /// The instance holding the fleet lease, if any (its name, never the
+    /// lease token).
+    pub relaying: Option<String>,
+}
+
+impl FeedHealth {
+    /// The health of `feed` (`None`: not relaying in this instance).
+    pub async fn of(feed: Option<&Arc<Feed>>) -> FeedHealth {
+        let off = FeedHealth {
+            state: "off",
+            lag_ms: None,
+            backlog: None,
+            relaying: None,
+        };
+        let Some(feed) = feed else {
+            return off;
+        };
+        match feed.relay.health().await {
+            Ok(h) => FeedHealth {
+                state: "on",
+                lag_ms: h.observed.map(|o| o.lag_ms),
+                backlog: h.observed.map(|o| o.backlog),
+                relaying: h.relaying,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "health: invalidation feed state");
+                FeedHealth {
+                    state: "error",
+                    ..off
+                }
+            }
+        }
+    }
+}
