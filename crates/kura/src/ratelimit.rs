@@ -6,7 +6,7 @@
 //! Each `(class, subject)` keeps one number in the store, its theoretical
 //! arrival time (TAT). A limit of `N` per `P` admits a request if, once the
 //! emission interval `P / N` is added, the TAT is at most `P` ahead of now;
-//! one Lua script ([`Store::rate`]) reads, decides and writes it on Redis's
+//! one Lua script ([`RateStore::rate`]) reads, decides and writes it on Redis's
 //! clock (`TIME`), so concurrent requests on any number of instances are
 //! counted exactly. It was chosen over the seed's fixed hourly window,
 //! which lets `2N` through within moments around a window edge (`N` at the

@@ -24,7 +24,7 @@
 //!
 //! - an epoch is the store's clock in microseconds, or one past the highest
 //!   epoch the hash or the clearing process knows, whichever is higher
-//!   ([`crate::Store::bump_stamp`]): the first clear of a hash made again
+//!   ([`crate::store::StampStore::bump_stamp`]): the first clear of a hash made again
 //!   is above every epoch a surviving value carries;
 //! - the hash names its incarnation (`id`, its first epoch): a process
 //!   whose copy came from another incarnation (or from a hash that is gone)

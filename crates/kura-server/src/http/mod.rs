@@ -3,7 +3,7 @@
 //! query parameters, path ids, the verified [`crate::auth::Caller`]), the
 //! request timeout ([`timeout`]), the per-route request metrics
 //! ([`metrics`]), the rate limits ([`ratelimit`]) and, with the `otel`
-//! feature, request spans ([`trace`]).
+//! feature, request spans (`trace`).
 //!
 //! The routes themselves are the features' (`profiles/routes.rs`, …); the
 //! router, the OpenAPI document and the server are the composition root's

@@ -151,7 +151,7 @@ impl Feed {
     }
 }
 
-/// A relay's state, read within [`STATUS_TIMEOUT`].
+/// A relay's state, read within `STATUS_TIMEOUT`.
 ///
 /// # Errors
 ///

@@ -3,12 +3,12 @@
 //!
 //! | operation | database | cache (library call) |
 //! |---|---|---|
-//! | read | `SELECT` on a miss | [`CacheAside::get`] |
-//! | batch read | one `WHERE user_id = ANY($1)` for the misses | [`CacheAside::get_many`] |
-//! | create | `INSERT … ON CONFLICT DO NOTHING` | [`WriteThrough::invalidate`] (drops a cached "not found") |
-//! | update, `invalidate` | `UPDATE … version = version + 1 … RETURNING` | [`WriteThrough::invalidate`] after commit |
-//! | update, `through` | same | [`WriteThrough::update`] after commit |
-//! | delete | `DELETE` | [`Cache::invalidate_entity`] (profile, settings, preferences) |
+//! | read | `SELECT` on a miss | [`CacheAside::get`](kura::CacheAside::get) |
+//! | batch read | one `WHERE user_id = ANY($1)` for the misses | [`CacheAside::get_many`](kura::CacheAside::get_many) |
+//! | create | `INSERT … ON CONFLICT DO NOTHING` | [`WriteThrough::invalidate`](kura::WriteThrough::invalidate) (drops a cached "not found") |
+//! | update, `invalidate` | `UPDATE … version = version + 1 … RETURNING` | [`WriteThrough::invalidate`](kura::WriteThrough::invalidate) after commit |
+//! | update, `through` | same | [`WriteThrough::update`](kura::WriteThrough::update) after commit |
+//! | delete | `DELETE` | [`Cache::invalidate_entity`](kura::Cache::invalidate_entity) (profile, settings, preferences) |
 //! | warm | users active in the last days | [`kura::Warmer`] |
 //!
 //! Cache failures never fail a read or a write: the library answers from the

@@ -1,5 +1,5 @@
 //! Logs (`tracing`, text or JSON), the Prometheus recorder, and with the
-//! `otel` feature trace export ([`otel`]).
+//! `otel` feature trace export (`otel`).
 
 use std::sync::OnceLock;
 use std::time::Duration;

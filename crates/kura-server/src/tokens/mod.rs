@@ -3,9 +3,9 @@
 //!
 //! | operation | database | cache (library call) |
 //! |---|---|---|
-//! | check a request's token | `SELECT` on a miss | [`CacheAside::get`] of `blacklist:jti-<jti>` and `blacklist:sid-<sid>` (near-cached, "not revoked" included) |
-//! | revoke a token or session | `INSERT … ON CONFLICT` into `revocations` | [`WriteThrough::invalidate`] after commit |
-//! | first request of a session | `INSERT … WHERE NOT EXISTS (revocation)` | [`CacheAside::get`] of `session:<sid>`, [`WriteThrough::invalidate`] after the insert |
+//! | check a request's token | `SELECT` on a miss | [`CacheAside::get`](kura::CacheAside::get) of `blacklist:jti-<jti>` and `blacklist:sid-<sid>` (near-cached, "not revoked" included) |
+//! | revoke a token or session | `INSERT … ON CONFLICT` into `revocations` | [`WriteThrough::invalidate`](kura::WriteThrough::invalidate) after commit |
+//! | first request of a session | `INSERT … WHERE NOT EXISTS (revocation)` | [`CacheAside::get`](kura::CacheAside::get) of `session:<sid>`, [`WriteThrough::invalidate`](kura::WriteThrough::invalidate) after the insert |
 //! | later requests of a session | none: `last_seen` is coalesced ([`kura::coalesce`]) and written behind once a second | L1 hit |
 //!
 //! # Guarantee

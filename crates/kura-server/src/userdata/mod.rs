@@ -3,10 +3,10 @@
 //!
 //! | operation | database | cache (library call) |
 //! |---|---|---|
-//! | read | `SELECT` on a miss | [`CacheAside::get`] (kinds `settings`, `preferences`; TTL 1800 s) |
-//! | write, `invalidate` | `INSERT … ON CONFLICT DO UPDATE … version + 1 RETURNING` | [`WriteThrough::invalidate`] after commit |
-//! | write, `through` | same | [`WriteThrough::update`] after commit |
-//! | write, `behind` | later, by a flusher (`… WHERE version < $new`, [`DocSink`]) | [`WriteBehind::accept`] (queue `<ns>:~wb:settings`, `…:preferences`) |
+//! | read | `SELECT` on a miss | [`CacheAside::get`](kura::CacheAside::get) (kinds `settings`, `preferences`; TTL 1800 s) |
+//! | write, `invalidate` | `INSERT … ON CONFLICT DO UPDATE … version + 1 RETURNING` | [`WriteThrough::invalidate`](kura::WriteThrough::invalidate) after commit |
+//! | write, `through` | same | [`WriteThrough::update`](kura::WriteThrough::update) after commit |
+//! | write, `behind` | later, by a flusher (`… WHERE version < $new`, [`DocSink`]) | [`WriteBehind::accept`](kura::WriteBehind::accept) (queue `<ns>:~wb:settings`, `…:preferences`) |
 //! | profile deleted | both rows deleted with the profile | [`kura::Cache::invalidate_entity`] (profile, settings, preferences) |
 //!
 //! Both tables are fed to the cache by the invalidation feed, so a write

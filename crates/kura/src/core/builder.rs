@@ -24,7 +24,7 @@ use crate::consistency::stamps::Stamps;
 
 /// Builds a [`Cache`], or a [`QueuedCache`] when made by [`Cache::queued`].
 ///
-/// The type parameter records the store's capabilities beyond [`Store`]:
+/// The type parameter records the store's capabilities beyond [`Store`](crate::Store):
 /// `()` for [`Cache::builder`] (its `build` makes a [`Cache`]), and
 /// `Arc<dyn QueueStore>` for [`Cache::queued`] (its `build` makes a
 /// [`QueuedCache`], which can also write behind). The options are the same.
@@ -46,7 +46,7 @@ use crate::consistency::stamps::Stamps;
 #[must_use]
 pub struct CacheBuilder<Q = ()> {
     store: Arc<dyn CacheStore>,
-    /// The capabilities beyond [`Store`] (see the type's docs).
+    /// The capabilities beyond [`Store`](crate::Store) (see the type's docs).
     queue: Q,
     namespace: String,
     policy: TtlPolicy,

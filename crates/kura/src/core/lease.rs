@@ -5,7 +5,7 @@
 //!
 //! The lease is a key under the namespace's internal prefix
 //! (`<ns>:~<name>`) holding the holder's token, with a lifetime
-//! ([`Store::lock`], [`Store::extend_lock`], [`Store::unlock`]). Every store
+//! ([`LockStore::lock`](crate::store::LockStore::lock), [`LockStore::extend_lock`](crate::store::LockStore::extend_lock), [`LockStore::unlock`](crate::store::LockStore::unlock)). Every store
 //! call goes through the cache's operation timeout and circuit breaker.
 //!
 //! A holder keeps its lease with [`FleetLease::hold`]: a heartbeat task

@@ -1,5 +1,5 @@
 //! [`QueuedCache`]: a [`Cache`] whose store also has the write-behind queue
-//! capability ([`QueueStore`]), and so can hand out [`WriteBehind`] writers.
+//! capability ([`QueueStore`]), and so can hand out [`WriteBehind`](crate::WriteBehind) writers.
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use super::Cache;
 /// and is cheap to clone.
 ///
 /// Write-behind needs the queue capability at compile time: only this type
-/// makes [`WriteBehind`] writers, so a cache over a store without a queue
+/// makes [`WriteBehind`](crate::WriteBehind) writers, so a cache over a store without a queue
 /// cannot be asked for one.
 ///
 /// # Examples

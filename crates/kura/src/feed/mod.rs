@@ -51,7 +51,7 @@
 //!
 //! # Why a fleet of relays is safe
 //!
-//! The position lives in Redis and only moves forward ([`Store::advance`]:
+//! The position lives in Redis and only moves forward ([`PositionStore::advance`](crate::store::PositionStore::advance):
 //! set only if greater, atomically). Each relay applies everything in
 //! `[position it read, W)` before it moves the position to `W`, so
 //! everything below the position held has been applied, whoever moved it
@@ -59,7 +59,7 @@
 //! position: the next step (of any relay) applies the batch again. Two
 //! relays applying the same rows, or an old batch after a newer one, are
 //! harmless: [`crate::Store::invalidate_older`] keeps a cached value of the same or
-//! a newer version. A fleet lease (`<ns>:~feed:relay`, [`Store::lock`])
+//! a newer version. A fleet lease (`<ns>:~feed:relay`, [`LockStore::lock`](crate::store::LockStore::lock))
 //! keeps normally one relay stepping; it saves work, and safety does not
 //! depend on it.
 //!

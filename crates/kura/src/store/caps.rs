@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use super::{Store, StoreResult};
 
-/// What one request against a rate limit got ([`Store::rate`]).
+/// What one request against a rate limit got ([`RateStore::rate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateDecision {
     /// Admitted.

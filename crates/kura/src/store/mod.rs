@@ -47,13 +47,13 @@
 //!    ([`Store::update`], and fills check too).
 //! 4. Every key written has a TTL, with one exception: the fleet's hit and
 //!    miss counters (`metrics:<namespace>:hits` / `:misses`, the seed's
-//!    `metrics:cache:*`, written by [`Store::incr`]) live until deleted.
+//!    `metrics:cache:*`, written by [`CounterStore::incr`]) live until deleted.
 //!    They are long-lived totals other tools read, as in the seed, two
 //!    keys per namespace whatever the traffic, so they cannot grow the
 //!    keyspace. The write-behind queue's keys and pending copies are
 //!    outside the entry protocol and are kept until flushed, and the feed
 //!    position
-//!    ([`Store::advance`]) lives as long as the fleet relays.
+//!    ([`PositionStore::advance`]) lives as long as the fleet relays.
 
 use std::time::Duration;
 

@@ -194,10 +194,10 @@ pub struct Settled<'a> {
     pub entry_ids: &'a [String],
 }
 
-/// The write-behind queue, on top of the entry protocol of [`Store`].
+/// The write-behind queue, on top of the entry protocol of [`Store`](crate::Store).
 ///
 /// Every method is one round trip (a pipeline on Redis), and each entry's
-/// step is atomic, as for [`Store`].
+/// step is atomic, as for [`Store`](crate::Store).
 #[async_trait]
 pub trait QueueStore: CacheStore {
     /// Write-behind: if the entry's current version (pending copy, else

@@ -3,7 +3,7 @@
 //! One [`Relay::step`] reads the position (Redis), the watermark (the
 //! database), applies every log row in `[position, watermark)` page by page
 //! with [`Store::invalidate_older`], calls the `on_applied` hook, then moves
-//! the position to the watermark ([`Store::advance`]) and prunes what is
+//! the position to the watermark ([`PositionStore::advance`](crate::store::PositionStore::advance)) and prunes what is
 //! past the retention window. [`Relay::run`] steps whenever the database
 //! wakes it (`NOTIFY`) or the poll interval passes, while it holds the fleet
 //! lease. Why this is safe with any number of relays, and what is not
@@ -33,7 +33,7 @@
 //! received them, a restore): rows committed there below the position would
 //! never be read, and values cached from the lost transactions could be
 //! newer than the database. The relay then clears every kind it maps, sets
-//! the position back to the watermark ([`Store::rewind`]) and goes on
+//! the position back to the watermark ([`PositionStore::rewind`](crate::store::PositionStore::rewind)) and goes on
 //! (logged, `cache_feed_regressions_total`).
 //!
 //! # The fleet lease

@@ -86,7 +86,7 @@ pub trait ChangeSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Waits for a wake-up (PostgreSQL: a `NOTIFY` on
-    /// [`sql::CHANNEL`]) or `timeout`, whichever comes first. A missed
+    /// [`trigger_log::CHANNEL`]) or `timeout`, whichever comes first. A missed
     /// wake-up loses nothing: the relay polls.
     fn wait(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
 

@@ -307,7 +307,7 @@ impl Shard {
     }
 }
 
-/// An in-process [`Store`] with the semantics of the Redis store.
+/// An in-process [`Store`](crate::Store) with the semantics of the Redis store.
 ///
 /// Entries are spread over shards by key hash; each step locks one shard
 /// (never across an `.await`). Memory is bounded: past

@@ -155,7 +155,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// A [`Store`] over Redis 7.
+/// A [`Store`](crate::Store) over Redis 7.
 ///
 /// One multiplexed connection carries every request (clones share it); it
 /// reconnects on its own after a failure. Each entry step is a Lua script

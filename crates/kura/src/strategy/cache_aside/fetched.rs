@@ -154,7 +154,7 @@ pub(super) fn layer(status: Status, l1: bool) -> Option<Layer> {
     (status == Status::Hit).then_some(if l1 { Layer::L1 } else { Layer::L2 })
 }
 
-/// The result of [`CacheAside::get_json`]: the value's JSON, unparsed on a
+/// The result of [`CacheAside::get_json`](crate::CacheAside::get_json): the value's JSON, unparsed on a
 /// hit.
 #[derive(Debug, Clone)]
 pub struct FetchedJson {
@@ -300,7 +300,7 @@ impl<T> Answer<T> for FetchedJson {
     }
 }
 
-/// The result of [`CacheAside::get_many`].
+/// The result of [`CacheAside::get_many`](crate::CacheAside::get_many).
 #[derive(Debug, Clone)]
 pub struct Batch<T> {
     /// One result per distinct requested id, in request order.
