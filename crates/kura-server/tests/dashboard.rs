@@ -109,7 +109,7 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
         return;
     }
     let app = TestApp::start_with(Backend::PgRedis, |c| {
-        c.feed.mode = FeedMode::On;
+        c.feed.mode = FeedMode::Log;
         c.near_cache = vec![NearCacheSetting {
             kind: "profile".into(),
             entries: 1000,

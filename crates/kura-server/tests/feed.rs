@@ -44,7 +44,7 @@ both_backends!(
 
 /// The relay on, as `kura serve` runs by default (support turns it off).
 fn feed_on(c: &mut kura_server::Config) {
-    c.feed.mode = kura_server::config::FeedMode::On;
+    c.feed.mode = kura_server::config::FeedMode::Log;
 }
 
 /// Runs one statement straight on the test's database, not through kura.

@@ -520,7 +520,7 @@ async fn a_revoke_the_feed_carries_is_acknowledged_and_reaches_the_other_instanc
     let proxy = kura_testkit::FaultProxy::start(redis.addr()).await;
     let cut_url = format!("redis://{}", proxy.addr());
     let feed_on = |c: &mut kura_server::Config| {
-        c.feed.mode = kura_server::config::FeedMode::On;
+        c.feed.mode = kura_server::config::FeedMode::Log;
     };
     let a = TestApp::start_with(Backend::PgRedis, |c| {
         feed_on(c);

@@ -162,7 +162,7 @@ async fn read_write_and_rules(b: Backend) {
 /// A write straight in the database reaches the cached settings through
 /// the invalidation feed (the tables have its triggers).
 async fn direct_writes_reach_the_cache(b: Backend) {
-    let app = TestApp::start_with(b, |c| c.feed.mode = kura_server::config::FeedMode::On).await;
+    let app = TestApp::start_with(b, |c| c.feed.mode = kura_server::config::FeedMode::Log).await;
     let user = Uuid::new_v4();
     app.create(&user).await;
     let owner = app.token(&user, false);

@@ -18,6 +18,9 @@
 //!   `redis-cli --cluster create`, with [`kill_primary`](RedisCluster::kill_primary).
 //! - [`RedisSentinelGroup`] (`sentinel.rs`): a master, two replicas and three sentinels, with
 //!   [`kill_master`](RedisSentinelGroup::kill_master).
+//! - [`PgServer`] (`postgres.rs`): a PostgreSQL cluster of the test's own (`initdb` in a
+//!   temporary directory, a free port, settings such as `wal_level = logical`), stopped by
+//!   its pid; never the shared server.
 //! - [`resp`]: just enough RESP to talk to a server in tests without a Redis client crate.
 //! - [`layering`]: the import graph of a crate's top-level modules and its cycles, for the
 //!   crates' layering tests.
@@ -46,12 +49,14 @@
 
 mod cluster;
 pub mod layering;
+mod postgres;
 mod proxy;
 mod redis;
 pub mod resp;
 mod sentinel;
 
 pub use cluster::RedisCluster;
+pub use postgres::PgServer;
 pub use proxy::FaultProxy;
 pub use redis::{RedisOptions, RedisServer};
 pub use sentinel::RedisSentinelGroup;

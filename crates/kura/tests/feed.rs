@@ -530,6 +530,7 @@ impl ChangeSource for PgLog {
                         id: r.get(3),
                         version: r.get::<Option<i64>, _>(4).map(|v| v.max(0) as u64),
                         committed_at_ms: r.get(5),
+                        clear: false,
                     },
                 ))
             })
@@ -1157,6 +1158,7 @@ impl ChangeSource for SqliteLog {
                         id: r.get(2),
                         version: r.get::<Option<i64>, _>(3).map(|v| v.max(0) as u64),
                         committed_at_ms: r.get(4),
+                        clear: false,
                     },
                 )
             })
@@ -1404,6 +1406,7 @@ impl MemLog {
                     id: (*id).into(),
                     version: *v,
                     committed_at_ms: chrono::Utc::now().timestamp_millis(),
+                    clear: false,
                 },
             );
         }
@@ -1705,6 +1708,7 @@ async fn a_first_start_does_not_skip_an_open_transaction(b: Backend) {
                 id: "early".into(),
                 version: Some(1),
                 committed_at_ms: chrono::Utc::now().timestamp_millis(),
+                clear: false,
             },
         );
         s.open.remove(&open);
@@ -1782,6 +1786,7 @@ async fn many_relays_apply_everything_and_never_regress(b: Backend) {
                         id: format!("{id}-late"),
                         version: Some(v),
                         committed_at_ms: chrono::Utc::now().timestamp_millis(),
+                        clear: false,
                     },
                 );
                 s.open.remove(&p);

@@ -37,6 +37,8 @@ pub struct App {
     pub service: ProfileService,
     /// Whether the cache is the embedded in-process store.
     pub memory_store: bool,
+    /// The invalidation feed this instance runs.
+    pub feed: crate::ops::feed::Plan,
 }
 
 /// The TTL table: the registry's, with the profile's stale window and the
@@ -143,13 +145,11 @@ impl App {
         let db = Db::connect(config.database_url.as_deref(), config.pool)
             .await
             .context("connecting to the database")?;
-        let m = db.migrate().await.context("migrating the database")?;
-        if m.applied > 0 || !m.feed_installed.is_empty() {
-            tracing::info!(
-                migrations = m.applied,
-                feed_triggers = ?m.feed_installed,
-                "database migrated"
-            );
+        let plan = crate::ops::feed::plan(&db, &config.feed).await?;
+        let (feed, done) =
+            crate::ops::feed::prepare(&db, plan, &config.feed, &config.namespace, false).await?;
+        if !done.is_empty() {
+            tracing::info!(steps = ?done, "database migrated");
         }
         let (cache, memory_store) = open_serving_cache(config)?;
         let service =
@@ -157,6 +157,7 @@ impl App {
         Ok(App {
             service,
             memory_store,
+            feed,
         })
     }
 }

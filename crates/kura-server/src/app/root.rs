@@ -199,7 +199,7 @@ pub async fn serve_app(app: App, config: &Config) -> anyhow::Result<Server> {
     let openapi = Bytes::from(ApiDoc::openapi().to_json()?);
     let profiles = Arc::new(app.service);
     let (db, cache) = (profiles.db().clone(), profiles.queued_cache().clone());
-    let feed = Feed::open(&db, profiles.cache(), config)
+    let feed = Feed::open(&db, profiles.cache(), config, app.feed)
         .await?
         .map(Arc::new);
     if let Some(f) = &feed {

@@ -102,18 +102,33 @@ async fn demo(mut config: Config) -> anyhow::Result<()> {
 /// When the database cannot be reached or migrated.
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let db = Db::connect(args.db.database_url.as_deref(), args.db.pool()).await?;
-    let m = db.migrate().await?;
-    match m.applied {
+    let feed = crate::config::FeedConfig {
+        mode: args.invalidation_feed,
+        ..crate::config::FeedConfig::default()
+    };
+    let plan = crate::ops::feed::plan(&db, &feed).await?;
+    let before = db.migrate_schema().await?;
+    let (plan, done) = crate::ops::feed::prepare(&db, plan, &feed, &args.namespace, true).await?;
+    match before {
         0 => println!("schema: up to date ({})", db.backend()),
         n => println!("schema: {n} migrations applied ({})", db.backend()),
     }
-    if m.feed_installed.is_empty() {
-        println!("invalidation feed: triggers up to date");
+    let installed: Vec<&String> = done.iter().filter(|d| !d.contains("schema")).collect();
+    let mode = if plan == crate::ops::feed::Plan::Wal {
+        "wal"
     } else {
-        println!(
-            "invalidation feed: triggers installed on {}",
-            m.feed_installed.join(", ")
-        );
+        "log"
+    };
+    if installed.is_empty() {
+        let what = if mode == "wal" {
+            "publication and slot"
+        } else {
+            "triggers"
+        };
+        println!("invalidation feed ({mode}): {what} up to date");
+    } else {
+        let list: Vec<&str> = installed.iter().map(|s| s.as_str()).collect();
+        println!("invalidation feed ({mode}): {}", list.join("; "));
     }
     db.close().await;
     Ok(())

@@ -2,12 +2,12 @@
 
 use anyhow::Context as _;
 
-use super::{FeedCommand, FeedCommandArgs, FeedSqlArgs, FeedStatusArgs, SqlDialect};
+use super::{FeedCommand, FeedCommandArgs, FeedSqlArgs, FeedStatusArgs, SqlDialect, SqlMode};
 use crate::app::open_cache;
 use crate::config::Config;
 use crate::db::Db;
-use crate::db::feed::SqlFeedLog;
-use crate::ops::feed::{relay, status_of};
+use crate::db::feed::{FeedSource, SqlFeedLog, WalSource, wal_names};
+use crate::ops::feed::{Plan, plan, relay, relay_over, status_of, wal_source};
 
 /// `kura feed`.
 ///
@@ -27,6 +27,30 @@ fn sql(args: &FeedSqlArgs) -> anyhow::Result<()> {
         SqlDialect::Sqlite => kura::feed::Backend::Sqlite,
     };
     let mut out = String::new();
+    if args.mode == SqlMode::Wal {
+        anyhow::ensure!(
+            backend == kura::feed::Backend::Postgres,
+            "the WAL feed needs PostgreSQL"
+        );
+        let names = wal_names(&args.namespace);
+        if args.remove {
+            out.push_str(&format!(
+                "DROP PUBLICATION IF EXISTS \"{names}\";\n\
+                 SELECT pg_drop_replication_slot('{names}');\n"
+            ));
+        } else {
+            for st in crate::db::feed::wal::publication_sql(&names, &crate::db::feed::wal_tables())
+            {
+                out.push_str(&st);
+                out.push_str(";\n");
+            }
+            out.push_str(&format!(
+                "SELECT pg_create_logical_replication_slot('{names}', 'pgoutput');\n"
+            ));
+        }
+        print!("{out}");
+        return Ok(());
+    }
     if !args.remove {
         out.push_str(&kura::feed::log_table_sql(backend));
     }
@@ -53,19 +77,41 @@ async fn status(args: FeedStatusArgs) -> anyhow::Result<()> {
     let db = Db::connect(config.database_url.as_deref(), config.pool)
         .await
         .context("connecting to the database")?;
-    let log = SqlFeedLog::new(db.clone());
-    anyhow::ensure!(
-        log.exists().await?,
-        "the database has no invalidation log (run `kura migrate`)"
-    );
     let (cache, _) = open_cache(&config)?;
-    let relay = relay(&db, &cache, &config.feed);
+    let wal = plan(&db, &config.feed).await? == Plan::Wal;
+    let relay = if wal {
+        let url = config.database_url.as_deref().unwrap_or_default();
+        relay_over(
+            wal_source(&db, url, &config.namespace, &config.feed)?,
+            &db,
+            &cache,
+            &config.feed,
+        )
+    } else {
+        let log = SqlFeedLog::new(db.clone());
+        anyhow::ensure!(
+            log.exists().await?,
+            "the database has no invalidation log (run `kura migrate`)"
+        );
+        relay(&db, &cache, &config.feed)
+    };
     let s = status_of(&relay).await?;
+    let slot_lag = match relay.log() {
+        FeedSource::Wal(w) => slot_lag(w).await,
+        FeedSource::Log(_) => None,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
         let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
-        println!("invalidation feed ({})", db.backend());
+        println!(
+            "invalidation feed ({}, {})",
+            db.backend(),
+            relay.log().mode()
+        );
+        if let Some(bytes) = slot_lag {
+            println!("  slot lag     {bytes} bytes of WAL kept");
+        }
         println!(
             "  position     {}",
             or_none(s.position.map(|p| p.to_string()))
@@ -86,4 +132,8 @@ async fn status(args: FeedStatusArgs) -> anyhow::Result<()> {
     }
     db.close().await;
     Ok(())
+}
+
+async fn slot_lag(w: &WalSource) -> Option<u64> {
+    w.lag_bytes().await.ok().flatten()
 }

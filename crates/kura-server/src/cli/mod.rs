@@ -82,6 +82,16 @@ pub struct MigrateArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub db: DbArgs,
+    /// Which invalidation feed to prepare: `wal` (a publication and a
+    /// replication slot, no trigger; removes kura's log triggers), `log`
+    /// (`on`: the trigger log), `off` (the trigger log too, for other
+    /// instances); `auto` (default): `wal` when the server allows it.
+    #[arg(long, env = "KURA_INVALIDATION_FEED", value_enum, default_value_t = crate::config::FeedMode::Auto)]
+    pub invalidation_feed: crate::config::FeedMode,
+    /// Key namespace (names the WAL feed's slot and publication
+    /// `kura_<namespace>`).
+    #[arg(long, env = "KURA_NAMESPACE", default_value = "cache")]
+    pub namespace: String,
 }
 
 /// `kura seed`.
@@ -274,6 +284,24 @@ pub struct FeedSqlArgs {
     /// The SQL removing the triggers instead (the log table stays).
     #[arg(long)]
     pub remove: bool,
+    /// The SQL of which feed: `log` (the log table and the triggers) or
+    /// `wal` (the publication; the slot is made by `kura migrate` or the
+    /// relay).
+    #[arg(long, value_enum, default_value_t = SqlMode::Log)]
+    pub mode: SqlMode,
+    /// Key namespace (names the WAL feed's publication `kura_<namespace>`).
+    #[arg(long, env = "KURA_NAMESPACE", default_value = "cache")]
+    pub namespace: String,
+}
+
+/// Which feed's SQL `kura feed sql` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum SqlMode {
+    /// The trigger log.
+    Log,
+    /// The WAL feed's publication.
+    Wal,
 }
 
 /// A database dialect of `kura feed sql`.

@@ -210,10 +210,16 @@ impl WriteBehindArgs {
 /// Invalidation feed flags of `kura serve`.
 #[derive(Debug, Clone, Args)]
 pub struct FeedArgs {
-    /// Relay the database's invalidation log to the cache (`on` when the
-    /// database has one, `off`).
-    #[arg(long, env = "KURA_INVALIDATION_FEED", value_enum, default_value_t = FeedMode::On)]
+    /// Where the cache learns of the database's committed changes: `wal`
+    /// (PostgreSQL's logical replication; no trigger in the fed tables),
+    /// `log` (the trigger log; `on` is an alias), `off`; `auto` (default):
+    /// `wal` when the PostgreSQL server allows it, else `log`.
+    #[arg(long, env = "KURA_INVALIDATION_FEED", value_enum, default_value_t = FeedMode::Auto)]
     pub invalidation_feed: FeedMode,
+    /// WAL feed: a transaction changing more rows of one type than this
+    /// clears the type instead of invalidating row by row.
+    #[arg(long, env = "KURA_FEED_BULK_CLEAR", default_value_t = FeedConfig::DEFAULT_BULK_CLEAR)]
+    pub feed_bulk_clear: usize,
     /// How often the relay reads the log without a wake-up (default 1s on
     /// PostgreSQL, which also wakes it by `NOTIFY`; 100ms on SQLite).
     #[arg(long, env = "KURA_FEED_POLL", value_parser = parse_duration)]
@@ -243,6 +249,7 @@ impl FeedArgs {
             retention: self.feed_retention,
             max_backlog: self.feed_max_backlog,
             listen: self.feed_listen,
+            bulk_clear: self.feed_bulk_clear.max(1),
         }
     }
 }

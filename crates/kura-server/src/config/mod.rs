@@ -170,15 +170,22 @@ impl Default for WbConfig {
     }
 }
 
-/// `--invalidation-feed`: whether this process relays the database's
-/// invalidation log to the cache.
+/// `--invalidation-feed`: where this process reads the database's changes
+/// from to invalidate the cache, if at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 #[non_exhaustive]
 pub enum FeedMode {
-    /// Relay when the database has the log (every database `kura migrate`
-    /// prepared does).
+    /// `wal` on a PostgreSQL server with `wal_level = logical`, `log`
+    /// otherwise (with a warning that says what to change).
     #[default]
-    On,
+    Auto,
+    /// PostgreSQL's WAL through a replication slot and a publication: no
+    /// trigger in the fed tables (refuses to start when the server has no
+    /// logical decoding).
+    Wal,
+    /// The trigger log (`on` is the same: the name earlier versions used).
+    #[value(alias = "on")]
+    Log,
     /// Do not relay (another instance or a dedicated process does; or no
     /// invalidations from the database at all).
     Off,
@@ -209,11 +216,16 @@ pub struct FeedConfig {
     pub max_backlog: u64,
     /// PostgreSQL: wake on `NOTIFY` (`false`: poll only).
     pub listen: bool,
+    /// WAL feed: rows of one type changed by one transaction past which the
+    /// type is cleared instead of invalidated row by row.
+    pub bulk_clear: usize,
 }
 
 impl FeedConfig {
     /// Default `--feed-max-backlog`.
     pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
+    /// Default `--feed-bulk-clear`.
+    pub const DEFAULT_BULK_CLEAR: usize = 10_000;
     /// Default poll interval on PostgreSQL, where `NOTIFY` wakes the relay
     /// first and polling only catches a missed wake-up.
     pub const POSTGRES_POLL: Duration = Duration::from_secs(1);
@@ -235,11 +247,12 @@ impl FeedConfig {
 impl Default for FeedConfig {
     fn default() -> Self {
         Self {
-            mode: FeedMode::On,
+            mode: FeedMode::Auto,
             poll: None,
             retention: Duration::from_secs(3600),
             max_backlog: Self::DEFAULT_MAX_BACKLOG,
             listen: true,
+            bulk_clear: Self::DEFAULT_BULK_CLEAR,
         }
     }
 }

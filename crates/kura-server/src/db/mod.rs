@@ -176,17 +176,27 @@ impl Db {
     ///
     /// [`DbError::Migrate`], or [`DbError::Sqlx`] from the feed install.
     pub async fn migrate(&self) -> Result<Migrated, DbError> {
-        let before = self.applied_migrations().await?;
-        match self {
-            Db::Postgres(p) => PG_MIGRATOR.run(p).await?,
-            Db::Sqlite(p) => SQLITE_MIGRATOR.run(p).await?,
-        }
-        let applied = self.applied_migrations().await?.saturating_sub(before);
+        let applied = self.migrate_schema().await?;
         let feed_installed = self.install_feed().await?;
         Ok(Migrated {
             applied,
             feed_installed,
         })
+    }
+
+    /// Applies the schema migrations only (no feed triggers: the WAL feed
+    /// installs none); returns how many were applied now.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError::Migrate`].
+    pub async fn migrate_schema(&self) -> Result<u64, DbError> {
+        let before = self.applied_migrations().await?;
+        match self {
+            Db::Postgres(p) => PG_MIGRATOR.run(p).await?,
+            Db::Sqlite(p) => SQLITE_MIGRATOR.run(p).await?,
+        }
+        Ok(self.applied_migrations().await?.saturating_sub(before))
     }
 
     /// How many migrations the database has recorded (0 before the first).

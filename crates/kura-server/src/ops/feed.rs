@@ -37,7 +37,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, FeedConfig, FeedMode};
 use crate::db::Db;
-use crate::db::feed::SqlFeedLog;
+use crate::db::feed::wal::wal_ready;
+use crate::db::feed::{FeedSource, SqlFeedLog, WalSource, WalTarget, wal_names, wal_tables};
 
 /// How long a status read (health check, `kura feed status`) may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,53 +51,224 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// relay runs; [`Feed::stop`] ends it once (later calls return at once).
 #[derive(Debug)]
 pub struct Feed {
-    relay: Relay<SqlFeedLog>,
+    relay: Relay<FeedSource>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Builds the relay of `db` over `cache` with `config`'s settings.
+/// Which feed an instance runs, decided at start ([`plan`], [`prepare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// No relay in this instance.
+    Off,
+    /// The trigger log.
+    Log,
+    /// PostgreSQL's WAL.
+    Wal,
+}
+
+/// What `config`'s `--invalidation-feed` means on `db`: `auto` is `wal`
+/// on a PostgreSQL server with logical decoding, else `log` (warned, with
+/// what to change); `wal` on a server without it, or on SQLite, is refused.
+///
+/// # Errors
+///
+/// `--invalidation-feed wal` where it cannot run (the message says what to
+/// change), or the database failing.
+pub async fn plan(db: &Db, config: &FeedConfig) -> anyhow::Result<Plan> {
+    match config.mode {
+        FeedMode::Off => Ok(Plan::Off),
+        FeedMode::Log => Ok(Plan::Log),
+        mode => {
+            let explicit = mode == FeedMode::Wal;
+            if db.backend() != "postgres" {
+                anyhow::ensure!(
+                    !explicit,
+                    "--invalidation-feed wal needs PostgreSQL; SQLite keeps the trigger log \
+                     (--invalidation-feed log)"
+                );
+                return Ok(Plan::Log);
+            }
+            match wal_ready(db).await.context("reading wal_level")? {
+                Ok(()) => Ok(Plan::Wal),
+                Err(why) => {
+                    anyhow::ensure!(!explicit, "--invalidation-feed wal: {why}");
+                    tracing::warn!("invalidation feed: the trigger log, not the WAL: {why}");
+                    Ok(Plan::Log)
+                }
+            }
+        }
+    }
+}
+
+/// Migrates `db` for `plan`: the schema, then the trigger log (`log`,
+/// `off`: other instances may relay) or the WAL feed's publication and
+/// slot (`wal`, [`Db::install_wal_feed`], no trigger; the slot only with
+/// `make_slot`, as `kura migrate` does). A WAL feed that
+/// cannot be prepared (no replication privilege, a table that cannot be
+/// fed) is refused when `--invalidation-feed wal` was given, and falls
+/// back to the log under `auto`. Returns the plan that holds and what was
+/// done, for the log.
+///
+/// # Errors
+///
+/// When the database cannot be migrated.
+pub async fn prepare(
+    db: &Db,
+    plan: Plan,
+    config: &FeedConfig,
+    namespace: &str,
+    make_slot: bool,
+) -> anyhow::Result<(Plan, Vec<String>)> {
+    if plan == Plan::Wal {
+        db.migrate_schema()
+            .await
+            .context("migrating the database")?;
+        match db.install_wal_feed(&wal_names(namespace), make_slot).await {
+            Ok(done) => {
+                let mut said = Vec::new();
+                if done.publication {
+                    said.push(format!("publication {} made", wal_names(namespace)));
+                }
+                if done.slot {
+                    said.push(format!("replication slot {} made", wal_names(namespace)));
+                }
+                if done.triggers_removed {
+                    said.push("log triggers removed".to_owned());
+                }
+                return Ok((Plan::Wal, said));
+            }
+            Err(e) if config.mode == FeedMode::Wal => {
+                return Err(anyhow::Error::new(e).context("--invalidation-feed wal"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "invalidation feed: the WAL feed cannot be prepared; the trigger log instead");
+            }
+        }
+    }
+    let m = db.migrate().await.context("migrating the database")?;
+    let mut said = Vec::new();
+    if m.applied > 0 {
+        said.push(format!("{} schema migrations applied", m.applied));
+    }
+    if !m.feed_installed.is_empty() {
+        said.push(format!(
+            "log triggers installed on {}",
+            m.feed_installed.join(", ")
+        ));
+    }
+    Ok((
+        if plan == Plan::Off {
+            Plan::Off
+        } else {
+            Plan::Log
+        },
+        said,
+    ))
+}
+
+/// Builds the relay of `db` over `cache` with `config`'s settings, reading
+/// the trigger log.
 #[must_use]
-pub fn relay(db: &Db, cache: &Cache, config: &FeedConfig) -> Relay<SqlFeedLog> {
-    Relay::builder(cache, SqlFeedLog::new(db.clone()).listen(config.listen))
+pub fn relay(db: &Db, cache: &Cache, config: &FeedConfig) -> Relay<FeedSource> {
+    relay_over(
+        FeedSource::Log(SqlFeedLog::new(db.clone()).listen(config.listen)),
+        db,
+        cache,
+        config,
+    )
+}
+
+/// Builds the relay of `source`.
+#[must_use]
+pub fn relay_over(
+    source: FeedSource,
+    db: &Db,
+    cache: &Cache,
+    config: &FeedConfig,
+) -> Relay<FeedSource> {
+    let poll = match source {
+        // The stream wakes the relay; polling only bounds a missed wake-up.
+        FeedSource::Wal(_) => config.poll.unwrap_or(Duration::from_millis(250)),
+        FeedSource::Log(_) => config.poll_for(db.backend()),
+    };
+    Relay::builder(cache, source)
         .kinds(crate::registry::fed_kinds())
-        .poll_interval(config.poll_for(db.backend()))
+        .poll_interval(poll)
         .retention(config.retention)
         .max_backlog(config.max_backlog)
         .build()
 }
 
+/// The WAL source of `db` for namespace `namespace`.
+///
+/// # Errors
+///
+/// When the database URL cannot be used for replication.
+pub fn wal_source(
+    db: &Db,
+    url: &str,
+    namespace: &str,
+    config: &FeedConfig,
+) -> anyhow::Result<FeedSource> {
+    Ok(FeedSource::Wal(WalSource::new(
+        db.clone(),
+        WalTarget::from_url(url)?,
+        &wal_names(namespace),
+        wal_tables(),
+        config.bulk_clear,
+    )))
+}
+
 impl Feed {
-    /// The relay of this instance when `config` has it on and the database
-    /// has the log; `None` otherwise (logged). It runs once the composition
-    /// root spawns [`Feed::running`] and hands its task back
-    /// ([`Feed::set_task`]).
+    /// The relay of this instance for `plan` ([`prepare`]'s); `None` when
+    /// off, or when the database has no trigger log (logged). It runs once
+    /// the composition root spawns [`Feed::running`] and hands its task
+    /// back ([`Feed::set_task`]).
     ///
     /// # Errors
     ///
     /// When the database cannot be asked whether it has the log.
-    pub async fn open(db: &Db, cache: &Cache, config: &Config) -> anyhow::Result<Option<Feed>> {
-        if config.feed.mode == FeedMode::Off {
-            tracing::info!(
-                "invalidation feed off (--invalidation-feed off): this instance does not relay"
-            );
-            return Ok(None);
-        }
-        let log = SqlFeedLog::new(db.clone());
-        if !log
-            .exists()
-            .await
-            .context("looking for the invalidation log")?
-        {
-            tracing::warn!(
-                "the database has no invalidation log (run `kura migrate`): not relaying"
-            );
-            return Ok(None);
-        }
-        let relay = relay(db, cache, &config.feed);
+    pub async fn open(
+        db: &Db,
+        cache: &Cache,
+        config: &Config,
+        plan: Plan,
+    ) -> anyhow::Result<Option<Feed>> {
+        let relay = match plan {
+            Plan::Off => {
+                tracing::info!(
+                    "invalidation feed off (--invalidation-feed off): this instance does not relay"
+                );
+                return Ok(None);
+            }
+            Plan::Wal => {
+                let url = config.database_url.as_deref().unwrap_or_default();
+                relay_over(
+                    wal_source(db, url, &config.namespace, &config.feed)?,
+                    db,
+                    cache,
+                    &config.feed,
+                )
+            }
+            Plan::Log => {
+                let log = SqlFeedLog::new(db.clone());
+                if !log
+                    .exists()
+                    .await
+                    .context("looking for the invalidation log")?
+                {
+                    tracing::warn!(
+                        "the database has no invalidation log (run `kura migrate`): not relaying"
+                    );
+                    return Ok(None);
+                }
+                relay(db, cache, &config.feed)
+            }
+        };
         let (stop, _) = watch::channel(false);
         tracing::info!(
-            poll = ?config.feed.poll_for(db.backend()),
+            source = relay.log().mode(),
             retention = ?config.feed.retention,
             max_backlog = config.feed.max_backlog,
             "invalidation feed relay running"
@@ -156,7 +328,7 @@ impl Feed {
 /// # Errors
 ///
 /// When the database fails or does not answer in time.
-pub async fn status_of(relay: &Relay<SqlFeedLog>) -> anyhow::Result<FeedStatus> {
+pub async fn status_of(relay: &Relay<FeedSource>) -> anyhow::Result<FeedStatus> {
     tokio::time::timeout(STATUS_TIMEOUT, relay.status())
         .await
         .context("the database did not answer")?

@@ -14,6 +14,8 @@
 //! - `source/mod.rs`: [`ChangeSource`], what the relay reads (positions,
 //!   a watermark, pages of changes in commit order; and how a source stays
 //!   bounded while the cache is unreachable).
+//! - `source/pgoutput.rs`, `source/wal/`: the WAL's changes, decoded and
+//!   assembled by commit position ([`source::wal::WalChanges`]).
 //! - `source/trigger_log.rs`: the trigger log's SQL for PostgreSQL and
 //!   SQLite ([`TriggerSpec`], [`log_table_sql`]): the log table, the
 //!   overflow state (`kura_feed_state`, each overflowed kind with its
@@ -106,17 +108,19 @@
 //!
 //! # Triggers or logical replication
 //!
-//! PostgreSQL's logical replication (`pgoutput` over a replication slot)
-//! would give the same commit-ordered stream without a trigger's cost on
-//! every write (one more INSERT per changed row, in the writer's
-//! transaction) and without a log table to prune. It was not chosen: its
-//! Rust clients are young; a slot must be created with replication rights
-//! and retains WAL for as long as no consumer reads it (a relay fleet down
-//! for a day fills the disk, where the log table is pruned by age); it needs
-//! `wal_level = logical`, which managed databases do not always allow; and
-//! it exists only on PostgreSQL, where triggers give one design for
-//! PostgreSQL and SQLite. The trigger costs write throughput (measured by
-//! the benchmark) and nothing on the read path.
+//! Two sources implement [`ChangeSource`]: the trigger log
+//! ([`source::trigger_log`]: PostgreSQL and SQLite; every writing
+//! transaction pays one more INSERT per changed row) and PostgreSQL's WAL
+//! ([`source::wal`] assembles a `pgoutput` stream decoded by
+//! [`source::pgoutput`]; the connection to the slot is the server's). The
+//! WAL costs a writer nothing beyond the WAL it writes anyway and needs no
+//! trigger in the user's tables, but needs `wal_level = logical`, and its
+//! slot keeps WAL for as long as no relay confirms it (bound it with
+//! `max_slot_wal_keep_size`; a slot PostgreSQL invalidated is reported as an
+//! overflow of every kind, which the relay clears). Its events carry no
+//! version and are ordered by commit LSN (the rule: [`source::wal`]), and a
+//! TRUNCATE or a bulk transaction is one event of the whole kind
+//! ([`FeedEvent::clear`]). The relay's safety rules are the same for both.
 
 pub mod relay;
 pub mod source;
@@ -140,6 +144,11 @@ pub struct FeedEvent {
     /// The row's version after the change; `None` for a delete.
     pub version: Option<u64>,
     /// When the change was written (Unix milliseconds; PostgreSQL's
-    /// `clock_timestamp()` in the writing transaction).
+    /// `clock_timestamp()` in the writing transaction, or the commit time
+    /// the WAL reports).
     pub committed_at_ms: i64,
+    /// The whole kind changed (a `TRUNCATE`, a bulk transaction, a row whose
+    /// id could not be read): the relay clears the kind; `id` is empty.
+    #[serde(default)]
+    pub clear: bool,
 }

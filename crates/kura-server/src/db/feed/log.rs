@@ -275,6 +275,7 @@ impl SqlFeedLog {
                         id,
                         version,
                         committed_at_ms: at,
+                        clear: false,
                     },
                 ))
             })

@@ -1,6 +1,8 @@
-//! The invalidation log of the database: the trigger log installed in the
-//! fed tables ([`Db::install_feed`]), and read by the feed relay
-//! ([`SqlFeedLog`], in `log.rs`).
+//! Where the invalidation feed reads the database's changes: the trigger
+//! log installed in the fed tables ([`Db::install_feed`], read by
+//! [`SqlFeedLog`] in `log.rs`), or PostgreSQL's WAL through a replication
+//! slot and a publication ([`Db::install_wal_feed`], read by [`WalSource`]
+//! in `wal.rs`). [`FeedSource`] is either, for the relay.
 //!
 //! The log table and the triggers that fill it are the library's
 //! ([`kura::feed`] generates the SQL; [`Db::migrate`] installs it).
@@ -12,8 +14,55 @@ use super::sql::{sql, sql_built, sql_native};
 use super::{Db, DbError};
 
 mod log;
+mod source;
+pub mod wal;
 
 pub use log::SqlFeedLog;
+pub use source::FeedSource;
+pub use wal::{WalSource, WalTarget};
+
+/// The fed tables as the WAL feed maps them (schema `public`).
+#[must_use]
+pub fn wal_tables() -> Vec<kura::feed::source::wal::WalTable> {
+    crate::registry::fed_tables()
+        .into_iter()
+        .map(|(kind, fed)| kura::feed::source::wal::WalTable {
+            schema: "public".to_owned(),
+            table: fed.table.to_owned(),
+            kind: kind.name().to_owned(),
+            id_column: fed.id_column.to_owned(),
+        })
+        .collect()
+}
+
+/// The slot's and the publication's name for a cache namespace:
+/// `kura_<namespace>`, lowercased, other characters than letters, digits
+/// and `_` made `_` (PostgreSQL's rule for slot names), at most 63 bytes.
+#[must_use]
+pub fn wal_names(namespace: &str) -> String {
+    let mut s = String::from("kura_");
+    s.extend(namespace.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            c.to_ascii_lowercase()
+        } else {
+            '_'
+        }
+    }));
+    s.truncate(63);
+    s
+}
+
+/// What [`Db::install_wal_feed`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalInstalled {
+    /// The publication was created or its tables changed.
+    pub publication: bool,
+    /// The replication slot was created.
+    pub slot: bool,
+    /// kura's log triggers were removed from the fed tables.
+    pub triggers_removed: bool,
+}
 
 /// The tables this service feeds to the cache: `profiles`, cached as
 /// `profile` under its `user_id`.
@@ -41,6 +90,114 @@ const INSTALLED_TABLE: &str = "kura_feed_installed";
 const INSTALL_LOCK: i64 = 0x6b75_7261_6665_6564;
 
 impl Db {
+    /// Prepares the WAL feed (PostgreSQL): checks every fed table can be
+    /// fed from the WAL ([`wal::check_tables`]), removes kura's log
+    /// triggers from them, makes the publication `names` cover exactly the
+    /// fed tables, and, with `make_slot`, creates the replication slot
+    /// `names` if missing (`kura migrate`: the WAL is kept from then on; a
+    /// serving instance leaves a missing slot to its relay, which makes it
+    /// and clears the fed types, since changes may have been missed).
+    /// Installs nothing in the fed tables. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError::Row`] naming a table that cannot be fed (no primary key,
+    /// keyed by another column); [`DbError`] on a database failure.
+    pub async fn install_wal_feed(
+        &self,
+        names: &str,
+        make_slot: bool,
+    ) -> Result<WalInstalled, DbError> {
+        let tables = wal_tables();
+        wal::check_tables(self, &tables)
+            .await?
+            .map_err(DbError::Row)?;
+        let mut done = WalInstalled::default();
+        let had_triggers = sql(
+            "SELECT count(*) AS n FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE 'kura_feed_%'",
+        )
+        .fetch_one(self)
+        .await?
+        .int("n")?;
+        if had_triggers > 0 {
+            self.remove_feed().await?;
+            done.triggers_removed = true;
+        }
+        let mut want: Vec<String> = tables
+            .iter()
+            .map(|t| format!("{}.{}", t.schema, t.table))
+            .collect();
+        want.sort();
+        let have = sql(
+            "SELECT schemaname || '.' || tablename AS t FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1",
+        )
+        .bind(names)
+        .fetch_all(self)
+        .await?
+        .iter()
+        .map(|r| r.text("t"))
+        .collect::<Result<Vec<_>, _>>()?;
+        let exists = sql("SELECT count(*) AS n FROM pg_publication WHERE pubname = $1")
+            .bind(names)
+            .fetch_one(self)
+            .await?
+            .int("n")?
+            > 0;
+        if !exists || have != want {
+            let mut tx = self.begin().await?;
+            sql("SELECT pg_advisory_xact_lock($1)")
+                .bind(INSTALL_LOCK)
+                .execute(&mut tx)
+                .await?;
+            for st in wal::publication_sql(names, &tables) {
+                sql_native(st).execute(&mut tx).await?;
+            }
+            tx.commit().await?;
+            done.publication = true;
+        }
+        let slot = sql("SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(names)
+            .fetch_one(self)
+            .await?
+            .int("n")?;
+        if slot == 0 && make_slot {
+            let made =
+                sql("SELECT count(*) AS n FROM pg_create_logical_replication_slot($1, 'pgoutput')")
+                    .bind(names)
+                    .fetch_one(self)
+                    .await;
+            match made {
+                Ok(_) => done.slot = true,
+                // Another instance made it meanwhile.
+                Err(e) if e.to_string().contains("already exists") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Removes the WAL feed's publication and slot `names` (a database
+    /// going back to the trigger log, or dropped from the fleet).
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] on a database failure (a slot still being streamed
+    /// cannot be dropped).
+    pub async fn remove_wal_feed(&self, names: &str) -> Result<(), DbError> {
+        sql_native(format!(
+            "DROP PUBLICATION IF EXISTS \"{}\"",
+            names.replace('"', "\"\"")
+        ))
+        .execute(self)
+        .await?;
+        sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(names)
+            .fetch_all(self)
+            .await?;
+        Ok(())
+    }
+
     /// The library's SQL dialect for this database.
     #[must_use]
     pub fn feed_backend(&self) -> Backend {

@@ -53,6 +53,7 @@
 //! | `cache_feed_applied_total` | counter: log rows applied | `cache_type` |
 //! | `cache_feed_relay_active` | gauge: 1 while this instance holds the fleet lease | |
 //! | `cache_feed_overflow_clears_total` | counter: kinds cleared after an overflow | `cache_type` |
+//! | `cache_feed_kind_clears_total` | counter: kinds cleared by an event of the whole kind (a `TRUNCATE`, a bulk transaction, an unreadable row) | `cache_type` |
 //! | `cache_feed_regressions_total` | counter: watermarks found below the position (kinds cleared, position set back) | |
 
 use std::collections::HashMap;
@@ -481,6 +482,7 @@ impl<L: ChangeSource> Relay<L> {
             if !leader {
                 busy = Busy::default();
             }
+            inner.log.lead(leader).await;
             metrics::gauge!("cache_feed_relay_active").set(if leader { 1.0 } else { 0.0 });
             let mut again = false;
             if leader || reachable.is_none() {
@@ -523,6 +525,7 @@ impl<L: ChangeSource> Relay<L> {
                 () = inner.log.wait(wait) => {}
             }
         }
+        inner.log.lead(false).await;
         if let Some(h) = held {
             h.release().await;
         }

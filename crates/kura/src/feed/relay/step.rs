@@ -122,7 +122,14 @@ impl<L: ChangeSource> Relay<L> {
         let to = inner.log.watermark().await.map_err(FeedError::Log)?;
         if let Some(held) = held.as_ref().and_then(parse_position) {
             if to < held {
-                return self.regressed(held, to, report).await;
+                if inner.log.regressions() {
+                    return self.regressed(held, to, report).await;
+                }
+                // A stream that has not caught up with the fleet yet.
+                report.watermark = to;
+                report.position = held;
+                lock(&inner.local).position = Some(held);
+                return Ok(report);
             }
         }
         // The oldest row read is no bound for what is still to come: a
@@ -268,6 +275,7 @@ impl<L: ChangeSource> Relay<L> {
             report.read += page.len() as u64;
             let mut entries: Vec<(EntryKeys, Option<u64>)> = Vec::with_capacity(page.len());
             let mut events = Vec::with_capacity(page.len());
+            let mut clears: Vec<Kind> = Vec::new();
             for (_, ev) in page {
                 let Some(kind) = inner.kinds.get(&ev.kind) else {
                     tracing::trace!(
@@ -276,6 +284,13 @@ impl<L: ChangeSource> Relay<L> {
                     );
                     continue;
                 };
+                if ev.clear {
+                    if !clears.contains(kind) {
+                        clears.push(*kind);
+                    }
+                    events.push(ev);
+                    continue;
+                }
                 match keys.entry(kind, &ev.id) {
                     Ok(e) => entries.push((e, ev.version)),
                     Err(err) => {
@@ -286,7 +301,20 @@ impl<L: ChangeSource> Relay<L> {
                 }
                 events.push(ev);
             }
-            if !entries.is_empty() {
+            if !clears.is_empty() {
+                // A TRUNCATE or a bulk transaction: the kind's O(1) clear
+                // (which voids its loads in flight), before the position
+                // moves past it.
+                self.clear(&clears).await?;
+                for kind in &clears {
+                    metrics::counter!("cache_feed_kind_clears_total", "cache_type" => kind.name())
+                        .increment(1);
+                }
+                report
+                    .cleared
+                    .extend(clears.iter().map(|k| k.name().to_owned()));
+            }
+            if !entries.is_empty() || !clears.is_empty() {
                 let refs: Vec<(&EntryKeys, Option<u64>)> =
                     entries.iter().map(|(e, v)| (e, *v)).collect();
                 report.invalidated += self

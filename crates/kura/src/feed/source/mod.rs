@@ -3,6 +3,9 @@
 //!
 //! - `trigger_log.rs`: the trigger log (PostgreSQL and SQLite): the SQL of
 //!   the log table and of the fed tables' triggers.
+//! - `pgoutput.rs`: a decoder of PostgreSQL's logical replication messages.
+//! - `wal/`: a replication stream assembled into positioned events
+//!   ([`wal::WalChanges`]), for a source over a replication slot.
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,7 +17,9 @@ use super::Relay;
 #[cfg(doc)]
 use crate::Store;
 
+pub mod pgoutput;
 pub mod trigger_log;
+pub mod wal;
 
 /// Where the database's committed changes come from, as the [`Relay`]
 /// reads them: by position, in commit order, with a watermark below which
@@ -163,6 +168,25 @@ pub trait ChangeSource: Send + Sync + 'static {
         let _ = window;
         std::future::ready(Ok(false))
     }
+
+    /// Tells the source whether this instance relays (holds the fleet
+    /// lease) before each step of [`Relay::run`]: a source that one
+    /// consumer at a time may read (a replication slot) opens its stream
+    /// when leading and lets it go when not. The default does nothing.
+    fn lead(&self, leading: bool) -> impl Future<Output = ()> + Send {
+        let _ = leading;
+        std::future::ready(())
+    }
+
+    /// Whether a watermark below the position held means the database lost
+    /// transactions the fleet applied (the trigger log: a failover or a
+    /// restore; the relay clears and rewinds). A replication stream answers
+    /// `false`: its watermark starts at the slot's confirmed position, which
+    /// may lag the fleet's, and it reports a lost or missing slot through
+    /// [`ChangeSource::overflowed`] instead.
+    fn regressions(&self) -> bool {
+        true
+    }
 }
 
 /// A shared source is a source: one [`ChangeSource`] can serve a relay and a
@@ -207,6 +231,14 @@ impl<L: ChangeSource> ChangeSource for std::sync::Arc<L> {
 
     fn polling(&self, window: Duration) -> impl Future<Output = Result<bool, Self::Error>> + Send {
         (**self).polling(window)
+    }
+
+    fn lead(&self, leading: bool) -> impl Future<Output = ()> + Send {
+        (**self).lead(leading)
+    }
+
+    fn regressions(&self) -> bool {
+        (**self).regressions()
     }
 
     fn overflowed(&self) -> impl Future<Output = Result<Vec<(String, u64)>, Self::Error>> + Send {
