@@ -423,3 +423,230 @@ async fn a_table_whose_id_is_not_its_replica_identity_is_refused() {
     );
     conn.close().await;
 }
+
+/// `kura serve` as a process of its own (so that it can be SIGKILLed).
+struct Proc {
+    child: tokio::process::Child,
+    url: String,
+    pid: u32,
+}
+
+async fn spawn_serve(db_url: &str, ns: &str, secret: &str) -> Proc {
+    let port = kura_testkit::free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+        .arg("serve")
+        .env("DATABASE_URL", db_url)
+        .env("REDIS_URL", redis_url())
+        .env("KURA_NAMESPACE", ns)
+        .env("KURA_JWT_SECRET", secret)
+        .env("KURA_INVALIDATION_FEED", "wal")
+        .env("KURA_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start kura serve");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{url}/healthz")).await {
+            if r.json::<Value>().await.is_ok_and(|v| v["redis"] == "ok") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "kura serve did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = child.id().expect("running");
+    Proc { child, url, pid }
+}
+
+/// The instance `/healthz` names as streaming the slot.
+async fn relaying(url: &str) -> String {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let v: Value = reqwest::get(format!("{url}/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(name) = v["feed"]["relaying"].as_str() {
+            return name.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no instance relays: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_batch_skips_nothing_and_the_other_takes_over() {
+    let pg = logical_cluster();
+    let db = database(&pg).await;
+    let ns = format!("w_{}", random_suffix());
+    let secret = format!("secret-{}", random_suffix());
+    // The schema and the slot, as `kura migrate` makes them.
+    let conn = Db::connect(Some(&db.url), PoolOptions::default())
+        .await
+        .unwrap();
+    conn.migrate_schema().await.unwrap();
+    conn.install_wal_feed(&kura_server::db::feed::wal_names(&ns), true)
+        .await
+        .unwrap();
+    let a = spawn_serve(&db.url, &ns, &secret).await;
+    let b = spawn_serve(&db.url, &ns, &secret).await;
+    let holder = relaying(&a.url).await;
+    let (victim, survivor) = if holder.ends_with(&format!("-{}", a.pid)) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let token = support::token_with(
+        &secret,
+        &serde_json::json!({"sub": Uuid::new_v4().to_string(), "exp": support::now() + 600, "roles": ["admin"]}),
+    );
+    let http = reqwest::Client::new();
+    let users: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    for u in &users {
+        sqlx::query("INSERT INTO profiles (id, user_id, first_name) VALUES ($1, $2, 'before')")
+            .bind(Uuid::new_v4())
+            .bind(u)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let read = |u: Uuid| {
+        let (http, token, url) = (http.clone(), token.clone(), survivor.url.clone());
+        async move {
+            let r = http
+                .get(format!("{url}/api/v1/profiles/{u}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let hit = r
+                .headers()
+                .get("x-cache")
+                .is_some_and(|v| v.as_bytes() == b"hit");
+            let v: Value = r.json().await.unwrap();
+            (hit, v["first_name"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    // Every profile cached, as "before".
+    for u in &users {
+        let start = Instant::now();
+        while read(*u).await != (true, "before".to_owned()) {
+            assert!(start.elapsed() < BOUND, "never cached");
+        }
+    }
+    // One transaction per profile while the holder is SIGKILLed midway.
+    let writer = {
+        let (pool, users) = (pool.clone(), users.clone());
+        tokio::spawn(async move {
+            for u in users {
+                sqlx::query("UPDATE profiles SET first_name = 'after' WHERE user_id = $1")
+                    .bind(u)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut victim = victim;
+    victim.child.kill().await.unwrap();
+    let killed = Instant::now();
+    writer.await.unwrap();
+    for u in &users {
+        let start = Instant::now();
+        loop {
+            let (_, name) = read(*u).await;
+            if name == "after" {
+                break;
+            }
+            assert!(
+                start.elapsed() < BOUND,
+                "{u}: the change was skipped ({name})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let took = killed.elapsed();
+    eprintln!("every change seen {took:?} after the SIGKILL");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    pool.close().await;
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_30_s_stops_confirming_and_nothing_is_lost() {
+    let pg = logical_cluster();
+    let db = database(&pg).await;
+    let ns = format!("w_{}", random_suffix());
+    let proxy = kura_testkit::FaultProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let app = serve(&db, &ns, |c| {
+        c.redis_url = Some(format!("redis://{}", proxy.addr()));
+    })
+    .await
+    .unwrap();
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    cached(&app, &user).await;
+    let confirmed = || async {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let lsn: String = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(kura_server::db::feed::wal_names(&ns))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        lsn
+    };
+    proxy.blackhole();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.direct_sql(&format!(
+        "UPDATE profiles SET first_name = 'during the outage' WHERE user_id = '{user}'"
+    ))
+    .await;
+    // Reads go on from the database meanwhile.
+    let (status, _, body) = get(&app, &user).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["first_name"], "during the outage");
+    let held = confirmed().await;
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(
+        confirmed().await,
+        held,
+        "confirmed while Redis was unreachable"
+    );
+    proxy.heal();
+    // Once the relay is back, the change made during the outage is applied:
+    // what Redis serves is the new value, not the one cached before.
+    let healed = Instant::now();
+    loop {
+        let (_, cache, body) = get(&app, &user).await;
+        if cache == "hit" && body["first_name"] == "during the outage" {
+            break;
+        }
+        assert!(
+            healed.elapsed() < BOUND,
+            "after Redis came back: {cache} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("applied {:?} after Redis came back", healed.elapsed());
+    let start = Instant::now();
+    while confirmed().await == held {
+        assert!(
+            start.elapsed() < BOUND,
+            "never confirmed after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
