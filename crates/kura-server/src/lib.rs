@@ -21,7 +21,8 @@
 //!                              request metrics, rate limits, request spans
 //! auth/                        token verification (HS256, RS256 with a JWKS) and the
 //!                              admission trait the token checks implement
-//! db/                          the pool, migrations, the dialect helper, the trigger log
+//! db/                          the pool, migrations, the dialect helper, the feed's sources
+//!                              (db/feed/: the trigger log, the WAL stream, either)
 //! registry.rs  config/         the cached types, each defined once; flags and env
 //! telemetry/  to_completion.rs logs, Prometheus, traces; writes that outlive their request
 //! migrations/{postgres,sqlite}/ embedded with `sqlx::migrate!`
@@ -40,15 +41,20 @@
 //!
 //! # Invalidation from the database
 //!
-//! `kura migrate` (and every start) installs the library's invalidation
-//! log and the triggers of the fed tables of the [`registry`]
-//! ([`db::Db::install_feed`]); `kura serve` runs a [`kura::feed::Relay`]
-//! over [`db::feed::SqlFeedLog`] ([`ops::feed`]). A committed change reaches
-//! the cache whoever made it and whatever became of the process that made
-//! it, while one instance reaches both the database and Redis;
-//! read-your-writes in the writing instance still rests on its own
-//! post-commit invalidation. See [`ops::feed`] for which guarantee rests
-//! on what.
+//! `--invalidation-feed` picks the source ([`ops::feed::plan`]): on a
+//! PostgreSQL server with `wal_level = logical` (`auto`, or `wal`),
+//! `kura migrate` and every start prepare a publication for the fed tables
+//! of the [`registry`] and `kura migrate` a replication slot
+//! ([`db::Db::install_wal_feed`]; no trigger), and the relay streams the
+//! slot ([`db::feed::WalSource`]); otherwise (`log`, SQLite) they install
+//! the library's invalidation log and the triggers of the fed tables
+//! ([`db::Db::install_feed`]) and the relay reads the log
+//! ([`db::feed::SqlFeedLog`]). Either way `kura serve` runs a
+//! [`kura::feed::Relay`] ([`ops::feed`]): a committed change reaches the
+//! cache whoever made it and whatever became of the process that made it,
+//! while one instance reaches both the database and Redis; read-your-writes
+//! in the writing instance still rests on its own post-commit
+//! invalidation. See [`ops::feed`] for which guarantee rests on what.
 //!
 //! # Embedding and tests
 //!

@@ -650,3 +650,52 @@ async fn redis_down_for_30_s_stops_confirming_and_nothing_is_lost() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_from_the_log_to_the_wal_removes_the_triggers() {
+    let pg = logical_cluster();
+    let db = database(&pg).await;
+    let conn = Db::connect(Some(&db.url), PoolOptions::default())
+        .await
+        .unwrap();
+    conn.migrate().await.unwrap();
+    let count = || async {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE 'kura_feed_%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        n
+    };
+    assert!(count().await > 0, "the log's triggers");
+    let done = conn.install_wal_feed("kura_move", true).await.unwrap();
+    assert!(
+        done.triggers_removed && done.publication && done.slot,
+        "{done:?}"
+    );
+    assert_eq!(count().await, 0);
+    // Idempotent.
+    let again = conn.install_wal_feed("kura_move", true).await.unwrap();
+    assert_eq!(again, kura_server::db::feed::WalInstalled::default());
+    conn.remove_wal_feed("kura_move").await.unwrap();
+    conn.close().await;
+}
+
+#[test]
+fn feed_sql_prints_the_publication_of_the_fed_tables() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+        .args(["feed", "sql", "--mode", "wal", "--namespace", "shop"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("CREATE PUBLICATION \"kura_shop\" FOR TABLE \"public\".\"profiles\""),
+        "{text}"
+    );
+    assert!(text.contains("pg_create_logical_replication_slot('kura_shop', 'pgoutput')"));
+    assert!(!text.contains("TRIGGER"), "{text}");
+}

@@ -83,7 +83,9 @@
 //!   request; what is pending is lost with the process.
 //! - [`feed`]: invalidation from the database's commits: the
 //!   [`ChangeSource`] a service implements over its driver (the trigger
-//!   log's SQL for PostgreSQL and SQLite is [`feed::source::trigger_log`]),
+//!   log's SQL for PostgreSQL and SQLite is [`feed::source::trigger_log`];
+//!   a logical replication stream is decoded by [`feed::source::pgoutput`]
+//!   and assembled by commit position by [`feed::source::wal`]),
 //!   and the [`Relay`] applying it (`relay/step.rs` holds the safety rules:
 //!   watermark, position, overflow, regression).
 //!
@@ -106,7 +108,7 @@
 //! | values with an end ([`Versioned::expires_at`]) | an entry lives at most until the value's end; a value past it is served but never cached |
 //! | near cache: not guaranteed | that another instance stops serving the old value at the instant of a write: it does when the push reaches it, or after `max_silence` (1 s) without a confirmed stream; stores without a stream (the memory store) get no near cache |
 //! | eager refresh / clear: not guaranteed | a reload before expiry of a key read less than about once per `δβ` near its end; that another process stops serving cleared values at the instant the clear returns (it does when the push arrives, or reads the stamps on every check while its stream is not live); cached "not found" markers are not cleared (they expire within `absent_ttl`); cleared entries keep their memory until their TTL |
-//! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
+//! | invalidation feed: not guaranteed | writes to tables without the triggers (or with triggers disabled; with the WAL source: tables outside the publication); a value served from Redis between its return after an outage and the relay's catching up (measured 0.7 s); a database restored from a backup (clear the cache); promptness while a long transaction anywhere in the PostgreSQL cluster holds the watermark back (lag, not loss); copies kept above the store unless they use the relay's `on_applied` hook |
 //!
 //! # Failure modes
 //!

@@ -27,6 +27,7 @@
 //! | `cache_feed_relay_active` | gauge (1 while this instance holds the feed lease) | |
 //! | `cache_feed_overflow_clears_total` | counter | `cache_type` |
 //! | `cache_feed_regressions_total` | counter (watermarks found below the position) | |
+//! | `cache_feed_kind_clears_total` | counter (types cleared by one change event: a TRUNCATE, a bulk transaction, an unreadable WAL row) | `cache_type` |
 //! | `cache_feed_bad_rows_total` | counter (log rows read without their version: their entity invalidated unconditionally; counted by the [`crate::feed::ChangeSource`]) | |
 //! | `cache_l1_hits_total`, `cache_l1_misses_total` | counter (near cache lookups) | `cache_type` |
 //! | `cache_l1_evictions_total` | counter (entries dropped: `size` bound, `invalidated` by a push) | `cache_type` (size), `reason` |
@@ -175,6 +176,10 @@ pub fn describe() {
     describe_counter!(
         "cache_feed_bad_rows_total",
         "Invalidation-log rows whose version could not be read: their entity was invalidated unconditionally."
+    );
+    describe_counter!(
+        "cache_feed_kind_clears_total",
+        "Types cleared whole by one change event (a TRUNCATE, a bulk transaction, a WAL row whose id could not be read)."
     );
     describe_counter!("cache_l1_hits_total", "Reads answered from the near cache.");
     describe_counter!(

@@ -1,19 +1,29 @@
-//! The invalidation feed in the service: the relay `kura serve` runs,
-//! its status (`kura feed status`) and its part of `/healthz`.
+//! The invalidation feed in the service: which source it reads ([`plan`],
+//! [`prepare`]), the relay `kura serve` runs, its status (`kura feed
+//! status`) and its part of `/healthz`.
 //!
-//! The database writes every committed change of `profiles` to its
-//! invalidation log, by triggers, in the writer's transaction
-//! ([`Db::install_feed`], run by `kura migrate` and at start-up); the
-//! relay ([`kura::feed::Relay`] over [`SqlFeedLog`]) applies the log to the
-//! cache. So a change reaches the cache whoever made it (psql, a migration,
+//! Two sources of committed changes, one relay ([`kura::feed::Relay`] over
+//! [`FeedSource`]):
+//!
+//! - **the WAL** (`wal`, and `auto` on a server with `wal_level =
+//!   logical`): PostgreSQL hands every committed change of the published
+//!   tables to the instance holding the relay lease, through the slot
+//!   `kura_<namespace>` ([`WalSource`]); writers pay nothing more, and the
+//!   fed tables carry no trigger;
+//! - **the trigger log** (`log`, SQLite, and `auto` elsewhere): triggers
+//!   write every committed change to the invalidation log in the writer's
+//!   transaction ([`Db::install_feed`]), and the relay reads it
+//!   ([`SqlFeedLog`]).
+//!
+//! So a change reaches the cache whoever made it (psql, a migration,
 //! another service) and whatever became of the kura process that made it
 //! (killed, or cut off from Redis, before its own invalidation landed).
 //!
 //! | what | rests on |
 //! |---|---|
 //! | read-your-writes in the writing instance | its post-commit invalidation or write-through (the fast path, as before) |
-//! | every other reader, every writer, across crashes and partitions | the log (same transaction as the change) and one relay of the fleet that reaches the database and Redis |
-//! | no relay reaches Redis for long | the backlog bound: the affected types are cleared once Redis is back |
+//! | every other reader, every writer, across crashes and partitions | the WAL (kept by the slot until the fleet confirms it) or the log (same transaction as the change), and one relay of the fleet that reaches the database and Redis |
+//! | no relay reaches Redis for long | the log: the backlog bound (the affected types are cleared once Redis is back); the WAL: the slot keeps it, up to `max_slot_wal_keep_size`, past which PostgreSQL invalidates the slot and the relay clears the fed types and makes it again |
 //!
 //! With a log, the in-process pending-invalidation journal of
 //! [`kura::Cache`] is no longer what correctness across processes rests on:
@@ -343,6 +353,8 @@ pub struct FeedHealth {
     /// `on` (this instance runs a relay), `off`, or `error` (its state
     /// could not be read).
     pub state: &'static str,
+    /// Where the relay reads changes: `wal` or `log`; `null` when off.
+    pub source: Option<&'static str>,
     /// Age of the oldest log entry not applied yet, in milliseconds (0
     /// when caught up), as the relaying instance last measured it (at most
     /// a poll interval ago); `null` when off or unknown (no instance
@@ -361,6 +373,7 @@ impl FeedHealth {
     pub async fn of(feed: Option<&Arc<Feed>>) -> FeedHealth {
         let off = FeedHealth {
             state: "off",
+            source: None,
             lag_ms: None,
             backlog: None,
             relaying: None,
@@ -371,6 +384,7 @@ impl FeedHealth {
         match feed.relay.health().await {
             Ok(h) => FeedHealth {
                 state: "on",
+                source: Some(feed.relay.log().mode()),
                 lag_ms: h.observed.map(|o| o.lag_ms),
                 backlog: h.observed.map(|o| o.backlog),
                 relaying: h.relaying,
@@ -379,6 +393,7 @@ impl FeedHealth {
                 tracing::warn!(error = %e, "health: invalidation feed state");
                 FeedHealth {
                     state: "error",
+                    source: Some(feed.relay.log().mode()),
                     ..off
                 }
             }

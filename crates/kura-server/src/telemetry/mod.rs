@@ -51,6 +51,18 @@ pub fn init_logging(format: LogFormat) {
 /// Describes the series the service emits itself (the library's are
 /// described by [`kura::metrics::describe`]).
 fn describe() {
+    metrics::describe_gauge!(
+        "cache_feed_slot_lag_bytes",
+        "WAL feed: bytes of WAL between the replication slot's confirmed position and the server's current one."
+    );
+    metrics::describe_gauge!(
+        "cache_feed_slot_lag_seconds",
+        "WAL feed: seconds the slot's confirmed position has not moved while the slot keeps WAL."
+    );
+    metrics::describe_counter!(
+        "cache_feed_slot_recreated_total",
+        "WAL feed: replication slots made again after PostgreSQL invalidated them or they went missing (the fed types were cleared)."
+    );
     metrics::describe_counter!(
         "kura_wb_write_through_total",
         "behind writes written through to the database instead, by reason (full, unavailable)."

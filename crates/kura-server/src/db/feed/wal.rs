@@ -141,7 +141,9 @@ pub struct WalSource {
     state: Arc<StdMutex<State>>,
     woken: Arc<Notify>,
     stream: Mutex<Option<Stream>>,
-    lag_at: StdMutex<Option<Instant>>,
+    /// When the gauges were last read, the confirmed position then, and
+    /// when it last moved.
+    lag_at: StdMutex<Option<(Instant, u64, Instant)>>,
 }
 
 impl std::fmt::Debug for WalSource {
@@ -328,19 +330,41 @@ impl WalSource {
         }
     }
 
-    /// Refreshes the slot-lag gauges (bytes of WAL the slot keeps, seconds
-    /// since the oldest change not applied), at most once a second.
+    /// Refreshes the slot-lag gauges, at most once a second:
+    /// `cache_feed_slot_lag_bytes` (WAL between the slot's confirmed
+    /// position and the server's current one) and
+    /// `cache_feed_slot_lag_seconds` (how long the confirmed position has
+    /// not moved while the slot keeps WAL, as this instance saw it).
     async fn gauge_lag(&self) {
         {
             let mut at = lock(&self.lag_at);
-            if at.is_some_and(|t| t.elapsed() < LAG_EVERY) {
+            if at.is_some_and(|(t, _, _)| t.elapsed() < LAG_EVERY) {
                 return;
             }
-            *at = Some(Instant::now());
+            let moved = at.map_or(Instant::now(), |(_, _, m)| m);
+            let held = at.map_or(0, |(_, c, _)| c);
+            *at = Some((Instant::now(), held, moved));
         }
-        if let Ok(Some(bytes)) = self.lag_bytes().await {
-            metrics::gauge!("cache_feed_slot_lag_bytes").set(bytes as f64);
-        }
+        let Ok(Some((bytes, confirmed))) = self.lag().await else {
+            return;
+        };
+        let secs = {
+            let mut at = lock(&self.lag_at);
+            let (t, held, moved) = at.unwrap_or((Instant::now(), 0, Instant::now()));
+            let moved = if confirmed != held {
+                Instant::now()
+            } else {
+                moved
+            };
+            *at = Some((t, confirmed, moved));
+            if bytes == 0 {
+                0.0
+            } else {
+                moved.elapsed().as_secs_f64()
+            }
+        };
+        metrics::gauge!("cache_feed_slot_lag_bytes").set(bytes as f64);
+        metrics::gauge!("cache_feed_slot_lag_seconds").set(secs);
     }
 
     /// Bytes of WAL between the slot's confirmed position and the server's
@@ -350,18 +374,22 @@ impl WalSource {
     ///
     /// When the database fails.
     pub async fn lag_bytes(&self) -> Result<Option<u64>, DbError> {
+        Ok(self.lag().await?.map(|(b, _)| b))
+    }
+
+    async fn lag(&self) -> Result<Option<(u64, u64)>, DbError> {
         let row = sql(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS b \
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS b, \
+             pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint AS c \
              FROM pg_replication_slots WHERE slot_name = $1",
         )
         .bind(self.slot.as_str())
         .fetch_optional(&self.db)
         .await?;
-        Ok(row
-            .map(|r| r.opt_int("b"))
-            .transpose()?
-            .flatten()
-            .map(|b| b.max(0) as u64))
+        let Some(row) = row else { return Ok(None) };
+        let b = row.opt_int("b")?.unwrap_or(0).max(0) as u64;
+        let c = row.opt_int("c")?.unwrap_or(0).max(0) as u64;
+        Ok(Some((b, c)))
     }
 
     fn error(&self) -> DbError {
@@ -447,6 +475,7 @@ impl ChangeSource for WalSource {
     }
 
     async fn backlog(&self, from: u64) -> Result<u64, DbError> {
+        self.gauge_lag().await;
         Ok(lock(&self.state)
             .changes
             .as_ref()
