@@ -11,8 +11,8 @@
 #    no feed, the trigger log's triggers (a relay polling: no NOTIFY), the WAL feed (the
 #    table in kura's publication, its slot streamed by a running `kura serve`), $ROUNDS
 #    times each, alternately; all on the same server (wal_level = logical);
-# 2. PUT throughput through kura (closed loop, `invalidate`) with the feed off, the WAL
-#    feed and the trigger log, $ROUNDS times each, alternately;
+# 2. PUT throughput through kura (closed loop, `invalidate`) with no feed (off, the log's
+#    triggers removed), the WAL feed and the trigger log, $ROUNDS times each, alternately;
 # 3. commit -> invalidation lag of direct UPDATEs with the WAL feed at $RATES UPDATEs/s
 #    (feed_lag: p50/p99/max, missed);
 # 4. takeover: two instances, the one streaming the slot SIGKILLed, a direct UPDATE; the
@@ -105,7 +105,18 @@ serve() {
   done
   echo "kura serve did not come up:" >&2; cat "$WORK/serve-$name.log" >&2; exit 1
 }
-unserve() { local p; p=$(eval "echo \$PID_$1"); kill "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; }
+unserve() { local p; p=$(eval "echo \$PID_$1"); kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; }
+# settle: waits until the slot is confirmed up to the server's current WAL position (the
+# relay applied what earlier runs wrote), so that warming is not undone by their events.
+settle() {
+  local lag
+  for _ in $(seq 300); do
+    lag=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = 'kura_cache'")
+    [[ ${lag%.*} -lt 1000 ]] && { sleep 1; return 0; }
+    sleep 0.2
+  done
+  echo "the WAL feed did not catch up (slot lag $lag bytes)" >&2; exit 1
+}
 warm() { "$KURA_BIN" warm --limit "$PROFILES" --since-days 36500 --quiet >/dev/null; }
 bench() { # bench <name> <kura bench args...>
   local name=$1; shift
@@ -130,10 +141,10 @@ if part sql; then
   }
   # The WAL feed streams kura's publication: feed_bench joins it (its rows map to no
   # cached type, so they are decoded by PostgreSQL and read by kura, then skipped).
-  "${PSQL[@]}" -d "$DB" -c "ALTER PUBLICATION kura_cache ADD TABLE feed_bench"
+  # (kura serve makes the publication hold exactly the fed tables at start: feed_bench is
+  # added after it started.)
   serve wal --invalidation-feed wal
   for round in $(seq "$ROUNDS"); do
-    "${PSQL[@]}" -d "$DB" -c "ALTER PUBLICATION kura_cache DROP TABLE feed_bench"
     "${PSQL[@]}" -d "$DB" -f "$WORK/log_remove.sql" >/dev/null 2>&1
     pgb "sql_none_$round"
     "${PSQL[@]}" -d "$DB" -f "$WORK/log_install.sql" >/dev/null 2>&1
@@ -142,9 +153,9 @@ if part sql; then
     "${PSQL[@]}" -d "$DB" -f "$WORK/log_remove.sql" >/dev/null 2>&1
     "${PSQL[@]}" -d "$DB" -c "ALTER PUBLICATION kura_cache ADD TABLE feed_bench"
     pgb "sql_wal_$round"
+    "${PSQL[@]}" -d "$DB" -c "ALTER PUBLICATION kura_cache DROP TABLE feed_bench"
   done
   unserve wal
-  "${PSQL[@]}" -d "$DB" -c "ALTER PUBLICATION kura_cache DROP TABLE feed_bench"
   python3 - "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
@@ -164,6 +175,9 @@ if part put; then
       say "2. PUT throughput, round $round/$ROUNDS: --invalidation-feed $mode"
       if [[ $mode == log ]]; then "$KURA_BIN" migrate --invalidation-feed log >/dev/null; fi
       serve put --invalidation-feed "$mode"
+      # `off` still installs the log's triggers (for other instances): removed here, so
+      # that `off` is writes without any feed.
+      if [[ $mode == off ]]; then "$KURA_BIN" feed sql --remove | "${PSQL[@]}" -d "$DB" >/dev/null; fi
       bench "put_${mode}_$round" --method put
       unserve put
       if [[ $mode == log ]]; then "$KURA_BIN" migrate --invalidation-feed wal >/dev/null; fi
@@ -186,6 +200,7 @@ if part lag; then
   serve lag --invalidation-feed wal
   for rate in ${RATES//,/ }; do
     say "3. lag with the WAL feed, $rate UPDATEs/s for ${SECONDS_LAG}s"
+    settle
     warm
     "$FEED_LAG_BIN" --database-url "$DB_URL" --redis-url "$REDIS_URL" --namespace cache \
       --ids "$WORK/ids.txt" --rate "$rate" --seconds "$SECONDS_LAG" --connections 16 | tee "$OUT/lag_wal_$rate.json"

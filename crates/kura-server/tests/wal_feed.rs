@@ -699,3 +699,125 @@ fn feed_sql_prints_the_publication_of_the_fed_tables() {
     assert!(text.contains("pg_create_logical_replication_slot('kura_shop', 'pgoutput')"));
     assert!(!text.contains("TRIGGER"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_postgresql_invalidated_is_made_again_after_a_clear() {
+    // The slot may keep at most 1 MB of WAL past what was confirmed.
+    let pg = PgServer::start(&[
+        ("wal_level", "logical"),
+        ("max_replication_slots", "10"),
+        ("max_wal_senders", "10"),
+        ("max_slot_wal_keep_size", "1MB"),
+        ("min_wal_size", "32MB"),
+        ("max_wal_size", "32MB"),
+    ]);
+    let db = database(&pg).await;
+    let ns = format!("w_{}", random_suffix());
+    let mut app = serve(&db, &ns, |_| {}).await.unwrap();
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    cached(&app, &user).await;
+    app.server.take().unwrap().shutdown().await.unwrap();
+    // No consumer: a change, then WAL past the bound, then checkpoints.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE profiles SET first_name = 'past the bound' WHERE user_id = '{user}'"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let slot = kura_server::db::feed::wal_names(&ns);
+    let start = Instant::now();
+    loop {
+        sqlx::query("CREATE TABLE IF NOT EXISTS filler (x TEXT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 5000)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_switch_wal()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("CHECKPOINT").execute(&pool).await.unwrap();
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&slot)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "slot still {status:?}"
+        );
+    }
+    pool.close().await;
+    drop(app);
+    let app2 = serve(&db, &ns, |_| {}).await.unwrap();
+    until(&app2, &user, "after the slot was invalidated", |s, b| {
+        s == StatusCode::OK && b["first_name"] == "past the bound"
+    })
+    .await;
+    // The slot is usable again: a later change is streamed.
+    app2.direct_sql(&format!(
+        "UPDATE profiles SET first_name = 'streamed again' WHERE user_id = '{user}'"
+    ))
+    .await;
+    cached(&app2, &user).await;
+    until(&app2, &user, "on the new slot", |_, b| {
+        b["first_name"] == "streamed again"
+    })
+    .await;
+    app2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_through_kura_is_read_at_once_with_the_wal_feed() {
+    let pg = logical_cluster();
+    let db = database(&pg).await;
+    let ns = format!("w_{}", random_suffix());
+    let app = serve(&db, &ns, |_| {}).await.unwrap();
+    let user = Uuid::new_v4();
+    app.create(&user).await;
+    for i in 0..20 {
+        cached(&app, &user).await;
+        let name = format!("put {i}");
+        let r = app
+            .call(
+                reqwest::Method::PUT,
+                &format!("/api/v1/profiles/{user}"),
+                Some(&app.token(&user, false)),
+                Some(&serde_json::json!({ "first_name": name })),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        // The writer's own invalidation: the next read, at once, is the new row.
+        assert_eq!(get(&app, &user).await.2["first_name"], name.as_str());
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_trigger_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("kura.db").display());
+    let db = Db::connect(Some(&url), PoolOptions::default())
+        .await
+        .unwrap();
+    let mut config = kura_server::config::FeedConfig::default();
+    assert_eq!(
+        kura_server::ops::feed::plan(&db, &config).await.unwrap(),
+        kura_server::ops::feed::Plan::Log
+    );
+    config.mode = FeedMode::Wal;
+    let err = kura_server::ops::feed::plan(&db, &config)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs PostgreSQL"), "{err}");
+    db.close().await;
+}
