@@ -89,6 +89,12 @@ async fn eager_refresh_keeps_a_hot_profile_warm() {
     let api = Api::new(&svc, &fx);
     let hot = fx.ids[0];
     assert_eq!(api.get(&hot).await.cache, CacheTag::Miss);
+    // Cached before the measured reads begin (a fill skipped because Redis answered
+    // late on a loaded machine is read again; first-read fills have their own test).
+    let filled = Instant::now();
+    while api.get(&hot).await.cache != CacheTag::Hit {
+        assert!(filled.elapsed() < Duration::from_secs(5), "never cached");
+    }
     let until = Instant::now() + Duration::from_millis(3500);
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -187,6 +193,13 @@ async fn a_new_instance_after_a_clear_answers_stale_at_the_soft_timeout() {
     let api = Api::new(&svc, &fx);
     let id = fx.ids[0];
     assert_eq!(api.get(&id).await.cache, CacheTag::Miss);
+    // The first read fills (a_new_instance_after_a_clear_fills_from_its_first_read
+    // holds that to account); here the copy only has to exist before it expires, so a
+    // fill skipped because Redis answered late on a loaded machine is read again.
+    let filled = std::time::Instant::now();
+    while api.get(&id).await.cache != CacheTag::Hit {
+        assert!(filled.elapsed() < Duration::from_secs(5), "never cached");
+    }
     tokio::time::sleep(Duration::from_millis(2200)).await;
     // Every round trip to PostgreSQL now takes at least a second.
     pg.set_latency(Duration::from_millis(500));
