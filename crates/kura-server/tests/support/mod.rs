@@ -7,6 +7,8 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod wal;
+
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
