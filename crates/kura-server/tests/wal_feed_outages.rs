@@ -11,8 +11,8 @@ use kura_server::db::{Db, PoolOptions};
 use kura_testkit::PgServer;
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::wal::*;
 use support::random_suffix;
+use support::wal::*;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

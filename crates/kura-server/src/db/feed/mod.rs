@@ -162,12 +162,7 @@ impl Db {
             .await?
             .int("n")?;
         if slot == 0 && make_slot {
-            let made =
-                sql("SELECT count(*) AS n FROM pg_create_logical_replication_slot($1, 'pgoutput')")
-                    .bind(names)
-                    .fetch_one(self)
-                    .await;
-            match made {
+            match wal::create_slot(self, names).await {
                 Ok(_) => done.slot = true,
                 // Another instance made it meanwhile.
                 Err(e) if e.to_string().contains("already exists") => {}

@@ -206,14 +206,12 @@ impl WalSource {
         .fetch_optional(&self.db)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let pos = row
-            .opt_text("pos")?
-            .and_then(|s| s.split('.').next().and_then(|n| n.parse().ok()))
-            .unwrap_or(0);
+        let pos = row.opt_text("pos")?.map_or(0, |t| lsn_of(&t));
         Ok(Some((pos, row.text("status")? == "lost")))
     }
 
-    /// Makes the slot (again); returns its position.
+    /// Makes the slot (again, dropping it first when PostgreSQL
+    /// invalidated it); returns its position.
     async fn create_slot(&self, lost: bool) -> Result<u64, DbError> {
         if lost {
             sql("SELECT pg_drop_replication_slot($1)")
@@ -221,17 +219,7 @@ impl WalSource {
                 .execute(&self.db)
                 .await?;
         }
-        let row = sql("SELECT (lsn - '0/0'::pg_lsn)::text AS pos FROM \
-             pg_create_logical_replication_slot($1, 'pgoutput')")
-        .bind(self.slot.as_str())
-        .fetch_one(&self.db)
-        .await?;
-        Ok(row
-            .text("pos")?
-            .split('.')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        create_slot(&self.db, &self.slot).await
     }
 
     async fn open(&self) -> Result<(), DbError> {
@@ -547,6 +535,29 @@ impl ChangeSource for WalSource {
     fn regressions(&self) -> bool {
         false
     }
+}
+
+/// A position as PostgreSQL prints `lsn - '0/0'::pg_lsn` (a numeric).
+fn lsn_of(text: &str) -> u64 {
+    text.split('.')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Creates the logical replication slot `name` (plugin `pgoutput`) on `db`;
+/// returns its position.
+///
+/// # Errors
+///
+/// When the database fails, or the slot exists already.
+pub async fn create_slot(db: &Db, name: &str) -> Result<u64, DbError> {
+    let row = sql("SELECT (lsn - '0/0'::pg_lsn)::text AS pos FROM \
+         pg_create_logical_replication_slot($1, 'pgoutput')")
+    .bind(name)
+    .fetch_one(db)
+    .await?;
+    Ok(lsn_of(&row.text("pos")?))
 }
 
 /// Whether `db`'s server has `wal_level = logical`, and if not, what to
