@@ -7,6 +7,7 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod feed;
 pub mod wal;
 
 use std::time::Duration;
